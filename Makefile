@@ -1,0 +1,33 @@
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.ccfs-installed
+
+.PHONY: install test lint demo bench clean
+
+install: $(STAMP)
+
+# Re-runs only when the package metadata changes: idempotent on a machine that already has it.
+$(STAMP): setup.py pyproject.toml scripts/install_system_deps.sh
+	bash scripts/install_system_deps.sh
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip wheel setuptools
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -c "import ffcv.loader, torch, numba; print('ccfs-fast installed: torch', torch.__version__)"
+	touch $(STAMP)
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: install
+	$(BIN)/ruff check .
+
+demo: install
+	$(BIN)/ccfs-fast demo
+
+bench: install
+	$(BIN)/ccfs-fast bench loader --json benchmarks/results/loader_throughput.json
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,62 @@
+"""The sidecar manifest `<file>.beton.json` that describes a .beton file."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ccfs_fast.errors import DataError
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a .beton holds. mean/std are per channel (RGB) in [0, 1] pixel units."""
+
+    n: int
+    num_classes: int
+    class_names: tuple[str, ...]
+    side: int
+    source_kind: str
+    source_path: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    content_hash: str
+    builder_version: str
+    fields: tuple[str, ...] = ("image", "label", "index")
+    image_storage: str = "raw"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def manifest_path(beton_path: str | Path) -> Path:
+    """The manifest lives beside the .beton: `cifar10_train.beton` -> `cifar10_train.beton.json`."""
+    return Path(f"{beton_path}.json")
+
+
+def read_manifest(beton_path: str | Path) -> Manifest:
+    """Reads and checks the manifest of `beton_path`; DataError when missing or malformed."""
+    beton = Path(beton_path)
+    if not beton.is_file():
+        raise DataError(f"{beton}: no such .beton file; build it with `ccfs-fast build ...`")
+    path = manifest_path(beton)
+    if not path.is_file():
+        raise DataError(f"{beton}: its manifest {path.name} is missing; rebuild the file with "
+                        "`ccfs-fast build ... --overwrite`")
+    try:
+        raw = json.loads(path.read_text())
+        raw["class_names"] = tuple(raw["class_names"])
+        raw["mean"], raw["std"] = tuple(raw["mean"]), tuple(raw["std"])
+        raw["fields"] = tuple(raw.get("fields", ("image", "label", "index")))
+        return Manifest(**raw)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path}: malformed manifest ({exc}); rebuild with `ccfs-fast build ... "
+                        "--overwrite`") from exc
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Writes `text` to a temp file beside `path`, then renames it over `path`."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

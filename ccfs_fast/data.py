@@ -1,0 +1,235 @@
+"""FFCV loaders over index subsets of .beton files, and the pool + distilled index space.
+
+Every subset in the engine is an index array into one IndexSpace: rows 0..n_pool-1 are the real
+pool in canonical order, rows n_pool.. are the distilled images. Images travel as uint8 and are
+normalised on the device.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
+from ffcv.loader import Loader, OrderOption
+from ffcv.reader import Reader
+from ffcv.transforms import ToTensor
+
+from beton_builder.manifest import Manifest, read_manifest
+
+from .augment import DEFAULT_RATIO, DEFAULT_SCALE, crop_resize_flip, normalise_nhwc, sample_crop_boxes, \
+    sample_flips
+from .errors import DataError
+
+
+@dataclass(frozen=True)
+class BetonFile:
+    """A .beton with its checked manifest."""
+
+    path: Path
+    manifest: Manifest
+
+    @classmethod
+    def open(cls, path: str | Path) -> BetonFile:
+        path = Path(path)
+        manifest = read_manifest(path)
+        try:
+            rows = Reader(str(path)).num_samples
+        except Exception as exc:  # FFCV raises bare Exceptions / numpy errors on corrupt headers
+            raise DataError(f"{path}: not a readable .beton file ({exc}); rebuild it with "
+                            "`ccfs-fast build ... --overwrite`") from exc
+        if rows != manifest.n:
+            raise DataError(f"{path}: holds {rows} rows but its manifest says {manifest.n}; rebuild it")
+        return cls(path, manifest)
+
+    @property
+    def n(self) -> int:
+        return self.manifest.n
+
+
+def _stats_tensors(manifest: Manifest, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = torch.tensor(manifest.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(manifest.std, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
+    return mean, std
+
+
+@contextmanager
+def _keep_torch_threads() -> Iterator[None]:
+    # FFCV's Loader calls torch.set_num_threads(num_workers) globally; keep the caller's setting.
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def iterate_rows(beton: BetonFile, rows: np.ndarray, batch_size: int, workers: int
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yields (images uint8 [b, H, W, 3], labels int64 [b], index int64 [b]) on the CPU, for `rows`
+    in the order given, every row once (sequential order, drop_last=False)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) == 0:
+        return
+    if rows.min() < 0 or rows.max() >= beton.n:
+        raise DataError(f"{beton.path}: row indices must lie in [0, {beton.n}), got "
+                        f"[{rows.min()}, {rows.max()}]")
+    with _keep_torch_threads():
+        loader = Loader(str(beton.path), batch_size=batch_size, num_workers=max(1, workers),
+                        order=OrderOption.SEQUENTIAL, indices=rows, drop_last=False,
+                        pipelines={"image": [SimpleRGBImageDecoder(), ToTensor()],
+                                   "label": [IntDecoder(), ToTensor()],
+                                   "index": [IntDecoder(), ToTensor()]})
+        for images, labels, index in loader:
+            # FFCV reuses its output buffers between batches: clone before handing them on.
+            yield images.clone(), labels.view(-1).long(), index.view(-1).long()
+
+
+class IndexSpace:
+    """One index space over the pool (rows 0..n_pool-1) and the distilled set (n_pool..n_total-1)."""
+
+    def __init__(self, pool: BetonFile, distilled: BetonFile | None = None):
+        self.pool, self.distilled = pool, distilled
+        if distilled is not None:
+            pm, dm = pool.manifest, distilled.manifest
+            if dm.side != pm.side:
+                raise DataError(f"distilled images are {dm.side}x{dm.side} but the pool's are "
+                                f"{pm.side}x{pm.side}; rebuild the distilled set with --side {pm.side}")
+            if dm.num_classes != pm.num_classes:
+                raise DataError(f"distilled set has {dm.num_classes} classes ({distilled.path}), the pool "
+                                f"{pm.num_classes} ({pool.path}); every class needs a distilled folder")
+
+    @property
+    def n_pool(self) -> int:
+        return self.pool.n
+
+    @property
+    def n_total(self) -> int:
+        return self.pool.n + (self.distilled.n if self.distilled is not None else 0)
+
+    @property
+    def manifest(self) -> Manifest:
+        """The pool's manifest: its mean/std normalise pool and distilled images alike."""
+        return self.pool.manifest
+
+    def distilled_indices(self) -> np.ndarray:
+        return np.arange(self.n_pool, self.n_total, dtype=np.int64)
+
+    def parts(self, indices: np.ndarray) -> list[tuple[BetonFile, np.ndarray, np.ndarray, int]]:
+        """Splits global `indices` into (file, local rows, positions in `indices`, offset) per file."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if len(indices) and (indices.min() < 0 or indices.max() >= self.n_total):
+            raise DataError(f"indices must lie in [0, {self.n_total}), got [{indices.min()}, {indices.max()}]")
+        in_pool = indices < self.n_pool
+        out = [(self.pool, indices[in_pool], np.flatnonzero(in_pool), 0)]
+        if self.distilled is not None:
+            out.append((self.distilled, indices[~in_pool] - self.n_pool, np.flatnonzero(~in_pool), self.n_pool))
+        return [part for part in out if len(part[1])]
+
+    def read_resident(self, indices: np.ndarray, device: torch.device, workers: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Reads `indices` once: (uint8 [m, 3, H, W] on `device`, labels int64 [m], global index
+        int64 [m]), row j being indices[j]."""
+        indices = np.asarray(indices, dtype=np.int64)
+        side = self.manifest.side
+        images = torch.empty((len(indices), 3, side, side), dtype=torch.uint8, device=device)
+        labels = torch.empty(len(indices), dtype=torch.int64)
+        for beton, rows, positions, offset in self.parts(indices):
+            start = 0
+            for batch, batch_labels, batch_index in iterate_rows(beton, rows, 1024, workers):
+                pos = torch.from_numpy(positions[start:start + len(batch_index)])
+                images[pos.to(device)] = batch.permute(0, 3, 1, 2).to(device)
+                labels[pos] = batch_labels
+                start += len(batch_index)
+        return images, labels.to(device), torch.from_numpy(indices).to(device)
+
+
+class ResidentTrainLoader:
+    """Train batches over a small index subset (a phase's train set) kept resident as uint8 on the
+    device; each epoch a uniform shuffle, RandomResizedCrop + flip + normalise per whole batch.
+
+    Yields (images float32 [b, 3, S, S] normalised, labels int64 [b], global index int64 [b]).
+    With world_size > 1 each rank takes its strided share of the epoch's permutation, padded to an
+    equal length as torch's DistributedSampler does.
+    """
+
+    def __init__(self, space: IndexSpace, indices: np.ndarray, batch_size: int, device: torch.device | str,
+                 seed: int, workers: int = 2, scale: tuple[float, float] = DEFAULT_SCALE,
+                 ratio: tuple[float, float] = DEFAULT_RATIO, rank: int = 0, world_size: int = 1,
+                 channels_last: bool = False):
+        if len(indices) == 0:
+            raise DataError("the train set is empty; nothing to train on")
+        self.device = torch.device(device)
+        self.batch_size, self.seed, self.scale, self.ratio = batch_size, seed, scale, ratio
+        self.rank, self.world_size, self.channels_last = rank, world_size, channels_last
+        self.side = space.manifest.side
+        self.mean255, self.std255 = _stats_tensors(space.manifest, self.device)
+        self.images, self.labels, self.index = space.read_resident(indices, self.device, workers)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return -(-self._per_rank() // self.batch_size)
+
+    def _per_rank(self) -> int:
+        return -(-len(self.labels) // self.world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _epoch_order(self, generator: torch.Generator) -> torch.Tensor:
+        order = torch.randperm(len(self.labels), generator=generator)
+        if self.world_size > 1:
+            padded = self._per_rank() * self.world_size
+            order = torch.cat((order, order[: padded - len(order)]))[self.rank::self.world_size]
+        return order
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        self.epoch += 1
+        order = self._epoch_order(generator)
+        boxes = sample_crop_boxes(len(order), self.side, generator, self.scale, self.ratio)
+        flips = sample_flips(len(order), generator)
+        order, boxes, flips = (t.to(self.device, non_blocking=True) for t in (order, boxes, flips))
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start:start + self.batch_size]
+            images = crop_resize_flip(self.images[rows], boxes[start:start + self.batch_size],
+                                      flips[start:start + self.batch_size], self.side,
+                                      self.mean255, self.std255)
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            yield images, self.labels[rows], self.index[rows]
+
+
+class EvalLoader:
+    """Sequential, unaugmented batches over an index subset of one IndexSpace, streamed through
+    FFCV (never materialised): (images float32 [b, 3, S, S] normalised on `device`, labels int64
+    [b], global index int64 [b]), every index once: pool rows first, then distilled rows, each in
+    the order given. `stats` picks the mean/std (default: the space's pool manifest)."""
+
+    def __init__(self, space: IndexSpace, indices: np.ndarray, batch_size: int, device: torch.device | str,
+                 workers: int = 2, channels_last: bool = False, stats: Manifest | None = None):
+        self.space, self.indices = space, np.asarray(indices, dtype=np.int64)
+        self.batch_size, self.workers, self.channels_last = batch_size, workers, channels_last
+        self.device = torch.device(device)
+        self.mean255, self.std255 = _stats_tensors(stats or space.manifest, self.device)
+
+    def __len__(self) -> int:
+        return sum(-(-len(rows) // self.batch_size) for _, rows, _, _ in self.space.parts(self.indices))
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for beton, rows, _, offset in self.space.parts(self.indices):
+            for images, labels, index in iterate_rows(beton, rows, self.batch_size, self.workers):
+                images = images.to(self.device, non_blocking=True)
+                yield (normalise_nhwc(images, self.mean255, self.std255, self.channels_last),
+                       labels.to(self.device), (index + offset).to(self.device))
+
+
+def test_loader(test: BetonFile, stats: Manifest, batch_size: int, device: torch.device | str,
+                workers: int = 2) -> EvalLoader:
+    """The whole test set, sequential, normalised with the training pool's statistics `stats`."""
+    if test.manifest.num_classes != stats.num_classes:
+        raise DataError(f"the test set {test.path} has {test.manifest.num_classes} classes but the pool "
+                        f"has {stats.num_classes}; pass the test split of the same dataset")
+    return EvalLoader(IndexSpace(test), np.arange(test.n), batch_size, device, workers, stats=stats)

@@ -1,0 +1,38 @@
+"""Typed errors. Every error a user can cause derives from CCFSError and says what was received,
+what was expected and how to fix it; the CLI prints its message on one line and exits non-zero."""
+
+
+class CCFSError(Exception):
+    """Base class of every user-facing error in ccfs-fast and beton_builder."""
+
+
+class BuildError(CCFSError):
+    """A dataset could not be converted to .beton (bad layout, corrupt file, wrong shapes)."""
+
+
+class DataError(CCFSError):
+    """A .beton file or its manifest is missing, stale or inconsistent with another input."""
+
+
+class ConfigError(CCFSError):
+    """A command's settings are invalid or contradict each other."""
+
+
+class ScoreError(CCFSError):
+    """A difficulty score file does not fit the pool (length, NaNs, labels)."""
+
+
+class SelectionError(CCFSError):
+    """Selection could not meet its budget under the `strict` shortfall policy."""
+
+
+class ModelError(CCFSError):
+    """A model name or checkpoint does not fit (unknown architecture, class-count mismatch)."""
+
+
+class UnknownNameError(ConfigError):
+    """A registry lookup failed; the message lists the valid names."""
+
+    def __init__(self, kind: str, name: str, valid: list[str]):
+        super().__init__(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(sorted(valid))}")
+        self.kind, self.name, self.valid = kind, name, valid

@@ -1,0 +1,122 @@
+"""Writers of small datasets in the exact published on-disk formats (test data; no downloads).
+
+Written independently of beton_builder's readers so the tests check the readers against the
+formats themselves: CIFAR pickles (protocol 2, bytes keys) and tarballs, the tiny-imagenet-200 tree
+with JPEGs and its zip, an ImageFolder of PNGs, an arrays .npz.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def class_images(n: int, num_classes: int, side: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 [n, side, side, 3] random images whose mean colour depends on the class; labels [n]."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, num_classes, n)
+    base = rng.integers(30, 220, (num_classes, 1, 1, 3))
+    noise = rng.integers(-30, 31, (n, side, side, 3))
+    images = np.clip(base[labels] + noise, 0, 255).astype(np.uint8)
+    return images, labels.astype(np.int64)
+
+
+def write_cifar10(root: Path, train: tuple, test: tuple) -> Path:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    x, y = train
+    for b, idx in enumerate(np.array_split(np.arange(len(x)), 5), 1):
+        _dump(folder / f"data_batch_{b}", {b"batch_label": f"training batch {b} of 5".encode(),
+                                           b"labels": [int(v) for v in y[idx]], b"data": _flat(x[idx]),
+                                           b"filenames": [b"f%d.png" % i for i in idx]})
+    _dump(folder / "test_batch", {b"batch_label": b"testing batch 1 of 1", b"labels": [int(v) for v in test[1]],
+                                  b"data": _flat(test[0]), b"filenames": [b"t.png"] * len(test[0])})
+    _dump(folder / "batches.meta", {b"label_names": [f"class{i}".encode() for i in range(10)],
+                                    b"num_cases_per_batch": 10000, b"num_vis": 3072})
+    return folder
+
+
+def write_cifar100(root: Path, train: tuple, test: tuple) -> Path:
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    for name, (x, y) in (("train", train), ("test", test)):
+        _dump(folder / name, {b"filenames": [b"f.png"] * len(x), b"batch_label": name.encode(),
+                              b"fine_labels": [int(v) for v in y], b"coarse_labels": [int(v) // 5 for v in y],
+                              b"data": _flat(x)})
+    _dump(folder / "meta", {b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
+                            b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)]})
+    return folder
+
+
+def _flat(x: np.ndarray) -> np.ndarray:
+    return x.transpose(0, 3, 1, 2).reshape(len(x), 3072).copy()
+
+
+def _dump(path: Path, obj: dict) -> None:
+    path.write_bytes(pickle.dumps(obj, protocol=2))
+
+
+def make_tar_gz(folder: Path, archive: Path) -> Path:
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname=folder.name)
+    return archive
+
+
+def write_tiny_imagenet(root: Path, wnids: list[str], per_class: int, val_per_class: int, side: int = 64,
+                        seed: int = 0) -> tuple[Path, dict]:
+    """Writes root/tiny-imagenet-200 like the published tree; returns it and the expected arrays
+    (decoded back from the JPEGs, in canonical order)."""
+    top = root / "tiny-imagenet-200"
+    rng = np.random.default_rng(seed)
+    (top / "val" / "images").mkdir(parents=True)
+    # wnids.txt in the published file is not sorted: the reader must sort it.
+    (top / "wnids.txt").write_text("\n".join(reversed(wnids)) + "\n")
+    (top / "words.txt").write_text("".join(f"{w}\tthing {w}\n" for w in wnids))
+    train_x, train_y = [], []
+    for label, wnid in enumerate(sorted(wnids)):
+        images_dir = top / "train" / wnid / "images"
+        images_dir.mkdir(parents=True)
+        (top / "train" / wnid / f"{wnid}_boxes.txt").write_text("")
+        names = sorted(f"{wnid}_{k}.JPEG" for k in range(per_class))  # _0, _1, _10, ... string order
+        for name in names:
+            img = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+            mode = "L" if name.endswith("_1.JPEG") else "RGB"  # Tiny-ImageNet has grayscale JPEGs
+            Image.fromarray(img).convert(mode).save(images_dir / name, quality=95)
+            train_x.append(np.asarray(Image.open(images_dir / name).convert("RGB")))
+            train_y.append(label)
+    lines, val = [], []
+    for k in range(val_per_class * len(wnids)):
+        name = f"val_{k}.JPEG"
+        wnid = wnids[rng.integers(len(wnids))]
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(top / "val" / "images" / name)
+        lines.append(f"{name}\t{wnid}\t0\t0\t{side - 1}\t{side - 1}")
+        val.append((name, sorted(wnids).index(wnid)))
+    (top / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    val.sort()
+    val_x = [np.asarray(Image.open(top / "val" / "images" / n).convert("RGB")) for n, _ in val]
+    expected = {"train": (np.stack(train_x), np.array(train_y)),
+                "test": (np.stack(val_x), np.array([lab for _, lab in val]))}
+    return top, expected
+
+
+def make_zip(folder: Path, archive: Path) -> Path:
+    with zipfile.ZipFile(archive, "w") as zf:
+        for dirpath, _, files in os.walk(folder):
+            for f in files:
+                full = Path(dirpath) / f
+                zf.write(full, full.relative_to(folder.parent))
+    return archive
+
+
+def write_image_folder(root: Path, images: np.ndarray, labels: np.ndarray, names: list[str]) -> Path:
+    """One PNG per image in root/<class name>/img_<k>.png (k zero-padded: sorted = written order)."""
+    for i, (img, lab) in enumerate(zip(images, labels)):
+        d = root / names[lab]
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(d / f"img_{i:05d}.png")
+    return root
