@@ -226,7 +226,7 @@ class EvalLoader:
                        labels.to(self.device), (index + offset).to(self.device))
 
 
-def test_loader(test: BetonFile, stats: Manifest, batch_size: int, device: torch.device | str,
+def make_test_loader(test: BetonFile, stats: Manifest, batch_size: int, device: torch.device | str,
                 workers: int = 2) -> EvalLoader:
     """The whole test set, sequential, normalised with the training pool's statistics `stats`."""
     if test.manifest.num_classes != stats.num_classes:

@@ -1,0 +1,154 @@
+"""Index-subset FFCV loaders: exact indices, once per epoch, pool + distilled in one index space."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from formats import class_images
+
+from beton_builder.arrays import read_arrays
+from beton_builder.writer import write_beton
+from ccfs_fast.augment import crop_resize_flip, sample_crop_boxes
+from ccfs_fast.data import BetonFile, EvalLoader, IndexSpace, ResidentTrainLoader, make_test_loader
+from ccfs_fast.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def space(tmp_path_factory, cifar10_betons):
+    """The CIFAR pool plus a 40-image distilled set (4 per class) in one index space."""
+    root = tmp_path_factory.mktemp("distilled")
+    x, y = class_images(40, 10, 32, seed=9)
+    np.savez(root / "d.npz", x=x, y=y)
+    write_beton(read_arrays(root / "d.npz"), root / "d.beton")
+    return IndexSpace(BetonFile.open(cifar10_betons[0]), BetonFile.open(root / "d.beton")), x, y
+
+
+def _pool_arrays(cifar10_arrays):
+    return cifar10_arrays[0]
+
+
+def test_eval_loader_yields_requested_indices_once(space, cifar10_arrays):
+    sp, dx, dy = space
+    px, py = _pool_arrays(cifar10_arrays)
+    rng = np.random.default_rng(0)
+    wanted = np.concatenate([rng.choice(sp.n_pool, 77, replace=False), sp.n_pool + np.array([3, 0, 39])])
+    loader = EvalLoader(sp, wanted, batch_size=16, device="cpu")
+    images, labels, index = (torch.cat(t) for t in zip(*loader))
+    assert sorted(index.tolist()) == sorted(wanted.tolist())
+    assert len(index) == len(wanted) == 80  # drop_last=False: the last short batch is kept
+    assert len(loader) == -(-77 // 16) + 1
+    all_x = np.concatenate([px, dx])
+    all_y = np.concatenate([py, dy])
+    np.testing.assert_array_equal(labels.numpy(), all_y[index.numpy()])
+    mean = np.array(sp.manifest.mean) * 255
+    std = np.array(sp.manifest.std) * 255
+    expect = (all_x[index.numpy()].astype(np.float32) - mean) / std
+    np.testing.assert_allclose(images.numpy(), expect.transpose(0, 3, 1, 2), rtol=1e-5, atol=1e-5)
+
+
+def test_pool_order_preserved_within_file(space):
+    sp, _, _ = space
+    wanted = np.array([500, 2, 311, 2 + 0, 7])[[0, 1, 2, 4]]
+    index = torch.cat([b[2] for b in EvalLoader(sp, wanted, 2, "cpu")])
+    assert index.tolist() == wanted.tolist()
+
+
+def test_train_loader_covers_union_once_per_epoch(space, cifar10_arrays):
+    sp, dx, dy = space
+    selected = np.array([5, 17, 250, 599, 42])
+    train_set = np.concatenate([sp.distilled_indices(), selected])
+    loader = ResidentTrainLoader(sp, train_set, batch_size=8, device="cpu", seed=3)
+    orders = []
+    for _ in range(3):
+        batches = list(loader)
+        index = torch.cat([b[2] for b in batches])
+        assert sorted(index.tolist()) == sorted(train_set.tolist())  # each once per epoch
+        assert all(b[0].shape[1:] == (3, 32, 32) and b[0].dtype == torch.float32 for b in batches)
+        labels = torch.cat([b[1] for b in batches]).numpy()
+        all_y = np.concatenate([cifar10_arrays[0][1], dy])
+        np.testing.assert_array_equal(labels, all_y[index.numpy()])
+        orders.append(index.tolist())
+    assert orders[0] != orders[1]  # reshuffled each epoch
+    assert len(loader) == -(-len(train_set) // 8)
+    # Distilled and selected rows are shuffled together, not one block after the other.
+    first_half = set(orders[0][: len(train_set) // 2])
+    assert first_half & set(selected.tolist()) and first_half & set(sp.distilled_indices().tolist())
+
+
+def test_train_loader_deterministic_per_seed(space):
+    sp, _, _ = space
+    idx = np.arange(0, 600, 7)
+    a = [b[0] for b in ResidentTrainLoader(sp, idx, 16, "cpu", seed=1)]
+    b = [b[0] for b in ResidentTrainLoader(sp, idx, 16, "cpu", seed=1)]
+    c = [b[0] for b in ResidentTrainLoader(sp, idx, 16, "cpu", seed=2)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+def test_train_loader_shards_partition_epoch(space):
+    sp, _, _ = space
+    idx = np.arange(0, 101)
+    shards = [ResidentTrainLoader(sp, idx, 10, "cpu", seed=4, rank=r, world_size=3) for r in range(3)]
+    seen = [torch.cat([b[2] for b in s]).tolist() for s in shards]
+    assert len({len(s) for s in seen}) == 1 and sorted(set(sum(seen, []))) == idx.tolist()
+
+
+def test_crop_boxes_follow_torchvision_bounds():
+    g = torch.Generator().manual_seed(0)
+    boxes = sample_crop_boxes(20000, 32, g)
+    top, left, h, w = boxes.T
+    assert (h >= 1).all() and (w >= 1).all() and (h <= 32).all() and (w <= 32).all()
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 32).all() and (left + w <= 32).all()
+    area = (h * w / 1024).numpy()
+    assert 0.05 < area.min() < 0.12 and area.max() > 0.95 and 0.45 < np.median(area) < 0.6
+    ratio = (w / h).numpy()
+    assert np.quantile(ratio, 0.02) > 0.6 and np.quantile(ratio, 0.98) < 1.6
+
+
+def test_crop_resize_flip_identity_and_flip():
+    x = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    full = torch.tensor([[0.0, 0.0, 16.0, 16.0]] * 4)
+    zero, one = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
+    same = crop_resize_flip(x, full, torch.zeros(4, dtype=torch.bool), 16, zero, one)
+    torch.testing.assert_close(same, x.float())
+    flipped = crop_resize_flip(x, full, torch.ones(4, dtype=torch.bool), 16, zero, one)
+    torch.testing.assert_close(flipped, x.float().flip(-1))
+    # A 8x8 crop at (4, 2), upsampled x2: every output pixel lies in that window's value range.
+    box = torch.tensor([[4.0, 2.0, 8.0, 8.0]] * 4)
+    crop = crop_resize_flip(x, box, torch.zeros(4, dtype=torch.bool), 16, zero, one)
+    window = x[:, :, 4:12, 2:10].float()
+    assert (crop >= window.amin((2, 3), keepdim=True) - 1e-4).all()
+    assert (crop <= window.amax((2, 3), keepdim=True) + 1e-4).all()
+    torch.testing.assert_close(crop[:, :, 1::2, 1::2][:, :, :-1, :-1],
+                               (window[:, :, :-1, :-1] * 0.75 + window[:, :, 1:, :-1] * 0.25) * 0.75
+                               + (window[:, :, :-1, 1:] * 0.75 + window[:, :, 1:, 1:] * 0.25) * 0.25)
+
+
+def test_test_loader_uses_pool_stats_and_checks_classes(cifar10_betons, tmp_path):
+    pool, test = BetonFile.open(cifar10_betons[0]), BetonFile.open(cifar10_betons[1])
+    loader = make_test_loader(test, pool.manifest, 64, "cpu")
+    assert sum(len(b[1]) for b in loader) == test.n
+    x, y = class_images(10, 3, 32, seed=1)
+    np.savez(tmp_path / "t.npz", x=x, y=y)
+    write_beton(read_arrays(tmp_path / "t.npz"), tmp_path / "t.beton")
+    with pytest.raises(DataError, match="3 classes but the pool has 10"):
+        make_test_loader(BetonFile.open(tmp_path / "t.beton"), pool.manifest, 64, "cpu")
+
+
+def test_distilled_side_mismatch(cifar10_betons, tmp_path):
+    x, y = class_images(10, 10, 16, seed=1)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    write_beton(read_arrays(tmp_path / "d.npz"), tmp_path / "d.beton")
+    with pytest.raises(DataError, match="--side 32"):
+        IndexSpace(BetonFile.open(cifar10_betons[0]), BetonFile.open(tmp_path / "d.beton"))
+
+
+def test_missing_manifest_and_corrupt_beton(cifar10_betons, tmp_path):
+    copy = tmp_path / "c.beton"
+    copy.write_bytes(cifar10_betons[0].read_bytes())
+    with pytest.raises(DataError, match="manifest .* is missing"):
+        BetonFile.open(copy)
+    (tmp_path / "c.beton.json").write_text(open(f"{cifar10_betons[0]}.json").read())
+    copy.write_bytes(b"\0" * 100)
+    with pytest.raises(DataError, match="not a readable .beton"):
+        BetonFile.open(copy)
