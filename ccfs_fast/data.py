@@ -20,8 +20,14 @@ from ffcv.transforms import ToTensor
 
 from beton_builder.manifest import Manifest, read_manifest
 
-from .augment import DEFAULT_RATIO, DEFAULT_SCALE, crop_resize_flip, normalise_nhwc, sample_crop_boxes, \
-    sample_flips
+from .augment import (
+    DEFAULT_RATIO,
+    DEFAULT_SCALE,
+    crop_resize_flip,
+    normalise_nhwc,
+    sample_crop_boxes,
+    sample_flips,
+)
 from .errors import DataError
 
 
@@ -136,7 +142,7 @@ class IndexSpace:
         side = self.manifest.side
         images = torch.empty((len(indices), 3, side, side), dtype=torch.uint8, device=device)
         labels = torch.empty(len(indices), dtype=torch.int64)
-        for beton, rows, positions, offset in self.parts(indices):
+        for beton, rows, positions, _ in self.parts(indices):
             start = 0
             for batch, batch_labels, batch_index in iterate_rows(beton, rows, 1024, workers):
                 pos = torch.from_numpy(positions[start:start + len(batch_index)])

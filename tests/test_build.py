@@ -6,8 +6,15 @@ import json
 import numpy as np
 import pytest
 from conftest import read_all
-from formats import (class_images, make_tar_gz, make_zip, write_cifar10, write_cifar100, write_image_folder,
-                     write_tiny_imagenet)
+from formats import (
+    class_images,
+    make_tar_gz,
+    make_zip,
+    write_cifar10,
+    write_cifar100,
+    write_image_folder,
+    write_tiny_imagenet,
+)
 
 from ccfs_fast.cli import main
 

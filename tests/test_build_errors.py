@@ -6,8 +6,14 @@ import sys
 
 import numpy as np
 import pytest
-from formats import (class_images, make_tar_gz, make_zip, write_cifar10, write_image_folder,
-                     write_tiny_imagenet)
+from formats import (
+    class_images,
+    make_tar_gz,
+    make_zip,
+    write_cifar10,
+    write_image_folder,
+    write_tiny_imagenet,
+)
 from PIL import Image
 
 from ccfs_fast.cli import main
