@@ -79,7 +79,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def _set_threads(threads: int | None) -> None:
-    # Thread counts are set once, here, for the whole process.
+    # Thread counts are set once, here, for the whole process. Importing FFCV calls
+    # torch.set_num_threads(1) (ffcv/pipeline/compiler.py), so import it before setting ours.
+    import ffcv  # noqa: F401
     import torch
 
     torch.set_num_threads(threads or os.cpu_count() or 1)

@@ -23,8 +23,9 @@ from beton_builder.manifest import Manifest, read_manifest
 from .augment import (
     DEFAULT_RATIO,
     DEFAULT_SCALE,
-    crop_resize_flip,
+    crop_grids,
     normalise_nhwc,
+    resample_normalise,
     sample_crop_boxes,
     sample_flips,
 )
@@ -171,7 +172,8 @@ class ResidentTrainLoader:
         self.batch_size, self.seed, self.scale, self.ratio = batch_size, seed, scale, ratio
         self.rank, self.world_size, self.channels_last = rank, world_size, channels_last
         self.side = space.manifest.side
-        self.mean255, self.std255 = _stats_tensors(space.manifest, self.device)
+        mean255, std255 = _stats_tensors(space.manifest, self.device)
+        self.inv_std255, self.shift = 1.0 / std255, -mean255 / std255
         self.images, self.labels, self.index = space.read_resident(indices, self.device, workers)
         self.epoch = 0
 
@@ -192,20 +194,23 @@ class ResidentTrainLoader:
         return order
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        # All of an epoch's random draws happen up front, on the CPU generator, so a seed gives the
+        # same batches on any device; per batch only a gather, one grid_sample and one addcmul remain.
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         self.epoch += 1
         order = self._epoch_order(generator)
         boxes = sample_crop_boxes(len(order), self.side, generator, self.scale, self.ratio)
         flips = sample_flips(len(order), generator)
         order, boxes, flips = (t.to(self.device, non_blocking=True) for t in (order, boxes, flips))
+        grid_x, grid_y = crop_grids(boxes, flips, self.side, self.side)
         for start in range(0, len(order), self.batch_size):
             rows = order[start:start + self.batch_size]
-            images = crop_resize_flip(self.images[rows], boxes[start:start + self.batch_size],
-                                      flips[start:start + self.batch_size], self.side,
-                                      self.mean255, self.std255)
+            stop = start + len(rows)
+            images = resample_normalise(self.images.index_select(0, rows), grid_x[start:stop],
+                                        grid_y[start:stop], self.inv_std255, self.shift)
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            yield images, self.labels[rows], self.index[rows]
+            yield images, self.labels.index_select(0, rows), self.index.index_select(0, rows)
 
 
 class EvalLoader:

@@ -1,0 +1,1 @@
+"""Throughput and wall-clock benchmarks: each prints a table last and writes JSON (+ environment)."""

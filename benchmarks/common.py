@@ -1,0 +1,53 @@
+"""Shared benchmark plumbing: environment facts, medians, JSON output."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+def environment() -> dict:
+    """Machine and library versions recorded beside every figure."""
+    import ffcv
+    import numba
+    import numpy
+    import torch
+    import torchvision
+
+    return {
+        "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+        "torchvision": torchvision.__version__, "numpy": numpy.__version__, "numba": numba.__version__,
+        "ffcv": getattr(ffcv, "__version__", "1.0.2"), "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median wall-clock seconds of `fn` over `repeats` calls after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def write_rows(path: str | Path | None, rows: list[dict], config: dict) -> None:
+    """Writes the rows (a JSON list); each row carries the configuration and environment."""
+    if path is None:
+        return
+    env = environment()
+    out = [{**row, "config": config, "environment": env} for row in rows]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(out, indent=2))
+    os.replace(tmp, path)
