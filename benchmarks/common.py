@@ -10,19 +10,31 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment() -> dict:
     """Machine and library versions recorded beside every figure."""
-    import ffcv
+    from importlib.metadata import version
+
     import numba
     import numpy
     import torch
     import torchvision
 
     return {
-        "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+        "machine": platform.machine(), "cpu": cpu_model(),
         "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
         "torchvision": torchvision.__version__, "numpy": numpy.__version__, "numba": numba.__version__,
-        "ffcv": getattr(ffcv, "__version__", "1.0.2"), "torch_threads": torch.get_num_threads(),
+        "ffcv": version("ffcv"),  # ffcv.__version__ says 0.0.3rc1 in 1.0.2
+        "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
