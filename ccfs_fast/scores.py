@@ -1,0 +1,89 @@
+"""Difficulty scores: one registry of score kinds (each declares its easy end once), file loading
+and validation against the pool, and the conversion to an easy-first key (lower = easier)."""
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ScoreError, UnknownNameError
+
+
+@dataclass(frozen=True)
+class ScoreKind:
+    """A difficulty score. easy_end: 'low' or 'high' values are easy; from_file: read from
+    --score-path (else computed during the run, e.g. the filter's true-class logit)."""
+
+    name: str
+    easy_end: str
+    from_file: bool
+    description: str
+
+
+SCORE_KINDS: dict[str, ScoreKind] = {
+    "forgetting": ScoreKind("forgetting", "low", True, "forgetting events (Toneva et al. 2019)"),
+    "cscore": ScoreKind("cscore", "high", True, "consistency score (Jiang et al. 2021)"),
+    "logits": ScoreKind("logits", "high", False, "the phase filter's logit of the true class"),
+}
+
+
+def score_kind(name: str) -> ScoreKind:
+    if name not in SCORE_KINDS:
+        raise UnknownNameError("score kind", name, list(SCORE_KINDS))
+    return SCORE_KINDS[name]
+
+
+def easy_first_key(scores: np.ndarray, kind: str) -> np.ndarray:
+    """float64 [n] where lower = easier, from raw scores of `kind`."""
+    values = np.asarray(scores, dtype=np.float64)
+    return values if score_kind(kind).easy_end == "low" else -values
+
+
+def _read(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    if not path.is_file():
+        raise ScoreError(f"score file {path} does not exist; pass --score-path to a .npy or .npz file")
+    try:
+        if path.suffix == ".npy":
+            return np.load(path, allow_pickle=False), None
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as npz:
+                if "scores" not in npz:
+                    raise ScoreError(f"score file {path} has keys {sorted(npz.files)}; expected 'scores' "
+                                     "(and optionally 'labels')")
+                return npz["scores"], (npz["labels"] if "labels" in npz else None)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise ScoreError(f"score file {path} is truncated or corrupt ({exc})") from exc
+    raise ScoreError(f"score file {path}: unsupported extension {path.suffix!r}; use .npy or .npz")
+
+
+def load_scores(path: str | Path, pool_labels: np.ndarray) -> np.ndarray:
+    """Reads a score file for a pool with labels int [n]: float64 [n] in canonical pool order.
+
+    Refuses a length other than n, NaNs, and (.npz) `labels` that differ from the pool's."""
+    path = Path(path)
+    scores, labels = _read(path)
+    n = len(pool_labels)
+    if scores.ndim != 1 or not np.issubdtype(scores.dtype, np.number):
+        raise ScoreError(f"score file {path} holds {scores.dtype} {list(scores.shape)}; expected a "
+                         f"1-D float array of {n} values")
+    if len(scores) != n:
+        raise ScoreError(f"score file {path} has {len(scores)} values but the pool has {n} images; "
+                         "use the score file of this dataset's training split")
+    scores = scores.astype(np.float64)
+    nans = np.flatnonzero(np.isnan(scores))
+    if len(nans):
+        raise ScoreError(f"score file {path} has {len(nans)} NaN values (first at index {nans[0]}); "
+                         "recompute the scores")
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (n,):
+            raise ScoreError(f"score file {path}: 'labels' has shape {list(labels.shape)}, the pool {n} images")
+        differ = np.flatnonzero(labels != np.asarray(pool_labels))
+        if len(differ):
+            i = differ[0]
+            raise ScoreError(f"score file {path}: labels differ from the pool's at {len(differ)} indices, first "
+                             f"at index {i} (file {labels[i]}, pool {pool_labels[i]}); the file is for another "
+                             "dataset or another image order")
+    return scores
