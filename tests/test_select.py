@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reference_select import ReferenceShortfall, reference_select
 
+from benchmarks.select_reference import ReferenceShortfall, reference_select
 from ccfs_fast.errors import ConfigError, SelectionError, UnknownNameError
 from ccfs_fast.scores import easy_first_key
 from ccfs_fast.select import candidate_mask, curriculum_arrangement, order_key, select_per_class

@@ -1,6 +1,8 @@
-"""A plain-Python reference of CCFS selection, the way the paper's code does it (sets for the
-coarse intersections, per-class `sorted` with a key), with the documented tie rule (ascending pool
-index) and shortfall policies. Used by the tests and by benchmarks/select_kernel.py."""
+"""A plain-Python reference of CCFS selection, the way the paper's code does it (the filter's
+misclassified indices from one vectorised comparison, Python sets for the intersections, a loop that
+buckets by class, per-class `sorted` with a key lambda), plus the documented tie rule (ascending
+pool index) and shortfall policies. The tests check the numba kernels against it and
+benchmarks/select_kernel.py times both."""
 from __future__ import annotations
 
 import numpy as np
@@ -24,9 +26,9 @@ def reference_key(scores, kind: str, method: str, seed: int):
 
 def reference_select(teacher_correct_idx, selected_idx, filter_pred, labels, num_classes, scores, kind,
                      method, curpc, balance, shortfall, misclassified=True, seed=0):
-    labels = [int(v) for v in labels]
-    preds = [int(v) for v in filter_pred]
-    target = [i for i in range(len(labels)) if (preds[i] != labels[i]) == misclassified]
+    labels_np, preds = np.asarray(labels), np.asarray(filter_pred)
+    target = np.flatnonzero((preds != labels_np) == misclassified).tolist()  # the paper's torch.where
+    labels = labels_np.tolist()
     target = set(teacher_correct_idx) & set(target) - set(selected_idx)
     spare = set(teacher_correct_idx) - set(selected_idx) - target
     key = reference_key(scores, kind, method, seed)

@@ -1,0 +1,111 @@
+"""Score files: loading and validation; selection on the real published CCFS score files."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import SHARED_SCORES
+
+from benchmarks.select_reference import reference_select
+from ccfs_fast.errors import ScoreError, UnknownNameError
+from ccfs_fast.scores import easy_first_key, load_scores, score_kind
+from ccfs_fast.select import candidate_mask, curriculum_arrangement, order_key, select_per_class
+
+needs_scores = pytest.mark.skipif(not (SHARED_SCORES / "cscores_CIFAR10.npz").is_file(),
+                                  reason="../shared/scores (published CCFS score files) not present")
+
+
+def test_npy_and_npz_load(tmp_path):
+    labels = np.array([0, 1, 1, 0])
+    np.save(tmp_path / "s.npy", np.array([0.2, 0.0, 1.0, 0.4], np.float32))
+    np.testing.assert_allclose(load_scores(tmp_path / "s.npy", labels), [0.2, 0.0, 1.0, 0.4], rtol=1e-6)
+    np.savez(tmp_path / "s.npz", scores=np.array([1.0, 2, 3, 4]), labels=labels)
+    assert load_scores(tmp_path / "s.npz", labels).tolist() == [1, 2, 3, 4]
+
+
+def test_wrong_length_names_both_sizes(tmp_path):
+    np.save(tmp_path / "s.npy", np.zeros(49999))
+    with pytest.raises(ScoreError, match="has 49999 values but the pool has 50000 images"):
+        load_scores(tmp_path / "s.npy", np.zeros(50000, int))
+
+
+def test_nan_and_label_mismatch(tmp_path):
+    np.save(tmp_path / "n.npy", np.array([0.0, np.nan, 1.0, np.nan]))
+    with pytest.raises(ScoreError, match="2 NaN values \\(first at index 1\\)"):
+        load_scores(tmp_path / "n.npy", np.zeros(4, int))
+    np.savez(tmp_path / "l.npz", scores=np.zeros(4), labels=np.array([0, 1, 2, 3]))
+    with pytest.raises(ScoreError, match="first at index 2 \\(file 2, pool 5\\)"):
+        load_scores(tmp_path / "l.npz", np.array([0, 1, 5, 3]))
+    np.savez(tmp_path / "k.npz", values=np.zeros(4))
+    with pytest.raises(ScoreError, match="expected 'scores'"):
+        load_scores(tmp_path / "k.npz", np.zeros(4, int))
+    (tmp_path / "t.npy").write_bytes(b"\x93NUMPY garbage")
+    with pytest.raises(ScoreError, match="truncated or corrupt"):
+        load_scores(tmp_path / "t.npy", np.zeros(4, int))
+
+
+def test_directions_declared_once():
+    assert score_kind("forgetting").easy_end == "low" and score_kind("cscore").easy_end == "high"
+    assert easy_first_key(np.array([1.0, 2.0]), "cscore").tolist() == [-1.0, -2.0]
+    with pytest.raises(UnknownNameError, match="cscore, forgetting, logits"):
+        score_kind("el2n")
+
+
+def _run_phases(labels, scores, kind, method, seed, num_classes, spc=40, phases=3):
+    """Three curriculum phases with random filter predictions; kernel and reference side by side."""
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    teacher_correct = rng.random(n) < 0.95
+    selected = np.zeros(n, bool)
+    history = []
+    for k, curpc in enumerate(curriculum_arrangement(spc, phases)):
+        pred = np.where(rng.random(n) < 0.7, labels, rng.integers(0, num_classes, n))  # ~70% accurate filter
+        cand = candidate_mask(teacher_correct, selected, pred, labels, True)
+        res = select_per_class(cand, labels, num_classes, order_key(method, easy_first_key(scores, kind), seed + k),
+                               curpc, True, "fill", teacher_correct & ~selected)
+        expected = reference_select(np.flatnonzero(teacher_correct).tolist(), np.flatnonzero(selected).tolist(),
+                                    pred, labels, num_classes, scores, kind, method, curpc, True, "fill",
+                                    True, seed + k)
+        assert res.indices.tolist() == expected
+        picked = res.indices
+        assert len(np.unique(picked)) == len(picked)                            # unique
+        assert not selected[picked].any()                                       # disjoint from earlier phases
+        assert teacher_correct[picked].all()                                    # teacher-correct only
+        assert (np.bincount(labels[picked], minlength=num_classes) == curpc).all()  # exact budget
+        selected[picked] = True
+        history.append(picked)
+    return history
+
+
+@needs_scores
+@pytest.mark.parametrize("dataset,classes", [("CIFAR10", 10), ("CIFAR100", 100)])
+@pytest.mark.parametrize("kind", ["forgetting", "cscore"])
+def test_real_scores_selection_equals_reference(dataset, classes, kind):
+    with np.load(SHARED_SCORES / f"cscores_{dataset}.npz") as npz:
+        labels = npz["labels"].astype(np.int64)
+    assert len(labels) == 50000 and labels.max() == classes - 1
+    path = SHARED_SCORES / (f"forgetting_{dataset}.npy" if kind == "forgetting" else f"cscores_{dataset}.npz")
+    scores = load_scores(path, labels)  # the .npz's labels are checked against the pool labels
+    spc = 400 if classes == 10 else 40
+    history = _run_phases(labels, scores, kind, "simple", seed=11, num_classes=classes, spc=spc)
+    # The easy end really is taken: the mean score of picked images is easier than the pool's.
+    picked = np.concatenate(history)
+    easier = scores[picked].mean() < scores.mean() if kind == "forgetting" else scores[picked].mean() > scores.mean()
+    assert easier
+
+
+@needs_scores
+def test_real_tiny_forgetting_loads_and_hard_selection():
+    scores = np.load(SHARED_SCORES / "forgetting_Tiny.npy")
+    labels = np.repeat(np.arange(200), 500)  # Tiny-ImageNet train: 500 images per sorted wnid
+    loaded = load_scores(SHARED_SCORES / "forgetting_Tiny.npy", labels)
+    assert loaded.shape == (100000,) and np.array_equal(loaded, scores.astype(np.float64))
+    _run_phases(labels, loaded, "forgetting", "hard", seed=3, num_classes=200, spc=30)
+
+
+@needs_scores
+def test_cscores_labels_must_match_pool():
+    with np.load(SHARED_SCORES / "cscores_CIFAR10.npz") as npz:
+        labels = npz["labels"].copy()
+    labels[123] = (labels[123] + 1) % 10
+    with pytest.raises(ScoreError, match="first at index 123"):
+        load_scores(SHARED_SCORES / "cscores_CIFAR10.npz", labels)
