@@ -47,6 +47,132 @@ def _run_build(args: argparse.Namespace) -> None:
     print(format_table(["file", "images", "classes", "side", "seconds"], rows))
 
 
+def _batch_size(value: str) -> int | None:
+    if value == "auto":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--batch-size takes 'auto' or an integer, got {value!r}") from None
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    """The paper script's training flags; defaults are filled later (preset, then dataclass)."""
+    s = argparse.SUPPRESS
+    p.add_argument("--epochs", type=int, default=s)
+    p.add_argument("--opt", default=s, help="sgd | sgd_nesterov | adamw | rmsprop")
+    p.add_argument("--lr", type=float, default=s)
+    p.add_argument("--momentum", type=float, default=s)
+    p.add_argument("--weight-decay", "--wd", type=float, default=s)
+    p.add_argument("--lr-scheduler", default=s, help="cosineannealinglr | steplr | exponentiallr")
+    p.add_argument("--lr-step-size", type=int, default=s)
+    p.add_argument("--lr-gamma", type=float, default=s)
+    p.add_argument("--lr-warmup-epochs", type=int, default=s)
+    p.add_argument("--lr-warmup-method", default=s, help="linear | constant")
+    p.add_argument("--lr-warmup-decay", type=float, default=s)
+    p.add_argument("--batch-size", type=_batch_size, default=s, help="'auto' (the paper's policy) or an integer")
+    p.add_argument("-T", "--temperature", type=float, default=s, help="KD temperature")
+    p.add_argument("--device", default=s, help="cpu | cuda | cuda:N")
+    p.add_argument("--seed", type=int, default=s)
+    p.add_argument("--workers", type=int, default=s, help="FFCV loader threads")
+    p.add_argument("--eval-batch-size", type=int, default=s)
+
+
+def _add_data_args(p: argparse.ArgumentParser, distilled: bool = True) -> None:
+    p.add_argument("--pool", type=Path, required=True, help="the training pool .beton (ccfs-fast build)")
+    p.add_argument("--test", type=Path, required=True, help="the test .beton")
+    if distilled:
+        p.add_argument("--distilled", type=Path, required=True, help="the distilled images .beton (build folder)")
+        p.add_argument("--teacher", type=Path, required=True, help="teacher checkpoint (.pt/.pth)")
+        p.add_argument("--teacher-model", default=argparse.SUPPRESS)
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    s = argparse.SUPPRESS
+    p = sub.add_parser("run", help="the CCFS curriculum")
+    _add_data_args(p)
+    p.add_argument("--output-dir", type=Path, required=True)
+    p.add_argument("--preset", default=None, help="the paper's settings, e.g. cifar10-ipc500 (flags override)")
+    p.add_argument("--image-per-class", type=int, default=s)
+    p.add_argument("--alpha", type=float, default=s, help="distilled portion of each class")
+    p.add_argument("--curriculum-num", type=int, default=s)
+    p.add_argument("--select-misclassified", action=argparse.BooleanOptionalAction, default=s)
+    p.add_argument("--select-method", default=s, help="simple | hard | random")
+    p.add_argument("--balance", action=argparse.BooleanOptionalAction, default=s)
+    p.add_argument("--score", default=s, help="forgetting | cscore | logits")
+    p.add_argument("--score-path", type=Path, default=s)
+    p.add_argument("--shortfall", default=s, help="fill | strict | short")
+    p.add_argument("--num-eval", type=int, default=s)
+    p.add_argument("--filter-model", default=s)
+    p.add_argument("--eval-model", default=s)
+    p.add_argument("--filter-acc", default=s, help="end (default) | best_last_20 (the paper's logging)")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    _add_recipe_args(p)
+    p.set_defaults(handler=_run_run)
+
+
+def _split_args(args: argparse.Namespace, drop: tuple[str, ...]) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in ("handler", "command", "threads", *drop)}
+
+
+def _run_run(args: argparse.Namespace) -> None:
+    from .config import RunConfig, preset_settings, split_recipe
+    from .curriculum import run_curriculum
+
+    values = {**preset_settings(args.preset), **_split_args(args, ("resume", "overwrite"))}
+    recipe, rest = split_recipe(values)
+    run_curriculum(RunConfig(recipe=recipe, **rest), resume=args.resume, overwrite=args.overwrite)
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    s = argparse.SUPPRESS
+    p = sub.add_parser("eval", help="train and evaluate on distilled ∪ a saved selection")
+    _add_data_args(p)
+    p.add_argument("--selection", type=Path, required=True, help="selected_indices.json (this tool's or the paper's)")
+    p.add_argument("--image-per-class", type=int, default=s, help="default: the selection file's ipc")
+    p.add_argument("--alpha", type=float, default=s, help="default: the selection file's alpha")
+    p.add_argument("--num-eval", type=int, default=s)
+    p.add_argument("--eval-model", default=s)
+    p.add_argument("--output", type=Path, default=s, help="write the results as JSON here")
+    _add_recipe_args(p)
+    p.set_defaults(handler=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> None:
+    from .config import EvalConfig, split_recipe
+    from .evaluation import evaluate_selection_file
+
+    recipe, rest = split_recipe(_split_args(args, ()))
+    evaluate_selection_file(EvalConfig(recipe=recipe, **rest))
+
+
+def _add_teacher(sub: argparse._SubParsersAction) -> None:
+    s = argparse.SUPPRESS
+    p = sub.add_parser("teacher", help="train a teacher on a pool .beton (optionally record forgetting scores)")
+    _add_data_args(p, distilled=False)
+    p.add_argument("--model", default=s)
+    p.add_argument("--output", type=Path, required=True, help="checkpoint FILE.pt")
+    p.add_argument("--forgetting-out", type=Path, default=s, help="write forgetting scores (.npy) here")
+    p.add_argument("--label-smoothing", type=float, default=s)
+    p.add_argument("--overwrite", action="store_true")
+    _add_recipe_args(p)
+    p.set_defaults(handler=_run_teacher)
+
+
+def _run_teacher(args: argparse.Namespace) -> None:
+    from dataclasses import fields, replace
+
+    from .config import RECIPE_KEYS, TeacherConfig
+    from .teacher import train_teacher
+
+    values = _split_args(args, ())
+    recipe_values = {k: v for k, v in values.items() if k in RECIPE_KEYS}
+    rest = {k: v for k, v in values.items() if k not in RECIPE_KEYS and k in {f.name for f in fields(TeacherConfig)}}
+    default = TeacherConfig(pool=args.pool, test=args.test, output=Path("x.pt"))
+    train_teacher(TeacherConfig(recipe=replace(default.recipe, **recipe_values), **rest))
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="run a benchmark: loader | select", add_help=False)
     bench.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
@@ -80,6 +206,9 @@ def make_parser() -> argparse.ArgumentParser:
                         help="torch / numba CPU threads (default: the number of cores)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_build(sub)
+    _add_run(sub)
+    _add_eval(sub)
+    _add_teacher(sub)
     _add_bench(sub)
     return parser
 

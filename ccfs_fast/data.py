@@ -94,6 +94,23 @@ def iterate_rows(beton: BetonFile, rows: np.ndarray, batch_size: int, workers: i
             yield images.clone(), labels.view(-1).long(), index.view(-1).long()
 
 
+def read_labels(beton: BetonFile, workers: int = 2) -> np.ndarray:
+    """All labels int64 [n] in canonical order, reading only the label and index fields (the image
+    pipeline is disabled, so no pixels are decoded); checks that `index` is the row number."""
+    with _keep_torch_threads():
+        loader = Loader(str(beton.path), batch_size=65536, num_workers=max(1, workers),
+                        order=OrderOption.SEQUENTIAL, drop_last=False,
+                        pipelines={"image": None, "label": [IntDecoder()], "index": [IntDecoder()]})
+        parts = [(labels.reshape(-1).copy(), index.reshape(-1).copy()) for labels, index in loader]
+    labels = np.concatenate([p[0] for p in parts]).astype(np.int64)
+    index = np.concatenate([p[1] for p in parts]).astype(np.int64)
+    if not np.array_equal(index, np.arange(beton.n)):
+        raise DataError(f"{beton.path}: its index field is not 0..n-1 in row order; rebuild it with ccfs-fast build")
+    if labels.min() < 0 or labels.max() >= beton.manifest.num_classes:
+        raise DataError(f"{beton.path}: labels outside [0, {beton.manifest.num_classes}); rebuild it")
+    return labels
+
+
 class IndexSpace:
     """One index space over the pool (rows 0..n_pool-1) and the distilled set (n_pool..n_total-1)."""
 
@@ -165,7 +182,9 @@ class ResidentTrainLoader:
     def __init__(self, space: IndexSpace, indices: np.ndarray, batch_size: int, device: torch.device | str,
                  seed: int, workers: int = 2, scale: tuple[float, float] = DEFAULT_SCALE,
                  ratio: tuple[float, float] = DEFAULT_RATIO, rank: int = 0, world_size: int = 1,
-                 channels_last: bool = False):
+                 channels_last: bool = False, resident: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
+        """`resident`: the (images, labels, index) of `indices` already read by
+        IndexSpace.read_resident (e.g. reused across runs on one train set); read here otherwise."""
         if len(indices) == 0:
             raise DataError("the train set is empty; nothing to train on")
         self.device = torch.device(device)
@@ -174,7 +193,9 @@ class ResidentTrainLoader:
         self.side = space.manifest.side
         mean255, std255 = _stats_tensors(space.manifest, self.device)
         self.inv_std255, self.shift = 1.0 / std255, -mean255 / std255
-        self.images, self.labels, self.index = space.read_resident(indices, self.device, workers)
+        if resident is None:
+            resident = space.read_resident(indices, self.device, workers)
+        self.images, self.labels, self.index = resident
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -237,10 +258,32 @@ class EvalLoader:
                        labels.to(self.device), (index + offset).to(self.device))
 
 
+class ResidentEvalLoader:
+    """Sequential, unaugmented batches over a small index subset (e.g. the test set) read once into a
+    resident uint8 tensor on the device, so per-epoch evaluation pays no FFCV compile or decode:
+    (images float32 [b, 3, S, S] normalised with `stats`, labels int64 [b], index int64 [b])."""
+
+    def __init__(self, space: IndexSpace, indices: np.ndarray, batch_size: int, device: torch.device | str,
+                 workers: int = 2, stats: Manifest | None = None):
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.mean255, self.std255 = _stats_tensors(stats or space.manifest, self.device)
+        self.images, self.labels, self.index = space.read_resident(indices, self.device, workers)
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(self.labels), self.batch_size):
+            stop = start + self.batch_size
+            images = self.images[start:stop].float().sub_(self.mean255).div_(self.std255)
+            yield images, self.labels[start:stop], self.index[start:stop]
+
+
 def make_test_loader(test: BetonFile, stats: Manifest, batch_size: int, device: torch.device | str,
-                workers: int = 2) -> EvalLoader:
-    """The whole test set, sequential, normalised with the training pool's statistics `stats`."""
+                     workers: int = 2) -> ResidentEvalLoader:
+    """The whole test set, resident, sequential, normalised with the training pool's statistics."""
     if test.manifest.num_classes != stats.num_classes:
         raise DataError(f"the test set {test.path} has {test.manifest.num_classes} classes but the pool "
                         f"has {stats.num_classes}; pass the test split of the same dataset")
-    return EvalLoader(IndexSpace(test), np.arange(test.n), batch_size, device, workers, stats=stats)
+    return ResidentEvalLoader(IndexSpace(test), np.arange(test.n), batch_size, device, workers, stats=stats)

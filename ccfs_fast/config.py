@@ -1,0 +1,222 @@
+"""Frozen, validated configuration dataclasses: one per command, plus the shared training recipe."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from .errors import ConfigError, UnknownNameError
+
+OPTIMIZERS = ("sgd", "sgd_nesterov", "adamw", "rmsprop")
+SCHEDULERS = ("cosineannealinglr", "steplr", "exponentiallr")
+WARMUP_METHODS = ("linear", "constant")
+FILTER_ACC_LOGGING = ("end", "best_last_20")
+
+
+def _check_choice(kind: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise UnknownNameError(kind, value, list(valid))
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    """Optimiser and learning-rate schedule (the paper script's flags); stepped once per epoch."""
+
+    epochs: int = 500
+    opt: str = "sgd"
+    lr: float = 0.2
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_scheduler: str = "cosineannealinglr"
+    lr_step_size: int = 30
+    lr_gamma: float = 0.1
+    lr_warmup_epochs: int = 5
+    lr_warmup_method: str = "linear"
+    lr_warmup_decay: float = 0.01
+    batch_size: int | None = None  # None: the paper's "auto" policy by train-set size
+
+    def __post_init__(self) -> None:
+        _check_choice("optimizer", self.opt, OPTIMIZERS)
+        _check_choice("lr scheduler", self.lr_scheduler, SCHEDULERS)
+        _check_choice("lr warm-up method", self.lr_warmup_method, WARMUP_METHODS)
+        if self.epochs < 1:
+            raise ConfigError(f"--epochs must be at least 1, got {self.epochs}")
+        if not 0 <= self.lr_warmup_epochs < self.epochs:
+            raise ConfigError(f"--lr-warmup-epochs must be in [0, epochs={self.epochs}), got {self.lr_warmup_epochs}")
+        if self.lr <= 0 or self.weight_decay < 0 or not 0 < self.lr_warmup_decay <= 1:
+            raise ConfigError(f"need lr > 0, weight decay >= 0 and 0 < warm-up decay <= 1; got lr={self.lr}, "
+                              f"weight decay={self.weight_decay}, warm-up decay={self.lr_warmup_decay}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be 'auto' or a positive integer, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """`ccfs-fast run`: the CCFS curriculum (design §1). Paths are .beton files / a checkpoint."""
+
+    pool: Path
+    test: Path
+    distilled: Path
+    teacher: Path
+    output_dir: Path
+    score_path: Path | None = None
+    image_per_class: int = 500
+    alpha: float = 0.2
+    curriculum_num: int = 3
+    select_misclassified: bool = True
+    select_method: str = "simple"
+    balance: bool = True
+    score: str = "forgetting"
+    shortfall: str = "fill"
+    temperature: float = 20.0
+    recipe: TrainRecipe = field(default_factory=TrainRecipe)
+    num_eval: int = 5
+    filter_model: str = "resnet18_cifar"
+    teacher_model: str = "resnet18_cifar"
+    eval_model: str = "resnet18_cifar"
+    filter_acc: str = "end"
+    device: str = "cpu"
+    seed: int = 0
+    workers: int = 2
+    eval_batch_size: int = 512
+    preset: str | None = None
+
+    def __post_init__(self) -> None:
+        from .scores import score_kind
+        from .select import SELECTION_METHODS, SHORTFALL_POLICIES
+
+        if not 0 < self.alpha < 1:
+            raise ConfigError(f"--alpha must lie strictly between 0 and 1, got {self.alpha}")
+        if self.image_per_class < 1:
+            raise ConfigError(f"--image-per-class must be at least 1, got {self.image_per_class}")
+        if self.cpc < 1:
+            raise ConfigError(f"image-per-class x alpha = {self.image_per_class} x {self.alpha} gives "
+                              f"{self.cpc} distilled images per class; raise --alpha or --image-per-class")
+        if self.curriculum_num < 1 or self.spc < self.curriculum_num:
+            raise ConfigError(f"{self.spc} real images per class to select cannot fill {self.curriculum_num} "
+                              f"curricula; use --curriculum-num {max(1, self.spc)} or fewer")
+        kind = score_kind(self.score)
+        if kind.from_file and self.score_path is None:
+            raise ConfigError(f"--score {self.score} needs --score-path FILE (.npy or .npz)")
+        _check_choice("selection method", self.select_method, tuple(SELECTION_METHODS))
+        _check_choice("shortfall policy", self.shortfall, SHORTFALL_POLICIES)
+        _check_choice("filter accuracy logging", self.filter_acc, FILTER_ACC_LOGGING)
+        if self.num_eval < 0 or self.temperature <= 0 or self.workers < 1:
+            raise ConfigError(f"need --num-eval >= 0, -T > 0 and --workers >= 1; got {self.num_eval}, "
+                              f"{self.temperature}, {self.workers}")
+
+    @property
+    def cpc(self) -> int:
+        """Distilled images per class: floor(ipc * alpha)."""
+        return int(self.image_per_class * self.alpha + 1e-9)
+
+    @property
+    def spc(self) -> int:
+        """Real images per class to select."""
+        return self.image_per_class - self.cpc
+
+    def settings(self) -> dict:
+        """Flat JSON-able settings: what --resume compares and exp_log.txt lists."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, TrainRecipe):
+                out.update({k.name: getattr(value, k.name) for k in fields(value)})
+            else:
+                out[f.name] = str(value) if isinstance(value, Path) else value
+        return out
+
+
+# Settings that may change between a run and its --resume without changing results.
+RESUME_FREE = frozenset({"output_dir", "workers", "device", "eval_batch_size", "preset"})
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """`ccfs-fast eval`: train num_eval models on distilled ∪ a saved selection."""
+
+    pool: Path
+    test: Path
+    distilled: Path
+    teacher: Path
+    selection: Path
+    image_per_class: int | None = None
+    alpha: float | None = None
+    temperature: float = 20.0
+    recipe: TrainRecipe = field(default_factory=TrainRecipe)
+    num_eval: int = 5
+    teacher_model: str = "resnet18_cifar"
+    eval_model: str = "resnet18_cifar"
+    device: str = "cpu"
+    seed: int = 0
+    workers: int = 2
+    eval_batch_size: int = 512
+    output: Path | None = None
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """`ccfs-fast teacher`: supervised training on a pool .beton, optional forgetting scores."""
+
+    pool: Path
+    test: Path
+    output: Path
+    model: str = "resnet18_cifar"
+    recipe: TrainRecipe = field(default_factory=lambda: TrainRecipe(epochs=200, lr=0.1, weight_decay=5e-4,
+                                                                   lr_warmup_epochs=0, batch_size=128))
+    forgetting_out: Path | None = None
+    label_smoothing: float = 0.0
+    device: str = "cpu"
+    seed: int = 0
+    workers: int = 2
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.output.suffix not in (".pt", ".pth"):
+            raise ConfigError(f"--output must be a .pt or .pth file, got {self.output}")
+        for path in (self.output, self.forgetting_out):
+            if path is not None and path.exists() and not self.overwrite:
+                raise ConfigError(f"{path} already exists; pass --overwrite to replace it")
+
+
+# The paper's published script settings (github_scripts/*.sh of the CCFS repository) per dataset and
+# IPC. Shared by all: T=20, SGD lr 0.2 momentum 0.9 wd 1e-4, cosine after 5 linear warm-up epochs from
+# 0.01, 3 curricula, misclassified, simple, balanced, forgetting score, 5 evaluations, resnet18_cifar.
+_PAPER_COMMON = {"temperature": 20.0, "opt": "sgd", "lr": 0.2, "momentum": 0.9, "weight_decay": 1e-4,
+                 "lr_scheduler": "cosineannealinglr", "lr_warmup_epochs": 5, "lr_warmup_method": "linear",
+                 "lr_warmup_decay": 0.01, "curriculum_num": 3, "select_misclassified": True,
+                 "select_method": "simple", "balance": True, "score": "forgetting", "num_eval": 5,
+                 "filter_model": "resnet18_cifar", "teacher_model": "resnet18_cifar", "eval_model": "resnet18_cifar"}
+
+
+def _preset(ipc: int, alpha: float, epochs: int, **extra: object) -> dict:
+    return {**_PAPER_COMMON, "image_per_class": ipc, "alpha": alpha, "epochs": epochs, **extra}
+
+
+PRESETS: dict[str, dict] = {
+    "cifar10-ipc250": _preset(250, 0.2, 500),
+    "cifar10-ipc500": _preset(500, 0.1, 500),
+    "cifar10-ipc1000": _preset(1000, 0.3, 250),
+    "cifar10-ipc1500": _preset(1500, 0.3, 200),
+    "cifar100-ipc25": _preset(25, 0.2, 500),
+    "cifar100-ipc50": _preset(50, 0.1, 500),
+    "cifar100-ipc100": _preset(100, 0.1, 250),
+    "cifar100-ipc150": _preset(150, 0.2, 200),
+    "tiny-imagenet-ipc50": _preset(50, 0.2, 100, batch_size=64),
+    "tiny-imagenet-ipc100": _preset(100, 0.2, 100, batch_size=64),
+}
+
+RECIPE_KEYS = frozenset(f.name for f in fields(TrainRecipe))
+
+
+def preset_settings(name: str | None) -> dict:
+    if name is None:
+        return {}
+    if name not in PRESETS:
+        raise UnknownNameError("preset", name, list(PRESETS))
+    return dict(PRESETS[name])
+
+
+def split_recipe(values: dict) -> tuple[TrainRecipe, dict]:
+    """Separates the training-recipe keys of a flat settings dict: (recipe, the other keys)."""
+    recipe = TrainRecipe(**{k: v for k, v in values.items() if k in RECIPE_KEYS})
+    return recipe, {k: v for k, v in values.items() if k not in RECIPE_KEYS}

@@ -1,0 +1,208 @@
+"""The CCFS curriculum (design §1): teacher pass, K phases of train-filter / predict candidates /
+select, final evaluation; resumable after the last finished phase, every output written atomically."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .config import RESUME_FREE, RunConfig, TrainRecipe
+from .data import ResidentTrainLoader
+from .errors import ConfigError
+from .models import create_model
+from .outputs import environment, prepare_output_dir, write_json, write_npz, write_text
+from .scores import easy_first_key, load_scores, score_kind
+from .select import candidate_mask, curriculum_arrangement, order_key, select_per_class, warm_up_kernels
+from .tables import format_table
+from .train import TrainResult, auto_batch_size, last_fifth_epochs, predict, train_kd
+from .workspace import Workspace, open_workspace, teacher_correct
+
+STATE_VERSION = 1
+
+
+def phase_seed(seed: int, phase: int) -> int:
+    """Each phase draws from its own seed, so a resumed run repeats the phases it redoes exactly."""
+    return seed * 1009 + phase
+
+
+def eval_seed(seed: int, run: int) -> int:
+    return seed * 1009 + 500 + run
+
+
+def train_model(ws: Workspace, indices: np.ndarray, model_name: str, recipe: TrainRecipe, temperature: float,
+                seed: int, eval_epoch, desc: str, resident: tuple | None = None) -> tuple[nn.Module, TrainResult, int]:
+    """A fresh `model_name` trained by KD on the index subset `indices` of the workspace. The
+    result's seconds include reading the train set (pass `resident` to reuse one read)."""
+    start = time.perf_counter()
+    batch_size = recipe.batch_size or auto_batch_size(len(indices), ws.num_classes)
+    torch.manual_seed(seed)
+    model = create_model(model_name, ws.num_classes, ws.side).to(ws.device)
+    loader = ResidentTrainLoader(ws.space, indices, batch_size, ws.device, seed, ws.workers,
+                                 resident=resident if resident is not None else ws.resident(indices))
+    result = train_kd(model, ws.teacher, loader, recipe, temperature, ws.test_loader(), eval_epoch, desc)
+    result.seconds = time.perf_counter() - start
+    return model, result, batch_size
+
+
+def evaluate_selection(ws: Workspace, selected: np.ndarray, eval_model: str, recipe: TrainRecipe,
+                       temperature: float, num_eval: int, seed: int) -> dict:
+    """num_eval fresh models trained on distilled ∪ selected with the run's recipe; the paper's
+    protocol: each run's best test top-1 over the epochs after 80% of training (and its last)."""
+    train_set = np.concatenate([ws.distilled_rows, np.asarray(selected, np.int64)])
+    best, last, seconds = [], [], []
+    resident = ws.resident(train_set) if num_eval else None  # one read for every evaluation run
+    for run in tqdm(range(num_eval), desc="final evaluation", dynamic_ncols=True):
+        _, result, _ = train_model(ws, train_set, eval_model, recipe, temperature, eval_seed(seed, run),
+                                   last_fifth_epochs(recipe.epochs), f"eval {run + 1}/{num_eval}", resident)
+        best.append(result.best_acc)
+        last.append(result.last_acc)
+        seconds.append(result.seconds)
+    return {"accs": best, "last_accs": last, "acc_mean": float(np.mean(best)) if best else None,
+            "acc_std": float(np.std(best)) if best else None, "train_size": len(train_set), "seconds": seconds}
+
+
+@dataclass
+class PhaseOutcome:
+    record: dict
+    picked: np.ndarray
+    evaluated: tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def run_phase(ws: Workspace, cfg: RunConfig, phase: int, curpc: int, selected: np.ndarray,
+              teacher_ok: np.ndarray, file_key: np.ndarray | None) -> PhaseOutcome:
+    """One curriculum: train a fresh filter on distilled ∪ selected, predict the not-yet-selected
+    teacher-correct pool images, keep the coarse candidates, select the fine curpc per class."""
+    seed = phase_seed(cfg.seed, phase)
+    train_set = np.concatenate([ws.distilled_rows, selected])
+    acc_epochs = (last_fifth_epochs(cfg.recipe.epochs) if cfg.filter_acc == "best_last_20"
+                  else (lambda e: e == cfg.recipe.epochs - 1))
+    filt, trained, batch_size = train_model(ws, train_set, cfg.filter_model, cfg.recipe, cfg.temperature, seed,
+                                            acc_epochs, f"phase {phase} filter")
+    n = ws.space.n_pool
+    is_selected = np.zeros(n, bool)
+    is_selected[selected] = True
+    eligible = teacher_ok & ~is_selected
+    start = time.perf_counter()
+    index, pred, logit = predict(filt, ws.pool_loader(np.flatnonzero(eligible)))
+    eval_s = time.perf_counter() - start
+    start = time.perf_counter()
+    full_pred = np.full(n, -1, np.int64)
+    full_pred[index] = pred
+    candidates = candidate_mask(teacher_ok, is_selected, full_pred, ws.pool_labels, cfg.select_misclassified)
+    if file_key is None:  # logits: easy = high true-class logit of this phase's filter
+        easy = np.full(n, np.inf)
+        easy[index] = easy_first_key(logit, "logits")
+    else:
+        easy = file_key
+    chosen = select_per_class(candidates, ws.pool_labels, ws.num_classes, order_key(cfg.select_method, easy, seed),
+                              curpc, cfg.balance, cfg.shortfall, fill_pool=eligible)
+    select_s = time.perf_counter() - start
+    record = {
+        "phase": phase, "curpc": curpc, "train_size": len(train_set), "batch_size": batch_size,
+        "train_s": trained.seconds, "train_img_per_s": trained.img_per_s, "pool_evaluated": len(index),
+        "eval_s": eval_s, "eval_img_per_s": len(index) / eval_s if eval_s else 0.0, "select_s": select_s,
+        "filter_best_acc": trained.best_acc, "filter_last_acc": trained.last_acc,
+        "candidates": int(candidates.sum()), "candidates_per_class": chosen.candidates_per_class.tolist(),
+        "selected": len(chosen.indices),
+        "shortfall": {"policy": cfg.shortfall, "classes_short": int((chosen.candidates_per_class < curpc).sum()),
+                      "filled_per_class": chosen.filled_per_class.tolist(),
+                      "filled": int(chosen.filled_per_class.sum()), "unmet": chosen.unmet},
+    }
+    return PhaseOutcome(record, chosen.indices, (index, pred, logit))
+
+
+def _load_state(out: Path, cfg: RunConfig) -> dict:
+    state = json.loads((out / "state.json").read_text())
+    before, now = state["settings"], cfg.settings()
+    differ = sorted(k for k in set(before) | set(now) if k not in RESUME_FREE and before.get(k) != now.get(k))
+    if differ:
+        detail = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in differ[:6])
+        raise ConfigError(f"--resume with changed settings ({detail}); rerun with the original settings or start "
+                          "a new --output-dir")
+    return state
+
+
+def _write_outputs(out: Path, cfg: RunConfig, state: dict) -> None:
+    phases = state["phases"]
+    totals = {k: float(sum(p[k] for p in phases)) for k in ("train_s", "eval_s", "select_s")}
+    totals.update({"teacher_pass_s": state["teacher_pass_s"], "phases_done": len(phases),
+                   "selected": len(state["selected"])})
+    write_json(out / "selected_indices.json", {"ipc": cfg.image_per_class, "alpha": cfg.alpha,
+                                               "idx_selected": state["selected"], "phases_done": len(phases),
+                                               "complete": len(phases) == cfg.curriculum_num})
+    write_json(out / "metrics.json", {"phases": phases, "totals": totals, "final": state.get("final"),
+                                      "environment": environment(cfg.device), "settings": state["settings"]})
+    lines = [f"{k}: {v}" for k, v in state["settings"].items()]
+    lines += [f"cpc (distilled per class): {cfg.cpc}", f"spc (selected per class): {cfg.spc}",
+              f"arrangement: {curriculum_arrangement(cfg.spc, cfg.curriculum_num)}"]
+    for p in phases:
+        lines.append(f"phase {p['phase']}/{cfg.curriculum_num}: curpc {p['curpc']}, train set {p['train_size']}, "
+                     f"filter acc {_fmt(p['filter_best_acc'])}%, evaluated {p['pool_evaluated']}, candidates "
+                     f"{p['candidates']}, selected {p['selected']} (filled {p['shortfall']['filled']}, unmet "
+                     f"{p['shortfall']['unmet']}), train {p['train_s']:.1f}s eval {p['eval_s']:.1f}s "
+                     f"select {p['select_s'] * 1000:.1f}ms")
+    final = state.get("final")
+    if final and final.get("accs"):
+        lines.append(f"Acc@1(mean): {final['acc_mean']:.2f}%, std: {final['acc_std']:.2f} over {len(final['accs'])} "
+                     f"evaluations {[round(a, 2) for a in final['accs']]}")
+    write_text(out / "exp_log.txt", "\n".join(lines) + "\n")
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def run_curriculum(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
+    """Runs (or resumes) CCFS into cfg.output_dir; returns the final state dict."""
+    out = cfg.output_dir
+    prepare_output_dir(out, resume, overwrite)
+    state = _load_state(out, cfg) if resume else {"version": STATE_VERSION, "settings": cfg.settings(),
+                                                   "phases": [], "selected": [], "final": None}
+    ws = open_workspace(cfg.pool, cfg.test, cfg.distilled, cfg.teacher, cfg.teacher_model, cfg.cpc, cfg.device,
+                        cfg.workers, cfg.eval_batch_size)
+    file_key = None
+    if score_kind(cfg.score).from_file:
+        file_key = easy_first_key(load_scores(cfg.score_path, ws.pool_labels), cfg.score)
+    arrangement = curriculum_arrangement(cfg.spc, cfg.curriculum_num)
+    start = time.perf_counter()
+    pred, teacher_ok, _ = teacher_correct(ws, cfg.teacher, cfg.teacher_model)
+    state["teacher_pass_s"] = time.perf_counter() - start
+    state["teacher_acc"] = float(teacher_ok.mean() * 100)
+    write_npz(out / "teacher_pass.npz", index=np.arange(ws.space.n_pool), pred=pred)
+    state["select_compile_s"] = warm_up_kernels()
+    selected = np.asarray(state["selected"], np.int64)
+    for phase in tqdm(range(len(state["phases"]) + 1, cfg.curriculum_num + 1), desc="curricula",
+                      initial=len(state["phases"]), total=cfg.curriculum_num, dynamic_ncols=True):
+        outcome = run_phase(ws, cfg, phase, arrangement[phase - 1], selected, teacher_ok, file_key)
+        index, fpred, logit = outcome.evaluated
+        write_npz(out / f"phase{phase}_candidates.npz", index=index, pred=fpred, logit=logit)
+        selected = np.concatenate([selected, outcome.picked])
+        state["phases"].append(outcome.record)
+        state["selected"] = selected.tolist()
+        write_json(out / "state.json", state)
+        _write_outputs(out, cfg, state)
+    if state.get("final") is None:
+        state["final"] = evaluate_selection(ws, selected, cfg.eval_model, cfg.recipe, cfg.temperature, cfg.num_eval,
+                                            cfg.seed)
+        write_json(out / "state.json", state)
+    _write_outputs(out, cfg, state)
+    print(summary_table(state))
+    return state
+
+
+def summary_table(state: dict) -> str:
+    rows = [(p["phase"], p["curpc"], p["train_size"], p["train_s"], p["pool_evaluated"], p["eval_img_per_s"],
+             p["select_s"] * 1000, _fmt(p["filter_best_acc"]), p["selected"], p["shortfall"]["filled"])
+            for p in state["phases"]]
+    table = format_table(["phase", "curpc", "train set", "train s", "evaluated", "eval img/s", "select ms",
+                          "filter acc", "selected", "filled"], rows)
+    final = state.get("final") or {}
+    if final.get("accs"):
+        table += f"\nfinal: {_fmt(final['acc_mean'])} ± {_fmt(final['acc_std'])} % top-1 over {len(final['accs'])} runs"
+    return table

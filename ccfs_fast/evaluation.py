@@ -1,0 +1,52 @@
+"""`ccfs-fast eval`: train num_eval models on distilled ∪ a saved selection (this tool's or the
+paper's selected_indices.json) with the same recipe and seeds as `run`'s final evaluation."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from .config import EvalConfig
+from .curriculum import evaluate_selection
+from .errors import ConfigError
+from .outputs import write_json
+from .tables import format_table
+from .workspace import open_workspace
+
+
+def read_selection(cfg: EvalConfig) -> tuple[np.ndarray, int, float]:
+    """(selected pool indices, ipc, alpha) from the selection file, flags overriding its ipc/alpha."""
+    try:
+        data = json.loads(cfg.selection.read_text())
+        selected = np.asarray(data["idx_selected"], dtype=np.int64)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{cfg.selection}: not a selected_indices.json with 'idx_selected' ({exc})") from exc
+    ipc = cfg.image_per_class if cfg.image_per_class is not None else data.get("ipc")
+    alpha = cfg.alpha if cfg.alpha is not None else data.get("alpha")
+    if ipc is None or alpha is None:
+        raise ConfigError(f"{cfg.selection} has no 'ipc'/'alpha'; pass --image-per-class and --alpha")
+    if len(np.unique(selected)) != len(selected):
+        raise ConfigError(f"{cfg.selection}: idx_selected holds duplicate indices")
+    return selected, int(ipc), float(alpha)
+
+
+def evaluate_selection_file(cfg: EvalConfig) -> dict:
+    selected, ipc, alpha = read_selection(cfg)
+    cpc = int(ipc * alpha + 1e-9)
+    if cpc < 1:
+        raise ConfigError(f"ipc x alpha = {ipc} x {alpha} gives no distilled image per class")
+    ws = open_workspace(cfg.pool, cfg.test, cfg.distilled, cfg.teacher, cfg.teacher_model, cpc, cfg.device,
+                        cfg.workers, cfg.eval_batch_size)
+    if len(selected) and (selected.min() < 0 or selected.max() >= ws.space.n_pool):
+        raise ConfigError(f"{cfg.selection}: indices must lie in [0, {ws.space.n_pool}) for this pool, got "
+                          f"[{selected.min()}, {selected.max()}]")
+    result = evaluate_selection(ws, selected, cfg.eval_model, cfg.recipe, cfg.temperature, cfg.num_eval, cfg.seed)
+    result.update({"selection": str(cfg.selection), "ipc": ipc, "alpha": alpha, "selected": len(selected)})
+    if cfg.output is not None:
+        write_json(cfg.output, result)
+    print(format_table(["run", "best acc", "last acc", "seconds"],
+                       [(i + 1, b, last, s) for i, (b, last, s) in
+                        enumerate(zip(result["accs"], result["last_accs"], result["seconds"]))]))
+    if result["accs"]:
+        print(f"Acc@1(mean): {result['acc_mean']:.2f}%, std: {result['acc_std']:.2f}")
+    return result

@@ -1,0 +1,198 @@
+"""Training and inference: the KD loop of design §1.4b, top-1 evaluation, prediction over an index
+subset, and supervised teacher training with forgetting-event tracking."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .config import TrainRecipe
+
+OPTIMIZER_FACTORIES: dict[str, Callable[[Iterable[nn.Parameter], TrainRecipe], torch.optim.Optimizer]] = {
+    # weight decay on all parameters, as the paper's script (utils.set_weight_decay without norm groups)
+    "sgd": lambda p, r: torch.optim.SGD(p, lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay),
+    "sgd_nesterov": lambda p, r: torch.optim.SGD(p, lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay,
+                                                 nesterov=True),
+    "rmsprop": lambda p, r: torch.optim.RMSprop(p, lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay,
+                                                eps=0.0316, alpha=0.9),
+    "adamw": lambda p, r: torch.optim.AdamW(p, lr=r.lr, weight_decay=r.weight_decay),
+}
+
+SCHEDULER_FACTORIES: dict[str, Callable[[torch.optim.Optimizer, TrainRecipe], torch.optim.lr_scheduler.LRScheduler]] = {
+    "cosineannealinglr": lambda o, r: torch.optim.lr_scheduler.CosineAnnealingLR(
+        o, T_max=r.epochs - r.lr_warmup_epochs, eta_min=0.0),
+    "steplr": lambda o, r: torch.optim.lr_scheduler.StepLR(o, step_size=r.lr_step_size, gamma=r.lr_gamma),
+    "exponentiallr": lambda o, r: torch.optim.lr_scheduler.ExponentialLR(o, gamma=r.lr_gamma),
+}
+
+WARMUP_FACTORIES = {
+    "linear": lambda o, r: torch.optim.lr_scheduler.LinearLR(o, start_factor=r.lr_warmup_decay,
+                                                             total_iters=r.lr_warmup_epochs),
+    "constant": lambda o, r: torch.optim.lr_scheduler.ConstantLR(o, factor=r.lr_warmup_decay,
+                                                                 total_iters=r.lr_warmup_epochs),
+}
+
+
+def make_optimizer(model: nn.Module, recipe: TrainRecipe) -> torch.optim.Optimizer:
+    return OPTIMIZER_FACTORIES[recipe.opt](model.parameters(), recipe)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, recipe: TrainRecipe) -> torch.optim.lr_scheduler.LRScheduler:
+    """Warm-up for lr_warmup_epochs, then the main schedule; call .step() once per epoch."""
+    main = SCHEDULER_FACTORIES[recipe.lr_scheduler](optimizer, recipe)
+    if recipe.lr_warmup_epochs == 0:
+        return main
+    warmup = WARMUP_FACTORIES[recipe.lr_warmup_method](optimizer, recipe)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, main], milestones=[recipe.lr_warmup_epochs])
+
+
+def auto_batch_size(train_size: int, num_classes: int) -> int:
+    """The paper's policy: |T| < 500 C -> 32; |T| < 1000 C -> 64; else 128."""
+    if train_size < 500 * num_classes:
+        return 32
+    return 64 if train_size < 1000 * num_classes else 128
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KLDiv(log_softmax(s/T), log_softmax(t/T), batchmean, log_target=True) * T^2."""
+    return F.kl_div(F.log_softmax(student_logits / temperature, dim=1),
+                    F.log_softmax(teacher_logits / temperature, dim=1),
+                    reduction="batchmean", log_target=True) * temperature ** 2
+
+
+def last_fifth_epochs(epochs: int) -> Callable[[int], bool]:
+    """The paper's evaluation epochs: those with epoch > 0.8 * epochs (0-based)."""
+    return lambda epoch: epoch > epochs * 0.8
+
+
+@dataclass
+class TrainResult:
+    """Test top-1 (%) per evaluated epoch, best and last; wall-clock and images processed."""
+
+    accs: list[tuple[int, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    images: int = 0
+
+    @property
+    def best_acc(self) -> float | None:
+        return max(a for _, a in self.accs) if self.accs else None
+
+    @property
+    def last_acc(self) -> float | None:
+        return self.accs[-1][1] if self.accs else None
+
+    @property
+    def img_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
+
+
+def train_kd(student: nn.Module, teacher: nn.Module, loader, recipe: TrainRecipe, temperature: float,
+             test_loader=None, eval_epoch: Callable[[int], bool] = lambda e: False, desc: str = "train") -> TrainResult:
+    """Trains `student` by knowledge distillation only (labels unused): the teacher sees the same
+    augmented batch. Evaluates on `test_loader` after each epoch where eval_epoch(epoch)."""
+    optimizer = make_optimizer(student, recipe)
+    scheduler = make_scheduler(optimizer, recipe)
+    teacher.eval()
+    result = TrainResult()
+    start = time.perf_counter()
+    bar = tqdm(range(recipe.epochs), desc=desc, leave=False, dynamic_ncols=True)
+    for epoch in bar:
+        student.train()
+        for images, _, _ in loader:
+            with torch.inference_mode():
+                teacher_logits = teacher(images)
+            loss = kd_loss(student(images), teacher_logits.clone(), temperature)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            result.images += len(images)
+        scheduler.step()
+        if test_loader is not None and eval_epoch(epoch):
+            result.accs.append((epoch, evaluate(student, test_loader)))
+            bar.set_postfix(acc=f"{result.accs[-1][1]:.2f}", best=f"{result.best_acc:.2f}")
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader) -> float:
+    """Top-1 accuracy in percent over every batch of `loader`."""
+    model.eval()
+    correct = total = 0
+    for images, labels, _ in loader:
+        correct += int((model(images).argmax(1) == labels).sum())
+        total += len(labels)
+    return 100.0 * correct / max(total, 1)
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, loader) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Over an index subset: (index int64 [m], argmax int64 [m], true-class logit float32 [m]),
+    in the loader's order."""
+    model.eval()
+    index, preds, logits = [], [], []
+    for images, labels, idx in loader:
+        out = model(images).float()
+        index.append(idx.cpu())
+        preds.append(out.argmax(1).cpu())
+        logits.append(out.gather(1, labels.view(-1, 1))[:, 0].cpu())
+    if not index:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    return (torch.cat(index).numpy().astype(np.int64), torch.cat(preds).numpy().astype(np.int64),
+            torch.cat(logits).numpy().astype(np.float32))
+
+
+class ForgettingTracker:
+    """Forgetting events (Toneva et al. 2019) over the presentations of each pool image: a
+    correct -> incorrect transition between consecutive presentations. Images never classified
+    correctly get max(events) + 1, ranking them hardest."""
+
+    def __init__(self, n: int):
+        self.last_correct = np.zeros(n, bool)
+        self.learned = np.zeros(n, bool)
+        self.events = np.zeros(n, np.int64)
+
+    def update(self, index: np.ndarray, correct: np.ndarray) -> None:
+        forgot = self.last_correct[index] & ~correct
+        np.add.at(self.events, index[forgot], 1)
+        self.last_correct[index] = correct
+        self.learned[index] |= correct
+
+    def scores(self) -> np.ndarray:
+        out = self.events.astype(np.float32)
+        out[~self.learned] = float(self.events.max(initial=0) + 1)
+        return out
+
+
+def train_supervised(model: nn.Module, loader, recipe: TrainRecipe, test_loader=None,
+                     tracker: ForgettingTracker | None = None, label_smoothing: float = 0.0,
+                     desc: str = "teacher") -> TrainResult:
+    """Cross-entropy training (a teacher); records forgetting events on the augmented presentations."""
+    optimizer = make_optimizer(model, recipe)
+    scheduler = make_scheduler(optimizer, recipe)
+    result = TrainResult()
+    start = time.perf_counter()
+    bar = tqdm(range(recipe.epochs), desc=desc, leave=False, dynamic_ncols=True)
+    for epoch in bar:
+        model.train()
+        for images, labels, index in loader:
+            logits = model(images)
+            loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            result.images += len(images)
+            if tracker is not None:
+                tracker.update(index.cpu().numpy(), (logits.argmax(1) == labels).cpu().numpy())
+        scheduler.step()
+        if test_loader is not None and (epoch == recipe.epochs - 1 or last_fifth_epochs(recipe.epochs)(epoch)):
+            result.accs.append((epoch, evaluate(model, test_loader)))
+            bar.set_postfix(acc=f"{result.accs[-1][1]:.2f}")
+    result.seconds = time.perf_counter() - start
+    return result

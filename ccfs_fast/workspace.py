@@ -1,0 +1,138 @@
+"""Opens and checks a run's inputs: pool, test and distilled .beton files, the teacher, scores."""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import BetonFile, EvalLoader, IndexSpace, make_test_loader, read_labels
+from .errors import ConfigError, DataError
+from .models import create_model, load_checkpoint
+from .outputs import write_npz
+from .train import predict
+
+
+@dataclass
+class Workspace:
+    """Everything a run reads, opened once. distilled_rows: global indices (into `space`) of the
+    first cpc distilled images of each class, class after class."""
+
+    space: IndexSpace
+    test: BetonFile
+    pool_labels: np.ndarray
+    distilled_rows: np.ndarray
+    teacher: nn.Module
+    device: torch.device
+    workers: int
+    eval_batch_size: int
+    _test_loader: object = None
+    _distilled: tuple | None = None
+
+    def resident(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """uint8 images, labels, index of a train set that starts with distilled_rows; the distilled
+        part is read once per workspace, the rest (selected pool images) on each call."""
+        indices = np.asarray(indices, np.int64)
+        head = len(self.distilled_rows)
+        if not np.array_equal(indices[:head], self.distilled_rows):
+            return self.space.read_resident(indices, self.device, self.workers)
+        if self._distilled is None:
+            self._distilled = self.space.read_resident(self.distilled_rows, self.device, self.workers)
+        if len(indices) == head:
+            return self._distilled
+        rest = self.space.read_resident(indices[head:], self.device, self.workers)
+        return tuple(torch.cat([a, b]) for a, b in zip(self._distilled, rest))
+
+    @property
+    def num_classes(self) -> int:
+        return self.space.manifest.num_classes
+
+    @property
+    def side(self) -> int:
+        return self.space.manifest.side
+
+    def test_loader(self):
+        """The resident test loader, read once per workspace and reused by every evaluation."""
+        if self._test_loader is None:
+            self._test_loader = make_test_loader(self.test, self.space.manifest, self.eval_batch_size, self.device,
+                                                 self.workers)
+        return self._test_loader
+
+    def pool_loader(self, indices: np.ndarray) -> EvalLoader:
+        return EvalLoader(self.space, indices, self.eval_batch_size, self.device, self.workers)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} asked for, but torch sees no CUDA device; use --device cpu")
+    return torch.device(device)
+
+
+def first_per_class(labels: np.ndarray, count: int, class_names: tuple[str, ...], source: Path) -> np.ndarray:
+    """Rows of the first `count` images of each class (rows are in sorted file order), class after
+    class; a class with fewer images is an error naming it."""
+    rows = []
+    for c, name in enumerate(class_names):
+        members = np.flatnonzero(labels == c)
+        if len(members) < count:
+            raise DataError(f"distilled set {source}: class {name!r} (label {c}) has {len(members)} images, fewer "
+                            f"than the {count} distilled images per class that ipc x alpha asks for")
+        rows.append(members[:count])
+    return np.concatenate(rows).astype(np.int64)
+
+
+def load_teacher(name: str, path: Path, num_classes: int, side: int, device: torch.device) -> nn.Module:
+    teacher = load_checkpoint(create_model(name, num_classes, side), path, name).to(device).eval()
+    for param in teacher.parameters():
+        param.requires_grad_(False)
+    return teacher
+
+
+def open_workspace(pool: Path, test: Path, distilled: Path, teacher: Path, teacher_model: str, cpc: int,
+                   device: str, workers: int, eval_batch_size: int) -> Workspace:
+    pool_file, test_file, distilled_file = BetonFile.open(pool), BetonFile.open(test), BetonFile.open(distilled)
+    if test_file.manifest.num_classes != pool_file.manifest.num_classes:
+        raise DataError(f"the pool has {pool_file.manifest.num_classes} classes but the test set "
+                        f"{test_file.manifest.num_classes}; use the two splits of one dataset")
+    space = IndexSpace(pool_file, distilled_file)
+    distilled_labels = read_labels(distilled_file, workers)
+    rows = first_per_class(distilled_labels, cpc, distilled_file.manifest.class_names, distilled_file.path)
+    dev = resolve_device(device)
+    model = load_teacher(teacher_model, teacher, pool_file.manifest.num_classes, pool_file.manifest.side, dev)
+    return Workspace(space, test_file, read_labels(pool_file, workers), rows + space.n_pool, model, dev, workers,
+                     eval_batch_size)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ccfs-fast"
+
+
+def teacher_correct(ws: Workspace, teacher_path: Path, teacher_model: str) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The teacher pass (once): argmax on every pool image, unaugmented. Cached on disk keyed by the
+    teacher file's hash, the model name and the pool's content hash. Returns (pred int64 [n],
+    teacher_correct bool [n], came_from_cache)."""
+    key = hashlib.sha256(f"{file_sha256(teacher_path)}|{teacher_model}|{ws.space.manifest.content_hash}".encode())
+    path = cache_dir() / f"teacher_pass-{key.hexdigest()[:24]}.npz"
+    if path.is_file():
+        with np.load(path) as cached:
+            pred = cached["pred"]
+        if len(pred) == ws.space.n_pool:
+            return pred, pred == ws.pool_labels, True
+    index, pred, _ = predict(ws.teacher, ws.pool_loader(np.arange(ws.space.n_pool)))
+    order = np.argsort(index)
+    pred = pred[order]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_npz(path, index=np.arange(ws.space.n_pool), pred=pred)
+    return pred, pred == ws.pool_labels, False
