@@ -233,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _set_threads(args.threads)
         args.handler(args)
     except CCFSError as exc:
-        print(f"ccfs-fast: error: {exc}", file=sys.stderr)
+        print(f"ccfs-fast: error: {' '.join(str(exc).split())}", file=sys.stderr)  # always one line
         return 2
     except KeyboardInterrupt:
         print("ccfs-fast: interrupted", file=sys.stderr)

@@ -7,6 +7,7 @@ name is looked up among torchvision's classification models.
 """
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 
@@ -94,7 +95,7 @@ def load_checkpoint(model: nn.Module, path: str | Path, model_name: str) -> nn.M
         raise ModelError(f"checkpoint {path} does not exist")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
         raise ModelError(f"checkpoint {path} is truncated or not a torch file ({exc})") from exc
     state = _state_dict(checkpoint, path)
     found, expected = _output_classes(state, model)

@@ -67,8 +67,9 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 
 def last_fifth_epochs(epochs: int) -> Callable[[int], bool]:
-    """The paper's evaluation epochs: those with epoch > 0.8 * epochs (0-based)."""
-    return lambda epoch: epoch > epochs * 0.8
+    """The paper's evaluation epochs: those with epoch > 0.8 * epochs (0-based), plus the last epoch
+    (for runs of a few epochs, where the paper's rule alone would evaluate none)."""
+    return lambda epoch: epoch > epochs * 0.8 or epoch == epochs - 1
 
 
 @dataclass
@@ -191,7 +192,7 @@ def train_supervised(model: nn.Module, loader, recipe: TrainRecipe, test_loader=
             if tracker is not None:
                 tracker.update(index.cpu().numpy(), (logits.argmax(1) == labels).cpu().numpy())
         scheduler.step()
-        if test_loader is not None and (epoch == recipe.epochs - 1 or last_fifth_epochs(recipe.epochs)(epoch)):
+        if test_loader is not None and last_fifth_epochs(recipe.epochs)(epoch):
             result.accs.append((epoch, evaluate(model, test_loader)))
             bar.set_postfix(acc=f"{result.accs[-1][1]:.2f}")
     result.seconds = time.perf_counter() - start

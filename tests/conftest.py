@@ -46,3 +46,36 @@ def read_all(beton_path, rows=None):
     rows = np.arange(beton.n) if rows is None else rows
     parts = list(iterate_rows(beton, rows, 256, 2))
     return tuple(torch.cat([p[k] for p in parts]).numpy() for k in range(3))
+
+
+@pytest.fixture(scope="session")
+def engine_data(tmp_path_factory):
+    """A CIFAR-10-format pool (800) and test set (200), a distilled folder (6 per class) and a
+    small teacher with forgetting scores, all made through the CLI."""
+    from formats import write_image_folder
+
+    from ccfs_fast.cli import main
+
+    root = tmp_path_factory.mktemp("engine")
+    write_cifar10(root / "src", class_images(800, 10, 32, seed=1, separation=40),
+                  class_images(200, 10, 32, seed=2, separation=40))
+    x, y = class_images(60, 10, 32, seed=3, separation=40)
+    write_image_folder(root / "distilled", x, np.repeat(np.arange(10), 6), [f"c{i}" for i in range(10)])
+    betons = root / "betons"
+    assert main(["build", "cifar10", "--src", str(root / "src"), "--out", str(betons)]) == 0
+    assert main(["build", "folder", "--src", str(root / "distilled"), "--out", str(betons / "d.beton")]) == 0
+    assert main(["teacher", "--pool", str(betons / "cifar10_train.beton"), "--test", str(betons / "cifar10_test.beton"),
+                 "--model", "convnet_small", "--epochs", "6", "--output", str(root / "teacher.pt"),
+                 "--forgetting-out", str(root / "forgetting.npy")]) == 0
+    return {"pool": betons / "cifar10_train.beton", "test": betons / "cifar10_test.beton",
+            "distilled": betons / "d.beton", "teacher": root / "teacher.pt", "scores": root / "forgetting.npy",
+            "root": root}
+
+
+def run_args(data: dict, out, *extra: str) -> list[str]:
+    """A small, fast `ccfs-fast run` (ipc 20, alpha 0.2 -> 4 distilled + 16 selected per class)."""
+    return ["run", "--pool", str(data["pool"]), "--test", str(data["test"]), "--distilled", str(data["distilled"]),
+            "--teacher", str(data["teacher"]), "--teacher-model", "convnet_small", "--filter-model", "convnet_small",
+            "--eval-model", "convnet_small", "--image-per-class", "20", "--alpha", "0.2", "--curriculum-num", "3",
+            "--score", "forgetting", "--score-path", str(data["scores"]), "--epochs", "3", "--lr", "0.05",
+            "--lr-warmup-epochs", "1", "--num-eval", "2", "--seed", "5", "--output-dir", str(out), *extra]

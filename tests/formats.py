@@ -16,12 +16,13 @@ import numpy as np
 from PIL import Image
 
 
-def class_images(n: int, num_classes: int, side: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def class_images(n: int, num_classes: int, side: int, seed: int, separation: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """uint8 [n, side, side, 3] random images whose mean colour depends on the class (the same
-    class colours for every seed, so a train and a test split share them); labels [n]."""
+    class colours for every seed, so a train and a test split share them; a larger `separation`
+    makes classes easier to tell apart); labels [n]."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, num_classes, n)
-    base = np.random.default_rng(12345).integers(112, 144, (num_classes, 1, 1, 3))
+    base = np.random.default_rng(12345).integers(128 - separation, 128 + separation, (num_classes, 1, 1, 3))
     noise = rng.integers(-110, 111, (n, side, side, 3))  # classes overlap: not every image is easy
     images = np.clip(base[labels] + noise, 0, 255).astype(np.uint8)
     return images, labels.astype(np.int64)

@@ -1,0 +1,131 @@
+"""`ccfs-fast run` / `eval` end to end on generated CIFAR-format data with tiny models."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import run_args
+
+from ccfs_fast.cli import main
+from ccfs_fast.data import BetonFile, read_labels
+from ccfs_fast.scores import easy_first_key, load_scores
+from ccfs_fast.select import candidate_mask, curriculum_arrangement, order_key, select_per_class
+
+
+@pytest.fixture(scope="module")
+def finished_run(engine_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    assert main(run_args(engine_data, out)) == 0
+    return out
+
+
+def test_run_writes_outputs_and_a_valid_selection(finished_run, engine_data):
+    out = finished_run
+    for name in ("selected_indices.json", "metrics.json", "exp_log.txt", "state.json", "teacher_pass.npz",
+                 "phase1_candidates.npz", "phase2_candidates.npz", "phase3_candidates.npz"):
+        assert (out / name).is_file(), name
+    sel = json.loads((out / "selected_indices.json").read_text())
+    assert {"ipc", "alpha", "idx_selected"} <= set(sel) and sel["ipc"] == 20 and sel["alpha"] == 0.2
+    picked = np.array(sel["idx_selected"])
+    labels = read_labels(BetonFile.open(engine_data["pool"]))
+    assert len(np.unique(picked)) == len(picked) == 16 * 10                     # unique, spc per class
+    assert picked.min() >= 0 and picked.max() < len(labels)                     # pool index range
+    assert (np.bincount(labels[picked], minlength=10) == 16).all()              # exact budget under fill
+    with np.load(out / "teacher_pass.npz") as tp:
+        assert (tp["pred"][picked] == labels[picked]).all()                     # all teacher-correct
+    metrics = json.loads((out / "metrics.json").read_text())
+    phases = metrics["phases"]
+    assert [p["curpc"] for p in phases] == curriculum_arrangement(16, 3) == [6, 5, 5]
+    assert [p["train_size"] for p in phases] == [40, 100, 150]                  # D ∪ selected so far
+    for key in ("train_s", "pool_evaluated", "eval_s", "eval_img_per_s", "select_s", "filter_best_acc",
+                "candidates_per_class", "shortfall"):
+        assert key in phases[0], key
+    assert len(metrics["final"]["accs"]) == 2 and metrics["final"]["acc_mean"] is not None
+    assert "environment" in metrics and "Acc@1(mean)" in (out / "exp_log.txt").read_text()
+
+
+def test_each_phase_recomputes_from_its_audit_files(finished_run, engine_data):
+    """Every phase's selection follows from phase{k}_candidates.npz and the score file alone."""
+    out = finished_run
+    labels = read_labels(BetonFile.open(engine_data["pool"]))
+    with np.load(out / "teacher_pass.npz") as tp:
+        teacher_ok = tp["pred"] == labels
+    key = easy_first_key(load_scores(engine_data["scores"], labels), "forgetting")
+    picked = np.array(json.loads((out / "selected_indices.json").read_text())["idx_selected"])
+    selected = np.zeros(len(labels), bool)
+    start = 0
+    for phase, curpc in enumerate(curriculum_arrangement(16, 3), 1):
+        with np.load(out / f"phase{phase}_candidates.npz") as c:
+            index, pred = c["index"], c["pred"]
+        assert set(index.tolist()) == set(np.flatnonzero(teacher_ok & ~selected).tolist())
+        full = np.full(len(labels), -1)
+        full[index] = pred
+        cand = candidate_mask(teacher_ok, selected, full, labels, True)
+        phase_sel = select_per_class(cand, labels, 10, order_key("simple", key, 5 * 1009 + phase), curpc, True,
+                                     "fill", teacher_ok & ~selected).indices
+        assert phase_sel.tolist() == picked[start:start + len(phase_sel)].tolist()
+        assert not selected[phase_sel].any()                                   # disjoint from earlier phases
+        selected[phase_sel] = True
+        start += len(phase_sel)
+
+
+def test_eval_reproduces_the_runs_numbers(finished_run, engine_data, tmp_path):
+    final = json.loads((finished_run / "metrics.json").read_text())["final"]
+    result = tmp_path / "eval.json"
+    args = ["eval", "--pool", str(engine_data["pool"]), "--test", str(engine_data["test"]),
+            "--distilled", str(engine_data["distilled"]), "--teacher", str(engine_data["teacher"]),
+            "--teacher-model", "convnet_small", "--eval-model", "convnet_small", "--selection",
+            str(finished_run / "selected_indices.json"), "--epochs", "3", "--lr", "0.05", "--lr-warmup-epochs", "1",
+            "--num-eval", "2", "--seed", "5", "--output", str(result)]
+    assert main(args) == 0
+    assert json.loads(result.read_text())["accs"] == final["accs"]
+
+
+def test_non_empty_output_dir_refused(finished_run, engine_data, capsys):
+    before = (finished_run / "state.json").read_bytes()
+    assert main(run_args(engine_data, finished_run)) == 2
+    err = capsys.readouterr().err
+    assert "not empty" in err and "--resume" in err and "--overwrite" in err
+    assert (finished_run / "state.json").read_bytes() == before
+
+
+def test_resume_refuses_changed_settings(finished_run, engine_data, capsys):
+    args = run_args(engine_data, finished_run)
+    args[args.index("--epochs") + 1] = "4"
+    assert main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "changed settings" in err and "epochs: 3 -> 4" in err
+
+
+def test_kill_during_phase_2_then_resume_matches(engine_data, tmp_path):
+    """A real SIGKILL while phase 2 runs; --resume finishes with the uninterrupted run's selection."""
+    longer = ["--epochs", "12", "--num-eval", "0"]
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    cmd = [sys.executable, "-m", "ccfs_fast.cli"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([*cmd, *run_args(engine_data, broken), *longer],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        state = broken / "state.json"
+        if state.is_file() and len(json.loads(state.read_text())["phases"]) == 1:
+            break
+        assert proc.poll() is None, "run ended before phase 1 was recorded"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = json.loads((broken / "state.json").read_text())
+    assert len(state["phases"]) == 1, "the kill did not land in phase 2"
+    assert subprocess.run([*cmd, *run_args(engine_data, broken), *longer, "--resume"], env=env,
+                          capture_output=True, timeout=300).returncode == 0
+    assert subprocess.run([*cmd, *run_args(engine_data, whole), *longer], env=env, capture_output=True,
+                          timeout=300).returncode == 0
+    a = json.loads((broken / "selected_indices.json").read_text())
+    b = json.loads((whole / "selected_indices.json").read_text())
+    assert a["idx_selected"] == b["idx_selected"] and a["complete"]
