@@ -173,6 +173,25 @@ def _run_teacher(args: argparse.Namespace) -> None:
     train_teacher(TeacherConfig(recipe=replace(default.recipe, **recipe_values), **rest))
 
 
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the whole pipeline on scikit-learn's digits (real data), end to end")
+    p.add_argument("--output-dir", type=Path, default=Path("demo_out"))
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--epochs", type=int, default=15, help="filter / evaluation epochs")
+    p.add_argument("--teacher-epochs", type=int, default=15)
+    p.add_argument("--num-eval", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> None:
+    from .demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(output_dir=args.output_dir, epochs=args.epochs, teacher_epochs=args.teacher_epochs,
+                        num_eval=args.num_eval, seed=args.seed,
+                        overwrite=args.overwrite, workers=min(2, _default_workers())))
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="run a benchmark: loader | select", add_help=False)
     bench.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
@@ -209,6 +228,7 @@ def make_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_eval(sub)
     _add_teacher(sub)
+    _add_demo(sub)
     _add_bench(sub)
     return parser
 

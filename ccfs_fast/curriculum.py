@@ -50,11 +50,10 @@ def train_model(ws: Workspace, indices: np.ndarray, model_name: str, recipe: Tra
     return model, result, batch_size
 
 
-def evaluate_selection(ws: Workspace, selected: np.ndarray, eval_model: str, recipe: TrainRecipe,
+def evaluate_train_set(ws: Workspace, train_set: np.ndarray, eval_model: str, recipe: TrainRecipe,
                        temperature: float, num_eval: int, seed: int) -> dict:
-    """num_eval fresh models trained on distilled ∪ selected with the run's recipe; the paper's
-    protocol: each run's best test top-1 over the epochs after 80% of training (and its last)."""
-    train_set = np.concatenate([ws.distilled_rows, np.asarray(selected, np.int64)])
+    """num_eval fresh models trained by KD on the index subset `train_set`; the paper's protocol:
+    each run's best test top-1 over the epochs after 80% of training (and its last)."""
     best, last, seconds = [], [], []
     resident = ws.resident(train_set) if num_eval else None  # one read for every evaluation run
     for run in tqdm(range(num_eval), desc="final evaluation", dynamic_ncols=True):
@@ -65,6 +64,13 @@ def evaluate_selection(ws: Workspace, selected: np.ndarray, eval_model: str, rec
         seconds.append(result.seconds)
     return {"accs": best, "last_accs": last, "acc_mean": float(np.mean(best)) if best else None,
             "acc_std": float(np.std(best)) if best else None, "train_size": len(train_set), "seconds": seconds}
+
+
+def evaluate_selection(ws: Workspace, selected: np.ndarray, eval_model: str, recipe: TrainRecipe,
+                       temperature: float, num_eval: int, seed: int) -> dict:
+    """The final evaluation of design §1.5: train on distilled ∪ selected."""
+    train_set = np.concatenate([ws.distilled_rows, np.asarray(selected, np.int64)])
+    return evaluate_train_set(ws, train_set, eval_model, recipe, temperature, num_eval, seed)
 
 
 @dataclass
