@@ -73,25 +73,49 @@ def _keep_torch_threads() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+class RowReader:
+    """One compiled FFCV loader over a .beton (sequential order, drop_last=False), re-targeted to
+    each new index subset by setting the indices of the loader and of its traversal order (ffcv
+    issue #152), so the pipeline's JIT compile (about a second) is paid once per file and batch size
+    instead of once per subset."""
+
+    def __init__(self, beton: BetonFile, batch_size: int, workers: int):
+        self.beton, self.batch_size, self.workers = beton, batch_size, max(1, workers)
+        self._loader: Loader | None = None
+
+    def _target(self, rows: np.ndarray) -> Loader:
+        if self._loader is None:
+            self._loader = Loader(str(self.beton.path), batch_size=self.batch_size, num_workers=self.workers,
+                                  order=OrderOption.SEQUENTIAL, indices=rows, drop_last=False,
+                                  pipelines={"image": [SimpleRGBImageDecoder(), ToTensor()],
+                                             "label": [IntDecoder(), ToTensor()],
+                                             "index": [IntDecoder(), ToTensor()]})
+        else:
+            self._loader.indices = rows
+            self._loader.traversal_order.indices = rows
+            self._loader.first_traversal_order = rows
+        return self._loader
+
+    def read(self, rows: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Yields (images uint8 [b, H, W, 3], labels int64 [b], index int64 [b]) on the CPU for
+        `rows` in the order given, every row once."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == 0:
+            return
+        if rows.min() < 0 or rows.max() >= self.beton.n:
+            raise DataError(f"{self.beton.path}: row indices must lie in [0, {self.beton.n}), got "
+                            f"[{rows.min()}, {rows.max()}]")
+        with _keep_torch_threads():
+            for images, labels, index in self._target(rows):
+                # FFCV reuses its output buffers between batches: copy before handing them on.
+                yield images.clone(), labels.reshape(-1).to(torch.int64, copy=True), \
+                    index.reshape(-1).to(torch.int64, copy=True)
+
+
 def iterate_rows(beton: BetonFile, rows: np.ndarray, batch_size: int, workers: int
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Yields (images uint8 [b, H, W, 3], labels int64 [b], index int64 [b]) on the CPU, for `rows`
-    in the order given, every row once (sequential order, drop_last=False)."""
-    rows = np.asarray(rows, dtype=np.int64)
-    if len(rows) == 0:
-        return
-    if rows.min() < 0 or rows.max() >= beton.n:
-        raise DataError(f"{beton.path}: row indices must lie in [0, {beton.n}), got "
-                        f"[{rows.min()}, {rows.max()}]")
-    with _keep_torch_threads():
-        loader = Loader(str(beton.path), batch_size=batch_size, num_workers=max(1, workers),
-                        order=OrderOption.SEQUENTIAL, indices=rows, drop_last=False,
-                        pipelines={"image": [SimpleRGBImageDecoder(), ToTensor()],
-                                   "label": [IntDecoder(), ToTensor()],
-                                   "index": [IntDecoder(), ToTensor()]})
-        for images, labels, index in loader:
-            # FFCV reuses its output buffers between batches: clone before handing them on.
-            yield images.clone(), labels.view(-1).long(), index.view(-1).long()
+    """One-off read of `rows` (a fresh RowReader); see RowReader.read."""
+    yield from RowReader(beton, batch_size, workers).read(rows)
 
 
 def read_labels(beton: BetonFile, workers: int = 2) -> np.ndarray:
@@ -116,6 +140,7 @@ class IndexSpace:
 
     def __init__(self, pool: BetonFile, distilled: BetonFile | None = None):
         self.pool, self.distilled = pool, distilled
+        self._readers: dict[tuple[Path, int], RowReader] = {}
         if distilled is not None:
             pm, dm = pool.manifest, distilled.manifest
             if dm.side != pm.side:
@@ -137,6 +162,13 @@ class IndexSpace:
     def manifest(self) -> Manifest:
         """The pool's manifest: its mean/std normalise pool and distilled images alike."""
         return self.pool.manifest
+
+    def reader(self, beton: BetonFile, batch_size: int, workers: int) -> RowReader:
+        """The space's compiled reader for one file and batch size (built on first use)."""
+        key = (beton.path, batch_size)
+        if key not in self._readers:
+            self._readers[key] = RowReader(beton, batch_size, workers)
+        return self._readers[key]
 
     def distilled_indices(self) -> np.ndarray:
         return np.arange(self.n_pool, self.n_total, dtype=np.int64)
@@ -162,7 +194,7 @@ class IndexSpace:
         labels = torch.empty(len(indices), dtype=torch.int64)
         for beton, rows, positions, _ in self.parts(indices):
             start = 0
-            for batch, batch_labels, batch_index in iterate_rows(beton, rows, 1024, workers):
+            for batch, batch_labels, batch_index in self.reader(beton, 512, workers).read(rows):
                 pos = torch.from_numpy(positions[start:start + len(batch_index)])
                 images[pos.to(device)] = batch.permute(0, 3, 1, 2).to(device)
                 labels[pos] = batch_labels
@@ -252,7 +284,7 @@ class EvalLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         for beton, rows, _, offset in self.space.parts(self.indices):
-            for images, labels, index in iterate_rows(beton, rows, self.batch_size, self.workers):
+            for images, labels, index in self.space.reader(beton, self.batch_size, self.workers).read(rows):
                 images = images.to(self.device, non_blocking=True)
                 yield (normalise_nhwc(images, self.mean255, self.std255, self.channels_last),
                        labels.to(self.device), (index + offset).to(self.device))

@@ -152,3 +152,18 @@ def test_missing_manifest_and_corrupt_beton(cifar10_betons, tmp_path):
     copy.write_bytes(b"\0" * 100)
     with pytest.raises(DataError, match="not a readable .beton"):
         BetonFile.open(copy)
+
+
+def test_row_reader_retargets_one_compiled_loader(cifar10_betons, cifar10_arrays):
+    from ccfs_fast.data import RowReader
+
+    reader = RowReader(BetonFile.open(cifar10_betons[0]), 64, 2)
+    x, y = cifar10_arrays[0]
+    for rows in (np.arange(0, 600, 3), np.array([599, 0, 17]), np.arange(130)):
+        images, labels, index = (torch.cat(t) for t in zip(*reader.read(rows)))
+        assert index.tolist() == rows.tolist()
+        np.testing.assert_array_equal(images.numpy(), x[rows])
+        np.testing.assert_array_equal(labels.numpy(), y[rows])
+    loader = reader._loader
+    list(reader.read(np.arange(5)))
+    assert reader._loader is loader  # compiled once, reused
