@@ -63,3 +63,21 @@ def write_rows(path: str | Path | None, rows: list[dict], config: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(out, indent=2))
     os.replace(tmp, path)
+
+
+def reset_peak_rss() -> None:
+    """Resets this process's peak RSS (VmHWM) on Linux, so a stage's own peak can be read after it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process since start or the last reset_peak_rss(), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -209,9 +209,15 @@ def _bench_select(argv: list[str]) -> None:
     select_main(argv)
 
 
+def _bench_phase(argv: list[str]) -> None:
+    from benchmarks.curriculum_wallclock import main as phase_main
+    phase_main(argv)
+
+
 BENCHMARKS: dict[str, Callable[[list[str]], None]] = {
     "loader": _bench_loader,
     "select": _bench_select,
+    "phase": _bench_phase,
 }
 
 

@@ -182,6 +182,7 @@ def run_curriculum(cfg: RunConfig, resume: bool = False, overwrite: bool = False
     state["teacher_acc"] = float(teacher_ok.mean() * 100)
     write_npz(out / "teacher_pass.npz", index=np.arange(ws.space.n_pool), pred=pred)
     state["select_compile_s"] = warm_up_kernels()
+    ws.warm()
     selected = np.asarray(state["selected"], np.int64)
     for phase in tqdm(range(len(state["phases"]) + 1, cfg.curriculum_num + 1), desc="curricula",
                       initial=len(state["phases"]), total=cfg.curriculum_num, dynamic_ncols=True):

@@ -77,7 +77,9 @@ class RowReader:
     """One compiled FFCV loader over a .beton (sequential order, drop_last=False), re-targeted to
     each new index subset by setting the indices of the loader and of its traversal order (ffcv
     issue #152), so the pipeline's JIT compile (about a second) is paid once per file and batch size
-    instead of once per subset."""
+    instead of once per subset. It reads through FFCV's process cache (os_cache=False): only the
+    file pages the next few batches need are held, so streaming a 1 GB pool keeps memory flat instead
+    of mapping every page it touched into the process."""
 
     def __init__(self, beton: BetonFile, batch_size: int, workers: int):
         self.beton, self.batch_size, self.workers = beton, batch_size, max(1, workers)
@@ -86,7 +88,7 @@ class RowReader:
     def _target(self, rows: np.ndarray) -> Loader:
         if self._loader is None:
             self._loader = Loader(str(self.beton.path), batch_size=self.batch_size, num_workers=self.workers,
-                                  order=OrderOption.SEQUENTIAL, indices=rows, drop_last=False,
+                                  order=OrderOption.SEQUENTIAL, indices=rows, drop_last=False, os_cache=False,
                                   pipelines={"image": [SimpleRGBImageDecoder(), ToTensor()],
                                              "label": [IntDecoder(), ToTensor()],
                                              "index": [IntDecoder(), ToTensor()]})

@@ -1,9 +1,9 @@
 """Model registry (name -> factory) and checkpoint loading.
 
 `resnet18_cifar`: torchvision resnet18 with a 3x3 stride-1 first conv and no max-pool (the paper's
-network for 32x32 and 64x64); `convnet` / `convnet_small`: the 3-block ConvNet of dataset
-distillation (conv, instance norm, ReLU, 2x2 avg-pool; linear head), 128 / 32 channels; any other
-name is looked up among torchvision's classification models.
+network for 32x32 and 64x64); `convnet` / `convnet_small` / `convnet_tiny`: the 3-block ConvNet of
+dataset distillation (conv, instance norm, ReLU, 2x2 avg-pool; linear head), 128 / 32 / 8 channels;
+any other name is looked up among torchvision's classification models.
 """
 from __future__ import annotations
 
@@ -53,6 +53,7 @@ MODELS: dict[str, ModelFactory] = {
     "resnet18_cifar": resnet18_cifar,
     "convnet": lambda num_classes, side: ConvNet(num_classes, side, 128),
     "convnet_small": lambda num_classes, side: ConvNet(num_classes, side, 32),
+    "convnet_tiny": lambda num_classes, side: ConvNet(num_classes, side, 8),  # input-bound benchmarks, tests
 }
 
 

@@ -88,7 +88,7 @@ def test_models_registry():
     net = create_model("resnet18_cifar", 7, 32)
     assert net.conv1.stride == (1, 1) and net.conv1.kernel_size == (3, 3) and isinstance(net.maxpool, torch.nn.Identity)
     assert create_model("mobilenet_v3_small", 4, 32)(x).shape == (2, 4)  # any torchvision classifier
-    with pytest.raises(UnknownNameError, match="convnet, convnet_small"):
+    with pytest.raises(UnknownNameError, match="convnet, convnet_small, convnet_tiny"):
         create_model("resnet19", 10, 32)
 
 

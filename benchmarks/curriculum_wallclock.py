@@ -1,0 +1,314 @@
+"""Wall-clock per curriculum: ccfs-fast against the paper's implementation approach
+(benchmarks/baseline_paper.py), same models, recipe and algorithm, on generated data of
+CIFAR-10 shape (50,000 pool / 10,000 test, 32x32, 10 classes) and Tiny-ImageNet shape (100,000 /
+10,000, 64x64, 200 classes) with learnable class structure.
+
+Each side runs in its own process (clean memory figures): a one-time setup (baseline: decode the
+pool into a float32 tensor; ccfs-fast: open the .beton files, built once beforehand and timed
+apart), the teacher pass, then K curricula. Per curriculum: train (filter on distilled ∪ selected,
+incl. reading the train set and the final test evaluation), pool evaluation, selection. Then the
+peak RSS of evaluating the whole pool. Run: `ccfs-fast bench phase [--quick] [--json FILE]`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ccfs_fast.tables import format_table
+
+from .common import peak_rss_mb, reset_peak_rss, write_rows
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    pool: int
+    test: int
+    side: int
+    classes: int
+    ipc: int
+
+
+SHAPES = {"cifar10": Shape("cifar10", 50_000, 10_000, 32, 10, 50),
+          "tiny-imagenet": Shape("tiny-imagenet", 100_000, 10_000, 64, 200, 20)}
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    """Everything a worker process needs (written as JSON for it)."""
+
+    root: str
+    shape: dict
+    model: str = "convnet_tiny"
+    epochs: int = 10
+    alpha: float = 0.2
+    curricula: int = 2
+    temperature: float = 4.0
+    workers: int = 2
+    seed: int = 0
+
+
+def class_images(n: int, classes: int, side: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 [n, side, side, 3]: a class-specific colour and stripe frequency plus noise (learnable)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    palette = np.random.default_rng(99).integers(60, 196, (classes, 3))
+    freq = 1 + np.arange(classes) % 5
+    out = np.empty((n, side, side, 3), np.uint8)
+    ramp = np.arange(side)[None, :]
+    for start in range(0, n, 4096):
+        lab = labels[start:start + 4096]
+        stripes = 40 * np.sin(ramp * freq[lab][:, None] * np.pi / side)[:, None, :, None]
+        noise = rng.normal(0, 40, (len(lab), side, side, 3))
+        out[start:start + 4096] = np.clip(palette[lab][:, None, None, :] + stripes + noise, 0, 255)
+    return out, labels.astype(np.int64)
+
+
+def prepare(spec: BenchSpec) -> dict:
+    """Writes the raw arrays, a distilled PNG folder, the .beton files, a teacher and scores."""
+    from PIL import Image
+
+    from beton_builder.build import BuildConfig, build
+    from beton_builder.table import ImageTable
+    from beton_builder.writer import write_beton
+    from ccfs_fast.config import TeacherConfig, TrainRecipe
+    from ccfs_fast.teacher import train_teacher
+
+    shape, root = Shape(**spec.shape), Path(spec.root)
+    pool_x, pool_y = class_images(shape.pool, shape.classes, shape.side, 1)
+    test_x, test_y = class_images(shape.test, shape.classes, shape.side, 2)
+    np.save(root / "pool_x.npy", pool_x)
+    np.save(root / "pool_y.npy", pool_y)
+    np.save(root / "test_x.npy", test_x)
+    np.save(root / "test_y.npy", test_y)
+    cpc = int(shape.ipc * spec.alpha + 1e-9)
+    dx, _ = class_images(cpc * shape.classes, shape.classes, shape.side, 3)
+    for c in range(shape.classes):
+        (root / "distilled" / f"{c:04d}").mkdir(parents=True, exist_ok=True)
+        for k in range(cpc):
+            Image.fromarray(dx[c * cpc + k]).save(root / "distilled" / f"{c:04d}" / f"{k:03d}.png")
+    names = tuple(str(c) for c in range(shape.classes))
+    start = time.perf_counter()
+    write_beton(ImageTable(pool_x, pool_y, names, "arrays", "bench"), root / "pool.beton", True, spec.workers)
+    write_beton(ImageTable(test_x, test_y, names, "arrays", "bench"), root / "test.beton", True, spec.workers)
+    build(BuildConfig("folder", root / "distilled", root / "distilled.beton", overwrite=True, workers=spec.workers))
+    build_s = time.perf_counter() - start
+    teacher = train_teacher(TeacherConfig(pool=root / "pool.beton", test=root / "test.beton",
+                                          output=root / "teacher.pt", model=spec.model, overwrite=True,
+                                          recipe=TrainRecipe(epochs=2, lr=0.05, lr_warmup_epochs=0, batch_size=256),
+                                          workers=spec.workers))
+    scores = (np.random.default_rng(4).integers(0, 20, shape.pool) * 0.2).astype(np.float32)
+    np.save(root / "scores.npy", scores)
+    return {"build_s": build_s, "teacher_acc": teacher["test_acc"]}
+
+
+def _phase_budget(spec: BenchSpec) -> tuple[int, list[int]]:
+    from ccfs_fast.select import curriculum_arrangement
+
+    shape = Shape(**spec.shape)
+    cpc = int(shape.ipc * spec.alpha + 1e-9)
+    return cpc, curriculum_arrangement(shape.ipc - cpc, spec.curricula)
+
+
+def worker_ccfs(spec: BenchSpec) -> dict:
+    import torch
+
+    from ccfs_fast.config import RunConfig, TrainRecipe
+    from ccfs_fast.curriculum import run_phase
+    from ccfs_fast.scores import easy_first_key, load_scores
+    from ccfs_fast.select import warm_up_kernels
+    from ccfs_fast.train import predict
+    from ccfs_fast.workspace import open_workspace, teacher_correct
+
+    root = Path(spec.root)
+    shape = Shape(**spec.shape)
+    cpc, arrangement = _phase_budget(spec)
+    cfg = RunConfig(pool=root / "pool.beton", test=root / "test.beton", distilled=root / "distilled.beton",
+                    teacher=root / "teacher.pt", output_dir=root / "unused", score_path=root / "scores.npy",
+                    image_per_class=shape.ipc, alpha=spec.alpha, curriculum_num=spec.curricula, shortfall="short",
+                    temperature=spec.temperature, recipe=TrainRecipe(epochs=spec.epochs, lr=0.05, lr_warmup_epochs=1),
+                    num_eval=0, filter_model=spec.model, teacher_model=spec.model, eval_model=spec.model,
+                    seed=spec.seed, workers=spec.workers)
+    start = time.perf_counter()
+    ws = open_workspace(cfg.pool, cfg.test, cfg.distilled, cfg.teacher, spec.model, cpc, "cpu", spec.workers, 512)
+    key = easy_first_key(load_scores(cfg.score_path, ws.pool_labels), "forgetting")
+    warm_up_kernels()  # as run_curriculum does before the first curriculum
+    ws.warm()
+    setup_s = time.perf_counter() - start
+    start = time.perf_counter()
+    _, ok, _ = teacher_correct(ws, cfg.teacher, spec.model)
+    teacher_s = time.perf_counter() - start
+    selected = np.zeros(0, np.int64)
+    phases = []
+    for phase, curpc in enumerate(arrangement, 1):
+        start = time.perf_counter()
+        outcome = run_phase(ws, cfg, phase, curpc, selected, ok, key)
+        r = outcome.record
+        phases.append({"train_s": r["train_s"], "eval_s": r["eval_s"], "select_s": r["select_s"],
+                       "curriculum_s": time.perf_counter() - start, "pool_evaluated": r["pool_evaluated"],
+                       "filter_acc": r["filter_best_acc"], "selection": outcome.picked.tolist(),
+                       "train_size": r["train_size"]})
+        selected = np.concatenate([selected, outcome.picked])
+    process_peak = peak_rss_mb()
+    reset_peak_rss()
+    torch.manual_seed(0)
+    from ccfs_fast.models import create_model
+    predict(create_model(spec.model, shape.classes, shape.side), ws.pool_loader(np.arange(ws.space.n_pool)))
+    return {"setup_s": setup_s, "teacher_pass_s": teacher_s, "phases": phases, "process_peak_rss_mb": process_peak,
+            "pool_eval_peak_rss_mb": peak_rss_mb(), "teacher_correct": int(ok.sum())}
+
+
+def worker_baseline(spec: BenchSpec) -> dict:
+    import torch
+
+    from beton_builder.manifest import read_manifest
+    from ccfs_fast.config import TrainRecipe
+    from ccfs_fast.models import create_model
+
+    from .baseline_paper import BaselineRun
+
+    root = Path(spec.root)
+    shape = Shape(**spec.shape)
+    cpc, arrangement = _phase_budget(spec)
+    manifest = read_manifest(root / "pool.beton")  # the same normalisation constants as ccfs-fast
+    run = BaselineRun(np.load(root / "pool_x.npy"), np.load(root / "pool_y.npy"), np.load(root / "test_x.npy"),
+                      np.load(root / "test_y.npy"), root / "distilled", root / "teacher.pt", spec.model, cpc,
+                      manifest.mean, manifest.std, TrainRecipe(epochs=spec.epochs, lr=0.05, lr_warmup_epochs=1),
+                      spec.temperature, spec.workers, np.load(root / "scores.npy").astype(np.float64))
+    setup_s = run.setup()
+    start = time.perf_counter()
+    teacher_ok = run.teacher_pass()
+    teacher_s = time.perf_counter() - start
+    selected: list[int] = []
+    phases = []
+    for phase, curpc in enumerate(arrangement, 1):
+        start = time.perf_counter()
+        result = run.phase(curpc, selected, teacher_ok, spec.seed * 1009 + phase)
+        result["curriculum_s"] = time.perf_counter() - start
+        selected += result["selection"]
+        phases.append(result)
+    process_peak = peak_rss_mb()
+    reset_peak_rss()
+    torch.manual_seed(0)
+    run.coarse_filtering(create_model(spec.model, shape.classes, shape.side))
+    return {"setup_s": setup_s, "teacher_pass_s": teacher_s, "phases": phases, "process_peak_rss_mb": process_peak,
+            "pool_eval_peak_rss_mb": peak_rss_mb(), "teacher_correct": len(teacher_ok)}
+
+
+WORKERS = {"ccfs": worker_ccfs, "baseline": worker_baseline}
+
+
+def run_worker(kind: str, spec_path: Path, root: Path) -> dict:
+    out = root / f"{kind}.json"
+    env = {**os.environ, "XDG_CACHE_HOME": str(root / "cache"), "PYTHONUNBUFFERED": "1"}
+    code = ("import sys, json, torch, numba; from benchmarks.curriculum_wallclock import main_worker; "
+            f"main_worker({kind!r}, {str(spec_path)!r}, {str(out)!r})")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, stdout=subprocess.DEVNULL)
+    return json.loads(out.read_text())
+
+
+def current_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    return 0.0
+
+
+def main_worker(kind: str, spec_path: str, out_path: str) -> None:
+    import ffcv  # noqa: F401  (its import resets thread counts; set ours after it)
+    import numba
+    import torch
+
+    from ccfs_fast.models import create_model
+
+    spec = BenchSpec(**json.loads(Path(spec_path).read_text()))
+    torch.set_num_threads(spec.workers)
+    numba.set_num_threads(spec.workers)
+    shape = Shape(**spec.shape)
+    with torch.inference_mode():  # load the runtime's libraries before measuring its baseline RSS
+        create_model(spec.model, shape.classes, shape.side)(torch.zeros(2, 3, shape.side, shape.side))
+    runtime = current_rss_mb()
+    result = WORKERS[kind](spec)
+    result["runtime_rss_mb"] = runtime
+    Path(out_path).write_text(json.dumps(result))
+
+
+def _mean(phases: list[dict], key: str) -> float:
+    return float(np.mean([p[key] for p in phases]))
+
+
+def compare(shape: Shape, args: argparse.Namespace, tmp: Path) -> list[dict]:
+    root = tmp / shape.name
+    root.mkdir()
+    spec = BenchSpec(root=str(root), shape=asdict(shape), epochs=args.epochs, curricula=args.curricula,
+                     workers=args.workers, model=args.model)
+    spec_path = root / "spec.json"
+    spec_path.write_text(json.dumps(asdict(spec)))
+    prepared = prepare(spec)
+    ccfs = run_worker("ccfs", spec_path, root)
+    base = run_worker("baseline", spec_path, root)
+    rows = []
+    for stage, key in (("train", "train_s"), ("pool_eval", "eval_s"), ("select", "select_s"),
+                       ("curriculum", "curriculum_s")):
+        row = {"dataset": shape.name, "stage": stage, "baseline_s": _mean(base["phases"], key),
+               "ccfs_s": _mean(ccfs["phases"], key), "pool": shape.pool, "side": shape.side,
+               "classes": shape.classes, "curricula": len(ccfs["phases"])}
+        row["speedup"] = row["baseline_s"] / row["ccfs_s"]
+        if stage == "pool_eval":
+            row.update(baseline_peak_rss_mb=base["pool_eval_peak_rss_mb"],
+                       ccfs_peak_rss_mb=ccfs["pool_eval_peak_rss_mb"],
+                       baseline_data_rss_mb=base["pool_eval_peak_rss_mb"] - base["runtime_rss_mb"],
+                       ccfs_data_rss_mb=ccfs["pool_eval_peak_rss_mb"] - ccfs["runtime_rss_mb"],
+                       runtime_rss_mb=ccfs["runtime_rss_mb"], baseline_img_per_s=shape.pool / row["baseline_s"],
+                       ccfs_img_per_s=_mean(ccfs["phases"], "pool_evaluated") / row["ccfs_s"])
+        if stage == "curriculum":
+            row.update(baseline_peak_rss_mb=base["process_peak_rss_mb"], ccfs_peak_rss_mb=ccfs["process_peak_rss_mb"],
+                       baseline_setup_s=base["setup_s"], ccfs_setup_s=ccfs["setup_s"],
+                       beton_build_s=prepared["build_s"],
+                       baseline_teacher_pass_s=base["teacher_pass_s"], ccfs_teacher_pass_s=ccfs["teacher_pass_s"],
+                       teacher_acc=prepared["teacher_acc"],
+                       baseline_filter_acc=[p["filter_acc"] for p in base["phases"]],
+                       ccfs_filter_acc=[p["filter_acc"] for p in ccfs["phases"]])
+        rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(prog="ccfs-fast bench phase", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--quick", action="store_true", help="a tenth of each pool and test set")
+    parser.add_argument("--epochs", type=int, default=10, help="filter epochs per curriculum")
+    parser.add_argument("--curricula", type=int, default=2)
+    parser.add_argument("--model", default="convnet_tiny", help="a small model, so input handling dominates")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="ccfs-phase-") as tmp:
+        for name in args.datasets:
+            shape = SHAPES[name]
+            if args.quick:
+                shape = Shape(shape.name, shape.pool // 10, shape.test // 10, shape.side, shape.classes, shape.ipc)
+            rows += compare(shape, args, Path(tmp))
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    write_rows(args.json, rows, config)
+    print(format_table(["dataset", "stage", "baseline s", "ccfs-fast s", "speedup", "baseline peak MiB",
+                        "ccfs peak MiB", "baseline data MiB", "ccfs data MiB"],
+                       [(r["dataset"], r["stage"], r["baseline_s"], r["ccfs_s"], f"{r['speedup']:.1f}x",
+                         r.get("baseline_peak_rss_mb", ""), r.get("ccfs_peak_rss_mb", ""),
+                         r.get("baseline_data_rss_mb", ""), r.get("ccfs_data_rss_mb", "")) for r in rows]))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
