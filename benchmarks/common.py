@@ -81,3 +81,30 @@ def peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def write_chart(path: str | Path | None, labels: list[str], speedups: list[float], title: str,
+                target: float | None = None) -> None:
+    """A horizontal bar chart of speedups (PNG) beside a benchmark's JSON: FILE.json -> FILE.png."""
+    if path is None:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(labels) + 1.5))
+    ax.barh(range(len(labels)), speedups, color="tab:blue")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.axvline(1.0, color="grey", linewidth=1)
+    if target is not None:
+        ax.axvline(target, color="tab:red", linestyle="--", label=f"target {target:g}x")
+        ax.legend()
+    for y, value in enumerate(speedups):
+        ax.text(value, y, f" {value:.1f}x", va="center")
+    ax.set(xlabel="speedup over the baseline (log scale)", title=title)
+    fig.tight_layout()
+    fig.savefig(Path(path).with_suffix(".png"), dpi=90)
+    plt.close(fig)

@@ -28,7 +28,7 @@ from beton_builder.writer import write_beton
 from ccfs_fast.data import BetonFile, IndexSpace, ResidentTrainLoader
 from ccfs_fast.tables import format_table
 
-from .common import median_time, write_rows
+from .common import median_time, write_chart, write_rows
 
 
 class TransformedTensors(Dataset):
@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows = [row for side in args.sides
                 for row in measure_side(side, args.images, args.batch_sizes, args.workers, args.repeats, Path(tmp))]
     write_rows(args.json, rows, config)
+    write_chart(args.json, [f"{r['side']}px b{r['batch_size']} vs {r['baseline']}" for r in rows],
+                [r["speedup"] for r in rows], "train loader images/s: ccfs-fast vs the paper's input paths", 10.0)
     print(format_table(["side", "batch", "baseline", "baseline img/s", "ccfs-fast img/s", "speedup", "ccfs setup s"],
                        [(f"{r['side']}x{r['side']}", r["batch_size"], r["baseline"], r["baseline_img_per_s"],
                          r["ccfs_img_per_s"], f"{r['speedup']:.1f}x", r["ccfs_setup_s"]) for r in rows]))

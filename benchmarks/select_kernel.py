@@ -21,7 +21,7 @@ from ccfs_fast.scores import easy_first_key
 from ccfs_fast.select import candidate_mask, order_key, select_per_class, warm_up_kernels
 from ccfs_fast.tables import format_table
 
-from .common import median_time, write_rows
+from .common import median_time, write_chart, write_rows
 from .select_reference import reference_select
 
 
@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = [measure(scale, args.repeats, compile_s) for scale in scales]
     write_rows(args.json, rows, {"repeats": args.repeats, "quick": args.quick, "method": "simple",
                                  "balance": True, "shortfall": "fill"})
+    write_chart(args.json, [f"{r['scale']} ({r['n']:,} / {r['classes']})" for r in rows], [r["speedup"] for r in rows],
+                "selection: numba kernel vs sets + sorted", 50.0)
     print(format_table(["scale", "n", "classes", "candidates", "kernel s", "reference s", "speedup", "compile s"],
                        [(r["scale"], r["n"], r["classes"], f"{r['candidate_fraction']:.0%}", r["kernel_s"],
                          r["reference_s"], f"{r['speedup']:.0f}x", r["compile_s"]) for r in rows]))

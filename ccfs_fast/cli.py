@@ -192,6 +192,19 @@ def _run_demo(args: argparse.Namespace) -> None:
                         overwrite=args.overwrite, workers=min(2, _default_workers())))
 
 
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="rebuild metrics.csv and report.png of a run directory")
+    p.add_argument("run_dir", type=Path)
+    p.set_defaults(handler=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> None:
+    from .report import write_report
+
+    for path in write_report(args.run_dir):
+        print(path)
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="run a benchmark: loader | select", add_help=False)
     bench.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
@@ -235,6 +248,7 @@ def make_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_teacher(sub)
     _add_demo(sub)
+    _add_report(sub)
     _add_bench(sub)
     return parser
 

@@ -17,6 +17,7 @@ from .data import ResidentTrainLoader
 from .errors import ConfigError
 from .models import create_model
 from .outputs import environment, prepare_output_dir, write_json, write_npz, write_text
+from .report import write_report
 from .scores import easy_first_key, load_scores, score_kind
 from .select import candidate_mask, curriculum_arrangement, order_key, select_per_class, warm_up_kernels
 from .tables import format_table
@@ -188,7 +189,8 @@ def run_curriculum(cfg: RunConfig, resume: bool = False, overwrite: bool = False
                       initial=len(state["phases"]), total=cfg.curriculum_num, dynamic_ncols=True):
         outcome = run_phase(ws, cfg, phase, arrangement[phase - 1], selected, teacher_ok, file_key)
         index, fpred, logit = outcome.evaluated
-        write_npz(out / f"phase{phase}_candidates.npz", index=index, pred=fpred, logit=logit)
+        write_npz(out / f"phase{phase}_candidates.npz", index=index, pred=fpred, logit=logit,
+                  label=ws.pool_labels[index])
         selected = np.concatenate([selected, outcome.picked])
         state["phases"].append(outcome.record)
         state["selected"] = selected.tolist()
@@ -199,6 +201,7 @@ def run_curriculum(cfg: RunConfig, resume: bool = False, overwrite: bool = False
                                             cfg.seed)
         write_json(out / "state.json", state)
     _write_outputs(out, cfg, state)
+    write_report(out)
     print(summary_table(state))
     return state
 

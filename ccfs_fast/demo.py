@@ -110,7 +110,7 @@ def run_demo(cfg: DemoConfig) -> list[tuple]:
                  state["final"]["acc_std"], time.perf_counter() - start))
 
     ws = open_workspace(run_cfg.pool, run_cfg.test, run_cfg.distilled, run_cfg.teacher, cfg.model, cpc, "cpu",
-                        cfg.workers, 512)
+                        cfg.workers, 256)
     rng = np.random.default_rng(cfg.seed)
     spc = cfg.image_per_class - cpc
     random_pick = np.concatenate([rng.choice(np.flatnonzero(ws.pool_labels == c), spc, replace=False)

@@ -41,7 +41,8 @@ def easy_first_key(scores: np.ndarray, kind: str) -> np.ndarray:
     return values if score_kind(kind).easy_end == "low" else -values
 
 
-def _read(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+def read_score_file(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """(scores, labels or None) as stored, unchecked; load_scores validates them against a pool."""
     if not path.is_file():
         raise ScoreError(f"score file {path} does not exist; pass --score-path to a .npy or .npz file")
     try:
@@ -63,7 +64,7 @@ def load_scores(path: str | Path, pool_labels: np.ndarray) -> np.ndarray:
 
     Refuses a length other than n, NaNs, and (.npz) `labels` that differ from the pool's."""
     path = Path(path)
-    scores, labels = _read(path)
+    scores, labels = read_score_file(path)
     n = len(pool_labels)
     if scores.ndim != 1 or not np.issubdtype(scores.dtype, np.number):
         raise ScoreError(f"score file {path} holds {scores.dtype} {list(scores.shape)}; expected a "

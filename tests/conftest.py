@@ -79,3 +79,13 @@ def run_args(data: dict, out, *extra: str) -> list[str]:
             "--eval-model", "convnet_small", "--image-per-class", "20", "--alpha", "0.2", "--curriculum-num", "3",
             "--score", "forgetting", "--score-path", str(data["scores"]), "--epochs", "3", "--lr", "0.05",
             "--lr-warmup-epochs", "1", "--num-eval", "2", "--seed", "5", "--output-dir", str(out), *extra]
+
+
+@pytest.fixture(scope="session")
+def finished_run(engine_data, tmp_path_factory):
+    """The output directory of one small finished `ccfs-fast run`."""
+    from ccfs_fast.cli import main
+
+    out = tmp_path_factory.mktemp("run") / "out"
+    assert main(run_args(engine_data, out)) == 0
+    return out

@@ -9,20 +9,12 @@ import sys
 import time
 
 import numpy as np
-import pytest
 from conftest import run_args
 
 from ccfs_fast.cli import main
 from ccfs_fast.data import BetonFile, read_labels
 from ccfs_fast.scores import easy_first_key, load_scores
 from ccfs_fast.select import candidate_mask, curriculum_arrangement, order_key, select_per_class
-
-
-@pytest.fixture(scope="module")
-def finished_run(engine_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "out"
-    assert main(run_args(engine_data, out)) == 0
-    return out
 
 
 def test_run_writes_outputs_and_a_valid_selection(finished_run, engine_data):

@@ -42,3 +42,24 @@ def test_selection_kernel_beats_sets_and_sorted():
     assert kernel_path(problem).tolist() == reference_path(problem, tc, sel)
     ratio = median_time(lambda: reference_path(problem, tc, sel), 3) / median_time(lambda: kernel_path(problem), 5)
     assert ratio > 8.0, f"selection kernel only {ratio:.1f}x the sets+sorted reference"
+
+
+def test_curriculum_wallclock_beats_paper_approach(tmp_path):
+    """Benchmark (benchmarks/results/curriculum_wallclock.json): several x per curriculum with a
+    small model. Asserted here on a 3,000-image CIFAR-shaped pool, 2 curricula: 2x."""
+    import dataclasses
+    import json
+
+    import numba
+
+    from benchmarks.curriculum_wallclock import BenchSpec, Shape, prepare, worker_baseline, worker_ccfs
+
+    numba.set_num_threads(2)
+    spec = BenchSpec(root=str(tmp_path), shape=dataclasses.asdict(Shape("cifar10", 3000, 500, 32, 10, 50)),
+                     epochs=8, curricula=2)
+    prepare(spec)
+    ccfs = worker_ccfs(spec)
+    base = worker_baseline(spec)
+    ccfs_s = sum(p["curriculum_s"] for p in ccfs["phases"])
+    base_s = sum(p["curriculum_s"] for p in base["phases"])
+    assert ccfs_s * 2.0 < base_s, json.dumps({"ccfs_s": ccfs_s, "baseline_s": base_s})
