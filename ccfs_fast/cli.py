@@ -76,6 +76,13 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=s)
     p.add_argument("--workers", type=int, default=s, help="FFCV loader threads")
     p.add_argument("--eval-batch-size", type=int, default=s)
+    fast = p.add_argument_group("GPU fast path (default: on for CUDA where it helps, off on the CPU)")
+    fast.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=s)
+    fast.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=s,
+                      help="bf16 autocast for teacher and student")
+    fast.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=s)
+    fast.add_argument("--fused-optimizer", action=argparse.BooleanOptionalAction, default=s)
+    fast.add_argument("--compile", action=argparse.BooleanOptionalAction, default=s, help="torch.compile the student")
 
 
 def _add_data_args(p: argparse.ArgumentParser, distilled: bool = True) -> None:
@@ -163,14 +170,15 @@ def _add_teacher(sub: argparse._SubParsersAction) -> None:
 def _run_teacher(args: argparse.Namespace) -> None:
     from dataclasses import fields, replace
 
-    from .config import RECIPE_KEYS, TeacherConfig
+    from .config import FAST_KEYS, RECIPE_KEYS, FastPath, TeacherConfig
     from .teacher import train_teacher
 
     values = _split_args(args, ())
     recipe_values = {k: v for k, v in values.items() if k in RECIPE_KEYS}
-    rest = {k: v for k, v in values.items() if k not in RECIPE_KEYS and k in {f.name for f in fields(TeacherConfig)}}
-    default = TeacherConfig(pool=args.pool, test=args.test, output=Path("x.pt"))
-    train_teacher(TeacherConfig(recipe=replace(default.recipe, **recipe_values), **rest))
+    fast = FastPath(**{k: v for k, v in values.items() if k in FAST_KEYS})
+    rest = {k: v for k, v in values.items() if k in {f.name for f in fields(TeacherConfig)} - RECIPE_KEYS - FAST_KEYS}
+    default_recipe = TeacherConfig.__dataclass_fields__["recipe"].default_factory()
+    train_teacher(TeacherConfig(recipe=replace(default_recipe, **recipe_values), fast=fast, **rest))
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -261,7 +269,8 @@ def _set_threads(threads: int | None) -> None:
     import numba
     import torch
 
-    count = threads or os.cpu_count() or 1
+    # Under torchrun the cores are shared by the ranks on this node.
+    count = threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     torch.set_num_threads(count)
     numba.set_num_threads(min(count, numba.config.NUMBA_NUM_THREADS))
 

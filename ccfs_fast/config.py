@@ -50,6 +50,29 @@ class TrainRecipe:
 
 
 @dataclass(frozen=True)
+class FastPath:
+    """GPU fast-path switches; None means 'on where it helps' (CUDA), off on the CPU. Each resolved
+    value is recorded in metrics.json."""
+
+    channels_last: bool | None = None
+    bf16: bool | None = None
+    cudnn_benchmark: bool = True
+    fused_optimizer: bool | None = None
+    compile: bool = False
+
+    def resolve(self, device: str) -> FastPath:
+        import torch
+
+        cuda = device.startswith("cuda")
+        bf16_ok = cuda and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return FastPath(channels_last=cuda if self.channels_last is None else self.channels_last,
+                        bf16=bf16_ok if self.bf16 is None else self.bf16,
+                        cudnn_benchmark=self.cudnn_benchmark and cuda,
+                        fused_optimizer=cuda if self.fused_optimizer is None else self.fused_optimizer,
+                        compile=self.compile)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """`ccfs-fast run`: the CCFS curriculum (design §1). Paths are .beton files / a checkpoint."""
 
@@ -69,6 +92,7 @@ class RunConfig:
     shortfall: str = "fill"
     temperature: float = 20.0
     recipe: TrainRecipe = field(default_factory=TrainRecipe)
+    fast: FastPath = field(default_factory=FastPath)
     num_eval: int = 5
     filter_model: str = "resnet18_cifar"
     teacher_model: str = "resnet18_cifar"
@@ -119,7 +143,7 @@ class RunConfig:
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, TrainRecipe):
+            if isinstance(value, (TrainRecipe, FastPath)):
                 out.update({k.name: getattr(value, k.name) for k in fields(value)})
             else:
                 out[f.name] = str(value) if isinstance(value, Path) else value
@@ -143,6 +167,7 @@ class EvalConfig:
     alpha: float | None = None
     temperature: float = 20.0
     recipe: TrainRecipe = field(default_factory=TrainRecipe)
+    fast: FastPath = field(default_factory=FastPath)
     num_eval: int = 5
     teacher_model: str = "resnet18_cifar"
     eval_model: str = "resnet18_cifar"
@@ -163,6 +188,7 @@ class TeacherConfig:
     model: str = "resnet18_cifar"
     recipe: TrainRecipe = field(default_factory=lambda: TrainRecipe(epochs=200, lr=0.1, weight_decay=5e-4,
                                                                    lr_warmup_epochs=0, batch_size=128))
+    fast: FastPath = field(default_factory=FastPath)
     forgetting_out: Path | None = None
     label_smoothing: float = 0.0
     device: str = "cpu"
@@ -206,6 +232,7 @@ PRESETS: dict[str, dict] = {
 }
 
 RECIPE_KEYS = frozenset(f.name for f in fields(TrainRecipe))
+FAST_KEYS = frozenset(f.name for f in fields(FastPath))
 
 
 def preset_settings(name: str | None) -> dict:
@@ -217,6 +244,9 @@ def preset_settings(name: str | None) -> dict:
 
 
 def split_recipe(values: dict) -> tuple[TrainRecipe, dict]:
-    """Separates the training-recipe keys of a flat settings dict: (recipe, the other keys)."""
+    """Separates the training-recipe and fast-path keys of a flat settings dict:
+    (recipe, the other keys with `fast` set)."""
     recipe = TrainRecipe(**{k: v for k, v in values.items() if k in RECIPE_KEYS})
-    return recipe, {k: v for k, v in values.items() if k not in RECIPE_KEYS}
+    rest = {k: v for k, v in values.items() if k not in RECIPE_KEYS and k not in FAST_KEYS}
+    rest["fast"] = FastPath(**{k: v for k, v in values.items() if k in FAST_KEYS})
+    return recipe, rest

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .config import RESUME_FREE, RunConfig, TrainRecipe
 from .data import ResidentTrainLoader
+from .distributed import barrier, broadcast, init_distributed
 from .errors import ConfigError
 from .models import create_model
 from .outputs import environment, prepare_output_dir, write_json, write_npz, write_text
@@ -21,7 +23,7 @@ from .report import write_report
 from .scores import easy_first_key, load_scores, score_kind
 from .select import candidate_mask, curriculum_arrangement, order_key, select_per_class, warm_up_kernels
 from .tables import format_table
-from .train import TrainResult, auto_batch_size, last_fifth_epochs, predict, train_kd
+from .train import TrainResult, auto_batch_size, last_fifth_epochs, train_kd
 from .workspace import Workspace, open_workspace, teacher_correct
 
 STATE_VERSION = 1
@@ -38,15 +40,27 @@ def eval_seed(seed: int, run: int) -> int:
 
 def train_model(ws: Workspace, indices: np.ndarray, model_name: str, recipe: TrainRecipe, temperature: float,
                 seed: int, eval_epoch, desc: str, resident: tuple | None = None) -> tuple[nn.Module, TrainResult, int]:
-    """A fresh `model_name` trained by KD on the index subset `indices` of the workspace. The
-    result's seconds include reading the train set (pass `resident` to reuse one read)."""
+    """A fresh `model_name` trained by KD on the index subset `indices` of the workspace (under
+    torchrun: DistributedDataParallel, each rank a strided share of every epoch, the batch size split
+    across ranks). The result's seconds include reading the train set (pass `resident` to reuse
+    one read). Returns the plain (unwrapped) model."""
     start = time.perf_counter()
     batch_size = recipe.batch_size or auto_batch_size(len(indices), ws.num_classes)
     torch.manual_seed(seed)
     model = create_model(model_name, ws.num_classes, ws.side).to(ws.device)
-    loader = ResidentTrainLoader(ws.space, indices, batch_size, ws.device, seed, ws.workers,
+    if ws.fast.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    trained = model
+    if ws.dist.enabled:
+        trained = DistributedDataParallel(model, device_ids=[ws.device.index] if ws.device.type == "cuda" else None)
+    if ws.fast.compile:
+        trained = torch.compile(trained)
+    loader = ResidentTrainLoader(ws.space, indices, max(1, batch_size // ws.dist.world_size), ws.device, seed,
+                                 ws.workers, rank=ws.dist.rank, world_size=ws.dist.world_size,
+                                 channels_last=bool(ws.fast.channels_last),
                                  resident=resident if resident is not None else ws.resident(indices))
-    result = train_kd(model, ws.teacher, loader, recipe, temperature, ws.test_loader(), eval_epoch, desc)
+    result = train_kd(trained, ws.teacher, loader, recipe, temperature, ws.test_loader(), eval_epoch, desc,
+                      fast=ws.fast, evaluate_model=model)
     result.seconds = time.perf_counter() - start
     return model, result, batch_size
 
@@ -96,7 +110,7 @@ def run_phase(ws: Workspace, cfg: RunConfig, phase: int, curpc: int, selected: n
     is_selected[selected] = True
     eligible = teacher_ok & ~is_selected
     start = time.perf_counter()
-    index, pred, logit = predict(filt, ws.pool_loader(np.flatnonzero(eligible)))
+    index, pred, logit = ws.predict_pool(filt, np.flatnonzero(eligible))
     eval_s = time.perf_counter() - start
     start = time.perf_counter()
     full_pred = np.full(n, -1, np.int64)
@@ -107,8 +121,11 @@ def run_phase(ws: Workspace, cfg: RunConfig, phase: int, curpc: int, selected: n
         easy[index] = easy_first_key(logit, "logits")
     else:
         easy = file_key
-    chosen = select_per_class(candidates, ws.pool_labels, ws.num_classes, order_key(cfg.select_method, easy, seed),
-                              curpc, cfg.balance, cfg.shortfall, fill_pool=eligible)
+    chosen = None
+    if ws.dist.is_main:  # selection on rank 0, broadcast to the others
+        chosen = select_per_class(candidates, ws.pool_labels, ws.num_classes, order_key(cfg.select_method, easy, seed),
+                                  curpc, cfg.balance, cfg.shortfall, fill_pool=eligible)
+    chosen = broadcast(chosen, ws.dist)
     select_s = time.perf_counter() - start
     record = {
         "phase": phase, "curpc": curpc, "train_size": len(train_set), "batch_size": batch_size,
@@ -144,6 +161,7 @@ def _write_outputs(out: Path, cfg: RunConfig, state: dict) -> None:
                                                "idx_selected": state["selected"], "phases_done": len(phases),
                                                "complete": len(phases) == cfg.curriculum_num})
     write_json(out / "metrics.json", {"phases": phases, "totals": totals, "final": state.get("final"),
+                                      "fast_path": state.get("fast_path"), "world_size": state.get("world_size", 1),
                                       "environment": environment(cfg.device), "settings": state["settings"]})
     lines = [f"{k}: {v}" for k, v in state["settings"].items()]
     lines += [f"cpc (distilled per class): {cfg.cpc}", f"spc (selected per class): {cfg.spc}",
@@ -166,13 +184,22 @@ def _fmt(value: float | None) -> str:
 
 
 def run_curriculum(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
-    """Runs (or resumes) CCFS into cfg.output_dir; returns the final state dict."""
+    """Runs (or resumes) CCFS into cfg.output_dir; returns the final state dict. Under torchrun every
+    rank trains and predicts its share; rank 0 selects and writes every output."""
+    dist_ctx, device = init_distributed(cfg.device)
     out = cfg.output_dir
-    prepare_output_dir(out, resume, overwrite)
-    state = _load_state(out, cfg) if resume else {"version": STATE_VERSION, "settings": cfg.settings(),
-                                                   "phases": [], "selected": [], "final": None}
-    ws = open_workspace(cfg.pool, cfg.test, cfg.distilled, cfg.teacher, cfg.teacher_model, cfg.cpc, cfg.device,
-                        cfg.workers, cfg.eval_batch_size)
+    if dist_ctx.is_main:
+        prepare_output_dir(out, resume, overwrite)
+        state = _load_state(out, cfg) if resume else {"version": STATE_VERSION, "settings": cfg.settings(),
+                                                       "phases": [], "selected": [], "final": None}
+    barrier(dist_ctx)
+    state = broadcast(state if dist_ctx.is_main else None, dist_ctx)
+    fast = cfg.fast.resolve(device)
+    torch.backends.cudnn.benchmark = bool(fast.cudnn_benchmark)
+    ws = open_workspace(cfg.pool, cfg.test, cfg.distilled, cfg.teacher, cfg.teacher_model, cfg.cpc, device,
+                        cfg.workers, cfg.eval_batch_size, dist_ctx, fast)
+    state["fast_path"] = asdict(fast)
+    state["world_size"] = dist_ctx.world_size
     file_key = None
     if score_kind(cfg.score).from_file:
         file_key = easy_first_key(load_scores(cfg.score_path, ws.pool_labels), cfg.score)
@@ -181,28 +208,34 @@ def run_curriculum(cfg: RunConfig, resume: bool = False, overwrite: bool = False
     pred, teacher_ok, _ = teacher_correct(ws, cfg.teacher, cfg.teacher_model)
     state["teacher_pass_s"] = time.perf_counter() - start
     state["teacher_acc"] = float(teacher_ok.mean() * 100)
-    write_npz(out / "teacher_pass.npz", index=np.arange(ws.space.n_pool), pred=pred)
+    main = dist_ctx.is_main
+    if main:
+        write_npz(out / "teacher_pass.npz", index=np.arange(ws.space.n_pool), pred=pred)
     state["select_compile_s"] = warm_up_kernels()
     ws.warm()
     selected = np.asarray(state["selected"], np.int64)
     for phase in tqdm(range(len(state["phases"]) + 1, cfg.curriculum_num + 1), desc="curricula",
-                      initial=len(state["phases"]), total=cfg.curriculum_num, dynamic_ncols=True):
+                      initial=len(state["phases"]), total=cfg.curriculum_num, dynamic_ncols=True, disable=not main):
         outcome = run_phase(ws, cfg, phase, arrangement[phase - 1], selected, teacher_ok, file_key)
         index, fpred, logit = outcome.evaluated
-        write_npz(out / f"phase{phase}_candidates.npz", index=index, pred=fpred, logit=logit,
-                  label=ws.pool_labels[index])
         selected = np.concatenate([selected, outcome.picked])
         state["phases"].append(outcome.record)
         state["selected"] = selected.tolist()
-        write_json(out / "state.json", state)
-        _write_outputs(out, cfg, state)
+        if main:
+            write_npz(out / f"phase{phase}_candidates.npz", index=index, pred=fpred, logit=logit,
+                      label=ws.pool_labels[index])
+            write_json(out / "state.json", state)
+            _write_outputs(out, cfg, state)
     if state.get("final") is None:
         state["final"] = evaluate_selection(ws, selected, cfg.eval_model, cfg.recipe, cfg.temperature, cfg.num_eval,
                                             cfg.seed)
-        write_json(out / "state.json", state)
-    _write_outputs(out, cfg, state)
-    write_report(out)
-    print(summary_table(state))
+        if main:
+            write_json(out / "state.json", state)
+    if main:
+        _write_outputs(out, cfg, state)
+        write_report(out)
+        print(summary_table(state))
+    barrier(dist_ctx)
     return state
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import torch
 
 from .config import EvalConfig
 from .curriculum import evaluate_selection
+from .distributed import init_distributed
 from .errors import ConfigError
 from .outputs import write_json
 from .tables import format_table
@@ -35,13 +37,18 @@ def evaluate_selection_file(cfg: EvalConfig) -> dict:
     cpc = int(ipc * alpha + 1e-9)
     if cpc < 1:
         raise ConfigError(f"ipc x alpha = {ipc} x {alpha} gives no distilled image per class")
-    ws = open_workspace(cfg.pool, cfg.test, cfg.distilled, cfg.teacher, cfg.teacher_model, cpc, cfg.device,
-                        cfg.workers, cfg.eval_batch_size)
+    dist_ctx, device = init_distributed(cfg.device)
+    fast = cfg.fast.resolve(device)
+    torch.backends.cudnn.benchmark = bool(fast.cudnn_benchmark)
+    ws = open_workspace(cfg.pool, cfg.test, cfg.distilled, cfg.teacher, cfg.teacher_model, cpc, device,
+                        cfg.workers, cfg.eval_batch_size, dist_ctx, fast)
     if len(selected) and (selected.min() < 0 or selected.max() >= ws.space.n_pool):
         raise ConfigError(f"{cfg.selection}: indices must lie in [0, {ws.space.n_pool}) for this pool, got "
                           f"[{selected.min()}, {selected.max()}]")
     result = evaluate_selection(ws, selected, cfg.eval_model, cfg.recipe, cfg.temperature, cfg.num_eval, cfg.seed)
     result.update({"selection": str(cfg.selection), "ipc": ipc, "alpha": alpha, "selected": len(selected)})
+    if not dist_ctx.is_main:
+        return result
     if cfg.output is not None:
         write_json(cfg.output, result)
     print(format_table(["run", "best acc", "last acc", "seconds"],

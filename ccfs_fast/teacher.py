@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from .config import TeacherConfig
 from .data import BetonFile, IndexSpace, ResidentTrainLoader, make_test_loader
+from .distributed import barrier, gather_concat, init_distributed
 from .models import create_model, save_checkpoint
 from .outputs import write_npy
 from .tables import format_table
@@ -16,24 +18,39 @@ from .workspace import resolve_device
 def train_teacher(cfg: TeacherConfig) -> dict:
     """Trains cfg.model on every pool image (RandomResizedCrop + flip), reports test top-1, saves
     {"model": state_dict, ...}; with forgetting_out, writes float32 [n] forgetting events in
-    canonical pool order (never-learned images rank hardest)."""
+    canonical pool order (never-learned images rank hardest). Under torchrun: DDP, every rank a
+    share of each epoch, forgetting presentations gathered, rank 0 writing the files."""
+    dist_ctx, device_name = init_distributed(cfg.device)
     pool, test = BetonFile.open(cfg.pool), BetonFile.open(cfg.test)
-    device = resolve_device(cfg.device)
+    device = resolve_device(device_name)
+    fast = cfg.fast.resolve(device_name)
+    torch.backends.cudnn.benchmark = bool(fast.cudnn_benchmark)
     manifest = pool.manifest
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, manifest.num_classes, manifest.side).to(device)
-    loader = ResidentTrainLoader(IndexSpace(pool), np.arange(pool.n), cfg.recipe.batch_size or 128, device,
-                                 cfg.seed, cfg.workers)
+    if fast.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    trained = model
+    if dist_ctx.enabled:
+        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    loader = ResidentTrainLoader(IndexSpace(pool), np.arange(pool.n),
+                                 max(1, (cfg.recipe.batch_size or 128) // dist_ctx.world_size), device, cfg.seed,
+                                 cfg.workers, rank=dist_ctx.rank, world_size=dist_ctx.world_size,
+                                 channels_last=bool(fast.channels_last))
     tracker = ForgettingTracker(pool.n) if cfg.forgetting_out else None
-    result = train_supervised(model, loader, cfg.recipe, make_test_loader(test, manifest, 512, device, cfg.workers),
-                              tracker, cfg.label_smoothing)
-    save_checkpoint(model, cfg.output, arch=cfg.model, num_classes=manifest.num_classes, test_acc=result.last_acc,
-                    epochs=cfg.recipe.epochs, pool_hash=manifest.content_hash)
+    result = train_supervised(trained, loader, cfg.recipe, make_test_loader(test, manifest, 256, device, cfg.workers),
+                              tracker, cfg.label_smoothing, fast=fast, evaluate_model=model,
+                              gather=lambda arrays: gather_concat(arrays, dist_ctx))
     summary = {"model": cfg.model, "epochs": cfg.recipe.epochs, "test_acc": result.last_acc,
-               "best_acc": result.best_acc, "train_s": result.seconds, "img_per_s": result.img_per_s}
-    if tracker is not None:
-        scores = tracker.scores()
-        write_npy(cfg.forgetting_out, scores)
-        summary["forgetting_mean"] = float(scores.mean())
-    print(format_table(list(summary), [list(summary.values())]))
+               "best_acc": result.best_acc, "train_s": result.seconds,
+               "img_per_s": result.img_per_s * dist_ctx.world_size}
+    if dist_ctx.is_main:
+        save_checkpoint(model, cfg.output, arch=cfg.model, num_classes=manifest.num_classes, test_acc=result.last_acc,
+                        epochs=cfg.recipe.epochs, pool_hash=manifest.content_hash)
+        if tracker is not None:
+            scores = tracker.scores()
+            write_npy(cfg.forgetting_out, scores)
+            summary["forgetting_mean"] = float(scores.mean())
+        print(format_table(list(summary), [list(summary.values())]))
+    barrier(dist_ctx)
     return summary

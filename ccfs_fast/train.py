@@ -3,7 +3,7 @@ subset, and supervised teacher training with forgetting-event tracking."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -12,16 +12,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .config import TrainRecipe
+from .config import FastPath, TrainRecipe
 
-OPTIMIZER_FACTORIES: dict[str, Callable[[Iterable[nn.Parameter], TrainRecipe], torch.optim.Optimizer]] = {
-    # weight decay on all parameters, as the paper's script (utils.set_weight_decay without norm groups)
-    "sgd": lambda p, r: torch.optim.SGD(p, lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay),
-    "sgd_nesterov": lambda p, r: torch.optim.SGD(p, lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay,
-                                                 nesterov=True),
-    "rmsprop": lambda p, r: torch.optim.RMSprop(p, lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay,
-                                                eps=0.0316, alpha=0.9),
-    "adamw": lambda p, r: torch.optim.AdamW(p, lr=r.lr, weight_decay=r.weight_decay),
+OPTIMIZER_FACTORIES: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    # weight decay on all parameters, as the paper's script (utils.set_weight_decay without norm
+    # groups); `impl` is {"fused": True} (one kernel per step) or {"foreach": True}.
+    "sgd": lambda p, r, impl: torch.optim.SGD(p, lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay, **impl),
+    "sgd_nesterov": lambda p, r, impl: torch.optim.SGD(p, lr=r.lr, momentum=r.momentum,
+                                                       weight_decay=r.weight_decay, nesterov=True, **impl),
+    "rmsprop": lambda p, r, impl: torch.optim.RMSprop(p, lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay,
+                                                      eps=0.0316, alpha=0.9, foreach=True),  # no fused RMSprop
+    "adamw": lambda p, r, impl: torch.optim.AdamW(p, lr=r.lr, weight_decay=r.weight_decay, **impl),
 }
 
 SCHEDULER_FACTORIES: dict[str, Callable[[torch.optim.Optimizer, TrainRecipe], torch.optim.lr_scheduler.LRScheduler]] = {
@@ -39,8 +40,9 @@ WARMUP_FACTORIES = {
 }
 
 
-def make_optimizer(model: nn.Module, recipe: TrainRecipe) -> torch.optim.Optimizer:
-    return OPTIMIZER_FACTORIES[recipe.opt](model.parameters(), recipe)
+def make_optimizer(model: nn.Module, recipe: TrainRecipe, fused: bool = False) -> torch.optim.Optimizer:
+    impl = {"fused": True} if fused else {"foreach": True}
+    return OPTIMIZER_FACTORIES[recipe.opt](model.parameters(), recipe, impl)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, recipe: TrainRecipe) -> torch.optim.lr_scheduler.LRScheduler:
@@ -93,11 +95,24 @@ class TrainResult:
         return self.images / self.seconds if self.seconds else 0.0
 
 
+def autocast(images: torch.Tensor, fast: FastPath | None):
+    """bf16 autocast on the images' device when the fast path asks for it (a no-op otherwise)."""
+    return torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bool(fast and fast.bf16))
+
+
+def set_epoch(loader, epoch: int) -> None:
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+
+
 def train_kd(student: nn.Module, teacher: nn.Module, loader, recipe: TrainRecipe, temperature: float,
-             test_loader=None, eval_epoch: Callable[[int], bool] = lambda e: False, desc: str = "train") -> TrainResult:
+             test_loader=None, eval_epoch: Callable[[int], bool] = lambda e: False, desc: str = "train",
+             fast: FastPath | None = None, evaluate_model: nn.Module | None = None) -> TrainResult:
     """Trains `student` by knowledge distillation only (labels unused): the teacher sees the same
-    augmented batch. Evaluates on `test_loader` after each epoch where eval_epoch(epoch)."""
-    optimizer = make_optimizer(student, recipe)
+    augmented batch. Evaluates `evaluate_model` (default: the student; pass the unwrapped module
+    under DDP) on `test_loader` after each epoch where eval_epoch(epoch). `fast`: resolved
+    FastPath (bf16 autocast for both forwards, fused optimiser)."""
+    optimizer = make_optimizer(student, recipe, fused=bool(fast and fast.fused_optimizer))
     scheduler = make_scheduler(optimizer, recipe)
     teacher.eval()
     result = TrainResult()
@@ -105,41 +120,48 @@ def train_kd(student: nn.Module, teacher: nn.Module, loader, recipe: TrainRecipe
     bar = tqdm(range(recipe.epochs), desc=desc, leave=False, dynamic_ncols=True)
     for epoch in bar:
         student.train()
+        set_epoch(loader, epoch)
         for images, _, _ in loader:
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast(images, fast):
                 teacher_logits = teacher(images)
-            loss = kd_loss(student(images), teacher_logits.clone(), temperature)
+            with autocast(images, fast):
+                student_logits = student(images)
+            loss = kd_loss(student_logits.float(), teacher_logits.float().clone(), temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             result.images += len(images)
         scheduler.step()
         if test_loader is not None and eval_epoch(epoch):
-            result.accs.append((epoch, evaluate(student, test_loader)))
+            result.accs.append((epoch, evaluate(evaluate_model or student, test_loader, fast)))
             bar.set_postfix(acc=f"{result.accs[-1][1]:.2f}", best=f"{result.best_acc:.2f}")
     result.seconds = time.perf_counter() - start
     return result
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader) -> float:
+def evaluate(model: nn.Module, loader, fast: FastPath | None = None) -> float:
     """Top-1 accuracy in percent over every batch of `loader`."""
     model.eval()
     correct = total = 0
     for images, labels, _ in loader:
-        correct += int((model(images).argmax(1) == labels).sum())
+        with autocast(images, fast):
+            logits = model(images)
+        correct += int((logits.argmax(1) == labels).sum())
         total += len(labels)
     return 100.0 * correct / max(total, 1)
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, loader) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def predict(model: nn.Module, loader, fast: FastPath | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Over an index subset: (index int64 [m], argmax int64 [m], true-class logit float32 [m]),
     in the loader's order."""
     model.eval()
     index, preds, logits = [], [], []
     for images, labels, idx in loader:
-        out = model(images).float()
+        with autocast(images, fast):
+            out = model(images)
+        out = out.float()
         index.append(idx.cpu())
         preds.append(out.argmax(1).cpu())
         logits.append(out.gather(1, labels.view(-1, 1))[:, 0].cpu())
@@ -173,27 +195,36 @@ class ForgettingTracker:
 
 def train_supervised(model: nn.Module, loader, recipe: TrainRecipe, test_loader=None,
                      tracker: ForgettingTracker | None = None, label_smoothing: float = 0.0,
-                     desc: str = "teacher") -> TrainResult:
-    """Cross-entropy training (a teacher); records forgetting events on the augmented presentations."""
-    optimizer = make_optimizer(model, recipe)
+                     desc: str = "teacher", fast: FastPath | None = None, evaluate_model: nn.Module | None = None,
+                     gather: Callable | None = None) -> TrainResult:
+    """Cross-entropy training (a teacher). Forgetting events are recorded on the augmented
+    presentations, once per epoch; `gather` merges every rank's (index, correct) under DDP."""
+    optimizer = make_optimizer(model, recipe, fused=bool(fast and fast.fused_optimizer))
     scheduler = make_scheduler(optimizer, recipe)
     result = TrainResult()
     start = time.perf_counter()
     bar = tqdm(range(recipe.epochs), desc=desc, leave=False, dynamic_ncols=True)
     for epoch in bar:
         model.train()
+        set_epoch(loader, epoch)
+        seen_index, seen_correct = [], []
         for images, labels, index in loader:
-            logits = model(images)
-            loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+            with autocast(images, fast):
+                logits = model(images)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             result.images += len(images)
             if tracker is not None:
-                tracker.update(index.cpu().numpy(), (logits.argmax(1) == labels).cpu().numpy())
+                seen_index.append(index.cpu().numpy())
+                seen_correct.append((logits.argmax(1) == labels).cpu().numpy())
+        if tracker is not None and seen_index:
+            presented = (np.concatenate(seen_index), np.concatenate(seen_correct))
+            tracker.update(*(gather(presented) if gather else presented))
         scheduler.step()
         if test_loader is not None and last_fifth_epochs(recipe.epochs)(epoch):
-            result.accs.append((epoch, evaluate(model, test_loader)))
+            result.accs.append((epoch, evaluate(evaluate_model or model, test_loader, fast)))
             bar.set_postfix(acc=f"{result.accs[-1][1]:.2f}")
     result.seconds = time.perf_counter() - start
     return result

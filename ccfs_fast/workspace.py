@@ -10,7 +10,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .config import FastPath
 from .data import BetonFile, EvalLoader, IndexSpace, make_test_loader, read_labels
+from .distributed import DistContext, gather_concat, shard
 from .errors import ConfigError, DataError
 from .models import create_model, load_checkpoint
 from .outputs import write_npz
@@ -30,8 +32,17 @@ class Workspace:
     device: torch.device
     workers: int
     eval_batch_size: int
+    dist: DistContext = DistContext()
+    fast: FastPath = FastPath()
     _test_loader: object = None
     _distilled: tuple | None = None
+
+    def predict_pool(self, model: nn.Module, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(index, argmax, true-class logit) of `model` over pool `indices`, in that order. Under
+        torchrun each rank predicts its contiguous shard and the shards are gathered in rank order,
+        which gives exactly the single-process result."""
+        local = predict(model, self.pool_loader(shard(np.asarray(indices, np.int64), self.dist)), self.fast)
+        return gather_concat(local, self.dist)
 
     def warm(self) -> None:
         """Reads the per-run constants (test set, distilled images) into memory before the first
@@ -71,7 +82,8 @@ class Workspace:
         return self._test_loader
 
     def pool_loader(self, indices: np.ndarray) -> EvalLoader:
-        return EvalLoader(self.space, indices, self.eval_batch_size, self.device, self.workers)
+        return EvalLoader(self.space, indices, self.eval_batch_size, self.device, self.workers,
+                          channels_last=bool(self.fast.channels_last))
 
 
 def resolve_device(device: str) -> torch.device:
@@ -101,7 +113,10 @@ def load_teacher(name: str, path: Path, num_classes: int, side: int, device: tor
 
 
 def open_workspace(pool: Path, test: Path, distilled: Path, teacher: Path, teacher_model: str, cpc: int,
-                   device: str, workers: int, eval_batch_size: int) -> Workspace:
+                   device: str, workers: int, eval_batch_size: int, dist: DistContext | None = None,
+                   fast: FastPath | None = None) -> Workspace:
+    """Opens and checks every input of a run. `device` is this rank's device; `fast` a resolved
+    FastPath (channels_last also applies to the teacher)."""
     pool_file, test_file, distilled_file = BetonFile.open(pool), BetonFile.open(test), BetonFile.open(distilled)
     if test_file.manifest.num_classes != pool_file.manifest.num_classes:
         raise DataError(f"the pool has {pool_file.manifest.num_classes} classes but the test set "
@@ -110,9 +125,12 @@ def open_workspace(pool: Path, test: Path, distilled: Path, teacher: Path, teach
     distilled_labels = read_labels(distilled_file, workers)
     rows = first_per_class(distilled_labels, cpc, distilled_file.manifest.class_names, distilled_file.path)
     dev = resolve_device(device)
+    fast = fast or FastPath().resolve(str(dev))
     model = load_teacher(teacher_model, teacher, pool_file.manifest.num_classes, pool_file.manifest.side, dev)
+    if fast.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     return Workspace(space, test_file, read_labels(pool_file, workers), rows + space.n_pool, model, dev, workers,
-                     eval_batch_size)
+                     eval_batch_size, dist or DistContext(), fast)
 
 
 def file_sha256(path: Path) -> str:
@@ -138,9 +156,9 @@ def teacher_correct(ws: Workspace, teacher_path: Path, teacher_model: str) -> tu
             pred = cached["pred"]
         if len(pred) == ws.space.n_pool:
             return pred, pred == ws.pool_labels, True
-    index, pred, _ = predict(ws.teacher, ws.pool_loader(np.arange(ws.space.n_pool)))
-    order = np.argsort(index)
-    pred = pred[order]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_npz(path, index=np.arange(ws.space.n_pool), pred=pred)
+    index, pred, _ = ws.predict_pool(ws.teacher, np.arange(ws.space.n_pool))
+    pred = pred[np.argsort(index)]
+    if ws.dist.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_npz(path, index=np.arange(ws.space.n_pool), pred=pred)
     return pred, pred == ws.pool_labels, False

@@ -1,0 +1,181 @@
+"""GPU device check: loader images/s, KD training images/s of resnet18_cifar (fast path on and
+off), pool prediction images/s, and one small CCFS run on a generated CIFAR-shaped dataset; prints a
+table, writes JSON. Meant for a lent GPU machine (benchmarks/gpu_check.sh brings FFCV's native
+libraries); runs on the CPU too (`--quick`) as a smoke test."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from beton_builder.table import ImageTable
+from beton_builder.writer import write_beton
+from ccfs_fast.config import FastPath, RunConfig, TeacherConfig, TrainRecipe
+from ccfs_fast.curriculum import run_curriculum
+from ccfs_fast.data import BetonFile, EvalLoader, IndexSpace, ResidentTrainLoader
+from ccfs_fast.models import create_model
+from ccfs_fast.tables import format_table
+from ccfs_fast.teacher import train_teacher
+from ccfs_fast.train import kd_loss, make_optimizer, predict
+
+from .common import environment
+from .curriculum_wallclock import class_images
+
+FAST_ON = FastPath(channels_last=True, bf16=True, cudnn_benchmark=True, fused_optimizer=True)
+FAST_OFF = FastPath(channels_last=False, bf16=False, cudnn_benchmark=False, fused_optimizer=False)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_data(root: Path, pool: int, test: int, workers: int) -> dict:
+    names = tuple(str(c) for c in range(10))
+    px, py = class_images(pool, 10, 32, 1)
+    tx, ty = class_images(test, 10, 32, 2)
+    dx, dy = class_images(400, 10, 32, 3)
+    order = np.argsort(dy, kind="stable")
+    write_beton(ImageTable(px, py, names, "arrays", "gpu_check"), root / "pool.beton", True, workers)
+    write_beton(ImageTable(tx, ty, names, "arrays", "gpu_check"), root / "test.beton", True, workers)
+    write_beton(ImageTable(dx[order], dy[order], names, "arrays", "gpu_check"), root / "distilled.beton", True, workers)
+    np.save(root / "scores.npy", (np.random.default_rng(0).integers(0, 20, pool) * 0.2).astype(np.float32))
+    return {"pool": root / "pool.beton", "test": root / "test.beton", "distilled": root / "distilled.beton"}
+
+
+def loader_rate(space: IndexSpace, n: int, batch: int, device: torch.device, epochs: int) -> float:
+    loader = ResidentTrainLoader(space, np.arange(n), batch, device, seed=0, workers=8)
+    for _ in loader:
+        pass
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(epochs):
+        for _batch in loader:
+            pass
+    sync(device)
+    return n * epochs / (time.perf_counter() - start)
+
+
+def train_rate(space: IndexSpace, device: torch.device, fast: FastPath, batch: int, steps: int) -> float:
+    """KD training images/s of resnet18_cifar (student fwd + bwd + teacher fwd on the same batch)."""
+    torch.backends.cudnn.benchmark = fast.cudnn_benchmark
+    torch.manual_seed(0)
+    layout = torch.channels_last if fast.channels_last else torch.contiguous_format
+    student = create_model("resnet18_cifar", 10, 32).to(device, memory_format=layout)
+    teacher = create_model("resnet18_cifar", 10, 32).to(device, memory_format=layout).eval()
+    optimizer = make_optimizer(student, TrainRecipe(), fused=fast.fused_optimizer)
+    loader = ResidentTrainLoader(space, np.arange(min(space.n_pool, batch * 64)), batch, device, seed=0, workers=8,
+                                 channels_last=fast.channels_last)
+    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=fast.bf16)
+
+    def step(images):
+        with torch.inference_mode(), torch.autocast(**amp):
+            target = teacher(images)
+        with torch.autocast(**amp):
+            out = student(images)
+        loss = kd_loss(out.float(), target.float().clone(), 20.0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    batches = iter([])
+    done = timed = 0
+    start = None
+    while done < steps + 10:
+        try:
+            images, _, _ = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            continue
+        if done == 10:  # warm-up steps (cudnn autotuning, allocator) are not timed
+            sync(device)
+            start = time.perf_counter()
+        step(images)
+        done += 1
+        timed += len(images) if done > 10 else 0
+    sync(device)
+    return timed / (time.perf_counter() - start)
+
+
+def predict_rate(space: IndexSpace, device: torch.device, fast: FastPath, batch: int) -> float:
+    layout = torch.channels_last if fast.channels_last else torch.contiguous_format
+    model = create_model("resnet18_cifar", 10, 32).to(device, memory_format=layout).eval()
+    loader = EvalLoader(space, np.arange(space.n_pool), batch, device, workers=8, channels_last=fast.channels_last)
+    predict(model, EvalLoader(space, np.arange(batch * 2), batch, device, 8, fast.channels_last), fast)  # warm-up
+    sync(device)
+    start = time.perf_counter()
+    predict(model, loader, fast)
+    sync(device)
+    return space.n_pool / (time.perf_counter() - start)
+
+
+def ccfs_run(files: dict, root: Path, device: str, epochs: int) -> dict:
+    recipe = TrainRecipe(epochs=epochs, lr=0.1, lr_warmup_epochs=1, weight_decay=5e-4, batch_size=512)
+    start = time.perf_counter()
+    teacher = train_teacher(TeacherConfig(pool=files["pool"], test=files["test"], output=root / "teacher.pt",
+                                          recipe=recipe, device=device, workers=8, overwrite=True))
+    teacher_s = time.perf_counter() - start
+    cfg = RunConfig(pool=files["pool"], test=files["test"], distilled=files["distilled"], teacher=root / "teacher.pt",
+                    output_dir=root / "run", score_path=root / "scores.npy", image_per_class=250, alpha=0.1,
+                    curriculum_num=2, recipe=TrainRecipe(epochs=epochs, lr=0.2, lr_warmup_epochs=1), num_eval=1,
+                    device=device, workers=8, eval_batch_size=1024)
+    start = time.perf_counter()
+    state = run_curriculum(cfg)
+    return {"teacher_train_s": teacher_s, "teacher_acc": teacher["test_acc"], "run_s": time.perf_counter() - start,
+            "phases": [{k: p[k] for k in ("phase", "train_size", "train_s", "train_img_per_s", "pool_evaluated",
+                                          "eval_s", "eval_img_per_s", "select_s", "filter_best_acc")}
+                       for p in state["phases"]],
+            "final_acc": state["final"]["acc_mean"], "fast_path": state["fast_path"]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="benchmarks.gpu_check", description=__doc__)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--pool", type=int, default=50_000)
+    parser.add_argument("--test", type=int, default=10_000)
+    parser.add_argument("--steps", type=int, default=150, help="timed KD training steps per setting")
+    parser.add_argument("--epochs", type=int, default=4, help="epochs of the teacher and of each CCFS model")
+    parser.add_argument("--quick", action="store_true", help="CPU smoke test: 3,000 images, few steps")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.pool, args.test, args.steps, args.epochs = 3000, 500, 4, 1
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    results: dict = {"environment": environment(), "config": {k: str(v) for k, v in vars(args).items()}}
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
+        root = Path(tmp)
+        start = time.perf_counter()
+        files = make_data(root, args.pool, args.test, min(16, os.cpu_count() or 1))
+        results["data_s"] = time.perf_counter() - start
+        space = IndexSpace(BetonFile.open(files["pool"]))
+        for batch in (128, 512):
+            rate = loader_rate(space, min(args.pool, 20_000), batch, device, 3)
+            rows.append(("train loader (resident, crop+flip+normalise)", f"batch {batch}", rate))
+        for name, fast in (("on", FAST_ON if device.type == "cuda" else FAST_ON.resolve("cpu")), ("off", FAST_OFF)):
+            for batch in (128, 512):
+                rows.append((f"KD training resnet18_cifar, fast path {name}", f"batch {batch}",
+                             train_rate(space, device, fast, batch, args.steps)))
+            rows.append((f"pool prediction resnet18_cifar, fast path {name}", "batch 1024",
+                         predict_rate(space, device, fast, 1024)))
+        results["rates"] = [{"what": w, "setting": s, "img_per_s": r} for w, s, r in rows]
+        results["ccfs_run"] = ccfs_run(files, root, device.type, args.epochs)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+    print(format_table(["measure", "setting", "images/s"], rows))
+    print(format_table(["phase", "train set", "train s", "train img/s", "evaluated", "eval s", "eval img/s",
+                        "select s", "filter acc"],
+                       [list(p.values()) for p in results["ccfs_run"]["phases"]]))
+    print(f"device: {results['environment']['cuda'] or 'cpu'}; teacher acc {results['ccfs_run']['teacher_acc']}, "
+          f"final acc {results['ccfs_run']['final_acc']}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
