@@ -27,6 +27,7 @@ from ccfs_fast.train import kd_loss, make_optimizer, predict
 from .common import environment
 from .curriculum_wallclock import class_images
 
+WORKERS = min(8, os.cpu_count() or 1)
 FAST_ON = FastPath(channels_last=True, bf16=True, cudnn_benchmark=True, fused_optimizer=True)
 FAST_OFF = FastPath(channels_last=False, bf16=False, cudnn_benchmark=False, fused_optimizer=False)
 
@@ -50,7 +51,7 @@ def make_data(root: Path, pool: int, test: int, workers: int) -> dict:
 
 
 def loader_rate(space: IndexSpace, n: int, batch: int, device: torch.device, epochs: int) -> float:
-    loader = ResidentTrainLoader(space, np.arange(n), batch, device, seed=0, workers=8)
+    loader = ResidentTrainLoader(space, np.arange(n), batch, device, seed=0, workers=WORKERS)
     for _ in loader:
         pass
     sync(device)
@@ -70,8 +71,8 @@ def train_rate(space: IndexSpace, device: torch.device, fast: FastPath, batch: i
     student = create_model("resnet18_cifar", 10, 32).to(device, memory_format=layout)
     teacher = create_model("resnet18_cifar", 10, 32).to(device, memory_format=layout).eval()
     optimizer = make_optimizer(student, TrainRecipe(), fused=fast.fused_optimizer)
-    loader = ResidentTrainLoader(space, np.arange(min(space.n_pool, batch * 64)), batch, device, seed=0, workers=8,
-                                 channels_last=fast.channels_last)
+    loader = ResidentTrainLoader(space, np.arange(min(space.n_pool, batch * 64)), batch, device, seed=0,
+                                 workers=WORKERS, channels_last=fast.channels_last)
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=fast.bf16)
 
     def step(images):
@@ -106,8 +107,8 @@ def train_rate(space: IndexSpace, device: torch.device, fast: FastPath, batch: i
 def predict_rate(space: IndexSpace, device: torch.device, fast: FastPath, batch: int) -> float:
     layout = torch.channels_last if fast.channels_last else torch.contiguous_format
     model = create_model("resnet18_cifar", 10, 32).to(device, memory_format=layout).eval()
-    loader = EvalLoader(space, np.arange(space.n_pool), batch, device, workers=8, channels_last=fast.channels_last)
-    predict(model, EvalLoader(space, np.arange(batch * 2), batch, device, 8, fast.channels_last), fast)  # warm-up
+    loader = EvalLoader(space, np.arange(space.n_pool), batch, device, WORKERS, fast.channels_last)
+    predict(model, EvalLoader(space, np.arange(batch * 2), batch, device, WORKERS, fast.channels_last), fast)
     sync(device)
     start = time.perf_counter()
     predict(model, loader, fast)
@@ -115,16 +116,18 @@ def predict_rate(space: IndexSpace, device: torch.device, fast: FastPath, batch:
     return space.n_pool / (time.perf_counter() - start)
 
 
-def ccfs_run(files: dict, root: Path, device: str, epochs: int) -> dict:
-    recipe = TrainRecipe(epochs=epochs, lr=0.1, lr_warmup_epochs=1, weight_decay=5e-4, batch_size=512)
+def ccfs_run(files: dict, root: Path, device: str, epochs: int, model: str) -> dict:
+    warmup = min(1, epochs - 1)
+    recipe = TrainRecipe(epochs=epochs, lr=0.1, lr_warmup_epochs=warmup, weight_decay=5e-4, batch_size=512)
     start = time.perf_counter()
     teacher = train_teacher(TeacherConfig(pool=files["pool"], test=files["test"], output=root / "teacher.pt",
-                                          recipe=recipe, device=device, workers=8, overwrite=True))
+                                          model=model, recipe=recipe, device=device, workers=WORKERS, overwrite=True))
     teacher_s = time.perf_counter() - start
     cfg = RunConfig(pool=files["pool"], test=files["test"], distilled=files["distilled"], teacher=root / "teacher.pt",
                     output_dir=root / "run", score_path=root / "scores.npy", image_per_class=250, alpha=0.1,
-                    curriculum_num=2, recipe=TrainRecipe(epochs=epochs, lr=0.2, lr_warmup_epochs=1), num_eval=1,
-                    device=device, workers=8, eval_batch_size=1024)
+                    curriculum_num=2, recipe=TrainRecipe(epochs=epochs, lr=0.2, lr_warmup_epochs=warmup), num_eval=1,
+                    filter_model=model, teacher_model=model, eval_model=model, device=device, workers=WORKERS,
+                    eval_batch_size=1024)
     start = time.perf_counter()
     state = run_curriculum(cfg)
     return {"teacher_train_s": teacher_s, "teacher_acc": teacher["test_acc"], "run_s": time.perf_counter() - start,
@@ -141,6 +144,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--test", type=int, default=10_000)
     parser.add_argument("--steps", type=int, default=150, help="timed KD training steps per setting")
     parser.add_argument("--epochs", type=int, default=4, help="epochs of the teacher and of each CCFS model")
+    parser.add_argument("--model", default="resnet18_cifar", help="the CCFS run's models")
+    parser.add_argument("--skip-rates", action="store_true", help="only the CCFS run")
     parser.add_argument("--quick", action="store_true", help="CPU smoke test: 3,000 images, few steps")
     args = parser.parse_args(argv)
     if args.quick:
@@ -154,21 +159,24 @@ def main(argv: list[str] | None = None) -> dict:
         files = make_data(root, args.pool, args.test, min(16, os.cpu_count() or 1))
         results["data_s"] = time.perf_counter() - start
         space = IndexSpace(BetonFile.open(files["pool"]))
-        for batch in (128, 512):
+        for batch in () if args.skip_rates else (128, 512):
             rate = loader_rate(space, min(args.pool, 20_000), batch, device, 3)
             rows.append(("train loader (resident, crop+flip+normalise)", f"batch {batch}", rate))
-        for name, fast in (("on", FAST_ON if device.type == "cuda" else FAST_ON.resolve("cpu")), ("off", FAST_OFF)):
+        settings = () if args.skip_rates else (("on", FAST_ON if device.type == "cuda" else FAST_ON.resolve("cpu")),
+                                               ("off", FAST_OFF))
+        for name, fast in settings:
             for batch in (128, 512):
                 rows.append((f"KD training resnet18_cifar, fast path {name}", f"batch {batch}",
                              train_rate(space, device, fast, batch, args.steps)))
             rows.append((f"pool prediction resnet18_cifar, fast path {name}", "batch 1024",
                          predict_rate(space, device, fast, 1024)))
         results["rates"] = [{"what": w, "setting": s, "img_per_s": r} for w, s, r in rows]
-        results["ccfs_run"] = ccfs_run(files, root, device.type, args.epochs)
+        results["ccfs_run"] = ccfs_run(files, root, device.type, args.epochs, args.model)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2, default=str))
-    print(format_table(["measure", "setting", "images/s"], rows))
+    if rows:
+        print(format_table(["measure", "setting", "images/s"], rows))
     print(format_table(["phase", "train set", "train s", "train img/s", "evaluated", "eval s", "eval img/s",
                         "select s", "filter acc"],
                        [list(p.values()) for p in results["ccfs_run"]["phases"]]))

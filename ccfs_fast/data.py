@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numba
 import numpy as np
 import torch
 from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
@@ -82,7 +83,9 @@ class RowReader:
     of mapping every page it touched into the process."""
 
     def __init__(self, beton: BetonFile, batch_size: int, workers: int):
-        self.beton, self.batch_size, self.workers = beton, batch_size, max(1, workers)
+        # FFCV sets numba's thread count to `workers`, which numba caps at the machine's threads.
+        self.beton, self.batch_size = beton, batch_size
+        self.workers = max(1, min(workers, numba.config.NUMBA_NUM_THREADS))
         self._loader: Loader | None = None
 
     def _target(self, rows: np.ndarray) -> Loader:
@@ -124,7 +127,8 @@ def read_labels(beton: BetonFile, workers: int = 2) -> np.ndarray:
     """All labels int64 [n] in canonical order, reading only the label and index fields (the image
     pipeline is disabled, so no pixels are decoded); checks that `index` is the row number."""
     with _keep_torch_threads():
-        loader = Loader(str(beton.path), batch_size=65536, num_workers=max(1, workers),
+        threads = max(1, min(workers, numba.config.NUMBA_NUM_THREADS))
+        loader = Loader(str(beton.path), batch_size=65536, num_workers=threads,
                         order=OrderOption.SEQUENTIAL, drop_last=False,
                         pipelines={"image": None, "label": [IntDecoder()], "index": [IntDecoder()]})
         parts = [(labels.reshape(-1).copy(), index.reshape(-1).copy()) for labels, index in loader]
