@@ -150,6 +150,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.quick:
         args.pool, args.test, args.steps, args.epochs = 3000, 500, 4, 1
+    import numba
+
+    torch.set_num_threads(WORKERS)  # importing FFCV set both to 1 (ffcv/pipeline/compiler.py)
+    numba.set_num_threads(min(WORKERS, numba.config.NUMBA_NUM_THREADS))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results: dict = {"environment": environment(), "config": {k: str(v) for k, v in vars(args).items()}}
     rows = []

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 site=$(.venv/bin/python -c "import ffcv, os; print(os.path.dirname(os.path.dirname(ffcv.__file__)))")
 rm -rf .devcheck && mkdir -p .devcheck/site .devcheck/lib
-cp -r "$site/ffcv" .devcheck/site/
+cp -r "$site/ffcv" "$site"/ffcv-*.dist-info .devcheck/site/
 find .devcheck/site -name __pycache__ -prune -exec rm -rf {} +
 so=$(ls .devcheck/site/ffcv/_libffcv*.so)
 mv "$so" .devcheck/lib/_libffcv.so
