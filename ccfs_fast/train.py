@@ -105,38 +105,53 @@ def set_epoch(loader, epoch: int) -> None:
         loader.set_epoch(epoch)
 
 
-def train_kd(student: nn.Module, teacher: nn.Module, loader, recipe: TrainRecipe, temperature: float,
-             test_loader=None, eval_epoch: Callable[[int], bool] = lambda e: False, desc: str = "train",
-             fast: FastPath | None = None, evaluate_model: nn.Module | None = None) -> TrainResult:
-    """Trains `student` by knowledge distillation only (labels unused): the teacher sees the same
-    augmented batch. Evaluates `evaluate_model` (default: the student; pass the unwrapped module
-    under DDP) on `test_loader` after each epoch where eval_epoch(epoch). `fast`: resolved
-    FastPath (bf16 autocast for both forwards, fused optimiser)."""
-    optimizer = make_optimizer(student, recipe, fused=bool(fast and fast.fused_optimizer))
+def fit(model: nn.Module, loader, recipe: TrainRecipe, loss_of: Callable, test_loader=None,
+        eval_epoch: Callable[[int], bool] = lambda e: False, desc: str = "train", fast: FastPath | None = None,
+        evaluate_model: nn.Module | None = None, end_of_epoch: Callable[[], None] | None = None) -> TrainResult:
+    """The epoch loop shared by every training: the recipe's optimiser (fused when the fast path
+    says so) and per-epoch schedule, loss_of(batch) -> loss per batch, end_of_epoch() after each
+    epoch, and test top-1 of `evaluate_model` (default `model`; the unwrapped module under DDP)
+    after each epoch where eval_epoch(epoch)."""
+    optimizer = make_optimizer(model, recipe, fused=bool(fast and fast.fused_optimizer))
     scheduler = make_scheduler(optimizer, recipe)
-    teacher.eval()
     result = TrainResult()
     start = time.perf_counter()
     bar = tqdm(range(recipe.epochs), desc=desc, leave=False, dynamic_ncols=True)
     for epoch in bar:
-        student.train()
+        model.train()
         set_epoch(loader, epoch)
-        for images, _, _ in loader:
-            with torch.inference_mode(), autocast(images, fast):
-                teacher_logits = teacher(images)
-            with autocast(images, fast):
-                student_logits = student(images)
-            loss = kd_loss(student_logits.float(), teacher_logits.float().clone(), temperature)
+        for batch in loader:
+            loss = loss_of(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            result.images += len(images)
+            result.images += len(batch[0])
+        if end_of_epoch is not None:
+            end_of_epoch()
         scheduler.step()
         if test_loader is not None and eval_epoch(epoch):
-            result.accs.append((epoch, evaluate(evaluate_model or student, test_loader, fast)))
+            result.accs.append((epoch, evaluate(evaluate_model or model, test_loader, fast)))
             bar.set_postfix(acc=f"{result.accs[-1][1]:.2f}", best=f"{result.best_acc:.2f}")
     result.seconds = time.perf_counter() - start
     return result
+
+
+def train_kd(student: nn.Module, teacher: nn.Module, loader, recipe: TrainRecipe, temperature: float,
+             test_loader=None, eval_epoch: Callable[[int], bool] = lambda e: False, desc: str = "train",
+             fast: FastPath | None = None, evaluate_model: nn.Module | None = None) -> TrainResult:
+    """Trains `student` by knowledge distillation only (labels unused): the teacher sees the same
+    augmented batch; bf16 autocast for both forwards when the fast path asks for it."""
+    teacher.eval()
+
+    def loss_of(batch):
+        images = batch[0]
+        with torch.inference_mode(), autocast(images, fast):
+            teacher_logits = teacher(images)
+        with autocast(images, fast):
+            student_logits = student(images)
+        return kd_loss(student_logits.float(), teacher_logits.float().clone(), temperature)
+
+    return fit(student, loader, recipe, loss_of, test_loader, eval_epoch, desc, fast, evaluate_model)
 
 
 @torch.inference_mode()
@@ -199,32 +214,24 @@ def train_supervised(model: nn.Module, loader, recipe: TrainRecipe, test_loader=
                      gather: Callable | None = None) -> TrainResult:
     """Cross-entropy training (a teacher). Forgetting events are recorded on the augmented
     presentations, once per epoch; `gather` merges every rank's (index, correct) under DDP."""
-    optimizer = make_optimizer(model, recipe, fused=bool(fast and fast.fused_optimizer))
-    scheduler = make_scheduler(optimizer, recipe)
-    result = TrainResult()
-    start = time.perf_counter()
-    bar = tqdm(range(recipe.epochs), desc=desc, leave=False, dynamic_ncols=True)
-    for epoch in bar:
-        model.train()
-        set_epoch(loader, epoch)
-        seen_index, seen_correct = [], []
-        for images, labels, index in loader:
-            with autocast(images, fast):
-                logits = model(images)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            result.images += len(images)
-            if tracker is not None:
-                seen_index.append(index.cpu().numpy())
-                seen_correct.append((logits.argmax(1) == labels).cpu().numpy())
+    seen_index: list[np.ndarray] = []
+    seen_correct: list[np.ndarray] = []
+
+    def loss_of(batch):
+        images, labels, index = batch
+        with autocast(images, fast):
+            logits = model(images)
+        if tracker is not None:
+            seen_index.append(index.cpu().numpy())
+            seen_correct.append((logits.argmax(1) == labels).cpu().numpy())
+        return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+
+    def record_presentations():
         if tracker is not None and seen_index:
             presented = (np.concatenate(seen_index), np.concatenate(seen_correct))
             tracker.update(*(gather(presented) if gather else presented))
-        scheduler.step()
-        if test_loader is not None and last_fifth_epochs(recipe.epochs)(epoch):
-            result.accs.append((epoch, evaluate(evaluate_model or model, test_loader, fast)))
-            bar.set_postfix(acc=f"{result.accs[-1][1]:.2f}")
-    result.seconds = time.perf_counter() - start
-    return result
+        seen_index.clear()
+        seen_correct.clear()
+
+    return fit(model, loader, recipe, loss_of, test_loader, last_fifth_epochs(recipe.epochs), desc, fast,
+               evaluate_model, record_presentations)
