@@ -66,7 +66,7 @@ def _plot(run_dir: Path, metrics: dict, frame: pd.DataFrame, out: Path) -> None:
     for column, label in (("train_s", "train"), ("eval_s", "pool evaluation"), ("select_s", "selection")):
         ax.bar(frame["phase"], frame[column], bottom=bottom, label=label)
         bottom += frame[column].to_numpy()
-    ax.set(title="time per curriculum", xlabel="curriculum", ylabel="seconds")
+    ax.set(title="time per curriculum", xlabel="curriculum", ylabel="seconds", xticks=frame["phase"])
     ax.legend()
 
     ax = axes[0, 1]
@@ -97,7 +97,7 @@ def _plot(run_dir: Path, metrics: dict, frame: pd.DataFrame, out: Path) -> None:
     final = metrics.get("final") or {}
     if final.get("acc_mean") is not None:
         ax.axhline(final["acc_mean"], color="black", linestyle="--", label=f"final eval {final['acc_mean']:.1f}%")
-    ax.set(title="test top-1 per curriculum", xlabel="curriculum", ylabel="%")
+    ax.set(title="test top-1 per curriculum", xlabel="curriculum", ylabel="%", xticks=frame["phase"])
     ax.legend()
     fig.suptitle(f"CCFS run {run_dir.name}: ipc {metrics['settings']['image_per_class']}, "
                  f"alpha {metrics['settings']['alpha']}")
