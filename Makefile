@@ -28,6 +28,8 @@ demo: install
 
 bench: install
 	$(BIN)/ccfs-fast bench loader --json benchmarks/results/loader_throughput.json
+	$(BIN)/ccfs-fast bench select --json benchmarks/results/select_kernel.json
+	$(BIN)/ccfs-fast bench phase --json benchmarks/results/curriculum_wallclock.json
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
