@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 from beton_builder.table import ImageTable
@@ -28,20 +28,8 @@ from beton_builder.writer import write_beton
 from ccfs_fast.data import BetonFile, IndexSpace, ResidentTrainLoader
 from ccfs_fast.tables import format_table
 
+from .baseline_paper import SelectedTensors
 from .common import median_time, write_chart, write_rows
-
-
-class TransformedTensors(Dataset):
-    """The paper's TensorDataset path: float [n, 3, s, s] in [0, 1], per-sample transforms."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform):
-        self.images, self.labels, self.transform = images, labels, transform
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int):
-        return self.transform(self.images[i]), self.labels[i]
 
 
 def synthetic_images(n: int, side: int, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -84,7 +72,7 @@ def measure_side(side: int, n: int, batch_sizes: list[int], workers: int, repeat
         setup_s = time.perf_counter() - start
         ccfs_rate = epoch_rate(ccfs, n, repeats)
         baselines = {
-            "tensordataset": TransformedTensors(tensors, torch.from_numpy(labels),
+            "tensordataset": SelectedTensors(tensors, torch.from_numpy(labels),
                                                 paper_transforms(side, manifest.mean, manifest.std, False)),
             "imagefolder_png": datasets.ImageFolder(str(folder),
                                                     paper_transforms(side, manifest.mean, manifest.std, True)),

@@ -7,11 +7,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .config import TeacherConfig
 from .data import BetonFile, IndexSpace, ResidentTrainLoader, make_test_loader
+from .difficulty import ForgettingTracker
 from .distributed import barrier, gather_concat, init_distributed
 from .models import create_model, save_checkpoint
 from .outputs import write_npy
 from .tables import format_table
-from .train import ForgettingTracker, train_supervised
+from .train import train_supervised
 from .workspace import resolve_device
 
 

@@ -13,6 +13,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .config import FastPath, TrainRecipe
+from .difficulty import ForgettingTracker
 
 OPTIMIZER_FACTORIES: dict[str, Callable[..., torch.optim.Optimizer]] = {
     # weight decay on all parameters, as the paper's script (utils.set_weight_decay without norm
@@ -184,28 +185,6 @@ def predict(model: nn.Module, loader, fast: FastPath | None = None) -> tuple[np.
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
     return (torch.cat(index).numpy().astype(np.int64), torch.cat(preds).numpy().astype(np.int64),
             torch.cat(logits).numpy().astype(np.float32))
-
-
-class ForgettingTracker:
-    """Forgetting events (Toneva et al. 2019) over the presentations of each pool image: a
-    correct -> incorrect transition between consecutive presentations. Images never classified
-    correctly get max(events) + 1, ranking them hardest."""
-
-    def __init__(self, n: int):
-        self.last_correct = np.zeros(n, bool)
-        self.learned = np.zeros(n, bool)
-        self.events = np.zeros(n, np.int64)
-
-    def update(self, index: np.ndarray, correct: np.ndarray) -> None:
-        forgot = self.last_correct[index] & ~correct
-        np.add.at(self.events, index[forgot], 1)
-        self.last_correct[index] = correct
-        self.learned[index] |= correct
-
-    def scores(self) -> np.ndarray:
-        out = self.events.astype(np.float32)
-        out[~self.learned] = float(self.events.max(initial=0) + 1)
-        return out
 
 
 def train_supervised(model: nn.Module, loader, recipe: TrainRecipe, test_loader=None,

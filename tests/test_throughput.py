@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.baseline_paper import SelectedTensors
 from benchmarks.common import median_time
-from benchmarks.loader_throughput import TransformedTensors, epoch_rate, paper_transforms, synthetic_images
+from benchmarks.loader_throughput import epoch_rate, paper_transforms, synthetic_images
 from benchmarks.select_kernel import SCALES, kernel_path, make_problem, reference_path
 from beton_builder.table import ImageTable
 from beton_builder.writer import write_beton
@@ -26,7 +27,7 @@ def test_train_loader_beats_tensordataset_path(tmp_path):
     torch.set_num_threads(2)
     ccfs = ResidentTrainLoader(IndexSpace(BetonFile.open(tmp_path / "t.beton")), np.arange(n), 128, "cpu", seed=0)
     tensors = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255)
-    dataset = TransformedTensors(tensors, torch.from_numpy(labels), paper_transforms(32, manifest.mean, manifest.std,
+    dataset = SelectedTensors(tensors, torch.from_numpy(labels), paper_transforms(32, manifest.mean, manifest.std,
                                                                                      False))
     baseline = torch.utils.data.DataLoader(dataset, batch_size=128, shuffle=True, num_workers=2)
     ratio = epoch_rate(ccfs, n, 3) / epoch_rate(baseline, n, 2)
