@@ -170,15 +170,14 @@ def _add_teacher(sub: argparse._SubParsersAction) -> None:
 def _run_teacher(args: argparse.Namespace) -> None:
     from dataclasses import fields, replace
 
-    from .config import FAST_KEYS, RECIPE_KEYS, FastPath, TeacherConfig
+    from .config import FAST_KEYS, RECIPE_KEYS, FastPath, TeacherConfig, teacher_recipe
     from .teacher import train_teacher
 
     values = _split_args(args, ())
     recipe_values = {k: v for k, v in values.items() if k in RECIPE_KEYS}
     fast = FastPath(**{k: v for k, v in values.items() if k in FAST_KEYS})
     rest = {k: v for k, v in values.items() if k in {f.name for f in fields(TeacherConfig)} - RECIPE_KEYS - FAST_KEYS}
-    default_recipe = TeacherConfig.__dataclass_fields__["recipe"].default_factory()
-    train_teacher(TeacherConfig(recipe=replace(default_recipe, **recipe_values), fast=fast, **rest))
+    train_teacher(TeacherConfig(recipe=replace(teacher_recipe(), **recipe_values), fast=fast, **rest))
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:

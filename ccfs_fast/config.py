@@ -178,6 +178,11 @@ class EvalConfig:
     output: Path | None = None
 
 
+def teacher_recipe() -> TrainRecipe:
+    """A standard supervised recipe for teachers: SGD lr 0.1, wd 5e-4, cosine, batch 128, 200 epochs."""
+    return TrainRecipe(epochs=200, lr=0.1, weight_decay=5e-4, lr_warmup_epochs=0, batch_size=128)
+
+
 @dataclass(frozen=True)
 class TeacherConfig:
     """`ccfs-fast teacher`: supervised training on a pool .beton, optional forgetting scores."""
@@ -186,8 +191,7 @@ class TeacherConfig:
     test: Path
     output: Path
     model: str = "resnet18_cifar"
-    recipe: TrainRecipe = field(default_factory=lambda: TrainRecipe(epochs=200, lr=0.1, weight_decay=5e-4,
-                                                                   lr_warmup_epochs=0, batch_size=128))
+    recipe: TrainRecipe = field(default_factory=teacher_recipe)
     fast: FastPath = field(default_factory=FastPath)
     forgetting_out: Path | None = None
     label_smoothing: float = 0.0
