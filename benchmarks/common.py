@@ -1,43 +1,12 @@
 """Shared benchmark plumbing: environment facts, medians, JSON output."""
 from __future__ import annotations
 
-import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment() -> dict:
-    """Machine and library versions recorded beside every figure."""
-    from importlib.metadata import version
-
-    import numba
-    import numpy
-    import torch
-    import torchvision
-
-    return {
-        "machine": platform.machine(), "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-        "torchvision": torchvision.__version__, "numpy": numpy.__version__, "numba": numba.__version__,
-        "ffcv": version("ffcv"),  # ffcv.__version__ says 0.0.3rc1 in 1.0.2
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
+from ccfs_fast.outputs import environment, write_json
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
@@ -60,9 +29,7 @@ def write_rows(path: str | Path | None, rows: list[dict], config: dict) -> None:
     out = [{**row, "config": config, "environment": env} for row in rows]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(out, indent=2))
-    os.replace(tmp, path)
+    write_json(path, out)
 
 
 def reset_peak_rss() -> None:

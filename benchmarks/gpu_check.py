@@ -5,7 +5,6 @@ libraries); runs on the CPU too (`--quick`) as a smoke test."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -20,11 +19,11 @@ from ccfs_fast.config import FastPath, RunConfig, TeacherConfig, TrainRecipe
 from ccfs_fast.curriculum import run_curriculum
 from ccfs_fast.data import BetonFile, EvalLoader, IndexSpace, ResidentTrainLoader
 from ccfs_fast.models import create_model
+from ccfs_fast.outputs import environment, write_json
 from ccfs_fast.tables import format_table
 from ccfs_fast.teacher import train_teacher
 from ccfs_fast.train import kd_loss, make_optimizer, predict
 
-from .common import environment
 from .curriculum_wallclock import class_images
 
 WORKERS = min(8, os.cpu_count() or 1)
@@ -178,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
         results["ccfs_run"] = ccfs_run(files, root, device.type, args.epochs, args.model)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2, default=str))
+        write_json(args.json, results)
     if rows:
         print(format_table(["measure", "setting", "images/s"], rows))
     print(format_table(["phase", "train set", "train s", "train img/s", "evaluated", "eval s", "eval img/s",

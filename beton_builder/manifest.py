@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -53,10 +52,3 @@ def read_manifest(beton_path: str | Path) -> Manifest:
     except (ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{path}: malformed manifest ({exc}); rebuild with `ccfs-fast build ... "
                         "--overwrite`") from exc
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Writes `text` to a temp file beside `path`, then renames it over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -10,9 +10,10 @@ from ffcv.fields import IntField, RGBImageField
 from ffcv.writer import DatasetWriter
 
 from ccfs_fast.errors import BuildError
+from ccfs_fast.outputs import write_text
 
 from . import BUILDER_VERSION
-from .manifest import Manifest, manifest_path, write_text_atomic
+from .manifest import Manifest, manifest_path
 from .table import ImageTable
 
 
@@ -80,5 +81,5 @@ def write_beton(table: ImageTable, out: str | Path, overwrite: bool = False, wor
     finally:
         if tmp.exists():
             tmp.unlink()
-    write_text_atomic(manifest_path(out), manifest.to_json())
+    write_text(manifest_path(out), manifest.to_json())
     return manifest

@@ -18,6 +18,7 @@ from beton_builder.build import BuildConfig, build
 from .config import RunConfig, TeacherConfig, TrainRecipe
 from .curriculum import evaluate_selection, evaluate_train_set, run_curriculum
 from .errors import ConfigError
+from .outputs import write_text
 from .tables import format_table
 from .teacher import train_teacher
 from .workspace import open_workspace
@@ -128,6 +129,6 @@ def run_demo(cfg: DemoConfig) -> list[tuple]:
         rows.append((name, ipc, result["acc_mean"], result["acc_std"], time.perf_counter() - start))
     table = format_table(["method", "images/class", "acc mean %", "acc std", "seconds"],
                          [(m, i, f"{a:.2f}", "-" if s is None else f"{s:.2f}", t) for m, i, a, s, t in rows])
-    (out / "demo_table.txt").write_text(table + "\n")
+    write_text(out / "demo_table.txt", table + "\n")
     print(table)
     return rows

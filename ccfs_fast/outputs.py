@@ -19,12 +19,11 @@ def _tmp(path: Path) -> Path:
 
 
 def write_json(path: Path, obj: object) -> None:
-    tmp = _tmp(path)
-    tmp.write_text(json.dumps(obj, indent=2, default=_jsonable))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2, default=_jsonable))
 
 
 def write_text(path: Path, text: str) -> None:
+    """Writes `text` to a temp file beside `path`, then renames it over `path`."""
     tmp = _tmp(path)
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -79,12 +78,29 @@ def prepare_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
         path.unlink()
 
 
-def environment(device: str) -> dict:
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: str | None = None) -> dict:
+    """Machine, device and library versions recorded beside every result (device default: cuda
+    when available, else cpu)."""
+    import time
     from importlib.metadata import version
 
     import torch
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "ffcv": version("ffcv"),
-            "numba": version("numba"), "numpy": np.__version__, "device": device,
-            "device_name": torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor()
-            or platform.machine(), "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    cuda = device.startswith("cuda") and torch.cuda.is_available()
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": version("torchvision"),
+            "ffcv": version("ffcv"),  # ffcv.__version__ says 0.0.3rc1 in 1.0.2
+            "numba": version("numba"), "numpy": np.__version__, "machine": platform.machine(), "cpu": cpu_model(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device,
+            "cuda": torch.cuda.get_device_name(0) if cuda else None, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
