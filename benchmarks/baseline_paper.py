@@ -21,8 +21,9 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from torchvision import datasets, transforms
 
 from ccfs_fast.config import TrainRecipe
+from ccfs_fast.datasets import auto_batch_size
 from ccfs_fast.models import create_model, load_checkpoint
-from ccfs_fast.train import auto_batch_size, evaluate, train_kd
+from ccfs_fast.train import evaluate, train_kd
 
 from .select_reference import reference_select
 

@@ -145,7 +145,7 @@ def worker_ccfs(spec: BenchSpec) -> dict:
     ws.warm()
     setup_s = time.perf_counter() - start
     start = time.perf_counter()
-    _, ok, _ = teacher_correct(ws, cfg.teacher, spec.model)
+    _, ok, _ = teacher_correct(ws, cfg.teacher)
     teacher_s = time.perf_counter() - start
     selected = np.zeros(0, np.int64)
     phases = []
@@ -155,7 +155,7 @@ def worker_ccfs(spec: BenchSpec) -> dict:
         r = outcome.record
         phases.append({"train_s": r["train_s"], "eval_s": r["eval_s"], "select_s": r["select_s"],
                        "curriculum_s": time.perf_counter() - start, "pool_evaluated": r["pool_evaluated"],
-                       "filter_acc": r["filter_best_acc"], "selection": outcome.picked.tolist(),
+                       "filter_acc": r["filter_acc"], "selection": outcome.picked.tolist(),
                        "train_size": r["train_size"]})
         selected = np.concatenate([selected, outcome.picked])
     process_peak = peak_rss_mb()

@@ -131,7 +131,7 @@ def ccfs_run(files: dict, root: Path, device: str, epochs: int, model: str) -> d
     state = run_curriculum(cfg)
     return {"teacher_train_s": teacher_s, "teacher_acc": teacher["test_acc"], "run_s": time.perf_counter() - start,
             "phases": [{k: p[k] for k in ("phase", "train_size", "train_s", "train_img_per_s", "pool_evaluated",
-                                          "eval_s", "eval_img_per_s", "select_s", "filter_best_acc")}
+                                          "eval_s", "eval_img_per_s", "select_s", "filter_acc")}
                        for p in state["phases"]],
             "final_acc": state["final"]["acc_mean"], "fast_path": state["fast_path"]}
 

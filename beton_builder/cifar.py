@@ -139,5 +139,5 @@ def read_cifar(src: str | Path, variant: str) -> dict[str, ImageTable]:
             parts.append(_batch_arrays(_unpickle(blob, where), where, layout))
         tables[split] = ImageTable(np.concatenate([p[0] for p in parts]),
                                    np.concatenate([p[1] for p in parts]), names,
-                                   f"{variant}-pickle", str(src))
+                                   f"{variant}-pickle", str(src), variant)
     return tables

@@ -24,9 +24,14 @@ class Manifest:
     builder_version: str
     fields: tuple[str, ...] = ("image", "label", "index")
     image_storage: str = "raw"
+    dataset: str | None = None  # cifar10 | cifar100 | tiny-imagenet; None for an image folder or arrays
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
+
+
+# Which dataset a source kind holds, for manifests written before they recorded it.
+DATASET_OF_SOURCE = {"cifar10-pickle": "cifar10", "cifar100-pickle": "cifar100", "tiny-imagenet": "tiny-imagenet"}
 
 
 def manifest_path(beton_path: str | Path) -> Path:
@@ -48,6 +53,7 @@ def read_manifest(beton_path: str | Path) -> Manifest:
         raw["class_names"] = tuple(raw["class_names"])
         raw["mean"], raw["std"] = tuple(raw["mean"]), tuple(raw["std"])
         raw["fields"] = tuple(raw.get("fields", ("image", "label", "index")))
+        raw.setdefault("dataset", DATASET_OF_SOURCE.get(raw["source_kind"]))  # manifests of builder version 1
         return Manifest(**raw)
     except (ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{path}: malformed manifest ({exc}); rebuild with `ccfs-fast build ... "

@@ -20,6 +20,7 @@ class ImageTable:
     class_names: tuple[str, ...]
     source_kind: str
     source_path: str
+    dataset: str | None = None  # the dataset the paper's code knows it as (cifar10, ...); None otherwise
 
     def __post_init__(self) -> None:
         n = len(self.images)

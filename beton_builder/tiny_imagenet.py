@@ -76,5 +76,5 @@ def read_tiny_imagenet(src: str | Path, workers: int) -> dict[str, ImageTable]:
     tables = {}
     for split, (files, labels) in (("train", _train_files(tree, wnids)), ("test", _val_files(tree, wnids))):
         images = decode_images([tree.ref(f) for f in files], None, workers, f"tiny-imagenet {split}")
-        tables[split] = ImageTable(images, labels, tuple(wnids), "tiny-imagenet", str(src))
+        tables[split] = ImageTable(images, labels, tuple(wnids), "tiny-imagenet", str(src), "tiny-imagenet")
     return tables

@@ -71,7 +71,8 @@ def write_beton(table: ImageTable, out: str | Path, overwrite: bool = False, wor
     manifest = Manifest(
         n=len(table.labels), num_classes=len(table.class_names), class_names=table.class_names,
         side=table.side, source_kind=table.source_kind, source_path=table.source_path,
-        mean=mean, std=std, content_hash=content_hash(table), builder_version=BUILDER_VERSION)
+        mean=mean, std=std, content_hash=content_hash(table), builder_version=BUILDER_VERSION,
+        dataset=table.dataset)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         writer = DatasetWriter(str(tmp), {"image": RGBImageField(write_mode="raw"), "label": IntField(),

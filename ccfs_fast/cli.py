@@ -92,6 +92,7 @@ def _add_data_args(p: argparse.ArgumentParser, distilled: bool = True) -> None:
         p.add_argument("--distilled", type=Path, required=True, help="the distilled images .beton (build folder)")
         p.add_argument("--teacher", type=Path, required=True, help="teacher checkpoint (.pt/.pth)")
         p.add_argument("--teacher-model", default=argparse.SUPPRESS)
+    p.add_argument("--normalize", default=argparse.SUPPRESS)
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
@@ -142,15 +143,16 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-eval", type=int, default=s)
     p.add_argument("--eval-model", default=s)
     p.add_argument("--output", type=Path, default=s, help="write the results as JSON here")
+    p.add_argument("--preset", default=None, help="the paper's settings, e.g. cifar10-ipc500 (flags override)")
     _add_recipe_args(p)
     p.set_defaults(handler=_run_eval)
 
 
 def _run_eval(args: argparse.Namespace) -> None:
-    from .config import EvalConfig, split_recipe
+    from .config import EvalConfig, preset_settings, split_recipe
     from .evaluation import evaluate_selection_file
 
-    recipe, rest = split_recipe(_split_args(args, ()))
+    recipe, rest = split_recipe({**preset_settings(args.preset, EvalConfig), **_split_args(args, ())})
     evaluate_selection_file(EvalConfig(recipe=recipe, **rest))
 
 
@@ -168,16 +170,12 @@ def _add_teacher(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_teacher(args: argparse.Namespace) -> None:
-    from dataclasses import fields, replace
-
-    from .config import FAST_KEYS, RECIPE_KEYS, FastPath, TeacherConfig, teacher_recipe
+    from .config import TeacherConfig, split_recipe, teacher_recipe
     from .teacher import train_teacher
 
-    values = _split_args(args, ())
-    recipe_values = {k: v for k, v in values.items() if k in RECIPE_KEYS}
-    fast = FastPath(**{k: v for k, v in values.items() if k in FAST_KEYS})
-    rest = {k: v for k, v in values.items() if k in {f.name for f in fields(TeacherConfig)} - RECIPE_KEYS - FAST_KEYS}
-    train_teacher(TeacherConfig(recipe=replace(teacher_recipe(), **recipe_values), fast=fast, **rest))
+    recipe, rest = split_recipe(_split_args(args, ()), teacher_recipe())
+    own = set(TeacherConfig.__dataclass_fields__)
+    train_teacher(TeacherConfig(recipe=recipe, **{k: v for k, v in rest.items() if k in own}))
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:

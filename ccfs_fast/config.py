@@ -1,10 +1,11 @@
 """Frozen, validated configuration dataclasses: one per command, plus the shared training recipe."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from .errors import ConfigError, UnknownNameError
+from .normalization import parse_normalize
 
 OPTIMIZERS = ("sgd", "sgd_nesterov", "adamw", "rmsprop")
 SCHEDULERS = ("cosineannealinglr", "steplr", "exponentiallr")
@@ -52,21 +53,19 @@ class TrainRecipe:
 @dataclass(frozen=True)
 class FastPath:
     """GPU fast-path switches; None means 'on where it helps' (CUDA), off on the CPU. Each resolved
-    value is recorded in metrics.json."""
+    value is recorded in metrics.json. bf16 is opt-in: the defaults compute in fp32, as the paper's
+    code does (design §1.0)."""
 
     channels_last: bool | None = None
-    bf16: bool | None = None
+    bf16: bool = False
     cudnn_benchmark: bool = True
     fused_optimizer: bool | None = None
     compile: bool = False
 
     def resolve(self, device: str) -> FastPath:
-        import torch
-
         cuda = device.startswith("cuda")
-        bf16_ok = cuda and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         return FastPath(channels_last=cuda if self.channels_last is None else self.channels_last,
-                        bf16=bf16_ok if self.bf16 is None else self.bf16,
+                        bf16=bool(self.bf16),
                         cudnn_benchmark=self.cudnn_benchmark and cuda,
                         fused_optimizer=cuda if self.fused_optimizer is None else self.fused_optimizer,
                         compile=self.compile)
@@ -94,10 +93,12 @@ class RunConfig:
     recipe: TrainRecipe = field(default_factory=TrainRecipe)
     fast: FastPath = field(default_factory=FastPath)
     num_eval: int = 5
-    filter_model: str = "resnet18_cifar"
-    teacher_model: str = "resnet18_cifar"
-    eval_model: str = "resnet18_cifar"
+    filter_model: str = "resnet18"
+    teacher_model: str | None = None  # None: the arch the checkpoint records, else resnet18
+    eval_model: str = "resnet18"
     filter_acc: str = "end"
+    normalize: str | None = None  # None: the teacher's recorded one, else paper constants / pool stats
+    notes: tuple[str, ...] = ()  # what the command line adjusted (printed, recorded; not a setting)
     device: str = "cpu"
     seed: int = 0
     workers: int = 2
@@ -127,6 +128,7 @@ class RunConfig:
         if self.num_eval < 0 or self.temperature <= 0 or self.workers < 1:
             raise ConfigError(f"need --num-eval >= 0, -T > 0 and --workers >= 1; got {self.num_eval}, "
                               f"{self.temperature}, {self.workers}")
+        parse_normalize(self.normalize)
 
     @property
     def cpc(self) -> int:
@@ -142,6 +144,8 @@ class RunConfig:
         """Flat JSON-able settings: what --resume compares and exp_log.txt lists."""
         out = {}
         for f in fields(self):
+            if f.name == "notes":
+                continue
             value = getattr(self, f.name)
             if isinstance(value, (TrainRecipe, FastPath)):
                 out.update({k.name: getattr(value, k.name) for k in fields(value)})
@@ -169,13 +173,22 @@ class EvalConfig:
     recipe: TrainRecipe = field(default_factory=TrainRecipe)
     fast: FastPath = field(default_factory=FastPath)
     num_eval: int = 5
-    teacher_model: str = "resnet18_cifar"
-    eval_model: str = "resnet18_cifar"
+    teacher_model: str | None = None  # None: the arch the checkpoint records, else resnet18
+    eval_model: str = "resnet18"
     device: str = "cpu"
     seed: int = 0
     workers: int = 2
     eval_batch_size: int = 256  # the paper's coarse-filtering batch; raise it on a GPU
     output: Path | None = None
+    normalize: str | None = None
+    preset: str | None = None
+    notes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.num_eval < 0 or self.temperature <= 0 or self.workers < 1:
+            raise ConfigError(f"need --num-eval >= 0, -T > 0 and --workers >= 1; got {self.num_eval}, "
+                              f"{self.temperature}, {self.workers}")
+        parse_normalize(self.normalize)
 
 
 def teacher_recipe() -> TrainRecipe:
@@ -190,7 +203,7 @@ class TeacherConfig:
     pool: Path
     test: Path
     output: Path
-    model: str = "resnet18_cifar"
+    model: str = "resnet18"
     recipe: TrainRecipe = field(default_factory=teacher_recipe)
     fast: FastPath = field(default_factory=FastPath)
     forgetting_out: Path | None = None
@@ -199,8 +212,11 @@ class TeacherConfig:
     seed: int = 0
     workers: int = 2
     overwrite: bool = False
+    normalize: str | None = None  # None: paper constants for cifar10/cifar100/tiny-imagenet, else pool stats
+    notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        parse_normalize(self.normalize)
         if self.output.suffix not in (".pt", ".pth"):
             raise ConfigError(f"--output must be a .pt or .pth file, got {self.output}")
         for path in (self.output, self.forgetting_out):
@@ -210,12 +226,14 @@ class TeacherConfig:
 
 # The paper's published script settings (github_scripts/*.sh of the CCFS repository) per dataset and
 # IPC. Shared by all: T=20, SGD lr 0.2 momentum 0.9 wd 1e-4, cosine after 5 linear warm-up epochs from
-# 0.01, 3 curricula, misclassified, simple, balanced, forgetting score, 5 evaluations, resnet18_cifar.
+# 0.01, 3 curricula, misclassified, simple, balanced, forgetting score, 5 evaluations, resnet18 (the
+# paper's network), and a class left short when it runs out of candidates, as the paper's code does.
 _PAPER_COMMON = {"temperature": 20.0, "opt": "sgd", "lr": 0.2, "momentum": 0.9, "weight_decay": 1e-4,
                  "lr_scheduler": "cosineannealinglr", "lr_warmup_epochs": 5, "lr_warmup_method": "linear",
                  "lr_warmup_decay": 0.01, "curriculum_num": 3, "select_misclassified": True,
                  "select_method": "simple", "balance": True, "score": "forgetting", "num_eval": 5,
-                 "filter_model": "resnet18_cifar", "teacher_model": "resnet18_cifar", "eval_model": "resnet18_cifar"}
+                 "filter_model": "resnet18", "teacher_model": "resnet18", "eval_model": "resnet18",
+                 "shortfall": "short"}
 
 
 def _preset(ipc: int, alpha: float, epochs: int, **extra: object) -> dict:
@@ -239,18 +257,39 @@ RECIPE_KEYS = frozenset(f.name for f in fields(TrainRecipe))
 FAST_KEYS = frozenset(f.name for f in fields(FastPath))
 
 
-def preset_settings(name: str | None) -> dict:
+def preset_settings(name: str | None, command: type | None = None) -> dict:
+    """The preset's flat settings; with `command` (a config class), only those it takes (for `eval`:
+    the recipe, T, models, num_eval; the selection file keeps its own ipc and alpha)."""
     if name is None:
         return {}
     if name not in PRESETS:
         raise UnknownNameError("preset", name, list(PRESETS))
-    return dict(PRESETS[name])
+    values = dict(PRESETS[name])
+    if command is not None:
+        own = {f.name for f in fields(command)} - {"image_per_class", "alpha"}
+        values = {k: v for k, v in values.items() if k in own or k in RECIPE_KEYS or k in FAST_KEYS}
+    return values
 
 
-def split_recipe(values: dict) -> tuple[TrainRecipe, dict]:
-    """Separates the training-recipe and fast-path keys of a flat settings dict:
-    (recipe, the other keys with `fast` set)."""
-    recipe = TrainRecipe(**{k: v for k, v in values.items() if k in RECIPE_KEYS})
+def fit_warmup(recipe: dict, base: TrainRecipe) -> tuple[dict, list[str]]:
+    """Clamps a warm-up that does not fit the epochs (e.g. the default 5 with --epochs 2) to
+    epochs - 1, so short smoke runs just work; returns the recipe values and the printed note."""
+    epochs = recipe.get("epochs", base.epochs)
+    warmup = recipe.get("lr_warmup_epochs", base.lr_warmup_epochs)
+    if epochs < 1 or warmup < epochs:
+        return recipe, []
+    note = (f"note: --lr-warmup-epochs {warmup} does not fit --epochs {epochs}; using {epochs - 1} warm-up "
+            f"epoch{'s' if epochs - 1 != 1 else ''}")
+    return {**recipe, "lr_warmup_epochs": epochs - 1}, [note]
+
+
+def split_recipe(values: dict, base: TrainRecipe | None = None) -> tuple[TrainRecipe, dict]:
+    """Separates the training-recipe and fast-path keys of a flat settings dict: (recipe = `base`
+    (default TrainRecipe()) with the given keys replaced, the other keys with `fast` and `notes` set)."""
+    base = base or TrainRecipe()
+    recipe_values, notes = fit_warmup({k: v for k, v in values.items() if k in RECIPE_KEYS}, base)
+    recipe = replace(base, **recipe_values)
     rest = {k: v for k, v in values.items() if k not in RECIPE_KEYS and k not in FAST_KEYS}
     rest["fast"] = FastPath(**{k: v for k, v in values.items() if k in FAST_KEYS})
+    rest["notes"] = tuple(notes)
     return recipe, rest

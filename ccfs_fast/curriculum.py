@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from .config import RESUME_FREE, RunConfig, TrainRecipe
 from .data import ResidentTrainLoader
+from .datasets import auto_batch_size
 from .distributed import barrier, broadcast, init_distributed
 from .errors import ConfigError
 from .models import create_model
@@ -23,7 +24,7 @@ from .report import write_report
 from .scores import easy_first_key, load_scores, score_kind
 from .select import candidate_mask, curriculum_arrangement, order_key, select_per_class, warm_up_kernels
 from .tables import format_table
-from .train import TrainResult, auto_batch_size, last_fifth_epochs, train_kd
+from .train import TrainResult, last_fifth_epochs, train_kd
 from .workspace import Workspace, open_workspace, teacher_correct
 
 STATE_VERSION = 1
@@ -45,7 +46,7 @@ def train_model(ws: Workspace, indices: np.ndarray, model_name: str, recipe: Tra
     across ranks). The result's seconds include reading the train set (pass `resident` to reuse
     one read). Returns the plain (unwrapped) model."""
     start = time.perf_counter()
-    batch_size = recipe.batch_size or auto_batch_size(len(indices), ws.num_classes)
+    batch_size = recipe.batch_size or auto_batch_size(len(indices), ws.num_classes, ws.dataset)
     torch.manual_seed(seed)
     model = create_model(model_name, ws.num_classes, ws.side).to(ws.device)
     if ws.fast.channels_last:
@@ -131,9 +132,9 @@ def run_phase(ws: Workspace, cfg: RunConfig, phase: int, curpc: int, selected: n
         "phase": phase, "curpc": curpc, "train_size": len(train_set), "batch_size": batch_size,
         "train_s": trained.seconds, "train_img_per_s": trained.img_per_s, "pool_evaluated": len(index),
         "eval_s": eval_s, "eval_img_per_s": len(index) / eval_s if eval_s else 0.0, "select_s": select_s,
-        "filter_best_acc": trained.best_acc, "filter_last_acc": trained.last_acc,
+        "filter_acc": trained.best_acc, "filter_acc_rule": cfg.filter_acc, "filter_last_acc": trained.last_acc,
         "candidates": int(candidates.sum()), "candidates_per_class": chosen.candidates_per_class.tolist(),
-        "selected": len(chosen.indices),
+        "selected": len(chosen.indices), "selected_per_class": chosen.selected_per_class.tolist(),
         "shortfall": {"policy": cfg.shortfall, "classes_short": int((chosen.candidates_per_class < curpc).sum()),
                       "filled_per_class": chosen.filled_per_class.tolist(),
                       "filled": int(chosen.filled_per_class.sum()), "unmet": chosen.unmet},
@@ -162,13 +163,17 @@ def _write_outputs(out: Path, cfg: RunConfig, state: dict) -> None:
                                                "complete": len(phases) == cfg.curriculum_num})
     write_json(out / "metrics.json", {"phases": phases, "totals": totals, "final": state.get("final"),
                                       "fast_path": state.get("fast_path"), "world_size": state.get("world_size", 1),
-                                      "environment": environment(cfg.device), "settings": state["settings"]})
+                                      "normalize": state.get("normalize"), "teacher_model": state.get("teacher_model"),
+                                      "notes": state.get("notes", []),
+                                      "dataset": state.get("dataset"), "environment": environment(cfg.device),
+                                      "settings": state["settings"]})
     lines = [f"{k}: {v}" for k, v in state["settings"].items()]
     lines += [f"cpc (distilled per class): {cfg.cpc}", f"spc (selected per class): {cfg.spc}",
               f"arrangement: {curriculum_arrangement(cfg.spc, cfg.curriculum_num)}"]
     for p in phases:
         lines.append(f"phase {p['phase']}/{cfg.curriculum_num}: curpc {p['curpc']}, train set {p['train_size']}, "
-                     f"filter acc {_fmt(p['filter_best_acc'])}%, evaluated {p['pool_evaluated']}, candidates "
+                     f"filter acc ({p['filter_acc_rule']}) {_fmt(p['filter_acc'])}%, evaluated {p['pool_evaluated']}, "
+                     "candidates "
                      f"{p['candidates']}, selected {p['selected']} (filled {p['shortfall']['filled']}, unmet "
                      f"{p['shortfall']['unmet']}), train {p['train_s']:.1f}s eval {p['eval_s']:.1f}s "
                      f"select {p['select_s'] * 1000:.1f}ms")
@@ -197,15 +202,22 @@ def run_curriculum(cfg: RunConfig, resume: bool = False, overwrite: bool = False
     fast = cfg.fast.resolve(device)
     torch.backends.cudnn.benchmark = bool(fast.cudnn_benchmark)
     ws = open_workspace(cfg.pool, cfg.test, cfg.distilled, cfg.teacher, cfg.teacher_model, cfg.cpc, device,
-                        cfg.workers, cfg.eval_batch_size, dist_ctx, fast)
+                        cfg.workers, cfg.eval_batch_size, dist_ctx, fast, cfg.normalize)
     state["fast_path"] = asdict(fast)
+    state["notes"] = list(cfg.notes)
+    if dist_ctx.is_main:
+        for note in cfg.notes:
+            print(note, flush=True)
+    state["normalize"] = ws.norm.to_json()
+    state["teacher_model"] = ws.teacher_arch
+    state["dataset"] = ws.dataset
     state["world_size"] = dist_ctx.world_size
     file_key = None
     if score_kind(cfg.score).from_file:
         file_key = easy_first_key(load_scores(cfg.score_path, ws.pool_labels), cfg.score)
     arrangement = curriculum_arrangement(cfg.spc, cfg.curriculum_num)
     start = time.perf_counter()
-    pred, teacher_ok, _ = teacher_correct(ws, cfg.teacher, cfg.teacher_model)
+    pred, teacher_ok, _ = teacher_correct(ws, cfg.teacher)
     state["teacher_pass_s"] = time.perf_counter() - start
     state["teacher_acc"] = float(teacher_ok.mean() * 100)
     main = dist_ctx.is_main
@@ -221,6 +233,9 @@ def run_curriculum(cfg: RunConfig, resume: bool = False, overwrite: bool = False
         selected = np.concatenate([selected, outcome.picked])
         state["phases"].append(outcome.record)
         state["selected"] = selected.tolist()
+        line = shortfall_line(outcome.record, ws.space.manifest.class_names)
+        if main and line:
+            tqdm.write(line)
         if main:
             write_npz(out / f"phase{phase}_candidates.npz", index=index, pred=fpred, logit=logit,
                       label=ws.pool_labels[index])
@@ -239,9 +254,28 @@ def run_curriculum(cfg: RunConfig, resume: bool = False, overwrite: bool = False
     return state
 
 
+def shortfall_line(record: dict, class_names: tuple[str, ...], shown: int = 8) -> str | None:
+    """One console line naming the classes of a phase that had fewer candidates than curpc, with
+    their counts (candidates / curpc, and what `fill` added); None when no class was short."""
+    curpc = record["curpc"]
+    cands = record["candidates_per_class"]
+    short = [c for c, n in enumerate(cands) if n < curpc]
+    if not short:
+        return None
+    policy = record["shortfall"]["policy"]
+    filled = record["shortfall"]["filled_per_class"]
+    parts = [f"{class_names[c]!r} {cands[c]}/{curpc}" + (f" +{filled[c]} filled" if filled[c] else "")
+             for c in short[:shown]]
+    more = f", ... ({len(short) - shown} more)" if len(short) > shown else ""
+    unmet = record["shortfall"]["unmet"]
+    noun = "class" if len(short) == 1 else "classes"
+    return (f"phase {record['phase']}: {len(short)} {noun} short of {curpc} candidates (shortfall {policy}, "
+            f"{unmet} images unmet): {', '.join(parts)}{more}")
+
+
 def summary_table(state: dict) -> str:
     rows = [(p["phase"], p["curpc"], p["train_size"], p["train_s"], p["pool_evaluated"], p["eval_img_per_s"],
-             p["select_s"] * 1000, _fmt(p["filter_best_acc"]), p["selected"], p["shortfall"]["filled"])
+             p["select_s"] * 1000, _fmt(p["filter_acc"]), p["selected"], p["shortfall"]["filled"])
             for p in state["phases"]]
     table = format_table(["phase", "curpc", "train set", "train s", "evaluated", "eval img/s", "select ms",
                           "filter acc", "selected", "filled"], rows)

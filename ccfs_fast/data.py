@@ -31,6 +31,7 @@ from .augment import (
     sample_flips,
 )
 from .errors import DataError
+from .normalization import Normalization
 
 
 @dataclass(frozen=True)
@@ -58,9 +59,10 @@ class BetonFile:
         return self.manifest.n
 
 
-def _stats_tensors(manifest: Manifest, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    mean = torch.tensor(manifest.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(manifest.std, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
+def _stats_tensors(norm: Normalization, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) float32 [1, 3, 1, 1] in 0..255 pixel units."""
+    mean = torch.tensor(norm.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(norm.std, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
     return mean, std
 
 
@@ -142,10 +144,12 @@ def read_labels(beton: BetonFile, workers: int = 2) -> np.ndarray:
 
 
 class IndexSpace:
-    """One index space over the pool (rows 0..n_pool-1) and the distilled set (n_pool..n_total-1)."""
+    """One index space over the pool (rows 0..n_pool-1) and the distilled set (n_pool..n_total-1).
+    `norm` normalises every image read through it (default: the pool's measured statistics)."""
 
-    def __init__(self, pool: BetonFile, distilled: BetonFile | None = None):
+    def __init__(self, pool: BetonFile, distilled: BetonFile | None = None, norm: Normalization | None = None):
         self.pool, self.distilled = pool, distilled
+        self.norm = norm or Normalization(tuple(pool.manifest.mean), tuple(pool.manifest.std), "pool")
         self._readers: dict[tuple[Path, int], RowReader] = {}
         if distilled is not None:
             pm, dm = pool.manifest, distilled.manifest
@@ -166,7 +170,7 @@ class IndexSpace:
 
     @property
     def manifest(self) -> Manifest:
-        """The pool's manifest: its mean/std normalise pool and distilled images alike."""
+        """The pool's manifest (side, classes, names)."""
         return self.pool.manifest
 
     def reader(self, beton: BetonFile, batch_size: int, workers: int) -> RowReader:
@@ -229,7 +233,7 @@ class ResidentTrainLoader:
         self.batch_size, self.seed, self.scale, self.ratio = batch_size, seed, scale, ratio
         self.rank, self.world_size, self.channels_last = rank, world_size, channels_last
         self.side = space.manifest.side
-        mean255, std255 = _stats_tensors(space.manifest, self.device)
+        mean255, std255 = _stats_tensors(space.norm, self.device)
         self.inv_std255, self.shift = 1.0 / std255, -mean255 / std255
         if resident is None:
             resident = space.read_resident(indices, self.device, workers)
@@ -279,14 +283,14 @@ class EvalLoader:
     """Sequential, unaugmented batches over an index subset of one IndexSpace, streamed through
     FFCV (never materialised): (images float32 [b, 3, S, S] normalised on `device`, labels int64
     [b], global index int64 [b]), every index once: pool rows first, then distilled rows, each in
-    the order given. `stats` picks the mean/std (default: the space's pool manifest)."""
+    the order given, normalised with the space's `norm`."""
 
     def __init__(self, space: IndexSpace, indices: np.ndarray, batch_size: int, device: torch.device | str,
-                 workers: int = 2, channels_last: bool = False, stats: Manifest | None = None):
+                 workers: int = 2, channels_last: bool = False):
         self.space, self.indices = space, np.asarray(indices, dtype=np.int64)
         self.batch_size, self.workers, self.channels_last = batch_size, workers, channels_last
         self.device = torch.device(device)
-        self.mean255, self.std255 = _stats_tensors(stats or space.manifest, self.device)
+        self.mean255, self.std255 = _stats_tensors(space.norm, self.device)
 
     def __len__(self) -> int:
         chunk = max(self.batch_size, READ_CHUNK)
@@ -311,13 +315,13 @@ class EvalLoader:
 class ResidentEvalLoader:
     """Sequential, unaugmented batches over a small index subset (e.g. the test set) read once into a
     resident uint8 tensor on the device, so per-epoch evaluation pays no FFCV compile or decode:
-    (images float32 [b, 3, S, S] normalised with `stats`, labels int64 [b], index int64 [b])."""
+    (images float32 [b, 3, S, S] normalised with the space's `norm`, labels int64 [b], index int64 [b])."""
 
     def __init__(self, space: IndexSpace, indices: np.ndarray, batch_size: int, device: torch.device | str,
-                 workers: int = 2, stats: Manifest | None = None):
+                 workers: int = 2, channels_last: bool = False):
         self.device = torch.device(device)
-        self.batch_size = batch_size
-        mean255, std255 = _stats_tensors(stats or space.manifest, self.device)
+        self.batch_size, self.channels_last = batch_size, channels_last
+        mean255, std255 = _stats_tensors(space.norm, self.device)
         self.inv_std255, self.shift = 1.0 / std255, -mean255 / std255
         self.images, self.labels, self.index = space.read_resident(indices, self.device, workers)
 
@@ -328,13 +332,17 @@ class ResidentEvalLoader:
         for start in range(0, len(self.labels), self.batch_size):
             stop = start + self.batch_size
             images = torch.addcmul(self.shift, self.images[start:stop].float(), self.inv_std255)
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
             yield images, self.labels[start:stop], self.index[start:stop]
 
 
-def make_test_loader(test: BetonFile, stats: Manifest, batch_size: int, device: torch.device | str,
-                     workers: int = 2) -> ResidentEvalLoader:
-    """The whole test set, resident, sequential, normalised with the training pool's statistics."""
-    if test.manifest.num_classes != stats.num_classes:
+def make_test_loader(test: BetonFile, num_classes: int, norm: Normalization, batch_size: int,
+                     device: torch.device | str, workers: int = 2, channels_last: bool = False) -> ResidentEvalLoader:
+    """The whole test set, resident, sequential, normalised with the run's `norm` (the same as the
+    pool's and the distilled images')."""
+    if test.manifest.num_classes != num_classes:
         raise DataError(f"the test set {test.path} has {test.manifest.num_classes} classes but the pool "
-                        f"has {stats.num_classes}; pass the test split of the same dataset")
-    return ResidentEvalLoader(IndexSpace(test), np.arange(test.n), batch_size, device, workers, stats=stats)
+                        f"has {num_classes}; pass the test split of the same dataset")
+    return ResidentEvalLoader(IndexSpace(test, norm=norm), np.arange(test.n), batch_size, device, workers,
+                              channels_last)

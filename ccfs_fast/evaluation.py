@@ -38,15 +38,19 @@ def evaluate_selection_file(cfg: EvalConfig) -> dict:
     if cpc < 1:
         raise ConfigError(f"ipc x alpha = {ipc} x {alpha} gives no distilled image per class")
     dist_ctx, device = init_distributed(cfg.device)
+    if dist_ctx.is_main:
+        for note in cfg.notes:
+            print(note, flush=True)
     fast = cfg.fast.resolve(device)
     torch.backends.cudnn.benchmark = bool(fast.cudnn_benchmark)
     ws = open_workspace(cfg.pool, cfg.test, cfg.distilled, cfg.teacher, cfg.teacher_model, cpc, device,
-                        cfg.workers, cfg.eval_batch_size, dist_ctx, fast)
+                        cfg.workers, cfg.eval_batch_size, dist_ctx, fast, cfg.normalize)
     if len(selected) and (selected.min() < 0 or selected.max() >= ws.space.n_pool):
         raise ConfigError(f"{cfg.selection}: indices must lie in [0, {ws.space.n_pool}) for this pool, got "
                           f"[{selected.min()}, {selected.max()}]")
     result = evaluate_selection(ws, selected, cfg.eval_model, cfg.recipe, cfg.temperature, cfg.num_eval, cfg.seed)
-    result.update({"selection": str(cfg.selection), "ipc": ipc, "alpha": alpha, "selected": len(selected)})
+    result.update({"selection": str(cfg.selection), "ipc": ipc, "alpha": alpha, "selected": len(selected),
+                   "normalize": ws.norm.to_json(), "teacher_model": ws.teacher_arch, "notes": list(cfg.notes)})
     if not dist_ctx.is_main:
         return result
     if cfg.output is not None:

@@ -1,14 +1,18 @@
 """Model registry (name -> factory) and checkpoint loading.
 
-`resnet18_cifar`: torchvision resnet18 with a 3x3 stride-1 first conv and no max-pool (the paper's
-network for 32x32 and 64x64); `convnet` / `convnet_small` / `convnet_tiny`: the 3-block ConvNet of
-dataset distillation (conv, instance norm, ReLU, 2x2 avg-pool; linear head), 128 / 32 / 8 channels;
-any other name is looked up among torchvision's classification models.
+Names follow the paper's code (design §1.0): any torchvision classification model by name, e.g.
+`resnet18`, is built with the paper's stem: `conv1` replaced by a 3x3 stride-1 padding-1 convolution
+without bias and `maxpool` by identity, where the model has them (`resnet18_cifar` is an alias of
+`resnet18`). `torchvision:NAME` is torchvision's unmodified network (its ImageNet stem). `convnet` /
+`convnet_small` / `convnet_tiny`: the 3-block ConvNet of dataset distillation (conv, instance norm,
+ReLU, 2x2 avg-pool; linear head), 128 / 32 / 8 channels.
 """
 from __future__ import annotations
 
+import argparse
 import pickle
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,12 +21,23 @@ from torch import nn
 
 from .errors import ModelError, UnknownNameError
 
+TORCHVISION_PREFIX = "torchvision:"
+
+
+def paper_network(name: str, num_classes: int) -> nn.Module:
+    """torchvision's `name` with the paper's stem (its create_model): conv1 -> 3x3 stride 1 padding 1
+    without bias, maxpool -> identity, where the model has them."""
+    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    conv1 = getattr(model, "conv1", None)
+    if isinstance(conv1, nn.Conv2d):
+        model.conv1 = nn.Conv2d(conv1.in_channels, conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+    if isinstance(getattr(model, "maxpool", None), nn.Module):
+        model.maxpool = nn.Identity()
+    return model
+
 
 def resnet18_cifar(num_classes: int, side: int) -> nn.Module:
-    model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
-    model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-    model.maxpool = nn.Identity()
-    return model
+    return paper_network("resnet18", num_classes)
 
 
 class ConvNet(nn.Module):
@@ -50,20 +65,66 @@ class ConvNet(nn.Module):
 ModelFactory = Callable[[int, int], nn.Module]
 
 MODELS: dict[str, ModelFactory] = {
-    "resnet18_cifar": resnet18_cifar,
+    "resnet18_cifar": resnet18_cifar,  # alias of `resnet18` (the paper's network)
     "convnet": lambda num_classes, side: ConvNet(num_classes, side, 128),
     "convnet_small": lambda num_classes, side: ConvNet(num_classes, side, 32),
     "convnet_tiny": lambda num_classes, side: ConvNet(num_classes, side, 8),  # input-bound benchmarks, tests
 }
 
 
+# Names that build the same network as another name (same state-dict keys): compared canonically.
+ALIASES = {"resnet18_cifar": "resnet18"}
+DEFAULT_TEACHER = "resnet18"
+
+
+def canonical_model_name(name: str) -> str:
+    return ALIASES.get(name, name)
+
+
+def torchvision_names() -> list[str]:
+    return torchvision.models.list_models(module=torchvision.models)
+
+
 def create_model(name: str, num_classes: int, side: int) -> nn.Module:
     """A freshly initialised model (call torch.manual_seed first for reproducible weights)."""
     if name in MODELS:
         return MODELS[name](num_classes, side)
-    if name in torchvision.models.list_models(module=torchvision.models):
-        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-    raise UnknownNameError("model", name, [*MODELS, "<any torchvision classification model>"])
+    if name.startswith(TORCHVISION_PREFIX) and name[len(TORCHVISION_PREFIX):] in torchvision_names():
+        return torchvision.models.get_model(name[len(TORCHVISION_PREFIX):], weights=None, num_classes=num_classes)
+    if name in torchvision_names():
+        return paper_network(name, num_classes)
+    raise UnknownNameError("model", name, [*MODELS, "<any torchvision classification model, e.g. resnet18>",
+                                           f"{TORCHVISION_PREFIX}<name> (torchvision's unmodified network)"])
+
+
+def stem_warning(name: str, side: int) -> str | None:
+    """A one-line warning when `name` keeps an ImageNet stem (7x7 stride-2 conv, max-pool) on images
+    of side <= 64, which it shrinks to a few pixels before the first block."""
+    if name.startswith(TORCHVISION_PREFIX) and side <= 64:
+        base = name[len(TORCHVISION_PREFIX):]
+        return (f"warning: {name} keeps torchvision's ImageNet stem on {side}x{side} images; the paper's network "
+                f"for small images is `{base}` (3x3 stride-1 conv1, no max-pool)")
+    return None
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint file's weights and the rest of what it holds (`meta`: e.g. arch, normalize,
+    epoch; an argparse `args` becomes a dict)."""
+
+    path: Path
+    state: dict[str, torch.Tensor]
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def arch(self) -> str | None:
+        arch = self.meta.get("arch")
+        return arch if isinstance(arch, str) else None
+
+    @property
+    def normalize(self) -> dict | None:
+        value = self.meta.get("normalize")
+        return value if isinstance(value, dict) else None
 
 
 def _state_dict(checkpoint: object, path: Path) -> dict[str, torch.Tensor]:
@@ -88,17 +149,36 @@ def _output_classes(state: dict[str, torch.Tensor], model: nn.Module) -> tuple[i
             int(model.state_dict()[head].shape[0]))
 
 
-def load_checkpoint(model: nn.Module, path: str | Path, model_name: str) -> nn.Module:
-    """Loads weights into `model`; accepts a raw state dict, {"model": ...}, {"state_dict": ...}
-    and DDP `module.` prefixes. Class-count or architecture mismatches raise ModelError."""
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Reads a checkpoint with weights_only=True: a raw state dict, {"model": ...}, {"state_dict": ...},
+    DDP `module.` prefixes, and torchvision's reference-script checkpoints, whose `args` is an
+    argparse.Namespace (the one non-tensor class allowed)."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"checkpoint {path} does not exist")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" in str(exc) or "GLOBAL" in str(exc):
+            culprit = str(exc).split("GLOBAL", 1)[-1].split()[0] if "GLOBAL" in str(exc) else "a Python object"
+            raise ModelError(f"checkpoint {path} holds {culprit}, which safe (weights_only) loading refuses; save "
+                             "{'model': model.state_dict()} instead") from exc
         raise ModelError(f"checkpoint {path} is truncated or not a torch file ({exc})") from exc
-    state = _state_dict(checkpoint, path)
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise ModelError(f"checkpoint {path} is truncated or not a torch file ({exc})") from exc
+    meta = {}
+    if isinstance(checkpoint, dict) and any(k in checkpoint for k in ("model", "state_dict")):
+        meta = {k: v for k, v in checkpoint.items() if k not in ("model", "state_dict")}
+        if isinstance(meta.get("args"), argparse.Namespace):
+            meta["args"] = vars(meta["args"])
+    return Checkpoint(path, _state_dict(checkpoint, path), meta)
+
+
+def load_state(model: nn.Module, checkpoint: Checkpoint, model_name: str) -> nn.Module:
+    """Loads a checkpoint's weights into `model`; class-count or architecture mismatches raise
+    ModelError (naming the architecture the checkpoint records, when it records one)."""
+    path, state = checkpoint.path, checkpoint.state
     found, expected = _output_classes(state, model)
     if found is not None and found != expected:
         raise ModelError(f"checkpoint {path} has {found} output classes but the pool has {expected}; use a "
@@ -108,9 +188,15 @@ def load_checkpoint(model: nn.Module, path: str | Path, model_name: str) -> nn.M
     except RuntimeError as exc:
         missing = sorted(set(model.state_dict()) - set(state))[:3]
         unexpected = sorted(set(state) - set(model.state_dict()))[:3]
+        recorded = f"; the checkpoint says it is {checkpoint.arch!r}" if checkpoint.arch else ""
         raise ModelError(f"checkpoint {path} does not fit model {model_name!r} (missing {missing}, unexpected "
-                         f"{unexpected}); pass the --teacher-model it was trained as") from exc
+                         f"{unexpected}){recorded}; pass the --teacher-model it was trained as") from exc
     return model
+
+
+def load_checkpoint(model: nn.Module, path: str | Path, model_name: str) -> nn.Module:
+    """Loads the weights of the checkpoint at `path` into `model` (see read_checkpoint, load_state)."""
+    return load_state(model, read_checkpoint(path), model_name)
 
 
 def save_checkpoint(model: nn.Module, path: str | Path, **meta: object) -> None:

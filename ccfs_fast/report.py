@@ -14,7 +14,7 @@ from .outputs import write_text
 from .scores import read_score_file, score_kind
 
 CSV_COLUMNS = ("phase", "curpc", "train_size", "batch_size", "train_s", "train_img_per_s", "pool_evaluated",
-               "eval_s", "eval_img_per_s", "select_s", "filter_best_acc", "filter_last_acc", "candidates",
+               "eval_s", "eval_img_per_s", "select_s", "filter_acc", "filter_acc_rule", "filter_last_acc", "candidates",
                "selected")
 
 
@@ -92,7 +92,7 @@ def _plot(run_dir: Path, metrics: dict, frame: pd.DataFrame, out: Path) -> None:
     ax.set(title=f"{metrics['settings']['score']} score (easy = {easy})", xlabel="score", ylabel="density")
 
     ax = axes[1, 1]
-    accs = frame["filter_best_acc"].astype(float)
+    accs = frame["filter_acc"].astype(float)
     ax.plot(frame["phase"], accs, marker="o", label="filter")
     final = metrics.get("final") or {}
     if final.get("acc_mean") is not None:

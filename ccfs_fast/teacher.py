@@ -7,9 +7,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .config import TeacherConfig
 from .data import BetonFile, IndexSpace, ResidentTrainLoader, make_test_loader
+from .datasets import auto_batch_size
 from .difficulty import ForgettingTracker
 from .distributed import barrier, gather_concat, init_distributed
 from .models import create_model, save_checkpoint
+from .normalization import parse_normalize, resolve_normalization
 from .outputs import write_npy
 from .tables import format_table
 from .train import train_supervised
@@ -22,7 +24,13 @@ def train_teacher(cfg: TeacherConfig) -> dict:
     canonical pool order (never-learned images rank hardest). Under torchrun: DDP, every rank a
     share of each epoch, forgetting presentations gathered, rank 0 writing the files."""
     dist_ctx, device_name = init_distributed(cfg.device)
+    if dist_ctx.is_main:
+        for note in cfg.notes:
+            print(note, flush=True)
     pool, test = BetonFile.open(cfg.pool), BetonFile.open(cfg.test)
+    pm = pool.manifest
+    norm = resolve_normalization(parse_normalize(cfg.normalize), pm.dataset, tuple(pm.mean), tuple(pm.std),
+                                 str(pool.path))
     device = resolve_device(device_name)
     fast = cfg.fast.resolve(device_name)
     torch.backends.cudnn.benchmark = bool(fast.cudnn_benchmark)
@@ -34,20 +42,24 @@ def train_teacher(cfg: TeacherConfig) -> dict:
     trained = model
     if dist_ctx.enabled:
         trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    loader = ResidentTrainLoader(IndexSpace(pool), np.arange(pool.n),
-                                 max(1, (cfg.recipe.batch_size or 128) // dist_ctx.world_size), device, cfg.seed,
+    batch_size = cfg.recipe.batch_size or auto_batch_size(pool.n, manifest.num_classes, manifest.dataset)
+    loader = ResidentTrainLoader(IndexSpace(pool, norm=norm), np.arange(pool.n),
+                                 max(1, batch_size // dist_ctx.world_size), device, cfg.seed,
                                  cfg.workers, rank=dist_ctx.rank, world_size=dist_ctx.world_size,
                                  channels_last=bool(fast.channels_last))
     tracker = ForgettingTracker(pool.n) if cfg.forgetting_out else None
-    result = train_supervised(trained, loader, cfg.recipe, make_test_loader(test, manifest, 256, device, cfg.workers),
-                              tracker, cfg.label_smoothing, fast=fast, evaluate_model=model,
-                              gather=lambda arrays: gather_concat(arrays, dist_ctx))
-    summary = {"model": cfg.model, "epochs": cfg.recipe.epochs, "test_acc": result.last_acc,
+    test_loader = make_test_loader(test, manifest.num_classes, norm, 256, device, cfg.workers,
+                                   bool(fast.channels_last))
+    result = train_supervised(trained, loader, cfg.recipe, test_loader, tracker, cfg.label_smoothing, fast=fast,
+                              evaluate_model=model, gather=lambda arrays: gather_concat(arrays, dist_ctx))
+    summary = {"model": cfg.model, "epochs": cfg.recipe.epochs, "batch_size": batch_size, "normalize": norm.source,
+               "test_acc": result.last_acc,
                "best_acc": result.best_acc, "train_s": result.seconds,
                "img_per_s": result.img_per_s * dist_ctx.world_size}
     if dist_ctx.is_main:
         save_checkpoint(model, cfg.output, arch=cfg.model, num_classes=manifest.num_classes, test_acc=result.last_acc,
-                        epochs=cfg.recipe.epochs, pool_hash=manifest.content_hash)
+                        epochs=cfg.recipe.epochs, pool_hash=manifest.content_hash, normalize=norm.to_json(),
+                        side=manifest.side, dataset=manifest.dataset)
         if tracker is not None:
             scores = tracker.scores()
             write_npy(cfg.forgetting_out, scores)

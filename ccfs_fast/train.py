@@ -55,13 +55,6 @@ def make_scheduler(optimizer: torch.optim.Optimizer, recipe: TrainRecipe) -> tor
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, main], milestones=[recipe.lr_warmup_epochs])
 
 
-def auto_batch_size(train_size: int, num_classes: int) -> int:
-    """The paper's policy: |T| < 500 C -> 32; |T| < 1000 C -> 64; else 128."""
-    if train_size < 500 * num_classes:
-        return 32
-    return 64 if train_size < 1000 * num_classes else 128
-
-
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """KLDiv(log_softmax(s/T), log_softmax(t/T), batchmean, log_target=True) * T^2."""
     return F.kl_div(F.log_softmax(student_logits / temperature, dim=1),

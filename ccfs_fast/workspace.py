@@ -13,8 +13,9 @@ from torch import nn
 from .config import FastPath
 from .data import BetonFile, EvalLoader, IndexSpace, make_test_loader, read_labels
 from .distributed import DistContext, gather_concat, shard
-from .errors import ConfigError, DataError
-from .models import create_model, load_checkpoint
+from .errors import ConfigError, DataError, ModelError
+from .models import DEFAULT_TEACHER, Checkpoint, canonical_model_name, create_model, load_state, read_checkpoint
+from .normalization import Normalization, parse_normalize, resolve_normalization
 from .outputs import write_npz
 from .train import predict
 
@@ -34,6 +35,7 @@ class Workspace:
     eval_batch_size: int
     dist: DistContext = DistContext()
     fast: FastPath = FastPath()
+    teacher_arch: str = "resnet18"
     _test_loader: object = None
     _distilled: tuple | None = None
 
@@ -77,9 +79,19 @@ class Workspace:
     def test_loader(self):
         """The resident test loader, read once per workspace and reused by every evaluation."""
         if self._test_loader is None:
-            self._test_loader = make_test_loader(self.test, self.space.manifest, self.eval_batch_size, self.device,
-                                                 self.workers)
+            self._test_loader = make_test_loader(self.test, self.num_classes, self.norm, self.eval_batch_size,
+                                                 self.device, self.workers, bool(self.fast.channels_last))
         return self._test_loader
+
+    @property
+    def norm(self) -> Normalization:
+        """The normalisation of every image of the run (pool, distilled, test)."""
+        return self.space.norm
+
+    @property
+    def dataset(self) -> str | None:
+        """The dataset the pool holds (cifar10, cifar100, tiny-imagenet) or None."""
+        return self.space.manifest.dataset
 
     def pool_loader(self, indices: np.ndarray) -> EvalLoader:
         return EvalLoader(self.space, indices, self.eval_batch_size, self.device, self.workers,
@@ -105,32 +117,52 @@ def first_per_class(labels: np.ndarray, count: int, class_names: tuple[str, ...]
     return np.concatenate(rows).astype(np.int64)
 
 
-def load_teacher(name: str, path: Path, num_classes: int, side: int, device: torch.device) -> nn.Module:
-    teacher = load_checkpoint(create_model(name, num_classes, side), path, name).to(device).eval()
+def resolve_teacher_arch(requested: str | None, checkpoint: Checkpoint) -> str:
+    """The teacher's architecture: --teacher-model, else the arch the checkpoint records, else resnet18
+    (the paper's teacher). A --teacher-model that contradicts the recorded arch is refused."""
+    recorded = checkpoint.arch
+    if requested is None:
+        return recorded or DEFAULT_TEACHER
+    if recorded is not None and canonical_model_name(recorded) != canonical_model_name(requested):
+        raise ModelError(f"--teacher-model {requested} but the checkpoint {checkpoint.path} records arch "
+                         f"{recorded!r}; drop --teacher-model (the recorded arch is used) or pass {recorded}")
+    return requested
+
+
+def load_teacher(name: str, checkpoint: Checkpoint, num_classes: int, side: int, device: torch.device) -> nn.Module:
+    teacher = load_state(create_model(name, num_classes, side), checkpoint, name).to(device).eval()
     for param in teacher.parameters():
         param.requires_grad_(False)
     return teacher
 
 
-def open_workspace(pool: Path, test: Path, distilled: Path, teacher: Path, teacher_model: str, cpc: int,
+def open_workspace(pool: Path, test: Path, distilled: Path, teacher: Path, teacher_model: str | None, cpc: int,
                    device: str, workers: int, eval_batch_size: int, dist: DistContext | None = None,
-                   fast: FastPath | None = None) -> Workspace:
+                   fast: FastPath | None = None, normalize: str | None = None) -> Workspace:
     """Opens and checks every input of a run. `device` is this rank's device; `fast` a resolved
-    FastPath (channels_last also applies to the teacher)."""
+    FastPath (channels_last also applies to the teacher); `normalize` the --normalize value (None:
+    the teacher's recorded normalisation, else the paper's constants / the pool's statistics)."""
     pool_file, test_file, distilled_file = BetonFile.open(pool), BetonFile.open(test), BetonFile.open(distilled)
     if test_file.manifest.num_classes != pool_file.manifest.num_classes:
         raise DataError(f"the pool has {pool_file.manifest.num_classes} classes but the test set "
                         f"{test_file.manifest.num_classes}; use the two splits of one dataset")
-    space = IndexSpace(pool_file, distilled_file)
+    checkpoint = read_checkpoint(teacher)
+    arch = resolve_teacher_arch(teacher_model, checkpoint)
+    pm = pool_file.manifest
+    recorded = (Normalization.from_json(checkpoint.normalize, str(checkpoint.normalize.get("source", "teacher")))
+                if checkpoint.normalize else None)
+    norm = resolve_normalization(parse_normalize(normalize), pm.dataset, tuple(pm.mean), tuple(pm.std),
+                                 str(pool_file.path), recorded, str(teacher))
+    space = IndexSpace(pool_file, distilled_file, norm)
     distilled_labels = read_labels(distilled_file, workers)
     rows = first_per_class(distilled_labels, cpc, distilled_file.manifest.class_names, distilled_file.path)
     dev = resolve_device(device)
     fast = fast or FastPath().resolve(str(dev))
-    model = load_teacher(teacher_model, teacher, pool_file.manifest.num_classes, pool_file.manifest.side, dev)
+    model = load_teacher(arch, checkpoint, pm.num_classes, pm.side, dev)
     if fast.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return Workspace(space, test_file, read_labels(pool_file, workers), rows + space.n_pool, model, dev, workers,
-                     eval_batch_size, dist or DistContext(), fast)
+                     eval_batch_size, dist or DistContext(), fast, arch)
 
 
 def file_sha256(path: Path) -> str:
@@ -145,11 +177,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ccfs-fast"
 
 
-def teacher_correct(ws: Workspace, teacher_path: Path, teacher_model: str) -> tuple[np.ndarray, np.ndarray, bool]:
+def teacher_correct(ws: Workspace, teacher_path: Path) -> tuple[np.ndarray, np.ndarray, bool]:
     """The teacher pass (once): argmax on every pool image, unaugmented. Cached on disk keyed by the
-    teacher file's hash, the model name and the pool's content hash. Returns (pred int64 [n],
-    teacher_correct bool [n], came_from_cache)."""
-    key = hashlib.sha256(f"{file_sha256(teacher_path)}|{teacher_model}|{ws.space.manifest.content_hash}".encode())
+    teacher file's hash, its architecture, the pool's content hash, the normalisation and the
+    precision. Returns (pred int64 [n], teacher_correct bool [n], came_from_cache)."""
+    norm = ",".join(f"{v:.8g}" for v in ws.norm.mean + ws.norm.std)
+    precision = "bf16" if ws.fast.bf16 else "fp32"
+    key = hashlib.sha256(f"{file_sha256(teacher_path)}|{canonical_model_name(ws.teacher_arch)}|"
+                         f"{ws.space.manifest.content_hash}|{norm}|{precision}".encode())
     path = cache_dir() / f"teacher_pass-{key.hexdigest()[:24]}.npz"
     if path.is_file():
         with np.load(path) as cached:

@@ -15,6 +15,15 @@ from formats import class_images, write_cifar10  # noqa: E402
 SHARED_SCORES = Path(__file__).resolve().parents[1].parent / "shared" / "scores"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """The teacher-pass cache of every test lives in the session's temp folder, not ~/.cache."""
+    import os
+
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _two_threads():
     torch.set_num_threads(2)

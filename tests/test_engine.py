@@ -35,7 +35,8 @@ def test_run_writes_outputs_and_a_valid_selection(finished_run, engine_data):
     phases = metrics["phases"]
     assert [p["curpc"] for p in phases] == curriculum_arrangement(16, 3) == [6, 5, 5]
     assert [p["train_size"] for p in phases] == [40, 100, 150]                  # D ∪ selected so far
-    for key in ("train_s", "pool_evaluated", "eval_s", "eval_img_per_s", "select_s", "filter_best_acc",
+    for key in ("train_s", "pool_evaluated", "eval_s", "eval_img_per_s", "select_s", "filter_acc", "filter_acc_rule",
+                "filter_last_acc",
                 "candidates_per_class", "shortfall"):
         assert key in phases[0], key
     assert len(metrics["final"]["accs"]) == 2 and metrics["final"]["acc_mean"] is not None

@@ -16,7 +16,7 @@ def test_run_writes_csv_and_png(finished_run):
     metrics = json.loads((finished_run / "metrics.json").read_text())
     assert len(frame) == 3 and frame["phase"].tolist() == [1, 2, 3]
     assert frame["train_s"].tolist() == [p["train_s"] for p in metrics["phases"]]
-    assert {"eval_img_per_s", "select_s", "filter_best_acc", "filled", "unmet"} <= set(frame.columns)
+    assert {"eval_img_per_s", "select_s", "filter_acc", "filled", "unmet"} <= set(frame.columns)
     with Image.open(finished_run / "report.png") as png:
         assert png.format == "PNG" and png.size[0] > 600 and png.size[1] > 400
 
