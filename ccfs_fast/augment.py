@@ -15,33 +15,48 @@ DEFAULT_SCALE = (0.08, 1.0)
 DEFAULT_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 
-def sample_crop_boxes(n: int, side: int, generator: torch.Generator,
-                      scale: tuple[float, float] = DEFAULT_SCALE,
-                      ratio: tuple[float, float] = DEFAULT_RATIO) -> torch.Tensor:
-    """torchvision's RandomResizedCrop.get_params for n square side x side images, vectorised.
+# One uniform draw per image covers its whole augmentation: 10 area tries, 10 log-aspect tries, 2
+# offsets and the flip (torchvision's RandomResizedCrop + RandomHorizontalFlip).
+AUG_DRAWS = 23
 
-    Returns float32 [n, 4] boxes (top, left, height, width) in pixels, on the CPU.
-    """
-    area = float(side * side) * torch.empty(n, 10).uniform_(scale[0], scale[1], generator=generator)
-    log_ratio = torch.empty(n, 10).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
-    aspect = torch.exp(log_ratio)
+
+def draw_augmentation(n: int, generator: torch.Generator, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """u [n, AUG_DRAWS] uniform in [0, 1), drawn on the generator's device in one call (one kernel,
+    no host synchronisation: it can sit inside a CUDA graph)."""
+    return torch.rand((n, AUG_DRAWS), generator=generator, device=generator.device, dtype=dtype)
+
+
+def crop_boxes_from(u: torch.Tensor, side: int, scale: tuple[float, float] = DEFAULT_SCALE,
+                    ratio: tuple[float, float] = DEFAULT_RATIO) -> torch.Tensor:
+    """torchvision's RandomResizedCrop.get_params for square side x side images, vectorised, from
+    draws u [n, AUG_DRAWS]. Returns [n, 4] boxes (top, left, height, width) in pixels, u's dtype
+    and device; no data-dependent shapes."""
+    area = float(side * side) * (scale[0] + (scale[1] - scale[0]) * u[:, 0:10])
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[:, 10:20])
     width = torch.round(torch.sqrt(area * aspect))
     height = torch.round(torch.sqrt(area / aspect))
     valid = (width > 0) & (width <= side) & (height > 0) & (height <= side)
     first = valid.int().argmax(1, keepdim=True)  # the first try that fits, as torchvision's loop
     found = valid.any(1)
-    full = torch.full((n,), float(side))  # fallback for a square image: the whole image
+    full = torch.full_like(width[:, 0], float(side))  # fallback for a square image: the whole image
     width = torch.where(found, width.gather(1, first)[:, 0], full)
     height = torch.where(found, height.gather(1, first)[:, 0], full)
-    offsets = torch.rand(n, 2, generator=generator)
-    top = torch.floor(offsets[:, 0] * (side - height + 1))
-    left = torch.floor(offsets[:, 1] * (side - width + 1))
+    top = torch.floor(u[:, 20] * (side - height + 1))
+    left = torch.floor(u[:, 21] * (side - width + 1))
     return torch.stack((top, left, height, width), 1)
 
 
-def sample_flips(n: int, generator: torch.Generator) -> torch.Tensor:
-    """bool [n]: flip horizontally with probability 0.5."""
-    return torch.rand(n, generator=generator) < 0.5
+def flips_from(u: torch.Tensor) -> torch.Tensor:
+    """bool [n]: flip horizontally with probability 0.5, from draws u [n, AUG_DRAWS]."""
+    return u[:, 22] < 0.5
+
+
+def sample_crop_boxes(n: int, side: int, generator: torch.Generator,
+                      scale: tuple[float, float] = DEFAULT_SCALE,
+                      ratio: tuple[float, float] = DEFAULT_RATIO) -> torch.Tensor:
+    """n crop boxes float32 [n, 4] (top, left, height, width) drawn from `generator`."""
+    return crop_boxes_from(draw_augmentation(n, generator), side, scale, ratio)
 
 
 def crop_grids(boxes: torch.Tensor, flips: torch.Tensor, side: int, out_side: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,7 +70,7 @@ def crop_grids(boxes: torch.Tensor, flips: torch.Tensor, side: int, out_side: in
     shift_x = (2 * left + width) / side - 1
     scale_y = height / side
     shift_y = (2 * top + height) / side - 1
-    ruler = (torch.arange(out_side, device=boxes.device, dtype=torch.float32) + 0.5) * (2.0 / out_side) - 1
+    ruler = (torch.arange(out_side, device=boxes.device, dtype=boxes.dtype) + 0.5) * (2.0 / out_side) - 1
     grid_x = torch.addcmul(shift_x[:, None], scale_x[:, None], ruler[None, :])
     grid_y = torch.addcmul(shift_y[:, None], scale_y[:, None], ruler[None, :])
     return grid_x, grid_y
@@ -64,13 +79,23 @@ def crop_grids(boxes: torch.Tensor, flips: torch.Tensor, side: int, out_side: in
 def resample_normalise(images: torch.Tensor, grid_x: torch.Tensor, grid_y: torch.Tensor,
                        inv_std255: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """images uint8 [B, 3, H, W]; rulers [B, S] from `crop_grids`; inv_std255 = 1 / (255 std) and
-    shift = -mean / std, both float [1, 3, 1, 1]. Returns normalised float32 [B, 3, S, S]
+    shift = -mean / std, both [1, 3, 1, 1]. Returns normalised [B, 3, S, S] in the rulers' dtype
     (bilinear; crops lie inside the image so border padding is never reached beyond half a pixel)."""
     batch, out_side = grid_x.shape
     grid = torch.stack((grid_x[:, None, :].expand(batch, out_side, out_side),
                         grid_y[:, :, None].expand(batch, out_side, out_side)), dim=-1)
-    sampled = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return torch.addcmul(shift, sampled, inv_std255)
+    sampled = F.grid_sample(images.to(grid.dtype), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return torch.addcmul(shift.to(grid.dtype), sampled, inv_std255.to(grid.dtype))
+
+
+def augment_batch(images: torch.Tensor, u: torch.Tensor, inv_std255: torch.Tensor, shift: torch.Tensor,
+                  scale: tuple[float, float] = DEFAULT_SCALE, ratio: tuple[float, float] = DEFAULT_RATIO
+                  ) -> torch.Tensor:
+    """RandomResizedCrop + flip + normalise of a batch uint8 [B, 3, S, S] with draws u [B, AUG_DRAWS]
+    (their dtype is the output's): normalised [B, 3, S, S], the whole batch in one grid_sample."""
+    side = images.shape[-1]
+    grid_x, grid_y = crop_grids(crop_boxes_from(u, side, scale, ratio), flips_from(u), side, side)
+    return resample_normalise(images, grid_x, grid_y, inv_std255, shift)
 
 
 def crop_resize_flip(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, out_side: int,

@@ -83,6 +83,8 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     fast.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=s)
     fast.add_argument("--fused-optimizer", action=argparse.BooleanOptionalAction, default=s)
     fast.add_argument("--compile", action=argparse.BooleanOptionalAction, default=s, help="torch.compile the student")
+    fast.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=s,
+                      help="capture the whole KD train step in CUDA graphs and replay it (default: on for CUDA)")
 
 
 def _add_data_args(p: argparse.ArgumentParser, distilled: bool = True) -> None:
@@ -111,6 +113,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--score-path", type=Path, default=s)
     p.add_argument("--shortfall", default=s, help="fill | strict | short")
     p.add_argument("--num-eval", type=int, default=s)
+    p.add_argument("--fuse-evals", action=argparse.BooleanOptionalAction, default=s,
+                   help="train the --num-eval evaluation models as one fused network (default: on)")
     p.add_argument("--filter-model", default=s)
     p.add_argument("--eval-model", default=s)
     p.add_argument("--filter-acc", default=s, help="end (default) | best_last_20 (the paper's logging)")
@@ -141,6 +145,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-per-class", type=int, default=s, help="default: the selection file's ipc")
     p.add_argument("--alpha", type=float, default=s, help="default: the selection file's alpha")
     p.add_argument("--num-eval", type=int, default=s)
+    p.add_argument("--fuse-evals", action=argparse.BooleanOptionalAction, default=s,
+                   help="train the --num-eval evaluation models as one fused network (default: on)")
     p.add_argument("--eval-model", default=s)
     p.add_argument("--output", type=Path, default=s, help="write the results as JSON here")
     p.add_argument("--preset", default=None, help="the paper's settings, e.g. cifar10-ipc500 (flags override)")

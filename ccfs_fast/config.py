@@ -61,6 +61,7 @@ class FastPath:
     cudnn_benchmark: bool = True
     fused_optimizer: bool | None = None
     compile: bool = False
+    cuda_graphs: bool | None = None  # the whole KD step captured and replayed (ccfs_fast.step)
 
     def resolve(self, device: str) -> FastPath:
         cuda = device.startswith("cuda")
@@ -68,7 +69,8 @@ class FastPath:
                         bf16=bool(self.bf16),
                         cudnn_benchmark=self.cudnn_benchmark and cuda,
                         fused_optimizer=cuda if self.fused_optimizer is None else self.fused_optimizer,
-                        compile=self.compile)
+                        compile=self.compile,
+                        cuda_graphs=cuda if self.cuda_graphs is None else (self.cuda_graphs and cuda))
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,7 @@ class RunConfig:
     recipe: TrainRecipe = field(default_factory=TrainRecipe)
     fast: FastPath = field(default_factory=FastPath)
     num_eval: int = 5
+    fuse_evals: bool = True  # train the num_eval evaluation models as one fused bank (ccfs_fast.fused)
     filter_model: str = "resnet18"
     teacher_model: str | None = None  # None: the arch the checkpoint records, else resnet18
     eval_model: str = "resnet18"
@@ -155,7 +158,7 @@ class RunConfig:
 
 
 # Settings that may change between a run and its --resume without changing results.
-RESUME_FREE = frozenset({"output_dir", "workers", "device", "eval_batch_size", "preset"})
+RESUME_FREE = frozenset({"output_dir", "workers", "device", "eval_batch_size", "preset", "fuse_evals", "cuda_graphs"})
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,7 @@ class EvalConfig:
     recipe: TrainRecipe = field(default_factory=TrainRecipe)
     fast: FastPath = field(default_factory=FastPath)
     num_eval: int = 5
+    fuse_evals: bool = True
     teacher_model: str | None = None  # None: the arch the checkpoint records, else resnet18
     eval_model: str = "resnet18"
     device: str = "cpu"

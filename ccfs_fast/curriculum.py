@@ -9,84 +9,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .config import RESUME_FREE, RunConfig, TrainRecipe
-from .data import ResidentTrainLoader
-from .datasets import auto_batch_size
+from .config import RESUME_FREE, RunConfig
 from .distributed import barrier, broadcast, init_distributed
 from .errors import ConfigError
-from .models import create_model
 from .outputs import environment, prepare_output_dir, write_json, write_npz, write_text
 from .report import write_report
 from .scores import easy_first_key, load_scores, score_kind
 from .select import candidate_mask, curriculum_arrangement, order_key, select_per_class, warm_up_kernels
+from .students import evaluate_selection, phase_seed, train_model
 from .tables import format_table
-from .train import TrainResult, last_fifth_epochs, train_kd
+from .train import last_fifth_epochs
 from .workspace import Workspace, open_workspace, teacher_correct
 
 STATE_VERSION = 1
-
-
-def phase_seed(seed: int, phase: int) -> int:
-    """Each phase draws from its own seed, so a resumed run repeats the phases it redoes exactly."""
-    return seed * 1009 + phase
-
-
-def eval_seed(seed: int, run: int) -> int:
-    return seed * 1009 + 500 + run
-
-
-def train_model(ws: Workspace, indices: np.ndarray, model_name: str, recipe: TrainRecipe, temperature: float,
-                seed: int, eval_epoch, desc: str, resident: tuple | None = None) -> tuple[nn.Module, TrainResult, int]:
-    """A fresh `model_name` trained by KD on the index subset `indices` of the workspace (under
-    torchrun: DistributedDataParallel, each rank a strided share of every epoch, the batch size split
-    across ranks). The result's seconds include reading the train set (pass `resident` to reuse
-    one read). Returns the plain (unwrapped) model."""
-    start = time.perf_counter()
-    batch_size = recipe.batch_size or auto_batch_size(len(indices), ws.num_classes, ws.dataset)
-    torch.manual_seed(seed)
-    model = create_model(model_name, ws.num_classes, ws.side).to(ws.device)
-    if ws.fast.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    trained = model
-    if ws.dist.enabled:
-        trained = DistributedDataParallel(model, device_ids=[ws.device.index] if ws.device.type == "cuda" else None)
-    if ws.fast.compile:
-        trained = torch.compile(trained)
-    loader = ResidentTrainLoader(ws.space, indices, max(1, batch_size // ws.dist.world_size), ws.device, seed,
-                                 ws.workers, rank=ws.dist.rank, world_size=ws.dist.world_size,
-                                 channels_last=bool(ws.fast.channels_last),
-                                 resident=resident if resident is not None else ws.resident(indices))
-    result = train_kd(trained, ws.teacher, loader, recipe, temperature, ws.test_loader(), eval_epoch, desc,
-                      fast=ws.fast, evaluate_model=model)
-    result.seconds = time.perf_counter() - start
-    return model, result, batch_size
-
-
-def evaluate_train_set(ws: Workspace, train_set: np.ndarray, eval_model: str, recipe: TrainRecipe,
-                       temperature: float, num_eval: int, seed: int) -> dict:
-    """num_eval fresh models trained by KD on the index subset `train_set`; the paper's protocol:
-    each run's best test top-1 over the epochs after 80% of training (and its last)."""
-    best, last, seconds = [], [], []
-    resident = ws.resident(train_set) if num_eval else None  # one read for every evaluation run
-    for run in tqdm(range(num_eval), desc="final evaluation", dynamic_ncols=True):
-        _, result, _ = train_model(ws, train_set, eval_model, recipe, temperature, eval_seed(seed, run),
-                                   last_fifth_epochs(recipe.epochs), f"eval {run + 1}/{num_eval}", resident)
-        best.append(result.best_acc)
-        last.append(result.last_acc)
-        seconds.append(result.seconds)
-    return {"accs": best, "last_accs": last, "acc_mean": float(np.mean(best)) if best else None,
-            "acc_std": float(np.std(best)) if best else None, "train_size": len(train_set), "seconds": seconds}
-
-
-def evaluate_selection(ws: Workspace, selected: np.ndarray, eval_model: str, recipe: TrainRecipe,
-                       temperature: float, num_eval: int, seed: int) -> dict:
-    """The final evaluation of design §1.5: train on distilled ∪ selected."""
-    train_set = np.concatenate([ws.distilled_rows, np.asarray(selected, np.int64)])
-    return evaluate_train_set(ws, train_set, eval_model, recipe, temperature, num_eval, seed)
 
 
 @dataclass
@@ -243,7 +180,7 @@ def run_curriculum(cfg: RunConfig, resume: bool = False, overwrite: bool = False
             _write_outputs(out, cfg, state)
     if state.get("final") is None:
         state["final"] = evaluate_selection(ws, selected, cfg.eval_model, cfg.recipe, cfg.temperature, cfg.num_eval,
-                                            cfg.seed)
+                                            cfg.seed, cfg.fuse_evals)
         if main:
             write_json(out / "state.json", state)
     if main:

@@ -21,15 +21,7 @@ from ffcv.transforms import ToTensor
 
 from beton_builder.manifest import Manifest, read_manifest
 
-from .augment import (
-    DEFAULT_RATIO,
-    DEFAULT_SCALE,
-    crop_grids,
-    normalise_nhwc,
-    resample_normalise,
-    sample_crop_boxes,
-    sample_flips,
-)
+from .augment import DEFAULT_RATIO, DEFAULT_SCALE, augment_batch, draw_augmentation, normalise_nhwc
 from .errors import DataError
 from .normalization import Normalization
 
@@ -64,6 +56,12 @@ def _stats_tensors(norm: Normalization, device: torch.device) -> tuple[torch.Ten
     mean = torch.tensor(norm.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
     std = torch.tensor(norm.std, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
     return mean, std
+
+
+def norm_tensors(norm: Normalization, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inv_std255, shift) float32 [1, 3, 1, 1] on `device`: x_norm = x_uint8 * inv_std255 + shift."""
+    mean255, std255 = _stats_tensors(norm, device)
+    return 1.0 / std255, -mean255 / std255
 
 
 @contextmanager
@@ -212,65 +210,56 @@ class IndexSpace:
         return images, labels.to(device), torch.from_numpy(indices).to(device)
 
 
+def epoch_order(n: int, generator: torch.Generator, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    """One epoch's sample order on the generator's device: a uniform permutation of n rows; with
+    world_size > 1 this rank's strided share, padded to equal length as torch's DistributedSampler."""
+    order = torch.randperm(n, generator=generator, device=generator.device)
+    if world_size > 1:
+        per_rank = -(-n // world_size)
+        order = torch.cat((order, order[: per_rank * world_size - n]))[rank::world_size]
+    return order
+
+
 class ResidentTrainLoader:
     """Train batches over a small index subset (a phase's train set) kept resident as uint8 on the
     device; each epoch a uniform shuffle, RandomResizedCrop + flip + normalise per whole batch.
 
-    Yields (images float32 [b, 3, S, S] normalised, labels int64 [b], global index int64 [b]).
-    With world_size > 1 each rank takes its strided share of the epoch's permutation, padded to an
-    equal length as torch's DistributedSampler does.
+    Random numbers come from one generator on the device, seeded once: per epoch the permutation
+    (`epoch_order`), per batch one `draw_augmentation`: the same sequence the capturable train step
+    (ccfs_fast.step) draws, so the two train identically. Yields (images [b, 3, S, S] normalised, in
+    `dtype`, labels int64 [b], global index int64 [b]); with world_size > 1 this rank's share.
     """
 
     def __init__(self, space: IndexSpace, indices: np.ndarray, batch_size: int, device: torch.device | str,
                  seed: int, workers: int = 2, scale: tuple[float, float] = DEFAULT_SCALE,
                  ratio: tuple[float, float] = DEFAULT_RATIO, rank: int = 0, world_size: int = 1,
-                 channels_last: bool = False, resident: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
+                 channels_last: bool = False, resident: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                 dtype: torch.dtype = torch.float32):
         """`resident`: the (images, labels, index) of `indices` already read by
         IndexSpace.read_resident (e.g. reused across runs on one train set); read here otherwise."""
         if len(indices) == 0:
             raise DataError("the train set is empty; nothing to train on")
         self.device = torch.device(device)
-        self.batch_size, self.seed, self.scale, self.ratio = batch_size, seed, scale, ratio
+        self.batch_size, self.scale, self.ratio, self.dtype = batch_size, scale, ratio, dtype
         self.rank, self.world_size, self.channels_last = rank, world_size, channels_last
-        self.side = space.manifest.side
         mean255, std255 = _stats_tensors(space.norm, self.device)
         self.inv_std255, self.shift = 1.0 / std255, -mean255 / std255
         if resident is None:
             resident = space.read_resident(indices, self.device, workers)
         self.images, self.labels, self.index = resident
-        self.epoch = 0
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
 
     def __len__(self) -> int:
-        return -(-self._per_rank() // self.batch_size)
-
-    def _per_rank(self) -> int:
-        return -(-len(self.labels) // self.world_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _epoch_order(self, generator: torch.Generator) -> torch.Tensor:
-        order = torch.randperm(len(self.labels), generator=generator)
-        if self.world_size > 1:
-            padded = self._per_rank() * self.world_size
-            order = torch.cat((order, order[: padded - len(order)]))[self.rank::self.world_size]
-        return order
+        per_rank = -(-len(self.labels) // self.world_size)
+        return -(-per_rank // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        # All of an epoch's random draws happen up front, on the CPU generator, so a seed gives the
-        # same batches on any device; per batch only a gather, one grid_sample and one addcmul remain.
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        self.epoch += 1
-        order = self._epoch_order(generator)
-        boxes = sample_crop_boxes(len(order), self.side, generator, self.scale, self.ratio)
-        flips = sample_flips(len(order), generator)
-        order, boxes, flips = (t.to(self.device, non_blocking=True) for t in (order, boxes, flips))
-        grid_x, grid_y = crop_grids(boxes, flips, self.side, self.side)
+        order = epoch_order(len(self.labels), self.generator, self.rank, self.world_size)
         for start in range(0, len(order), self.batch_size):
             rows = order[start:start + self.batch_size]
-            stop = start + len(rows)
-            images = resample_normalise(self.images.index_select(0, rows), grid_x[start:stop],
-                                        grid_y[start:stop], self.inv_std255, self.shift)
+            u = draw_augmentation(len(rows), self.generator, self.dtype)
+            images = augment_batch(self.images.index_select(0, rows), u, self.inv_std255, self.shift, self.scale,
+                                   self.ratio)
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             yield images, self.labels.index_select(0, rows), self.index.index_select(0, rows)

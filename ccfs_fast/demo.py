@@ -16,9 +16,10 @@ from PIL import Image
 from beton_builder.build import BuildConfig, build
 
 from .config import RunConfig, TeacherConfig, TrainRecipe
-from .curriculum import evaluate_selection, evaluate_train_set, run_curriculum
+from .curriculum import run_curriculum
 from .errors import ConfigError
 from .outputs import write_text
+from .students import evaluate_selection, evaluate_train_set
 from .tables import format_table
 from .teacher import train_teacher
 from .workspace import open_workspace

@@ -8,10 +8,10 @@ import numpy as np
 import torch
 
 from .config import EvalConfig
-from .curriculum import evaluate_selection
 from .distributed import init_distributed
 from .errors import ConfigError
 from .outputs import write_json
+from .students import evaluate_selection
 from .tables import format_table
 from .workspace import open_workspace
 
@@ -48,7 +48,8 @@ def evaluate_selection_file(cfg: EvalConfig) -> dict:
     if len(selected) and (selected.min() < 0 or selected.max() >= ws.space.n_pool):
         raise ConfigError(f"{cfg.selection}: indices must lie in [0, {ws.space.n_pool}) for this pool, got "
                           f"[{selected.min()}, {selected.max()}]")
-    result = evaluate_selection(ws, selected, cfg.eval_model, cfg.recipe, cfg.temperature, cfg.num_eval, cfg.seed)
+    result = evaluate_selection(ws, selected, cfg.eval_model, cfg.recipe, cfg.temperature, cfg.num_eval, cfg.seed,
+                                cfg.fuse_evals)
     result.update({"selection": str(cfg.selection), "ipc": ipc, "alpha": alpha, "selected": len(selected),
                    "normalize": ws.norm.to_json(), "teacher_model": ws.teacher_arch, "notes": list(cfg.notes)})
     if not dist_ctx.is_main:

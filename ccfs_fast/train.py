@@ -17,13 +17,16 @@ from .difficulty import ForgettingTracker
 
 OPTIMIZER_FACTORIES: dict[str, Callable[..., torch.optim.Optimizer]] = {
     # weight decay on all parameters, as the paper's script (utils.set_weight_decay without norm
-    # groups); `impl` is {"fused": True} (one kernel per step) or {"foreach": True}.
-    "sgd": lambda p, r, impl: torch.optim.SGD(p, lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay, **impl),
-    "sgd_nesterov": lambda p, r, impl: torch.optim.SGD(p, lr=r.lr, momentum=r.momentum,
-                                                       weight_decay=r.weight_decay, nesterov=True, **impl),
-    "rmsprop": lambda p, r, impl: torch.optim.RMSprop(p, lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay,
-                                                      eps=0.0316, alpha=0.9, foreach=True),  # no fused RMSprop
-    "adamw": lambda p, r, impl: torch.optim.AdamW(p, lr=r.lr, weight_decay=r.weight_decay, **impl),
+    # groups); `impl` is {"fused": True} (one kernel per step) or {"foreach": True}; `lr` a float or,
+    # for fused SGD, a device tensor.
+    "sgd": lambda p, r, lr, impl: torch.optim.SGD(p, lr=lr, momentum=r.momentum, weight_decay=r.weight_decay,
+                                                  **impl),
+    "sgd_nesterov": lambda p, r, lr, impl: torch.optim.SGD(p, lr=lr, momentum=r.momentum,
+                                                           weight_decay=r.weight_decay, nesterov=True, **impl),
+    "rmsprop": lambda p, r, lr, impl: torch.optim.RMSprop(p, lr=lr, momentum=r.momentum,
+                                                          weight_decay=r.weight_decay, eps=0.0316, alpha=0.9,
+                                                          foreach=True),  # no fused RMSprop
+    "adamw": lambda p, r, lr, impl: torch.optim.AdamW(p, lr=lr, weight_decay=r.weight_decay, **impl),
 }
 
 SCHEDULER_FACTORIES: dict[str, Callable[[torch.optim.Optimizer, TrainRecipe], torch.optim.lr_scheduler.LRScheduler]] = {
@@ -41,9 +44,12 @@ WARMUP_FACTORIES = {
 }
 
 
-def make_optimizer(model: nn.Module, recipe: TrainRecipe, fused: bool = False) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, recipe: TrainRecipe, fused: bool = False,
+                   lr: float | torch.Tensor | None = None) -> torch.optim.Optimizer:
+    """The recipe's optimiser over `model`'s parameters; `lr` overrides recipe.lr (a device tensor
+    for fused SGD inside a CUDA graph)."""
     impl = {"fused": True} if fused else {"foreach": True}
-    return OPTIMIZER_FACTORIES[recipe.opt](model.parameters(), recipe, impl)
+    return OPTIMIZER_FACTORIES[recipe.opt](model.parameters(), recipe, recipe.lr if lr is None else lr, impl)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, recipe: TrainRecipe) -> torch.optim.lr_scheduler.LRScheduler:
@@ -89,14 +95,14 @@ class TrainResult:
         return self.images / self.seconds if self.seconds else 0.0
 
 
+def full_precision(x: torch.Tensor) -> torch.Tensor:
+    """Logits out of bf16 autocast in float32; float32 / float64 unchanged."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
 def autocast(images: torch.Tensor, fast: FastPath | None):
     """bf16 autocast on the images' device when the fast path asks for it (a no-op otherwise)."""
     return torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bool(fast and fast.bf16))
-
-
-def set_epoch(loader, epoch: int) -> None:
-    if hasattr(loader, "set_epoch"):
-        loader.set_epoch(epoch)
 
 
 def fit(model: nn.Module, loader, recipe: TrainRecipe, loss_of: Callable, test_loader=None,
@@ -113,7 +119,6 @@ def fit(model: nn.Module, loader, recipe: TrainRecipe, loss_of: Callable, test_l
     bar = tqdm(range(recipe.epochs), desc=desc, leave=False, dynamic_ncols=True)
     for epoch in bar:
         model.train()
-        set_epoch(loader, epoch)
         for batch in loader:
             loss = loss_of(batch)
             optimizer.zero_grad(set_to_none=True)
@@ -143,7 +148,7 @@ def train_kd(student: nn.Module, teacher: nn.Module, loader, recipe: TrainRecipe
             teacher_logits = teacher(images)
         with autocast(images, fast):
             student_logits = student(images)
-        return kd_loss(student_logits.float(), teacher_logits.float().clone(), temperature)
+        return kd_loss(full_precision(student_logits), full_precision(teacher_logits).clone(), temperature)
 
     return fit(student, loader, recipe, loss_of, test_loader, eval_epoch, desc, fast, evaluate_model)
 

@@ -56,14 +56,16 @@ def test_fused_optimizer_same_steps_as_foreach():
 
 
 def test_fast_path_defaults_resolve_per_device():
-    assert FastPath().resolve("cpu") == FastPath(False, False, False, False, False)
+    assert FastPath().resolve("cpu") == FastPath(False, False, False, False, False, False)
     cuda = FastPath().resolve("cuda")
-    assert cuda.channels_last and cuda.fused_optimizer and cuda.cudnn_benchmark
+    assert cuda.channels_last and cuda.fused_optimizer and cuda.cudnn_benchmark and cuda.cuda_graphs
+    assert not cuda.bf16  # fp32 unless asked: what the paper's code computes
+    assert not FastPath(cuda_graphs=True).resolve("cpu").cuda_graphs  # graphs need CUDA
     assert FastPath(channels_last=True).resolve("cpu").channels_last
 
 
 def test_run_records_the_fast_path(finished_run):
     metrics = json.loads((finished_run / "metrics.json").read_text())
     assert metrics["fast_path"] == {"channels_last": False, "bf16": False, "cudnn_benchmark": False,
-                                    "fused_optimizer": False, "compile": False}
+                                    "fused_optimizer": False, "compile": False, "cuda_graphs": False}
     assert metrics["world_size"] == 1

@@ -1,0 +1,282 @@
+"""The capturable knowledge-distillation train step (design §6) and the epoch loop that drives it.
+
+One step, on every device: batch rows come from a static index buffer into the resident uint8 train
+set; each student's augmentation is drawn on the device from its own generator; teacher forward,
+student forward and backward, the KD loss and the optimiser step follow, with the learning rate a
+device tensor set once per epoch; nothing inside a step waits for the host. On CUDA the step is
+captured into CUDA graphs (one per batch shape, the last partial batch has its own) and replayed;
+elsewhere it runs eagerly. M >= 1 students train side by side: one model (`Single`) or a fused bank
+(ccfs_fast.fused.FusedBank), each with the data order and augmentation it would have alone.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .augment import augment_batch, draw_augmentation
+from .config import TrainRecipe
+from .data import epoch_order
+from .train import TrainResult, full_precision, make_optimizer, make_scheduler
+
+GRAPH_OPTIMIZERS = ("sgd", "sgd_nesterov")  # fused SGD takes the learning rate as a device tensor
+WARMUP_STEPS = 3  # eager steps on a side stream before capture (cuDNN / cuBLAS set themselves up)
+
+
+class Single(nn.Module):
+    """One model behind the students interface: forward(images [1, b, 3, S, S]) -> logits [1, b, C]."""
+
+    def __init__(self, model: nn.Module, channels_last: bool = False):
+        super().__init__()
+        self.model, self.channels_last, self.count = model, channels_last, 1
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        batch = images[0]
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return self.model(batch).unsqueeze(0)
+
+
+def kd_losses(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per-model KD loss [M] of logits [M, b, C]: KLDiv(log_softmax(s/T), log_softmax(t/T), batchmean,
+    log_target=True) * T^2, each model over its own batch."""
+    batch = student.shape[1]
+    terms = F.kl_div(F.log_softmax(student / temperature, dim=2), F.log_softmax(teacher / temperature, dim=2),
+                     reduction="none", log_target=True)
+    return terms.sum((1, 2)) / batch * temperature ** 2
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """What a step needs besides its tensors: the recipe's optimiser, the KD temperature, the
+    augmentation's crop scale / ratio, the fast-path switches and the compute dtype."""
+
+    recipe: TrainRecipe
+    temperature: float
+    fused_optimizer: bool = True
+    channels_last: bool = False
+    bf16: bool = False
+    dtype: torch.dtype = torch.float32
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+
+
+class KDStep:
+    """One KD step for the M students of `students` (called as `trained`, e.g. its DDP wrapper).
+
+    images: the resident uint8 train set [N, 3, S, S] on the device; generators: one per student,
+    on the device, seeded as the student's seed; inv_std255 / shift: the normalisation ([1, 3, 1, 1]).
+    __call__(rows int64 [M, b]) -> KD loss per student [M] (a device tensor)."""
+
+    def __init__(self, students: nn.Module, trained: nn.Module, teacher: nn.Module, images: torch.Tensor,
+                 generators: list[torch.Generator], inv_std255: torch.Tensor, shift: torch.Tensor, cfg: StepConfig):
+        self.students, self.trained, self.teacher, self.images = students, trained, teacher, images
+        self.generators, self.cfg = generators, cfg
+        self.inv_std255, self.shift = inv_std255.to(cfg.dtype), shift.to(cfg.dtype)
+        self.device = images.device
+        self.tensor_lr = cfg.fused_optimizer and cfg.recipe.opt in GRAPH_OPTIMIZERS
+        lr = torch.tensor(cfg.recipe.lr, dtype=cfg.dtype, device=self.device) if self.tensor_lr else cfg.recipe.lr
+        self.optimizer = make_optimizer(trained, cfg.recipe, fused=self.tensor_lr, lr=lr)
+        self.momentum_buffers = self._start_momentum()
+
+    def _start_momentum(self) -> list[torch.Tensor]:
+        # SGD's first step sets buf = grad; a zero buffer gives buf = 0.9 * 0 + grad: the same value,
+        # and the step's operations stay the same from the first step on (as a CUDA graph needs).
+        if self.cfg.recipe.opt not in GRAPH_OPTIMIZERS or self.cfg.recipe.momentum == 0:
+            return []
+        buffers = []
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                self.optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                buffers.append(self.optimizer.state[p]["momentum_buffer"])
+        return buffers
+
+    def set_lr(self, value: float) -> None:
+        """The learning rate for the next steps (once per epoch): written into the device tensor
+        when the optimiser takes one, else into its parameter groups."""
+        for group in self.optimizer.param_groups:
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(value)
+            else:
+                group["lr"] = value
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16, cache_enabled=False)
+
+    def augment(self, rows: torch.Tensor) -> torch.Tensor:
+        """Each student's augmented, normalised batch: [M, b, 3, S, S]."""
+        batch = rows.shape[1]
+        return torch.stack([augment_batch(self.images.index_select(0, rows[m]),
+                                          draw_augmentation(batch, g, self.cfg.dtype), self.inv_std255, self.shift,
+                                          self.cfg.scale, self.cfg.ratio)
+                            for m, g in enumerate(self.generators)])
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        count, batch = rows.shape
+        images = self.augment(rows)
+        flat = images.view(count * batch, *images.shape[2:])
+        if self.cfg.channels_last:
+            flat = flat.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad(), self.autocast():
+            teacher_logits = self.teacher(flat)
+        with self.autocast():
+            student_logits = self.trained(images)
+        losses = kd_losses(full_precision(student_logits),
+                           full_precision(teacher_logits).view(count, batch, -1).to(student_logits.dtype),
+                           self.cfg.temperature)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses.sum().backward()
+        self.optimizer.step()
+        return losses.detach()
+
+    def snapshot(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(tensor, copy) of every parameter and buffer of the students."""
+        return [(t, t.detach().clone()) for t in [*self.students.parameters(), *self.students.buffers()]]
+
+    def restore(self, snapshot: list[tuple[torch.Tensor, torch.Tensor]], seeds: list[int]) -> None:
+        """Undoes warm-up steps in place (tensor addresses kept): parameters and buffers, zero
+        momentum, and each generator back to its seed."""
+        with torch.no_grad():
+            for tensor, saved in snapshot:
+                tensor.copy_(saved)
+            for buf in self.momentum_buffers:
+                buf.zero_()
+        for g, seed in zip(self.generators, seeds):
+            g.manual_seed(seed)
+
+
+class GraphedStep:
+    """The step captured into one CUDA graph per batch shape and replayed: __call__(rows) copies the
+    rows into the shape's static buffer and replays its graph."""
+
+    def __init__(self, step: KDStep, batch_sizes: list[int], seeds: list[int]):
+        self.step = step
+        self.rows: dict[int, torch.Tensor] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.losses: dict[int, torch.Tensor] = {}
+        count = len(step.generators)
+        saved = step.snapshot()
+        try:
+            for batch in sorted(set(batch_sizes), reverse=True):
+                rows = torch.zeros((count, batch), dtype=torch.int64, device=step.device)
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(WARMUP_STEPS):
+                        step(rows)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                for g in step.generators:
+                    graph.register_generator_state(g)
+                step.optimizer.zero_grad(set_to_none=True)
+                with torch.cuda.graph(graph):
+                    self.losses[batch] = step(rows)
+                self.rows[batch], self.graphs[batch] = rows, graph
+        finally:
+            step.restore(saved, seeds)
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        batch = rows.shape[1]
+        self.rows[batch].copy_(rows)
+        self.graphs[batch].replay()
+        return self.losses[batch]
+
+
+def lr_schedule(recipe: TrainRecipe) -> list[float]:
+    """The learning rate of each epoch under the recipe's warm-up and schedule (torch's own
+    schedulers, stepped once per epoch, as the plain loop does)."""
+    probe = nn.Linear(1, 1)
+    optimizer = make_optimizer(probe, recipe)
+    scheduler = make_scheduler(optimizer, recipe)
+    out = []
+    for _ in range(recipe.epochs):
+        out.append(float(optimizer.param_groups[0]["lr"]))
+        optimizer.step()
+        scheduler.step()
+    return out
+
+
+@torch.inference_mode()
+def evaluate_students(students: nn.Module, loader, bf16: bool = False) -> list[float]:
+    """Top-1 accuracy (%) of each of the M students over every batch of `loader` (the same images
+    for every student)."""
+    students.eval()
+    correct, total = None, 0
+    for images, labels, _ in loader:
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = students(images.unsqueeze(0).expand(students.count, *images.shape))
+        hits = (logits.argmax(2) == labels.unsqueeze(0)).sum(1)
+        correct = hits if correct is None else correct + hits
+        total += len(labels)
+    if correct is None:
+        return [0.0] * students.count
+    return [100.0 * int(c) / max(total, 1) for c in correct.cpu()]
+
+
+@dataclass
+class StepRun:
+    """How a training ran: cuda_graphs (bool) and, when graphs were asked for but not used, why."""
+
+    cuda_graphs: bool
+    note: str | None = None
+
+
+def graph_plan(step: KDStep, want: bool, distributed: bool, compiled: bool) -> StepRun:
+    """Whether to capture CUDA graphs, and if asked for but impossible, the one-line reason."""
+    if not want or step.device.type != "cuda":
+        return StepRun(False)
+    if distributed:
+        return StepRun(False, "cuda graphs: off under torchrun (gradients are all-reduced by DDP); running eagerly")
+    if compiled:
+        return StepRun(False, "cuda graphs: off with --compile; running eagerly")
+    if not step.tensor_lr:
+        return StepRun(False, f"cuda graphs: need fused SGD (--opt sgd / sgd_nesterov with --fused-optimizer), "
+                              f"got --opt {step.cfg.recipe.opt}; running eagerly")
+    return StepRun(True)
+
+
+def train_students(step: KDStep, seeds: list[int], batch_size: int, recipe: TrainRecipe, test_loader=None,
+                   eval_epoch: Callable[[int], bool] = lambda e: False, desc: str = "train", rank: int = 0,
+                   world_size: int = 1, plan: StepRun | None = None) -> tuple[list[TrainResult], StepRun]:
+    """The epoch loop around a step: per epoch the learning rate, each student's sample order (its
+    generator), the steps over this rank's share, then test top-1 of every student where
+    eval_epoch(epoch). Returns one TrainResult per student (seconds: the shared wall-clock; images:
+    that student's) and how the step ran."""
+    plan = plan or StepRun(False)
+    n = step.images.shape[0]
+    per_rank = -(-n // world_size)
+    shapes = [batch_size] + ([per_rank % batch_size] if per_rank % batch_size else [])
+    runner: Callable[[torch.Tensor], torch.Tensor] = step
+    if plan.cuda_graphs:
+        try:
+            runner = GraphedStep(step, shapes, seeds)
+        except (RuntimeError, AssertionError) as exc:  # torch raises these when a capture cannot happen
+            reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+            plan = StepRun(False, f"cuda graphs: capture failed ({reason}); running eagerly")
+    if plan.note:
+        tqdm.write(plan.note)
+    results = [TrainResult() for _ in seeds]
+    lrs = lr_schedule(recipe)
+    start = time.perf_counter()
+    bar = tqdm(range(recipe.epochs), desc=desc, leave=False, dynamic_ncols=True)
+    for epoch in bar:
+        step.set_lr(lrs[epoch])
+        step.students.train()
+        orders = torch.stack([epoch_order(n, g, rank, world_size) for g in step.generators])
+        for begin in range(0, orders.shape[1], batch_size):
+            runner(orders[:, begin:begin + batch_size])
+        for result in results:
+            result.images += orders.shape[1]
+        if test_loader is not None and eval_epoch(epoch):
+            for result, acc in zip(results, evaluate_students(step.students, test_loader, step.cfg.bf16)):
+                result.accs.append((epoch, acc))
+            bar.set_postfix(acc=f"{max(r.accs[-1][1] for r in results):.2f}")
+    seconds = time.perf_counter() - start
+    for result in results:
+        result.seconds = seconds
+    return results, plan

@@ -1,0 +1,186 @@
+"""The capturable KD train step (ccfs_fast.step) on the CPU: it trains exactly as the plain loop
+(ResidentTrainLoader + train_kd), sees every sample once per epoch, never waits for the host inside a
+step, draws reproducible random numbers per model, and falls back to eager when capture fails."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from beton_builder.table import ImageTable
+from beton_builder.writer import write_beton
+from ccfs_fast.cli import main
+from ccfs_fast.config import TrainRecipe
+from ccfs_fast.data import BetonFile, IndexSpace, ResidentTrainLoader, epoch_order, norm_tensors
+from ccfs_fast.fused import FusedBank
+from ccfs_fast.models import create_model
+from ccfs_fast.step import KDStep, Single, StepConfig, StepRun, graph_plan, train_students
+from ccfs_fast.train import train_kd
+
+F64 = torch.float64
+N, BATCH = 45, 8  # 6 steps an epoch, the last one of 5 images
+RECIPE = TrainRecipe(epochs=2, lr=0.05, momentum=0.9, weight_decay=5e-4, lr_warmup_epochs=1)
+
+
+@pytest.fixture(scope="module")
+def small_space(tmp_path_factory):
+    """An 8x8 arrays .beton of 45 images (small enough for resnet18 in float64)."""
+    root = tmp_path_factory.mktemp("step")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (N, 8, 8, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, N)
+    write_beton(ImageTable(images, labels, tuple(str(c) for c in range(10)), "arrays", "test"), root / "s.beton")
+    return IndexSpace(BetonFile.open(root / "s.beton"))
+
+
+def _models(seed: int):
+    torch.manual_seed(seed)
+    student = create_model("resnet18", 10, 8).double()
+    torch.manual_seed(100)
+    teacher = create_model("convnet_tiny", 10, 8).double().eval()
+    return student, teacher
+
+
+class RecordingStep(KDStep):
+    """A KDStep that remembers the rows of every call."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen: list[torch.Tensor] = []
+
+    def __call__(self, rows):
+        self.seen.append(rows.clone())
+        return super().__call__(rows)
+
+
+def _step_training(space, fused_optimizer: bool) -> tuple[torch.nn.Module, RecordingStep]:
+    student, teacher = _models(3)
+    loader = ResidentTrainLoader(space, np.arange(N), BATCH, "cpu", seed=3, dtype=F64)
+    inv, shift = norm_tensors(space.norm, torch.device("cpu"))
+    cfg = StepConfig(RECIPE, 4.0, fused_optimizer=fused_optimizer, dtype=F64)
+    step = RecordingStep(Single(student), Single(student), teacher, loader.images, [torch.Generator().manual_seed(3)],
+                         inv, shift, cfg)
+    train_students(step, [3], BATCH, RECIPE)
+    return student, step
+
+
+def _plain_training(space) -> torch.nn.Module:
+    student, teacher = _models(3)
+    loader = ResidentTrainLoader(space, np.arange(N), BATCH, "cpu", seed=3, dtype=F64)
+    train_kd(student, teacher, loader, RECIPE, 4.0)
+    return student
+
+
+def test_step_equals_the_plain_loop(small_space):
+    """2 epochs with a last partial batch: the eager step (foreach SGD) and the plain loop give the same
+    parameters and BatchNorm statistics, bit for bit; every sample is seen once per epoch."""
+    plain = _plain_training(small_space)
+    stepped, step = _step_training(small_space, fused_optimizer=False)
+    for key, value in plain.state_dict().items():
+        assert torch.equal(stepped.state_dict()[key], value), key
+    assert [r.shape[1] for r in step.seen] == [8, 8, 8, 8, 8, 5] * 2
+    for epoch in range(2):
+        rows = torch.cat([r[0] for r in step.seen[epoch * 6:(epoch + 1) * 6]])
+        assert sorted(rows.tolist()) == list(range(N))
+    assert not torch.equal(step.seen[0], step.seen[6])  # reshuffled each epoch
+
+
+def test_fused_sgd_with_a_device_lr_tensor_matches(small_space):
+    """The CUDA-graph path's optimiser (fused SGD, learning rate a tensor filled once per epoch)."""
+    plain = _plain_training(small_space)
+    stepped, step = _step_training(small_space, fused_optimizer=True)
+    assert isinstance(step.optimizer.param_groups[0]["lr"], torch.Tensor)
+    for key, value in plain.state_dict().items():
+        torch.testing.assert_close(stepped.state_dict()[key], value, rtol=0, atol=1e-10, msg=key)
+
+
+SYNC_OPS = {"_local_scalar_dense", "item", "nonzero", "is_nonzero", "equal", "allclose", "masked_select",
+            "unique", "_unique", "_unique2", "unique_consecutive", "unique_dim", "repeat_interleave", "bincount",
+            "histc", "_assert_async", "_assert_scalar", "nonzero_static"}
+
+
+class OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func._schema.name.split("::")[-1])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("bank", [False, True])
+def test_a_step_never_waits_for_the_host(small_space, bank):
+    student, teacher = _models(3)
+    images = ResidentTrainLoader(small_space, np.arange(N), BATCH, "cpu", seed=3).images
+    inv, shift = norm_tensors(small_space.norm, torch.device("cpu"))
+    students = FusedBank([student, _models(4)[0]]) if bank else Single(student)
+    gens = [torch.Generator().manual_seed(s) for s in range(students.count)]
+    step = KDStep(students, students, teacher, images, gens, inv, shift, StepConfig(RECIPE, 4.0, dtype=F64))
+    rows = torch.stack([epoch_order(N, g)[:BATCH] for g in gens])
+    step(rows)  # the first step creates nothing new on later ones; check a later one
+    with OpLog() as log:
+        step(rows)
+    assert "convolution" in log.ops and "_fused_sgd_" in log.ops and "grid_sampler_2d" in log.ops
+    assert not SYNC_OPS & set(log.ops), sorted(SYNC_OPS & set(log.ops))
+
+
+def test_seeds_reproduce_each_models_random_numbers(small_space):
+    _, teacher = _models(3)
+    images = ResidentTrainLoader(small_space, np.arange(N), BATCH, "cpu", seed=3).images
+    inv, shift = norm_tensors(small_space.norm, torch.device("cpu"))
+    cfg = StepConfig(RECIPE, 4.0)
+
+    def augmented(seeds, count=1):
+        models = [create_model("convnet_tiny", 10, 8) for _ in seeds]
+        students = FusedBank(models) if len(seeds) > 1 else Single(models[0])
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        step = KDStep(students, students, teacher.float(), images, gens, inv, shift, cfg)
+        orders = torch.stack([epoch_order(N, g) for g in gens])
+        return orders, torch.stack([step.augment(orders[:, :BATCH]) for _ in range(count)])
+
+    order_a, a = augmented([7, 8], 2)
+    order_b, b = augmented([7, 8], 2)
+    assert torch.equal(order_a, order_b) and torch.equal(a, b)           # a seed gives the same numbers
+    order_c, c = augmented([7], 2)
+    assert torch.equal(order_c[0], order_a[0]) and torch.equal(c[:, 0], a[:, 0])  # model 0 as if alone
+    assert not torch.equal(order_a[0], order_a[1]) and not torch.equal(a[:, 0], a[:, 1])  # models differ
+    assert not torch.equal(a[0], a[1])                                    # each step draws anew
+
+
+def test_graph_plan_and_capture_fallback(small_space, capsys):
+    student, teacher = _models(3)
+    images = ResidentTrainLoader(small_space, np.arange(N), BATCH, "cpu", seed=3).images
+    inv, shift = norm_tensors(small_space.norm, torch.device("cpu"))
+    step = KDStep(Single(student), Single(student), teacher, images, [torch.Generator().manual_seed(3)], inv, shift,
+                  StepConfig(TrainRecipe(epochs=1, lr_warmup_epochs=0), 4.0, dtype=F64))
+    assert graph_plan(step, True, False, False) == StepRun(False)  # the CPU runs the step eagerly
+    before = [p.clone() for p in student.parameters()]
+    results, plan = train_students(step, [3], BATCH, TrainRecipe(epochs=1, lr_warmup_epochs=0),
+                                   plan=StepRun(True))  # asked to capture where no CUDA graph can exist
+    assert not plan.cuda_graphs and plan.note.startswith("cuda graphs: capture failed (")
+    console = capsys.readouterr()
+    assert plan.note in console.out + console.err and results[0].images == N
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))  # it trained eagerly
+
+
+def test_eval_fused_and_unfused_agree(finished_run, engine_data, tmp_path, capsys):
+    """`eval --fuse-evals` and `--no-fuse-evals` on one selection: the same per-run accuracies."""
+    accs = {}
+    for flag in ("--fuse-evals", "--no-fuse-evals"):
+        out = tmp_path / f"{flag}.json"
+        assert main(["eval", "--pool", str(engine_data["pool"]), "--test", str(engine_data["test"]),
+                     "--distilled", str(engine_data["distilled"]), "--teacher", str(engine_data["teacher"]),
+                     "--eval-model", "convnet_small", "--selection", str(finished_run / "selected_indices.json"),
+                     "--epochs", "3", "--lr", "0.05", "--lr-warmup-epochs", "1", "--num-eval", "3", "--seed", "5",
+                     flag, "--output", str(out)]) == 0
+        result = json.loads(out.read_text())
+        assert result["fused"] == (flag == "--fuse-evals")
+        accs[flag] = result["accs"]
+    largest = max(abs(a - b) for a, b in zip(accs["--fuse-evals"], accs["--no-fuse-evals"]))
+    with capsys.disabled():
+        print(f"\neval --fuse-evals vs --no-fuse-evals: largest per-run accuracy difference {largest:.4f} points")
+    assert largest <= 0.5  # one test image of 200: float32 rounding may flip at most a near-tie
