@@ -238,10 +238,16 @@ def _bench_phase(argv: list[str]) -> None:
     phase_main(argv)
 
 
+def _bench_train(argv: list[str]) -> None:
+    from benchmarks.train_throughput import main as train_main
+    train_main(argv)
+
+
 BENCHMARKS: dict[str, Callable[[list[str]], None]] = {
     "loader": _bench_loader,
     "select": _bench_select,
     "phase": _bench_phase,
+    "train": _bench_train,
 }
 
 
