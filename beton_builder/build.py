@@ -28,13 +28,15 @@ class BuildConfig:
     side: int | None = None
     overwrite: bool = False
     workers: int = 2
+    class_order: str | None = None  # build folder: sorted | numeric (needed when integer names sort otherwise)
 
     def __post_init__(self) -> None:
         entry = BUILD_KINDS.get(self.kind)
         if entry is None:
             raise UnknownNameError("dataset kind", self.kind, list(BUILD_KINDS))
-        if not entry.single_file and (self.per_class is not None or self.side is not None):
-            raise BuildError(f"--per-class and --side apply to `build folder`, not `build {self.kind}`")
+        if self.kind != "folder" and (self.per_class is not None or self.side is not None
+                                      or self.class_order is not None):
+            raise BuildError(f"--per-class, --side and --class-order apply to `build folder`, not `build {self.kind}`")
         if self.side is not None and not 1 <= self.side <= 4096:
             raise BuildError(f"--side must be between 1 and 4096 pixels, got {self.side}")
         if entry.single_file and self.out.suffix != ".beton":
@@ -55,7 +57,7 @@ BUILD_KINDS: dict[str, BuildKind] = {
     "cifar10": BuildKind(lambda c: read_cifar(c.src, "cifar10"), False),
     "cifar100": BuildKind(lambda c: read_cifar(c.src, "cifar100"), False),
     "tiny-imagenet": BuildKind(lambda c: read_tiny_imagenet(c.src, c.workers), False),
-    "folder": BuildKind(lambda c: {"": read_image_folder(c.src, c.per_class, c.side, c.workers)}, True),
+    "folder": BuildKind(lambda c: {"": read_image_folder(c.src, c.per_class, c.side, c.workers, c.class_order)}, True),
     "arrays": BuildKind(lambda c: {"": read_arrays(c.src)}, True),
 }
 

@@ -13,15 +13,40 @@ from .table import ImageTable
 EXPECTED = "expected a folder with one sub-folder per class holding image files (ImageFolder layout)"
 
 
-def read_image_folder(src: str | Path, per_class: int | None, side: int | None, workers: int) -> ImageTable:
+CLASS_ORDERS = ("sorted", "numeric")
+
+
+def class_order(names: list[str], order: str | None, src: Path) -> list[str]:
+    """The class folders in label order. `sorted` (string order) is torchvision's ImageFolder order and
+    the paper's; `numeric` sorts integer names by value. When every name is an integer and the two
+    orders differ (0, 1, 10, 11, 2, ...), the choice changes every label, so it must be made."""
+    if order is not None and order not in CLASS_ORDERS:
+        raise BuildError(f"--class-order must be sorted or numeric, got {order!r}")
+    ordered = sorted(names)
+    numeric = all(n.isdigit() for n in names)
+    if order == "numeric":
+        if not numeric:
+            bad = next(n for n in ordered if not n.isdigit())
+            raise BuildError(f"{src}: --class-order numeric needs integer class folder names, got {bad!r}")
+        return sorted(names, key=int)
+    if order is None and numeric and sorted(names, key=int) != ordered:
+        raise BuildError(f"{src}: class folders are integers ({', '.join(ordered[:4])}, ...) whose sorted order "
+                         "differs from their numeric order, so labels depend on the choice; pass --class-order "
+                         "sorted (torchvision's ImageFolder order, the paper's) or --class-order numeric")
+    return ordered
+
+
+def read_image_folder(src: str | Path, per_class: int | None, side: int | None, workers: int,
+                      order: str | None = None) -> ImageTable:
     """Reads `src`; `per_class` keeps the first K files of each class in sorted order (a class with
-    fewer than K images is an error naming it); `side` resizes every image to side x side."""
+    fewer than K images is an error naming it); `side` resizes every image to side x side; `order`
+    the class order (see class_order)."""
     src = Path(src)
     if not src.is_dir():
         raise BuildError(f"{src}: not a folder; {EXPECTED}")
     if per_class is not None and per_class < 1:
         raise BuildError(f"--per-class must be at least 1, got {per_class}")
-    classes = sorted(p.name for p in src.iterdir() if p.is_dir())
+    classes = class_order([p.name for p in src.iterdir() if p.is_dir()], order, src)
     if not classes:
         raise BuildError(f"{src}: no class sub-folders; {EXPECTED}")
     tree = FileTree(src)

@@ -1,271 +1,226 @@
-"""`ccfs-fast` command line: parses arguments, builds one frozen config per command, calls it."""
+"""ccfs-fast: Curriculum Coarse-to-Fine Selection (CCFS, CVPR 2025) for high-IPC dataset distillation.
+
+It adds real images to a distilled set in curricula: each trains a filter on the current set by
+knowledge distillation from a teacher, keeps the pool images the filter misclassifies and takes the
+easiest per class by a difficulty score. Datasets are converted once to FFCV .beton files.
+"""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .errors import CCFSError
+from .cli_args import add_eval, add_recipe_args, add_run, add_teacher, default_workers  # noqa: F401
+from .errors import CCFSError, ConfigError
 
+EPILOG = """a whole run, step by step:
+  ccfs-fast build cifar10 --src cifar-10-python.tar.gz --out data/
+  ccfs-fast build folder --src cda_cifar10_ipc500/ --out data/distilled.beton
+  ccfs-fast run --preset cifar10-ipc500 --pool data/cifar10_train.beton --test data/cifar10_test.beton \\
+      --distilled data/distilled.beton --teacher teacher.pth --score-path forgetting_CIFAR10.npy \\
+      --device cuda --output-dir runs/cifar10-ipc500
+  ccfs-fast eval --run-dir runs/cifar10-ipc500          # reproduce the run's final evaluation
+  ccfs-fast report runs/cifar10-ipc500                  # metrics.csv and report.png
 
-def _default_workers() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
+`ccfs-fast COMMAND --help` lists every flag with its default; `ccfs-fast demo` runs it all on real
+digits in a few minutes."""
+
+Runner = Callable[[], None]
 
 
 def _add_build(sub: argparse._SubParsersAction) -> None:
-    build = sub.add_parser("build", help="convert a dataset to .beton files (+ manifests)")
+    build = sub.add_parser("build", help="convert a dataset to .beton files (+ manifests), once")
     kinds = build.add_subparsers(dest="kind", required=True, metavar="KIND")
     for kind in ("cifar10", "cifar100", "tiny-imagenet"):
         p = kinds.add_parser(kind, help=f"{kind}: writes {kind}_train.beton and {kind}_test.beton")
-        p.add_argument("--src", type=Path, required=True, help="the dataset folder or its archive")
+        p.add_argument("--src", type=Path, required=True, help="the dataset folder or its downloaded archive")
         p.add_argument("--out", type=Path, required=True, help="output folder")
-    folder = kinds.add_parser("folder", help="an image folder (one sub-folder per class), e.g. distilled")
-    folder.add_argument("--src", type=Path, required=True)
+    folder = kinds.add_parser("folder", help="an image folder (one sub-folder per class), e.g. distilled images")
+    folder.add_argument("--src", type=Path, required=True, help="the folder (ImageFolder layout)")
     folder.add_argument("--out", type=Path, required=True, help="FILE.beton")
-    folder.add_argument("--per-class", type=int, default=None, help="keep the first K sorted files per class")
-    folder.add_argument("--side", type=int, default=None, help="resize every image to SIDE x SIDE")
+    folder.add_argument("--per-class", type=int, default=None,
+                        help="keep the first K sorted files per class (default: all)")
+    folder.add_argument("--side", type=int, default=None,
+                        help="resize every image to SIDE x SIDE (default: keep; all must share one square size)")
+    folder.add_argument("--class-order", choices=("sorted", "numeric"), default=None,
+                        help="label order of the class folders: sorted (torchvision's and the paper's) or numeric; "
+                             "required when integer folder names sort otherwise (0, 1, 10, 2, ...) (default: sorted)")
     arrays = kinds.add_parser("arrays", help="an .npz with x uint8 [n,h,w,3] and y int [n]")
-    arrays.add_argument("--src", type=Path, required=True)
+    arrays.add_argument("--src", type=Path, required=True, help="FILE.npz")
     arrays.add_argument("--out", type=Path, required=True, help="FILE.beton")
     for p in kinds.choices.values():
-        p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-        p.add_argument("--workers", type=int, default=_default_workers())
+        p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: refuse)")
+        p.add_argument("--workers", type=int, default=default_workers(),
+                       help=f"decoding / writing processes (default: {default_workers()})")
     build.set_defaults(handler=_run_build)
 
 
-def _run_build(args: argparse.Namespace) -> None:
+def _run_build(args: argparse.Namespace) -> Runner:
     from beton_builder.build import BuildConfig, build
 
     from .tables import format_table
 
     config = BuildConfig(kind=args.kind, src=args.src, out=args.out, per_class=getattr(args, "per_class", None),
-                         side=getattr(args, "side", None), overwrite=args.overwrite, workers=args.workers)
-    results = build(config)
-    rows = [(str(path), m.n, m.num_classes, f"{m.side}x{m.side}", seconds) for path, m, seconds in results]
-    print(format_table(["file", "images", "classes", "side", "seconds"], rows))
+                         side=getattr(args, "side", None), overwrite=args.overwrite, workers=args.workers,
+                         class_order=getattr(args, "class_order", None))
+
+    def run() -> None:
+        results = build(config)
+        rows = [(str(path), m.n, m.num_classes, f"{m.side}x{m.side}", seconds) for path, m, seconds in results]
+        print(format_table(["file", "images", "classes", "side", "seconds"], rows))
+    return run
 
 
-def _batch_size(value: str) -> int | None:
-    if value == "auto":
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--batch-size takes 'auto' or an integer, got {value!r}") from None
-
-
-def _add_recipe_args(p: argparse.ArgumentParser) -> None:
-    """The paper script's training flags; defaults are filled later (preset, then dataclass)."""
-    s = argparse.SUPPRESS
-    p.add_argument("--epochs", type=int, default=s)
-    p.add_argument("--opt", default=s, help="sgd | sgd_nesterov | adamw | rmsprop")
-    p.add_argument("--lr", type=float, default=s)
-    p.add_argument("--momentum", type=float, default=s)
-    p.add_argument("--weight-decay", "--wd", type=float, default=s)
-    p.add_argument("--lr-scheduler", default=s, help="cosineannealinglr | steplr | exponentiallr")
-    p.add_argument("--lr-step-size", type=int, default=s)
-    p.add_argument("--lr-gamma", type=float, default=s)
-    p.add_argument("--lr-warmup-epochs", type=int, default=s)
-    p.add_argument("--lr-warmup-method", default=s, help="linear | constant")
-    p.add_argument("--lr-warmup-decay", type=float, default=s)
-    p.add_argument("--batch-size", type=_batch_size, default=s, help="'auto' (the paper's policy) or an integer")
-    p.add_argument("-T", "--temperature", type=float, default=s, help="KD temperature")
-    p.add_argument("--device", default=s, help="cpu | cuda | cuda:N")
-    p.add_argument("--seed", type=int, default=s)
-    p.add_argument("--workers", type=int, default=s, help="FFCV loader threads")
-    p.add_argument("--eval-batch-size", type=int, default=s)
-    fast = p.add_argument_group("GPU fast path (default: on for CUDA where it helps, off on the CPU)")
-    fast.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=s)
-    fast.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=s,
-                      help="bf16 autocast for teacher and student")
-    fast.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=s)
-    fast.add_argument("--fused-optimizer", action=argparse.BooleanOptionalAction, default=s)
-    fast.add_argument("--compile", action=argparse.BooleanOptionalAction, default=s, help="torch.compile the student")
-    fast.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=s,
-                      help="capture the whole KD train step in CUDA graphs and replay it (default: on for CUDA)")
-
-
-def _add_data_args(p: argparse.ArgumentParser, distilled: bool = True) -> None:
-    p.add_argument("--pool", type=Path, required=True, help="the training pool .beton (ccfs-fast build)")
-    p.add_argument("--test", type=Path, required=True, help="the test .beton")
-    if distilled:
-        p.add_argument("--distilled", type=Path, required=True, help="the distilled images .beton (build folder)")
-        p.add_argument("--teacher", type=Path, required=True, help="teacher checkpoint (.pt/.pth)")
-        p.add_argument("--teacher-model", default=argparse.SUPPRESS)
-    p.add_argument("--normalize", default=argparse.SUPPRESS)
-
-
-def _add_run(sub: argparse._SubParsersAction) -> None:
-    s = argparse.SUPPRESS
-    p = sub.add_parser("run", help="the CCFS curriculum")
-    _add_data_args(p)
-    p.add_argument("--output-dir", type=Path, required=True)
-    p.add_argument("--preset", default=None, help="the paper's settings, e.g. cifar10-ipc500 (flags override)")
-    p.add_argument("--image-per-class", type=int, default=s)
-    p.add_argument("--alpha", type=float, default=s, help="distilled portion of each class")
-    p.add_argument("--curriculum-num", type=int, default=s)
-    p.add_argument("--select-misclassified", action=argparse.BooleanOptionalAction, default=s)
-    p.add_argument("--select-method", default=s, help="simple | hard | random")
-    p.add_argument("--balance", action=argparse.BooleanOptionalAction, default=s)
-    p.add_argument("--score", default=s, help="forgetting | cscore | logits")
-    p.add_argument("--score-path", type=Path, default=s)
-    p.add_argument("--shortfall", default=s, help="fill | strict | short")
-    p.add_argument("--num-eval", type=int, default=s)
-    p.add_argument("--fuse-evals", action=argparse.BooleanOptionalAction, default=s,
-                   help="train the --num-eval evaluation models as one fused network (default: on)")
-    p.add_argument("--filter-model", default=s)
-    p.add_argument("--eval-model", default=s)
-    p.add_argument("--filter-acc", default=s, help="end (default) | best_last_20 (the paper's logging)")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--overwrite", action="store_true")
-    _add_recipe_args(p)
-    p.set_defaults(handler=_run_run)
-
-
-def _split_args(args: argparse.Namespace, drop: tuple[str, ...]) -> dict:
+def _split_args(args: argparse.Namespace, drop: tuple[str, ...] = ()) -> dict:
     return {k: v for k, v in vars(args).items() if k not in ("handler", "command", "threads", *drop)}
 
 
-def _run_run(args: argparse.Namespace) -> None:
+def _run_run(args: argparse.Namespace) -> Runner:
     from .config import RunConfig, preset_settings, split_recipe
-    from .curriculum import run_curriculum
 
     values = {**preset_settings(args.preset), **_split_args(args, ("resume", "overwrite"))}
     recipe, rest = split_recipe(values)
-    run_curriculum(RunConfig(recipe=recipe, **rest), resume=args.resume, overwrite=args.overwrite)
+    cfg = RunConfig(recipe=recipe, **rest)
+
+    def run() -> None:
+        from .curriculum import run_curriculum
+
+        run_curriculum(cfg, resume=args.resume, overwrite=args.overwrite)
+    return run
 
 
-def _add_eval(sub: argparse._SubParsersAction) -> None:
-    s = argparse.SUPPRESS
-    p = sub.add_parser("eval", help="train and evaluate on distilled ∪ a saved selection")
-    _add_data_args(p)
-    p.add_argument("--selection", type=Path, required=True, help="selected_indices.json (this tool's or the paper's)")
-    p.add_argument("--image-per-class", type=int, default=s, help="default: the selection file's ipc")
-    p.add_argument("--alpha", type=float, default=s, help="default: the selection file's alpha")
-    p.add_argument("--num-eval", type=int, default=s)
-    p.add_argument("--fuse-evals", action=argparse.BooleanOptionalAction, default=s,
-                   help="train the --num-eval evaluation models as one fused network (default: on)")
-    p.add_argument("--eval-model", default=s)
-    p.add_argument("--output", type=Path, default=s, help="write the results as JSON here")
-    p.add_argument("--preset", default=None, help="the paper's settings, e.g. cifar10-ipc500 (flags override)")
-    _add_recipe_args(p)
-    p.set_defaults(handler=_run_eval)
+# A run's settings that `eval --run-dir` reuses (its selection comes from the run's selected_indices.json).
+RUN_DIR_KEYS = ("pool", "test", "distilled", "teacher", "teacher_model", "normalize", "image_per_class", "alpha",
+                "temperature", "num_eval", "fuse_evals", "eval_model", "device", "seed", "workers", "eval_batch_size")
 
 
-def _run_eval(args: argparse.Namespace) -> None:
+def run_dir_settings(run_dir: Path) -> dict:
+    """EvalConfig values from a run directory: its settings (state.json) and its selection file."""
+    path = run_dir / "state.json"
+    try:
+        settings = json.loads(path.read_text())["settings"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"--run-dir {run_dir}: cannot read the run's settings from {path.name} ({exc}); pass the "
+                          "--output-dir of a `ccfs-fast run`") from exc
+    from .config import FAST_KEYS, RECIPE_KEYS
+
+    keep = set(RUN_DIR_KEYS) | RECIPE_KEYS | FAST_KEYS
+    values = {k: v for k, v in settings.items() if k in keep and v is not None}
+    for key in ("pool", "test", "distilled", "teacher"):
+        if key in values:
+            values[key] = Path(values[key])
+    values["selection"] = run_dir / "selected_indices.json"
+    return values
+
+
+def _run_eval(args: argparse.Namespace) -> Runner:
     from .config import EvalConfig, preset_settings, split_recipe
-    from .evaluation import evaluate_selection_file
 
-    recipe, rest = split_recipe({**preset_settings(args.preset, EvalConfig), **_split_args(args, ())})
-    evaluate_selection_file(EvalConfig(recipe=recipe, **rest))
+    explicit = _split_args(args, ("run_dir",))
+    base = run_dir_settings(args.run_dir) if "run_dir" in args else {}
+    recipe, rest = split_recipe({**base, **preset_settings(args.preset, EvalConfig), **explicit})
+    missing = [f"--{k}" for k in ("pool", "test", "distilled", "teacher", "selection") if k not in rest]
+    if missing:
+        raise ConfigError(f"eval needs {', '.join(missing)} (or --run-dir RUN to take them from a run)")
+    cfg = EvalConfig(recipe=recipe, **rest)
 
+    def run() -> None:
+        from .evaluation import evaluate_selection_file
 
-def _add_teacher(sub: argparse._SubParsersAction) -> None:
-    s = argparse.SUPPRESS
-    p = sub.add_parser("teacher", help="train a teacher on a pool .beton (optionally record forgetting scores)")
-    _add_data_args(p, distilled=False)
-    p.add_argument("--model", default=s)
-    p.add_argument("--output", type=Path, required=True, help="checkpoint FILE.pt")
-    p.add_argument("--forgetting-out", type=Path, default=s, help="write forgetting scores (.npy) here")
-    p.add_argument("--label-smoothing", type=float, default=s)
-    p.add_argument("--overwrite", action="store_true")
-    _add_recipe_args(p)
-    p.set_defaults(handler=_run_teacher)
+        evaluate_selection_file(cfg)
+    return run
 
 
-def _run_teacher(args: argparse.Namespace) -> None:
+def _run_teacher(args: argparse.Namespace) -> Runner:
     from .config import TeacherConfig, split_recipe, teacher_recipe
-    from .teacher import train_teacher
 
-    recipe, rest = split_recipe(_split_args(args, ()), teacher_recipe())
-    own = set(TeacherConfig.__dataclass_fields__)
-    train_teacher(TeacherConfig(recipe=recipe, **{k: v for k, v in rest.items() if k in own}))
+    recipe, rest = split_recipe(_split_args(args), teacher_recipe())
+    cfg = TeacherConfig(recipe=recipe, **rest)
+
+    def run() -> None:
+        from .teacher import train_teacher
+
+        train_teacher(cfg)
+    return run
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the whole pipeline on scikit-learn's digits (real data), end to end")
-    p.add_argument("--output-dir", type=Path, default=Path("demo_out"))
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--epochs", type=int, default=15, help="filter / evaluation epochs")
-    p.add_argument("--teacher-epochs", type=int, default=15)
-    p.add_argument("--num-eval", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("demo", help="the whole pipeline on scikit-learn's real digits, end to end (minutes)")
+    p.add_argument("--output-dir", type=Path, default=Path("demo_out"), help="(default: demo_out)")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous demo (default: refuse)")
+    p.add_argument("--epochs", type=int, default=15, help="filter / evaluation epochs (default: 15)")
+    p.add_argument("--teacher-epochs", type=int, default=15, help="(default: 15)")
+    p.add_argument("--num-eval", type=int, default=3, help="evaluation models per method (default: 3)")
+    p.add_argument("--seed", type=int, default=0, help="(default: 0)")
     p.set_defaults(handler=_run_demo)
 
 
-def _run_demo(args: argparse.Namespace) -> None:
+def _run_demo(args: argparse.Namespace) -> Runner:
     from .demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(output_dir=args.output_dir, epochs=args.epochs, teacher_epochs=args.teacher_epochs,
-                        num_eval=args.num_eval, seed=args.seed,
-                        overwrite=args.overwrite, workers=min(2, _default_workers())))
+    cfg = DemoConfig(output_dir=args.output_dir, epochs=args.epochs, teacher_epochs=args.teacher_epochs,
+                     num_eval=args.num_eval, seed=args.seed, overwrite=args.overwrite,
+                     workers=min(2, default_workers()))
+    return lambda: run_demo(cfg)
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="rebuild metrics.csv and report.png of a run directory")
-    p.add_argument("run_dir", type=Path)
+    p.add_argument("run_dir", type=Path, help="a `ccfs-fast run` output directory")
     p.set_defaults(handler=_run_report)
 
 
-def _run_report(args: argparse.Namespace) -> None:
-    from .report import write_report
+def _run_report(args: argparse.Namespace) -> Runner:
+    def run() -> None:
+        from .report import write_report
 
-    for path in write_report(args.run_dir):
-        print(path)
-
-
-def _add_bench(sub: argparse._SubParsersAction) -> None:
-    bench = sub.add_parser("bench", help="run a benchmark: loader | select", add_help=False)
-    bench.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
-    bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags (--help lists them)")
-    bench.set_defaults(handler=_run_bench)
+        for path in write_report(args.run_dir):
+            print(path)
+    return run
 
 
-def _bench_loader(argv: list[str]) -> None:
-    from benchmarks.loader_throughput import main as loader_main
-    loader_main(argv)
-
-
-def _bench_select(argv: list[str]) -> None:
-    from benchmarks.select_kernel import main as select_main
-    select_main(argv)
-
-
-def _bench_phase(argv: list[str]) -> None:
-    from benchmarks.curriculum_wallclock import main as phase_main
-    phase_main(argv)
-
-
-def _bench_train(argv: list[str]) -> None:
-    from benchmarks.train_throughput import main as train_main
-    train_main(argv)
-
-
-BENCHMARKS: dict[str, Callable[[list[str]], None]] = {
-    "loader": _bench_loader,
-    "select": _bench_select,
-    "phase": _bench_phase,
-    "train": _bench_train,
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    # name: (module, what it measures)
+    "loader": ("benchmarks.loader_throughput", "train-loader images/s against the paper's input paths"),
+    "select": ("benchmarks.select_kernel", "one phase's selection: numba kernels against sets + sorted"),
+    "phase": ("benchmarks.curriculum_wallclock", "wall-clock per curriculum against the paper's approach"),
+    "train": ("benchmarks.train_throughput", "KD training images/s: eager, CUDA graphs, fused bank"),
 }
 
 
-def _run_bench(args: argparse.Namespace) -> None:
-    BENCHMARKS[args.name](list(args.rest))
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    listing = "\n".join(f"  {name:8s}{what}" for name, (_, what) in BENCHMARKS.items())
+    bench = sub.add_parser("bench", help=f"run a benchmark: {' | '.join(BENCHMARKS)}",
+                           description=f"benchmarks (each prints a table; --json FILE writes the rows):\n{listing}\n\n"
+                                       "`ccfs-fast bench NAME --help` lists a benchmark's own flags.",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_argument("name", choices=list(BENCHMARKS), metavar="NAME", help=" | ".join(BENCHMARKS))
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags")
+    bench.set_defaults(handler=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> Runner:
+    import importlib
+
+    module = BENCHMARKS[args.name][0]
+    return lambda: importlib.import_module(module).main(list(args.rest))
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ccfs-fast", description=__doc__)
+    parser = argparse.ArgumentParser(prog="ccfs-fast", description=__doc__, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch / numba CPU threads (default: the number of cores)")
+                        help="torch / numba CPU threads (default: the cores, shared by torchrun's ranks)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_build(sub)
-    _add_run(sub)
-    _add_eval(sub)
-    _add_teacher(sub)
-    _add_demo(sub)
+    add_teacher(sub, _run_teacher)
+    add_run(sub, _run_run)
+    add_eval(sub, _run_eval)
     _add_report(sub)
+    _add_demo(sub)
     _add_bench(sub)
     return parser
 
@@ -286,10 +241,15 @@ def _set_threads(threads: int | None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    if list(argv[:1]) == ["bench"] and (len(argv) == 1 or argv[1] in ("-h", "--help")):
+        parser.parse_args(["bench", "--help"])  # lists the benchmarks and exits 0
     args = parser.parse_args(argv)
     try:
+        runner = args.handler(args)  # checks arguments and paths before the heavy imports
         _set_threads(args.threads)
-        args.handler(args)
+        runner()
     except CCFSError as exc:
         print(f"ccfs-fast: error: {' '.join(str(exc).split())}", file=sys.stderr)  # always one line
         return 2

@@ -13,6 +13,18 @@ WARMUP_METHODS = ("linear", "constant")
 FILTER_ACC_LOGGING = ("end", "best_last_20")
 
 
+def require_file(path: Path | None, flag: str, hint: str) -> None:
+    """A missing input is refused before anything heavy starts."""
+    if path is not None and not Path(path).is_file():
+        raise ConfigError(f"{flag} {path}: no such file; {hint}")
+
+
+def require_betons(**betons: Path) -> None:
+    for name, path in betons.items():
+        if not Path(path).is_file():
+            raise ConfigError(f"--{name} {path}: no such .beton file; build it with `ccfs-fast build ...`")
+
+
 def _check_choice(kind: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise UnknownNameError(kind, value, list(valid))
@@ -91,6 +103,7 @@ class RunConfig:
     balance: bool = True
     score: str = "forgetting"
     shortfall: str = "fill"
+    coarse_pass: str = "lazy"  # lazy: predict in selection order, stop each class once full (ccfs_fast.coarse)
     temperature: float = 20.0
     recipe: TrainRecipe = field(default_factory=TrainRecipe)
     fast: FastPath = field(default_factory=FastPath)
@@ -112,6 +125,9 @@ class RunConfig:
         from .scores import score_kind
         from .select import SELECTION_METHODS, SHORTFALL_POLICIES
 
+        require_betons(pool=self.pool, test=self.test, distilled=self.distilled)
+        require_file(self.teacher, "--teacher", "pass the teacher checkpoint (.pt / .pth)")
+
         if not 0 < self.alpha < 1:
             raise ConfigError(f"--alpha must lie strictly between 0 and 1, got {self.alpha}")
         if self.image_per_class < 1:
@@ -125,9 +141,12 @@ class RunConfig:
         kind = score_kind(self.score)
         if kind.from_file and self.score_path is None:
             raise ConfigError(f"--score {self.score} needs --score-path FILE (.npy or .npz)")
+        if kind.from_file:
+            require_file(self.score_path, "--score-path", "pass the score file (.npy, or .npz with 'scores')")
         _check_choice("selection method", self.select_method, tuple(SELECTION_METHODS))
         _check_choice("shortfall policy", self.shortfall, SHORTFALL_POLICIES)
         _check_choice("filter accuracy logging", self.filter_acc, FILTER_ACC_LOGGING)
+        _check_choice("coarse pass", self.coarse_pass, ("lazy", "full"))
         if self.num_eval < 0 or self.temperature <= 0 or self.workers < 1:
             raise ConfigError(f"need --num-eval >= 0, -T > 0 and --workers >= 1; got {self.num_eval}, "
                               f"{self.temperature}, {self.workers}")
@@ -158,7 +177,8 @@ class RunConfig:
 
 
 # Settings that may change between a run and its --resume without changing results.
-RESUME_FREE = frozenset({"output_dir", "workers", "device", "eval_batch_size", "preset", "fuse_evals", "cuda_graphs"})
+RESUME_FREE = frozenset({"output_dir", "workers", "device", "eval_batch_size", "preset", "fuse_evals", "cuda_graphs",
+                         "coarse_pass"})
 
 
 @dataclass(frozen=True)
@@ -186,9 +206,13 @@ class EvalConfig:
     output: Path | None = None
     normalize: str | None = None
     preset: str | None = None
+    allow_incomplete: bool = False  # evaluate an unfinished run's selection
     notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        require_betons(pool=self.pool, test=self.test, distilled=self.distilled)
+        require_file(self.teacher, "--teacher", "pass the teacher checkpoint (.pt / .pth)")
+        require_file(self.selection, "--selection", "pass a selected_indices.json (or --run-dir RUN)")
         if self.num_eval < 0 or self.temperature <= 0 or self.workers < 1:
             raise ConfigError(f"need --num-eval >= 0, -T > 0 and --workers >= 1; got {self.num_eval}, "
                               f"{self.temperature}, {self.workers}")
@@ -221,6 +245,7 @@ class TeacherConfig:
 
     def __post_init__(self) -> None:
         parse_normalize(self.normalize)
+        require_betons(pool=self.pool, test=self.test)
         if self.output.suffix not in (".pt", ".pth"):
             raise ConfigError(f"--output must be a .pt or .pth file, got {self.output}")
         for path in (self.output, self.forgetting_out):

@@ -3,6 +3,7 @@ select, final evaluation; resumable after the last finished phase, every output 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -11,9 +12,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .coarse import PassResult, coarse_pass
 from .config import RESUME_FREE, RunConfig
-from .distributed import barrier, broadcast, init_distributed
+from .distributed import DistContext, barrier, broadcast, init_distributed
 from .errors import ConfigError
+from .models import check_model_name, stem_warning
 from .outputs import environment, prepare_output_dir, write_json, write_npz, write_text
 from .report import write_report
 from .scores import easy_first_key, load_scores, score_kind
@@ -30,13 +33,15 @@ STATE_VERSION = 1
 class PhaseOutcome:
     record: dict
     picked: np.ndarray
-    evaluated: tuple[np.ndarray, np.ndarray, np.ndarray]
+    passed: PassResult
 
 
 def run_phase(ws: Workspace, cfg: RunConfig, phase: int, curpc: int, selected: np.ndarray,
-              teacher_ok: np.ndarray, file_key: np.ndarray | None) -> PhaseOutcome:
+              teacher_ok: np.ndarray, file_key: np.ndarray | None, rate: float | None = None) -> PhaseOutcome:
     """One curriculum: train a fresh filter on distilled ∪ selected, predict the not-yet-selected
-    teacher-correct pool images, keep the coarse candidates, select the fine curpc per class."""
+    teacher-correct pool images (lazily, in selection order, when the order key is known; `rate`: the
+    previous phase's survivor rate, to size the first chunk), keep the coarse candidates, select the
+    fine curpc per class."""
     seed = phase_seed(cfg.seed, phase)
     train_set = np.concatenate([ws.distilled_rows, selected])
     acc_epochs = (last_fifth_epochs(cfg.recipe.epochs) if cfg.filter_acc == "best_last_20"
@@ -47,28 +52,32 @@ def run_phase(ws: Workspace, cfg: RunConfig, phase: int, curpc: int, selected: n
     is_selected = np.zeros(n, bool)
     is_selected[selected] = True
     eligible = teacher_ok & ~is_selected
+    known_key = None if file_key is None else order_key(cfg.select_method, file_key, seed)
     start = time.perf_counter()
-    index, pred, logit = ws.predict_pool(filt, np.flatnonzero(eligible))
+    passed = coarse_pass(cfg.coarse_pass if known_key is not None else "full", eligible, ws.pool_labels, known_key,
+                         ws.num_classes, curpc, cfg.balance, cfg.select_misclassified,
+                         lambda indices: ws.predict_pool(filt, indices), rate,
+                         min_chunk=ws.eval_batch_size * ws.dist.world_size)
     eval_s = time.perf_counter() - start
     start = time.perf_counter()
     full_pred = np.full(n, -1, np.int64)
-    full_pred[index] = pred
+    full_pred[passed.index] = passed.pred
     candidates = candidate_mask(teacher_ok, is_selected, full_pred, ws.pool_labels, cfg.select_misclassified)
-    if file_key is None:  # logits: easy = high true-class logit of this phase's filter
+    if known_key is None:  # logits: easy = high true-class logit of this phase's filter
         easy = np.full(n, np.inf)
-        easy[index] = easy_first_key(logit, "logits")
-    else:
-        easy = file_key
+        easy[passed.index] = easy_first_key(passed.logit, "logits")
+        known_key = order_key(cfg.select_method, easy, seed)
     chosen = None
     if ws.dist.is_main:  # selection on rank 0, broadcast to the others
-        chosen = select_per_class(candidates, ws.pool_labels, ws.num_classes, order_key(cfg.select_method, easy, seed),
-                                  curpc, cfg.balance, cfg.shortfall, fill_pool=eligible)
+        chosen = select_per_class(candidates, ws.pool_labels, ws.num_classes, known_key, curpc, cfg.balance,
+                                  cfg.shortfall, fill_pool=eligible)
     chosen = broadcast(chosen, ws.dist)
     select_s = time.perf_counter() - start
     record = {
         "phase": phase, "curpc": curpc, "train_size": len(train_set), "batch_size": batch_size,
-        "train_s": trained.seconds, "train_img_per_s": trained.img_per_s, "pool_evaluated": len(index),
-        "eval_s": eval_s, "eval_img_per_s": len(index) / eval_s if eval_s else 0.0, "select_s": select_s,
+        "train_s": trained.seconds, "train_img_per_s": trained.img_per_s, "coarse_pass": passed.mode,
+        "pool_eligible": passed.eligible, "pool_evaluated": passed.predicted, "coarse_rounds": passed.rounds,
+        "eval_s": eval_s, "eval_img_per_s": passed.predicted / eval_s if eval_s else 0.0, "select_s": select_s,
         "filter_acc": trained.best_acc, "filter_acc_rule": cfg.filter_acc, "filter_last_acc": trained.last_acc,
         "candidates": int(candidates.sum()), "candidates_per_class": chosen.candidates_per_class.tolist(),
         "selected": len(chosen.indices), "selected_per_class": chosen.selected_per_class.tolist(),
@@ -76,7 +85,21 @@ def run_phase(ws: Workspace, cfg: RunConfig, phase: int, curpc: int, selected: n
                       "filled_per_class": chosen.filled_per_class.tolist(),
                       "filled": int(chosen.filled_per_class.sum()), "unmet": chosen.unmet},
     }
-    return PhaseOutcome(record, chosen.indices, (index, pred, logit))
+    return PhaseOutcome(record, chosen.indices, passed)
+
+
+def survivor_rate(record: dict) -> float | None:
+    """A finished phase's share of predicted images that survived the coarse stage."""
+    return record["candidates"] / record["pool_evaluated"] if record.get("pool_evaluated") else None
+
+
+def write_audit(path: Path, passed: PassResult, labels: np.ndarray) -> None:
+    """phase{k}_candidates.npz: every predicted image (index, pred, logit, label) and how the pass
+    ran (pass_mode; per class stop_key / stop_index, the last predicted image in key order, and
+    exhausted, every eligible image predicted)."""
+    write_npz(path, index=passed.index, pred=passed.pred, logit=passed.logit, label=labels[passed.index],
+              pass_mode=np.array(passed.mode), stop_key=passed.stop_key, stop_index=passed.stop_index,
+              exhausted=passed.exhausted)
 
 
 def _load_state(out: Path, cfg: RunConfig) -> dict:
@@ -109,7 +132,9 @@ def _write_outputs(out: Path, cfg: RunConfig, state: dict) -> None:
               f"arrangement: {curriculum_arrangement(cfg.spc, cfg.curriculum_num)}"]
     for p in phases:
         lines.append(f"phase {p['phase']}/{cfg.curriculum_num}: curpc {p['curpc']}, train set {p['train_size']}, "
-                     f"filter acc ({p['filter_acc_rule']}) {_fmt(p['filter_acc'])}%, evaluated {p['pool_evaluated']}, "
+                     f"filter acc ({p['filter_acc_rule']}) {_fmt(p['filter_acc'])}%, "
+                     f"predicted {p['pool_evaluated']} of "
+                     f"{p.get('pool_eligible', p['pool_evaluated'])} eligible ({p.get('coarse_pass', 'full')} pass), "
                      "candidates "
                      f"{p['candidates']}, selected {p['selected']} (filled {p['shortfall']['filled']}, unmet "
                      f"{p['shortfall']['unmet']}), train {p['train_s']:.1f}s eval {p['eval_s']:.1f}s "
@@ -127,8 +152,29 @@ def _fmt(value: float | None) -> str:
 
 def run_curriculum(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """Runs (or resumes) CCFS into cfg.output_dir; returns the final state dict. Under torchrun every
-    rank trains and predicts its share; rank 0 selects and writes every output."""
+    rank trains and predicts its share; rank 0 selects and writes every output. A run that fails
+    before its first curriculum is recorded leaves no output directory it created behind."""
     dist_ctx, device = init_distributed(cfg.device)
+    out = cfg.output_dir
+    created = dist_ctx.is_main and not out.exists()
+    try:
+        return _run(cfg, dist_ctx, device, resume, overwrite)
+    except BaseException:
+        if created and not any(out.glob("phase*_candidates.npz")):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _check_models(cfg: RunConfig, side: int) -> None:
+    """Unknown model names fail before the teacher pass; an ImageNet stem on small images warns."""
+    for name in dict.fromkeys((cfg.filter_model, cfg.eval_model)):
+        check_model_name(name)
+        warning = stem_warning(name, side)
+        if warning:
+            tqdm.write(warning)
+
+
+def _run(cfg: RunConfig, dist_ctx: DistContext, device: str, resume: bool, overwrite: bool) -> dict:
     out = cfg.output_dir
     if dist_ctx.is_main:
         prepare_output_dir(out, resume, overwrite)
@@ -140,6 +186,8 @@ def run_curriculum(cfg: RunConfig, resume: bool = False, overwrite: bool = False
     torch.backends.cudnn.benchmark = bool(fast.cudnn_benchmark)
     ws = open_workspace(cfg.pool, cfg.test, cfg.distilled, cfg.teacher, cfg.teacher_model, cfg.cpc, device,
                         cfg.workers, cfg.eval_batch_size, dist_ctx, fast, cfg.normalize)
+    if dist_ctx.is_main:
+        _check_models(cfg, ws.side)
     state["fast_path"] = asdict(fast)
     state["notes"] = list(cfg.notes)
     if dist_ctx.is_main:
@@ -152,6 +200,12 @@ def run_curriculum(cfg: RunConfig, resume: bool = False, overwrite: bool = False
     file_key = None
     if score_kind(cfg.score).from_file:
         file_key = easy_first_key(load_scores(cfg.score_path, ws.pool_labels), cfg.score)
+    elif cfg.coarse_pass == "lazy":
+        note = (f"note: --score {cfg.score} ranks candidates by this phase's own predictions, so every eligible "
+                "image is predicted (--coarse-pass full)")
+        state["notes"].append(note)
+        if dist_ctx.is_main:
+            print(note, flush=True)
     arrangement = curriculum_arrangement(cfg.spc, cfg.curriculum_num)
     start = time.perf_counter()
     pred, teacher_ok, _ = teacher_correct(ws, cfg.teacher)
@@ -165,8 +219,8 @@ def run_curriculum(cfg: RunConfig, resume: bool = False, overwrite: bool = False
     selected = np.asarray(state["selected"], np.int64)
     for phase in tqdm(range(len(state["phases"]) + 1, cfg.curriculum_num + 1), desc="curricula",
                       initial=len(state["phases"]), total=cfg.curriculum_num, dynamic_ncols=True, disable=not main):
-        outcome = run_phase(ws, cfg, phase, arrangement[phase - 1], selected, teacher_ok, file_key)
-        index, fpred, logit = outcome.evaluated
+        rate = survivor_rate(state["phases"][-1]) if state["phases"] else None
+        outcome = run_phase(ws, cfg, phase, arrangement[phase - 1], selected, teacher_ok, file_key, rate)
         selected = np.concatenate([selected, outcome.picked])
         state["phases"].append(outcome.record)
         state["selected"] = selected.tolist()
@@ -174,8 +228,7 @@ def run_curriculum(cfg: RunConfig, resume: bool = False, overwrite: bool = False
         if main and line:
             tqdm.write(line)
         if main:
-            write_npz(out / f"phase{phase}_candidates.npz", index=index, pred=fpred, logit=logit,
-                      label=ws.pool_labels[index])
+            write_audit(out / f"phase{phase}_candidates.npz", outcome.passed, ws.pool_labels)
             write_json(out / "state.json", state)
             _write_outputs(out, cfg, state)
     if state.get("final") is None:
@@ -211,11 +264,12 @@ def shortfall_line(record: dict, class_names: tuple[str, ...], shown: int = 8) -
 
 
 def summary_table(state: dict) -> str:
-    rows = [(p["phase"], p["curpc"], p["train_size"], p["train_s"], p["pool_evaluated"], p["eval_img_per_s"],
-             p["select_s"] * 1000, _fmt(p["filter_acc"]), p["selected"], p["shortfall"]["filled"])
-            for p in state["phases"]]
-    table = format_table(["phase", "curpc", "train set", "train s", "evaluated", "eval img/s", "select ms",
-                          "filter acc", "selected", "filled"], rows)
+    rows = [(p["phase"], p["curpc"], p["train_size"], p["train_s"],
+             f"{p['pool_evaluated']:,} / {p.get('pool_eligible', p['pool_evaluated']):,}", p["eval_s"],
+             p["select_s"] * 1000, _fmt(p["filter_acc"]), p["selected"], p["shortfall"]["filled"],
+             p["shortfall"]["unmet"]) for p in state["phases"]]
+    table = format_table(["phase", "curpc", "train set", "train s", "predicted / eligible", "predict s", "select ms",
+                          "filter acc", "selected", "filled", "unmet"], rows)
     final = state.get("final") or {}
     if final.get("accs"):
         table += f"\nfinal: {_fmt(final['acc_mean'])} ± {_fmt(final['acc_std'])} % top-1 over {len(final['accs'])} runs"

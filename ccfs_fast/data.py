@@ -6,6 +6,7 @@ normalised on the device.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -74,66 +75,94 @@ def _keep_torch_threads() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+PIPELINES = {
+    "rows": lambda: {"image": [SimpleRGBImageDecoder(), ToTensor()], "label": [IntDecoder(), ToTensor()],
+                     "index": [IntDecoder(), ToTensor()]},
+    "labels": lambda: {"image": None, "label": [IntDecoder(), ToTensor()], "index": [IntDecoder(), ToTensor()]},
+}
+
+
 class RowReader:
     """One compiled FFCV loader over a .beton (sequential order, drop_last=False), re-targeted to
     each new index subset by setting the indices of the loader and of its traversal order (ffcv
     issue #152), so the pipeline's JIT compile (about a second) is paid once per file and batch size
     instead of once per subset. It reads through FFCV's process cache (os_cache=False): only the
     file pages the next few batches need are held, so streaming a 1 GB pool keeps memory flat instead
-    of mapping every page it touched into the process."""
+    of mapping every page it touched into the process. `fields` "labels" skips the image pipeline
+    (no pixel decoded). Get one with `row_reader`, which keeps it for the life of the process."""
 
-    def __init__(self, beton: BetonFile, batch_size: int, workers: int):
+    def __init__(self, beton: BetonFile, batch_size: int, workers: int, fields: str = "rows"):
         # FFCV sets numba's thread count to `workers`, which numba caps at the machine's threads.
-        self.beton, self.batch_size = beton, batch_size
+        self.beton, self.batch_size, self.fields = beton, batch_size, fields
         self.workers = max(1, min(workers, numba.config.NUMBA_NUM_THREADS))
         self._loader: Loader | None = None
+        self.busy = False
 
     def _target(self, rows: np.ndarray) -> Loader:
         if self._loader is None:
             self._loader = Loader(str(self.beton.path), batch_size=self.batch_size, num_workers=self.workers,
                                   order=OrderOption.SEQUENTIAL, indices=rows, drop_last=False, os_cache=False,
-                                  pipelines={"image": [SimpleRGBImageDecoder(), ToTensor()],
-                                             "label": [IntDecoder(), ToTensor()],
-                                             "index": [IntDecoder(), ToTensor()]})
+                                  pipelines=PIPELINES[self.fields]())
         else:
             self._loader.indices = rows
             self._loader.traversal_order.indices = rows
             self._loader.first_traversal_order = rows
         return self._loader
 
-    def read(self, rows: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def read(self, rows: np.ndarray) -> Iterator[tuple[torch.Tensor, ...]]:
         """Yields (images uint8 [b, H, W, 3], labels int64 [b], index int64 [b]) on the CPU for
-        `rows` in the order given, every row once."""
+        `rows` in the order given, every row once ((labels, index) with fields "labels")."""
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) == 0:
             return
         if rows.min() < 0 or rows.max() >= self.beton.n:
             raise DataError(f"{self.beton.path}: row indices must lie in [0, {self.beton.n}), got "
                             f"[{rows.min()}, {rows.max()}]")
-        with _keep_torch_threads():
-            for images, labels, index in self._target(rows):
-                # FFCV reuses its output buffers between batches: copy before handing them on.
-                yield images.clone(), labels.reshape(-1).to(torch.int64, copy=True), \
-                    index.reshape(-1).to(torch.int64, copy=True)
+        self.busy = True
+        try:
+            with _keep_torch_threads():
+                for batch in self._target(rows):
+                    # FFCV reuses its output buffers between batches: copy before handing them on.
+                    *images, labels, index = batch
+                    yield (*(i.clone() for i in images), labels.reshape(-1).to(torch.int64, copy=True),
+                           index.reshape(-1).to(torch.int64, copy=True))
+        finally:
+            self.busy = False
+
+
+# The compiled readers of this process, kept until it exits. Two reasons: FFCV compiles every Loader's
+# pipeline with numba (about a second each), and numba's dispatcher finalizer raises KeyError (printed
+# as "Exception ignored ... numba/core/dispatcher.py") when such a pipeline is garbage-collected in a
+# reference cycle; at interpreter exit numba skips that finalizer. Keyed by the file's identity, so a
+# file rebuilt at the same path gets a fresh reader.
+_READERS: dict[tuple, list[RowReader]] = {}
+
+
+def row_reader(beton: BetonFile, batch_size: int, workers: int, fields: str = "rows") -> RowReader:
+    """A free compiled reader for (file, batch size, threads, fields), made on first use."""
+    stat = os.stat(beton.path)
+    key = (str(beton.path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns, batch_size, workers, fields)
+    readers = _READERS.setdefault(key, [])
+    for reader in readers:
+        if not reader.busy:
+            reader.beton = beton
+            return reader
+    readers.append(RowReader(beton, batch_size, workers, fields))
+    return readers[-1]
 
 
 def iterate_rows(beton: BetonFile, rows: np.ndarray, batch_size: int, workers: int
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """One-off read of `rows` (a fresh RowReader); see RowReader.read."""
-    yield from RowReader(beton, batch_size, workers).read(rows)
+    """A read of `rows` through the process's reader for the file; see RowReader.read."""
+    yield from row_reader(beton, batch_size, workers).read(rows)
 
 
 def read_labels(beton: BetonFile, workers: int = 2) -> np.ndarray:
     """All labels int64 [n] in canonical order, reading only the label and index fields (the image
     pipeline is disabled, so no pixels are decoded); checks that `index` is the row number."""
-    with _keep_torch_threads():
-        threads = max(1, min(workers, numba.config.NUMBA_NUM_THREADS))
-        loader = Loader(str(beton.path), batch_size=65536, num_workers=threads,
-                        order=OrderOption.SEQUENTIAL, drop_last=False,
-                        pipelines={"image": None, "label": [IntDecoder()], "index": [IntDecoder()]})
-        parts = [(labels.reshape(-1).copy(), index.reshape(-1).copy()) for labels, index in loader]
-    labels = np.concatenate([p[0] for p in parts]).astype(np.int64)
-    index = np.concatenate([p[1] for p in parts]).astype(np.int64)
+    parts = list(row_reader(beton, 65536, workers, "labels").read(np.arange(beton.n)))
+    labels = torch.cat([p[0] for p in parts]).numpy()
+    index = torch.cat([p[1] for p in parts]).numpy()
     if not np.array_equal(index, np.arange(beton.n)):
         raise DataError(f"{beton.path}: its index field is not 0..n-1 in row order; rebuild it with ccfs-fast build")
     if labels.min() < 0 or labels.max() >= beton.manifest.num_classes:
@@ -148,7 +177,6 @@ class IndexSpace:
     def __init__(self, pool: BetonFile, distilled: BetonFile | None = None, norm: Normalization | None = None):
         self.pool, self.distilled = pool, distilled
         self.norm = norm or Normalization(tuple(pool.manifest.mean), tuple(pool.manifest.std), "pool")
-        self._readers: dict[tuple[Path, int], RowReader] = {}
         if distilled is not None:
             pm, dm = pool.manifest, distilled.manifest
             if dm.side != pm.side:
@@ -172,11 +200,8 @@ class IndexSpace:
         return self.pool.manifest
 
     def reader(self, beton: BetonFile, batch_size: int, workers: int) -> RowReader:
-        """The space's compiled reader for one file and batch size (built on first use)."""
-        key = (beton.path, batch_size)
-        if key not in self._readers:
-            self._readers[key] = RowReader(beton, batch_size, workers)
-        return self._readers[key]
+        """A compiled reader for one file and batch size (the process keeps it; see row_reader)."""
+        return row_reader(beton, batch_size, workers)
 
     def distilled_indices(self) -> np.ndarray:
         return np.arange(self.n_pool, self.n_total, dtype=np.int64)

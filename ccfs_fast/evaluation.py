@@ -29,6 +29,10 @@ def read_selection(cfg: EvalConfig) -> tuple[np.ndarray, int, float]:
         raise ConfigError(f"{cfg.selection} has no 'ipc'/'alpha'; pass --image-per-class and --alpha")
     if len(np.unique(selected)) != len(selected):
         raise ConfigError(f"{cfg.selection}: idx_selected holds duplicate indices")
+    if data.get("complete") is False and not cfg.allow_incomplete:
+        raise ConfigError(f"{cfg.selection} is an unfinished run's selection ({data.get('phases_done', '?')} "
+                          f"curricula done, {len(selected)} images for ipc {ipc}); finish it with `ccfs-fast run "
+                          "--resume` or pass --allow-incomplete to evaluate it as it is")
     return selected, int(ipc), float(alpha)
 
 
@@ -50,7 +54,10 @@ def evaluate_selection_file(cfg: EvalConfig) -> dict:
                           f"[{selected.min()}, {selected.max()}]")
     result = evaluate_selection(ws, selected, cfg.eval_model, cfg.recipe, cfg.temperature, cfg.num_eval, cfg.seed,
                                 cfg.fuse_evals)
+    per_class = np.bincount(ws.pool_labels[selected], minlength=ws.num_classes) + cpc
     result.update({"selection": str(cfg.selection), "ipc": ipc, "alpha": alpha, "selected": len(selected),
+                   "images_per_class": per_class.tolist(), "images_per_class_min": int(per_class.min()),
+                   "images_per_class_max": int(per_class.max()),
                    "normalize": ws.norm.to_json(), "teacher_model": ws.teacher_arch, "notes": list(cfg.notes)})
     if not dist_ctx.is_main:
         return result

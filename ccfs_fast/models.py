@@ -14,12 +14,13 @@ import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
-import torchvision
-from torch import nn
+from typing import TYPE_CHECKING
 
 from .errors import ModelError, UnknownNameError
+
+if TYPE_CHECKING:  # torch is imported where a model is built or loaded: naming models stays light
+    import torch
+    from torch import nn
 
 TORCHVISION_PREFIX = "torchvision:"
 
@@ -27,6 +28,9 @@ TORCHVISION_PREFIX = "torchvision:"
 def paper_network(name: str, num_classes: int) -> nn.Module:
     """torchvision's `name` with the paper's stem (its create_model): conv1 -> 3x3 stride 1 padding 1
     without bias, maxpool -> identity, where the model has them."""
+    import torchvision
+    from torch import nn
+
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     conv1 = getattr(model, "conv1", None)
     if isinstance(conv1, nn.Conv2d):
@@ -40,36 +44,25 @@ def resnet18_cifar(num_classes: int, side: int) -> nn.Module:
     return paper_network("resnet18", num_classes)
 
 
-class ConvNet(nn.Module):
-    """depth x [conv 3x3 (width), instance norm (GroupNorm with one group per channel), ReLU,
-    2x2 avg-pool], then a linear head on the flattened (side / 2^depth)^2 * width features."""
+ModelFactory = Callable[[int, int], "nn.Module"]
 
-    def __init__(self, num_classes: int, side: int, width: int = 128, depth: int = 3):
-        super().__init__()
-        layers: list[nn.Module] = []
-        channels = 3
-        for _ in range(depth):
-            layers += [nn.Conv2d(channels, width, 3, padding=1), nn.GroupNorm(width, width, affine=True),
-                       nn.ReLU(inplace=True), nn.AvgPool2d(2)]
-            channels = width
-        self.features = nn.Sequential(*layers)
-        feat_side = side // (2 ** depth)
-        if feat_side < 1:
-            raise ModelError(f"images of side {side} are too small for a depth-{depth} ConvNet")
-        self.classifier = nn.Linear(width * feat_side * feat_side, num_classes)
+def convnet(width: int) -> ModelFactory:
+    def build(num_classes: int, side: int) -> nn.Module:
+        from .convnet import ConvNet
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.features(x), 1))
+        return ConvNet(num_classes, side, width)
+    return build
 
-
-ModelFactory = Callable[[int, int], nn.Module]
 
 MODELS: dict[str, ModelFactory] = {
     "resnet18_cifar": resnet18_cifar,  # alias of `resnet18` (the paper's network)
-    "convnet": lambda num_classes, side: ConvNet(num_classes, side, 128),
-    "convnet_small": lambda num_classes, side: ConvNet(num_classes, side, 32),
-    "convnet_tiny": lambda num_classes, side: ConvNet(num_classes, side, 8),  # input-bound benchmarks, tests
+    "convnet": convnet(128),
+    "convnet_small": convnet(32),
+    "convnet_tiny": convnet(8),  # input-bound benchmarks, tests
 }
+MODEL_NAMES_HELP = (f"{', '.join(MODELS)}, or any torchvision classification model (resnet18, resnet34, resnet50, "
+                    f"wide_resnet50_2, ..., built with the paper's 3x3 stem); {TORCHVISION_PREFIX}NAME for "
+                    "torchvision's unmodified network")
 
 
 # Names that build the same network as another name (same state-dict keys): compared canonically.
@@ -82,19 +75,30 @@ def canonical_model_name(name: str) -> str:
 
 
 def torchvision_names() -> list[str]:
+    import torchvision
+
     return torchvision.models.list_models(module=torchvision.models)
+
+
+def check_model_name(name: str) -> str:
+    """`name` if it names a model; UnknownNameError listing the valid names otherwise."""
+    base = name[len(TORCHVISION_PREFIX):] if name.startswith(TORCHVISION_PREFIX) else name
+    if name in MODELS or base in torchvision_names():
+        return name
+    raise UnknownNameError("model", name, [*MODELS, "<any torchvision classification model, e.g. resnet18>",
+                                           f"{TORCHVISION_PREFIX}<name> (torchvision's unmodified network)"])
 
 
 def create_model(name: str, num_classes: int, side: int) -> nn.Module:
     """A freshly initialised model (call torch.manual_seed first for reproducible weights)."""
+    check_model_name(name)
     if name in MODELS:
         return MODELS[name](num_classes, side)
-    if name.startswith(TORCHVISION_PREFIX) and name[len(TORCHVISION_PREFIX):] in torchvision_names():
+    if name.startswith(TORCHVISION_PREFIX):
+        import torchvision
+
         return torchvision.models.get_model(name[len(TORCHVISION_PREFIX):], weights=None, num_classes=num_classes)
-    if name in torchvision_names():
-        return paper_network(name, num_classes)
-    raise UnknownNameError("model", name, [*MODELS, "<any torchvision classification model, e.g. resnet18>",
-                                           f"{TORCHVISION_PREFIX}<name> (torchvision's unmodified network)"])
+    return paper_network(name, num_classes)
 
 
 def stem_warning(name: str, side: int) -> str | None:
@@ -128,6 +132,8 @@ class Checkpoint:
 
 
 def _state_dict(checkpoint: object, path: Path) -> dict[str, torch.Tensor]:
+    import torch
+
     if isinstance(checkpoint, dict):
         for key in ("model", "state_dict"):
             if key in checkpoint and isinstance(checkpoint[key], dict):
@@ -153,6 +159,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     """Reads a checkpoint with weights_only=True: a raw state dict, {"model": ...}, {"state_dict": ...},
     DDP `module.` prefixes, and torchvision's reference-script checkpoints, whose `args` is an
     argparse.Namespace (the one non-tensor class allowed)."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"checkpoint {path} does not exist")
@@ -201,6 +209,8 @@ def load_checkpoint(model: nn.Module, path: str | Path, model_name: str) -> nn.M
 
 def save_checkpoint(model: nn.Module, path: str | Path, **meta: object) -> None:
     """Writes {"model": state_dict, **meta} atomically (temp file + rename)."""
+    import torch
+
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     state = (model.module if hasattr(model, "module") else model).state_dict()

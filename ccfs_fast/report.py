@@ -13,7 +13,8 @@ from .errors import ConfigError
 from .outputs import write_text
 from .scores import read_score_file, score_kind
 
-CSV_COLUMNS = ("phase", "curpc", "train_size", "batch_size", "train_s", "train_img_per_s", "pool_evaluated",
+CSV_COLUMNS = ("phase", "curpc", "train_size", "batch_size", "train_s", "train_img_per_s", "coarse_pass",
+               "pool_eligible", "pool_evaluated", "coarse_rounds",
                "eval_s", "eval_img_per_s", "select_s", "filter_acc", "filter_acc_rule", "filter_last_acc", "candidates",
                "selected")
 
@@ -60,7 +61,7 @@ def _plot(run_dir: Path, metrics: dict, frame: pd.DataFrame, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    fig, axes = plt.subplots(2, 3, figsize=(17, 8))
     ax = axes[0, 0]
     bottom = np.zeros(len(frame))
     for column, label in (("train_s", "train"), ("eval_s", "pool evaluation"), ("select_s", "selection")):
@@ -90,6 +91,17 @@ def _plot(run_dir: Path, metrics: dict, frame: pd.DataFrame, out: Path) -> None:
         ax.legend()
     easy = score_kind(metrics["settings"]["score"]).easy_end
     ax.set(title=f"{metrics['settings']['score']} score (easy = {easy})", xlabel="score", ylabel="density")
+
+    ax = axes[0, 2]
+    eligible = frame["pool_eligible"].fillna(frame["pool_evaluated"]) if "pool_eligible" in frame else \
+        frame["pool_evaluated"]
+    ax.bar(frame["phase"] - 0.2, eligible, width=0.4, label="eligible (teacher-correct, not selected)")
+    ax.bar(frame["phase"] + 0.2, frame["pool_evaluated"], width=0.4, label="predicted by the filter")
+    ax.set(title="coarse pass: pool images predicted", xlabel="curriculum", ylabel="images", xticks=frame["phase"])
+    ax.legend(fontsize=8)
+    ax = axes[1, 2]
+    ax.plot(frame["phase"], 100 * frame["candidates"] / frame["pool_evaluated"].clip(lower=1), marker="o")
+    ax.set(title="coarse survivors among predicted images", xlabel="curriculum", ylabel="%", xticks=frame["phase"])
 
     ax = axes[1, 1]
     accs = frame["filter_acc"].astype(float)

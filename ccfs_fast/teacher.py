@@ -1,6 +1,8 @@
 """`ccfs-fast teacher`: supervised training on a pool .beton, optionally recording forgetting scores."""
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -10,7 +12,7 @@ from .data import BetonFile, IndexSpace, ResidentTrainLoader, make_test_loader
 from .datasets import auto_batch_size
 from .difficulty import ForgettingTracker
 from .distributed import barrier, gather_concat, init_distributed
-from .models import create_model, save_checkpoint
+from .models import create_model, save_checkpoint, stem_warning
 from .normalization import parse_normalize, resolve_normalization
 from .outputs import write_npy
 from .tables import format_table
@@ -35,6 +37,9 @@ def train_teacher(cfg: TeacherConfig) -> dict:
     fast = cfg.fast.resolve(device_name)
     torch.backends.cudnn.benchmark = bool(fast.cudnn_benchmark)
     manifest = pool.manifest
+    warning = stem_warning(cfg.model, manifest.side)
+    if warning and dist_ctx.is_main:
+        print(warning, file=sys.stderr)
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, manifest.num_classes, manifest.side).to(device)
     if fast.channels_last:

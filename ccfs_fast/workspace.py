@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,15 @@ from .config import FastPath
 from .data import BetonFile, EvalLoader, IndexSpace, make_test_loader, read_labels
 from .distributed import DistContext, gather_concat, shard
 from .errors import ConfigError, DataError, ModelError
-from .models import DEFAULT_TEACHER, Checkpoint, canonical_model_name, create_model, load_state, read_checkpoint
+from .models import (
+    DEFAULT_TEACHER,
+    Checkpoint,
+    canonical_model_name,
+    create_model,
+    load_state,
+    read_checkpoint,
+    stem_warning,
+)
 from .normalization import Normalization, parse_normalize, resolve_normalization
 from .outputs import write_npz
 from .train import predict
@@ -148,6 +157,9 @@ def open_workspace(pool: Path, test: Path, distilled: Path, teacher: Path, teach
                         f"{test_file.manifest.num_classes}; use the two splits of one dataset")
     checkpoint = read_checkpoint(teacher)
     arch = resolve_teacher_arch(teacher_model, checkpoint)
+    warning = stem_warning(arch, pool_file.manifest.side)
+    if warning and (dist is None or dist.is_main):
+        print(warning, file=sys.stderr)
     pm = pool_file.manifest
     recorded = (Normalization.from_json(checkpoint.normalize, str(checkpoint.normalize.get("source", "teacher")))
                 if checkpoint.normalize else None)

@@ -65,17 +65,23 @@ def test_sharded_prediction_equals_one_process(engine_data, tmp_path):
         np.testing.assert_allclose(sharded["logit"], logit, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.slow
-def test_two_rank_torchrun_run(engine_data, tmp_path):
-    out = tmp_path / "ddp"
-    args = run_args(engine_data, out, "--workers", "1", "--num-eval", "1")
+def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
                            str(_free_port()), "-m", "ccfs_fast.cli", *args], env=env, capture_output=True, text=True,
                           timeout=600)
+
+
+@pytest.mark.slow
+def test_two_rank_torchrun_run(engine_data, tmp_path):
+    """A 2-rank run (lazy coarse pass, the default) is valid and written once; a 2-rank run that
+    differs only by --coarse-pass full selects the same images in the same order."""
+    out = tmp_path / "ddp"
+    proc = _torchrun(run_args(engine_data, out, "--workers", "1", "--num-eval", "1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and len(metrics["phases"]) == 3
+    assert all(p["coarse_pass"] == "lazy" and p["pool_evaluated"] <= p["pool_eligible"] for p in metrics["phases"])
     picked = np.array(json.loads((out / "selected_indices.json").read_text())["idx_selected"])
     labels = read_labels(BetonFile.open(engine_data["pool"]))
     assert len(np.unique(picked)) == len(picked) == 160
@@ -85,3 +91,7 @@ def test_two_rank_torchrun_run(engine_data, tmp_path):
     # written once, by rank 0: one summary table on stdout, no leftover temp files
     assert proc.stdout.count("final:") == 1
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    full = tmp_path / "ddp-full"
+    proc = _torchrun(run_args(engine_data, full, "--workers", "1", "--num-eval", "0", "--coarse-pass", "full"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((full / "selected_indices.json").read_text())["idx_selected"] == picked.tolist()

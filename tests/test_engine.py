@@ -55,8 +55,17 @@ def test_each_phase_recomputes_from_its_audit_files(finished_run, engine_data):
     start = 0
     for phase, curpc in enumerate(curriculum_arrangement(16, 3), 1):
         with np.load(out / f"phase{phase}_candidates.npz") as c:
-            index, pred = c["index"], c["pred"]
-        assert set(index.tolist()) == set(np.flatnonzero(teacher_ok & ~selected).tolist())
+            index, pred, exhausted, stop_key, stop_index = (c["index"], c["pred"], c["exhausted"], c["stop_key"],
+                                                             c["stop_index"])
+        eligible = teacher_ok & ~selected
+        assert set(index.tolist()) <= set(np.flatnonzero(eligible).tolist())  # the lazy pass: a part of them
+        okey = order_key("simple", key, 5 * 1009 + phase)
+        unpredicted = eligible.copy()
+        unpredicted[index] = False
+        for c in range(10):  # what was not predicted ranks after where the class's prediction stopped
+            rest = np.flatnonzero(unpredicted & (labels == c))
+            assert exhausted[c] == (len(rest) == 0)
+            assert all((okey[i], i) > (stop_key[c], stop_index[c]) for i in rest)
         full = np.full(len(labels), -1)
         full[index] = pred
         cand = candidate_mask(teacher_ok, selected, full, labels, True)
@@ -66,6 +75,24 @@ def test_each_phase_recomputes_from_its_audit_files(finished_run, engine_data):
         assert not selected[phase_sel].any()                                   # disjoint from earlier phases
         selected[phase_sel] = True
         start += len(phase_sel)
+
+
+def test_lazy_and_full_coarse_pass_select_the_same(finished_run, engine_data, tmp_path):
+    """Two runs that differ only in --coarse-pass: identical selected_indices.json; the lazy one (the
+    default) predicted fewer images, and its audit files say how far each class was predicted."""
+    full = tmp_path / "full"
+    assert main(run_args(engine_data, full, "--coarse-pass", "full", "--num-eval", "0")) == 0
+    lazy_sel = json.loads((finished_run / "selected_indices.json").read_text())["idx_selected"]
+    assert json.loads((full / "selected_indices.json").read_text())["idx_selected"] == lazy_sel
+    lazy_phases = json.loads((finished_run / "metrics.json").read_text())["phases"]
+    full_phases = json.loads((full / "metrics.json").read_text())["phases"]
+    assert [p["coarse_pass"] for p in lazy_phases] == ["lazy"] * 3 and full_phases[0]["coarse_pass"] == "full"
+    for lazy, whole in zip(lazy_phases, full_phases):
+        assert lazy["pool_eligible"] == whole["pool_eligible"] == whole["pool_evaluated"]
+    assert sum(p["pool_evaluated"] for p in lazy_phases) < sum(p["pool_evaluated"] for p in full_phases)
+    with np.load(finished_run / "phase1_candidates.npz") as audit:
+        assert str(audit["pass_mode"]) == "lazy" and audit["stop_key"].shape == (10,)
+        assert len(audit["index"]) == lazy_phases[0]["pool_evaluated"]
 
 
 def test_eval_reproduces_the_runs_numbers(finished_run, engine_data, tmp_path):

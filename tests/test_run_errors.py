@@ -8,7 +8,7 @@ from conftest import run_args
 from formats import class_images, write_image_folder
 
 from ccfs_fast.cli import main
-from ccfs_fast.models import ConvNet
+from ccfs_fast.convnet import ConvNet
 
 
 def _set(args: list[str], flag: str, value: str) -> list[str]:

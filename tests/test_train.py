@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from ccfs_fast.config import TrainRecipe
+from ccfs_fast.convnet import ConvNet
 from ccfs_fast.datasets import auto_batch_size
 from ccfs_fast.difficulty import ForgettingTracker
 from ccfs_fast.errors import ConfigError, ModelError, UnknownNameError
-from ccfs_fast.models import ConvNet, create_model, load_checkpoint
+from ccfs_fast.models import create_model, load_checkpoint
 from ccfs_fast.train import kd_loss, make_optimizer, make_scheduler
 
 

@@ -1,0 +1,146 @@
+"""The command line as a new user meets it: help with every default and choice, errors before any
+heavy import, smoke runs that just work, `eval --run-dir`, failed runs that leave nothing behind."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import run_args
+from formats import class_images, write_image_folder
+
+from ccfs_fast.cli import main
+from ccfs_fast.data import BetonFile
+
+HELP_NEEDLES = {
+    ("run",): ["(default: 500)", "(default: 0.2)", "(default: 20.0)", "(default: 5)", "(default: resnet18)",
+               "cifar10-ipc500", "tiny-imagenet-ipc100", "convnet_tiny", "simple (easiest first)",
+               "forgetting (low = easy)", "fill (top a short", "(default: lazy)", "(default: auto)",
+               "(default: on for CUDA)"],
+    ("eval",): ["--run-dir", "(default: 5)", "(default: 500)", "cifar10-ipc500", "(default: resnet18)"],
+    ("teacher",): ["(default: 200)", "(default: 0.1)", "(default: 0.0005)", "(default: 128)", "(default: resnet18)"],
+    ("build",): ["cifar10", "tiny-imagenet", "folder", "arrays"],
+    ("build", "folder"): ["--class-order", "(default: sorted)", "(default: all)"],
+    ("build", "cifar10"): ["--src", "(default: refuse)"],
+    ("demo",): ["(default: 15)", "(default: demo_out)"],
+    ("report",): ["run_dir"],
+    ("bench",): ["loader", "select", "phase", "train"],
+    ("bench", "train"): ["--quick", "--json"],
+    (): ["COMMAND", "build", "teacher", "run", "eval", "report", "demo", "bench", "a whole run, step by step"],
+}
+
+
+@pytest.mark.parametrize("command", list(HELP_NEEDLES))
+def test_every_help_shows_defaults_and_choices(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for needle in HELP_NEEDLES[command]:
+        assert " ".join(needle.split()) in text, needle
+    if command in (("run",), ("eval",), ("teacher",)):
+        assert text.count("(default:") >= 20
+
+
+def test_bench_without_a_name_lists_the_benchmarks(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench"])
+    assert exit_info.value.code == 0 and "wall-clock per curriculum" in capsys.readouterr().out
+
+
+def test_bad_arguments_fail_before_heavy_imports(engine_data, tmp_path):
+    """A missing file or a bad value is reported (exit 2, one line) before torch or FFCV load."""
+    cases = [_set(run_args(engine_data, tmp_path / "o"), "--pool", str(tmp_path / "none.beton")),
+             _set(run_args(engine_data, tmp_path / "o"), "--score-path", str(tmp_path / "none.npy")),
+             _set(run_args(engine_data, tmp_path / "o"), "--alpha", "2"),
+             _set(run_args(engine_data, tmp_path / "o"), "--normalize", "1,2")]
+    code = ("import sys, json; from ccfs_fast.cli import main; rc = main(json.loads(sys.argv[1])); "
+            "print(json.dumps(['torch' in sys.modules, 'ffcv' in sys.modules])); sys.exit(rc)")
+    for args in cases:
+        proc = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 2, proc.stderr
+        assert json.loads(proc.stdout) == [False, False], args
+        assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("ccfs-fast: error:")
+    assert not (tmp_path / "o").exists()
+
+
+def _set(args: list[str], flag: str, value: str) -> list[str]:
+    args = list(args)
+    if flag in args:
+        args[args.index(flag) + 1] = value
+    else:
+        args += [flag, value]
+    return args
+
+
+def test_smoke_run_with_two_epochs_just_works(engine_data, tmp_path, capsys):
+    """--epochs 2 with the default 5-epoch warm-up: clamped to 1, said once, recorded."""
+    args = run_args(engine_data, tmp_path / "smoke", "--curriculum-num", "1", "--num-eval", "0")
+    i = args.index("--lr-warmup-epochs")
+    del args[i:i + 2]
+    assert main(_set(args, "--epochs", "2")) == 0
+    note = "note: --lr-warmup-epochs 5 does not fit --epochs 2; using 1 warm-up epoch"
+    console = capsys.readouterr()
+    assert (console.out + console.err).count(note) == 1
+    metrics = json.loads((tmp_path / "smoke" / "metrics.json").read_text())
+    assert metrics["notes"] == [note] and metrics["settings"]["lr_warmup_epochs"] == 1
+
+
+def test_failed_run_leaves_no_output_directory(engine_data, tmp_path):
+    np.save(tmp_path / "short.npy", np.zeros(799, np.float32))  # the pool has 800 images
+    out = tmp_path / "runs" / "failed"
+    assert main(_set(run_args(engine_data, out), "--score-path", str(tmp_path / "short.npy"))) == 2
+    assert not out.exists()
+    assert main(_set(run_args(engine_data, out), "--filter-model", "resnet19")) == 2  # an unknown model name
+    assert not out.exists()
+
+
+def test_eval_run_dir_reproduces_the_run(finished_run, tmp_path):
+    final = json.loads((finished_run / "metrics.json").read_text())["final"]
+    assert main(["eval", "--run-dir", str(finished_run), "--output", str(tmp_path / "e.json")]) == 0
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["accs"] == final["accs"] and result["ipc"] == 20
+    assert result["images_per_class"] == [20] * 10
+    # explicit flags override what the run directory says
+    assert main(["eval", "--run-dir", str(finished_run), "--num-eval", "1", "--epochs", "1",
+                 "--output", str(tmp_path / "f.json")]) == 0
+    assert len(json.loads((tmp_path / "f.json").read_text())["accs"]) == 1
+
+
+@pytest.mark.parametrize("order,expected", [("sorted", ["0", "1", "10", "11", "2", "3", "4", "5", "6", "7", "8", "9"]),
+                                            ("numeric", [str(c) for c in range(12)])])
+def test_build_folder_numeric_class_names(tmp_path, capsys, order, expected):
+    x, _ = class_images(24, 12, 16, seed=0)
+    labels = np.repeat(np.arange(12), 2)
+    write_image_folder(tmp_path / "d", x, labels, [str(c) for c in range(12)])
+    out = tmp_path / "d.beton"
+    assert main(["build", "folder", "--src", str(tmp_path / "d"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--class-order sorted" in err and "--class-order numeric" in err and not out.exists()
+    assert main(["build", "folder", "--src", str(tmp_path / "d"), "--out", str(out), "--class-order", order]) == 0
+    assert list(BetonFile.open(out).manifest.class_names) == expected
+
+
+def test_demo_console_has_no_traceback(tmp_path):
+    """The demo as a user runs it (a real process): every stage, no traceback of any kind on stdout or
+    stderr, the summary table on lines of its own."""
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "ccfs_fast.cli", "demo", "--output-dir", str(out), "--epochs", "3",
+                           "--teacher-epochs", "3", "--num-eval", "1"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    console = proc.stdout + proc.stderr
+    assert "Traceback" not in console and "Exception ignored" not in console, console[-3000:]
+    lines = proc.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if "images/class" in line)
+    assert lines[header].startswith("method") and lines[header + 1].startswith("----")
+    for method in ("teacher (full pool, labels)", "CCFS (distilled + selected)", "random real", "distilled only",
+                   "full pool"):
+        assert any(line.startswith(method) for line in lines), method
+    sel = json.loads((out / "ccfs_run" / "selected_indices.json").read_text())
+    assert sel["ipc"] == 20 and len(sel["idx_selected"]) == 16 * 10
+    again = subprocess.run([sys.executable, "-m", "ccfs_fast.cli", "demo", "--output-dir", str(out)],
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2  # an existing demo is not overwritten silently

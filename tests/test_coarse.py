@@ -1,0 +1,135 @@
+"""The lazy coarse pass (ccfs_fast.coarse) selects exactly what the full pass selects, from no more
+predictions: generated problems (hypothesis) and the real published score files with real labels."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import SHARED_SCORES
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ccfs_fast.coarse import coarse_pass
+from ccfs_fast.errors import SelectionError
+from ccfs_fast.scores import easy_first_key
+from ccfs_fast.select import candidate_mask, order_key, select_per_class
+
+
+def both_passes(labels, okey, teacher_ok, selected, filter_pred, num_classes, curpc, balance, shortfall,
+                misclassified, min_chunk=64, rate=None):
+    """(full selection, lazy selection, lazy pass result); a selection is None where `strict` raised."""
+    eligible = teacher_ok & ~selected
+    calls = []
+
+    def predict(indices):
+        calls.append(len(indices))
+        return indices, filter_pred[indices], np.zeros(len(indices), np.float32)
+
+    out = []
+    for mode in ("full", "lazy"):
+        result = coarse_pass(mode, eligible, labels, okey, num_classes, curpc, balance, misclassified, predict,
+                             rate, min_chunk)
+        pred = np.full(len(labels), -1)
+        pred[result.index] = result.pred
+        candidates = candidate_mask(teacher_ok, selected, pred, labels, misclassified)
+        try:
+            out.append(select_per_class(candidates, labels, num_classes, okey, curpc, balance, shortfall, eligible))
+        except SelectionError as exc:
+            out.append(str(exc))
+        out.append(result)
+    assert sum(calls) == out[1].predicted + out[3].predicted  # every prediction is in the audit
+    return out[0], out[2], out[1], out[3]
+
+
+def check_lazy(full, lazy, full_pass, lazy_pass, labels, okey, eligible):
+    if isinstance(full, str) or isinstance(lazy, str):
+        assert full == lazy  # strict: the same error, naming the same class
+        return
+    assert lazy.indices.tolist() == full.indices.tolist()          # same images, same order
+    assert lazy.filled_per_class.tolist() == full.filled_per_class.tolist()
+    assert lazy_pass.predicted <= full_pass.predicted == eligible.sum()
+    assert len(np.unique(lazy_pass.index)) == lazy_pass.predicted   # nothing predicted twice
+    # The README's re-check: the selection lies within the predicted images, and every unpredicted
+    # eligible image of a class ranks after that class's last selected image.
+    predicted = np.zeros(len(labels), bool)
+    predicted[lazy_pass.index] = True
+    assert predicted[lazy.indices].all()
+    for c in np.unique(labels[lazy.indices]):
+        mine = lazy.indices[labels[lazy.indices] == c]
+        last = max(zip(okey[mine], mine))
+        for i in np.flatnonzero(eligible & ~predicted & (labels == c)):
+            assert (okey[i], i) > last
+
+
+@st.composite
+def problems(draw):
+    n = draw(st.integers(10, 300))
+    num_classes = draw(st.integers(1, 6))
+    seed = draw(st.integers(0, 2**31))
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, num_classes, n)
+    ties = draw(st.booleans())
+    scores = rng.integers(0, 5, n).astype(np.float64) if ties else rng.random(n)
+    method = draw(st.sampled_from(["simple", "hard", "random"]))
+    okey = order_key(method, easy_first_key(scores, draw(st.sampled_from(["forgetting", "cscore"]))), seed)
+    teacher_ok = rng.random(n) < draw(st.floats(0.3, 1.0))
+    selected = (rng.random(n) < draw(st.floats(0.0, 0.3))) & teacher_ok
+    miss = rng.choice([0.0, 0.05, 0.3, 0.9, 1.0], num_classes)  # some classes run out
+    filter_pred = np.where(rng.random(n) < miss[labels], (labels + 1) % max(num_classes, 2), labels)
+    return dict(labels=labels, okey=okey, teacher_ok=teacher_ok, selected=selected, filter_pred=filter_pred,
+                num_classes=num_classes, curpc=draw(st.integers(1, 12)), balance=draw(st.booleans()),
+                shortfall=draw(st.sampled_from(["fill", "strict", "short"])), misclassified=draw(st.booleans()),
+                min_chunk=draw(st.integers(1, 40)), rate=draw(st.sampled_from([None, 0.01, 0.3, 1.0])))
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems())
+def test_lazy_equals_full_on_generated_problems(p):
+    full, lazy, full_pass, lazy_pass = both_passes(**p)
+    check_lazy(full, lazy, full_pass, lazy_pass, p["labels"], p["okey"], p["teacher_ok"] & ~p["selected"])
+
+
+def _published(name):
+    path = SHARED_SCORES / name
+    if not path.is_file():
+        pytest.skip("../shared/scores (published CCFS score files) not present")
+    if name.endswith(".npz"):
+        with np.load(path) as npz:
+            return npz["scores"].astype(np.float64), npz["labels"].astype(np.int64), "cscore"
+    scores = np.load(path).astype(np.float64)
+    if "CIFAR" in name:
+        with np.load(SHARED_SCORES / name.replace("forgetting_", "cscores_").replace(".npy", ".npz")) as npz:
+            return scores, npz["labels"].astype(np.int64), "forgetting"
+    return scores, np.repeat(np.arange(200), 500), "forgetting"  # Tiny-ImageNet: sorted wnids, 500 each
+
+
+@pytest.mark.parametrize("name,method,balance,shortfall,miss_rate", [
+    ("forgetting_CIFAR10.npy", "simple", True, "fill", 0.1),
+    ("forgetting_CIFAR100.npy", "hard", True, "short", 0.05),
+    ("cscores_CIFAR10.npz", "random", False, "fill", 0.2),
+    ("cscores_CIFAR100.npz", "simple", True, "strict", 0.3),
+    ("forgetting_Tiny.npy", "simple", True, "fill", 0.02),
+])
+def test_lazy_equals_full_on_published_scores(name, method, balance, shortfall, miss_rate):
+    """Three phases on the real files and labels, a filter that misclassifies `miss_rate` of the
+    images (and nothing of class 3, which then runs out under misclassified selection)."""
+    scores, labels, kind = _published(name)
+    num_classes = int(labels.max()) + 1
+    rng = np.random.default_rng(0)
+    n = len(labels)
+    teacher_ok = rng.random(n) < 0.9
+    selected = np.zeros(n, bool)
+    predicted_total = eligible_total = 0
+    for phase, curpc in enumerate([14, 13, 13], 1):
+        okey = order_key(method, easy_first_key(scores, kind), phase)
+        wrong = (rng.random(n) < miss_rate) & (labels != 3)
+        filter_pred = np.where(wrong, (labels + 1) % num_classes, labels)
+        full, lazy, full_pass, lazy_pass = both_passes(labels, okey, teacher_ok, selected, filter_pred, num_classes,
+                                                       curpc, balance, shortfall, True, 1024, 0.1)
+        check_lazy(full, lazy, full_pass, lazy_pass, labels, okey, teacher_ok & ~selected)
+        if isinstance(full, str):
+            assert "class 3" in full  # strict names the class that ran out
+            return
+        selected[full.indices] = True
+        predicted_total += lazy_pass.predicted
+        eligible_total += full_pass.predicted
+    assert predicted_total < eligible_total  # strictly fewer predictions than the full pass
