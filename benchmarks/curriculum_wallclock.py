@@ -194,6 +194,7 @@ def worker_ccfs(spec: BenchSpec) -> dict:
 
     from ccfs_fast.config import RunConfig, TrainRecipe
     from ccfs_fast.curriculum import run_phase, survivor_rate
+    from ccfs_fast.digests import file_sha256
     from ccfs_fast.scores import easy_first_key, load_scores
     from ccfs_fast.select import warm_up_kernels
     from ccfs_fast.train import predict
@@ -215,7 +216,7 @@ def worker_ccfs(spec: BenchSpec) -> dict:
     ws.warm()
     setup_s = time.perf_counter() - start
     start = time.perf_counter()
-    _, ok, _ = teacher_correct(ws, cfg.teacher)
+    _, ok, _ = teacher_correct(ws, file_sha256(cfg.teacher))
     teacher_s = time.perf_counter() - start
     selected = np.zeros(0, np.int64)
     phases = []

@@ -1,20 +1,22 @@
 """`ccfs-fast build`: one registry of dataset kinds, each a reader plus its output naming."""
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ccfs_fast.errors import BuildError, UnknownNameError
+from ccfs_fast.outputs import output_error
 
 from .arrays import read_arrays
 from .cifar import read_cifar
 from .image_folder import read_image_folder
-from .manifest import Manifest
+from .manifest import Manifest, read_manifest
 from .table import ImageTable
 from .tiny_imagenet import read_tiny_imagenet
-from .writer import check_writable, write_beton
+from .writer import check_writable, content_hash, write_beton
 
 
 @dataclass(frozen=True)
@@ -71,18 +73,49 @@ def output_paths(config: BuildConfig) -> dict[str, Path]:
 
 def build(config: BuildConfig) -> list[tuple[Path, Manifest, float]]:
     """Reads the source and writes every output; returns (path, manifest, seconds) per file.
-    Existing outputs are refused before any reading starts (unless overwrite)."""
+    Existing outputs are refused before any reading starts (unless overwrite), except after an
+    interrupted multi-split build: splits already built from the same source are kept (and said so),
+    the missing ones are written."""
     outputs = output_paths(config)
     if not BUILD_KINDS[config.kind].single_file:
-        config.out.mkdir(parents=True, exist_ok=True)
-    for path in outputs.values():
-        check_writable(path, config.overwrite)
+        try:
+            config.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise output_error(config.out, exc) from exc
+    built = {split for split, path in outputs.items() if path.exists()}
+    partial = bool(built) and len(built) < len(outputs) and not config.overwrite
+    for split, path in outputs.items():
+        if not (partial and split in built):  # a kept split is checked against the source once it is read
+            check_writable(path, config.overwrite or partial)
     start = time.perf_counter()
     tables = BUILD_KINDS[config.kind].read(config)
     read_s = time.perf_counter() - start
     results = []
     for split, path in outputs.items():
         start = time.perf_counter()
-        manifest = write_beton(tables[split], path, config.overwrite, config.workers)
+        if partial and split in built:
+            manifest = kept_split(path, tables[split])
+            missing = ", ".join(sorted(set(outputs) - built))
+            print(f"{path} was already built from the same source; building the missing split: {missing}",
+                  file=sys.stderr)
+        else:
+            manifest = write_beton(tables[split], path, config.overwrite or partial, config.workers)
         results.append((path, manifest, read_s / len(outputs) + time.perf_counter() - start))
     return results
+
+
+def kept_split(path: Path, table: ImageTable) -> Manifest:
+    """The manifest of an existing split when it is whole (its .beton and manifest pair up) and holds
+    exactly `table` (the same content hash); BuildError otherwise."""
+    from ccfs_fast.data import check_pair
+    from ccfs_fast.errors import DataError
+
+    try:
+        manifest = read_manifest(path)
+        check_pair(path, manifest)
+    except DataError as exc:
+        raise BuildError(f"{exc}") from exc
+    if manifest.content_hash != content_hash(table):
+        raise BuildError(f"{path} already exists with other content than this source's; pass --overwrite to "
+                         "replace it")
+    return manifest

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +26,8 @@ class Manifest:
     fields: tuple[str, ...] = ("image", "label", "index")
     image_storage: str = "raw"
     dataset: str | None = None  # cifar10 | cifar100 | tiny-imagenet; None for an image folder or arrays
+    beton_size: int | None = None  # bytes of the .beton this manifest describes
+    beton_sha256: str | None = None  # its content digest: a .beton and a manifest of two builds never pair
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -54,7 +57,14 @@ def read_manifest(beton_path: str | Path) -> Manifest:
         raw["mean"], raw["std"] = tuple(raw["mean"]), tuple(raw["std"])
         raw["fields"] = tuple(raw.get("fields", ("image", "label", "index")))
         raw.setdefault("dataset", DATASET_OF_SOURCE.get(raw["source_kind"]))  # manifests of builder version 1
-        return Manifest(**raw)
+        manifest = Manifest(**raw)
     except (ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{path}: malformed manifest ({exc}); rebuild with `ccfs-fast build ... "
                         "--overwrite`") from exc
+    stats = (*manifest.mean, *manifest.std)
+    if len(stats) != 6 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in stats) \
+            or min(manifest.std) <= 0:
+        raise DataError(f"{path}: per-channel mean {list(manifest.mean)} / std {list(manifest.std)} must be finite "
+                        "with std > 0 (a corrupt or hand-edited manifest); rebuild with `ccfs-fast build ... "
+                        "--overwrite`")
+    return manifest

@@ -1,16 +1,22 @@
 """Writes an ImageTable to a .beton (fields image, label, index) plus its manifest, atomically."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import sys
+from contextlib import suppress
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from ffcv.fields import IntField, RGBImageField
 from ffcv.writer import DatasetWriter
 
+from ccfs_fast.digests import file_sha256
 from ccfs_fast.errors import BuildError
-from ccfs_fast.outputs import write_text
+from ccfs_fast.outputs import output_error, remove_stale_temps, temp_path, write_text
+from ccfs_fast.processes import run_isolated
 
 from . import BUILDER_VERSION
 from .manifest import Manifest, manifest_path
@@ -54,33 +60,55 @@ def content_hash(table: ImageTable) -> str:
 
 
 def check_writable(out: Path, overwrite: bool) -> None:
-    """Refuses an existing output (its .beton or manifest) unless `overwrite`."""
+    """Refuses an existing output (its .beton or manifest) unless `overwrite`; the folder must exist
+    and take files."""
     existing = [p for p in (out, manifest_path(out)) if p.exists()]
     if existing and not overwrite:
         raise BuildError(f"{existing[0]} already exists; pass --overwrite to replace it")
     if not out.parent.is_dir():
         raise BuildError(f"{out.parent}: output folder does not exist; create it first")
+    if not os.access(out.parent, os.W_OK):
+        raise BuildError(f"{out.parent}: output folder is not writable; choose a writable place")
+
+
+def _write_ffcv(tmp: str, table: ImageTable, workers: int) -> None:
+    writer = DatasetWriter(tmp, {"image": RGBImageField(write_mode="raw"), "label": IntField(), "index": IntField()},
+                           num_workers=max(1, workers))
+    writer.from_indexed_dataset(_Rows(table), chunksize=1000)
+
+
+def table_manifest(table: ImageTable) -> Manifest:
+    """The manifest of a table, before its .beton exists (no size or digest yet)."""
+    mean, std = channel_stats(table.images)
+    return Manifest(n=len(table.labels), num_classes=len(table.class_names), class_names=table.class_names,
+                    side=table.side, source_kind=table.source_kind, source_path=table.source_path, mean=mean,
+                    std=std, content_hash=content_hash(table), builder_version=BUILDER_VERSION, dataset=table.dataset)
 
 
 def write_beton(table: ImageTable, out: str | Path, overwrite: bool = False, workers: int = 2) -> Manifest:
-    """Writes `table` to `out` (.beton) and `out`.json. Both are written to temporary files and
-    renamed at the end, so a failure leaves no partial file and keeps any earlier output intact."""
+    """Writes `table` to `out` (.beton) and `out`.json. The .beton is written to a temp file by FFCV in a
+    child process group (an interrupt kills it with its workers) and renamed at the end; the manifest
+    records the file's size and digest, so a .beton and a manifest of different builds never pass as a
+    pair. A failure leaves no temp file and keeps any earlier output intact."""
     out = Path(out)
     check_writable(out, overwrite)
-    mean, std = channel_stats(table.images)
-    manifest = Manifest(
-        n=len(table.labels), num_classes=len(table.class_names), class_names=table.class_names,
-        side=table.side, source_kind=table.source_kind, source_path=table.source_path,
-        mean=mean, std=std, content_hash=content_hash(table), builder_version=BUILDER_VERSION,
-        dataset=table.dataset)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    for stale in remove_stale_temps(out.parent):
+        print(f"removed {stale}, left by an interrupted build", file=sys.stderr)
+    manifest = table_manifest(table)
+    tmp = temp_path(out)
     try:
-        writer = DatasetWriter(str(tmp), {"image": RGBImageField(write_mode="raw"), "label": IntField(),
-                                          "index": IntField()}, num_workers=max(1, workers))
-        writer.from_indexed_dataset(_Rows(table), chunksize=1000)
+        failure = run_isolated(_write_ffcv, str(tmp), table, workers)
+        if failure is not None:
+            name, err, message = failure
+            if err in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+                raise output_error(out, OSError(err, os.strerror(err)))
+            raise BuildError(f"writing {out} failed ({name}: {' '.join(message.split())[:200]})")
+        manifest = replace(manifest, beton_size=tmp.stat().st_size, beton_sha256=file_sha256(tmp))
         os.replace(tmp, out)
+    except OSError as exc:
+        raise output_error(out, exc) from exc
     finally:
-        if tmp.exists():
+        with suppress(OSError):
             tmp.unlink()
     write_text(manifest_path(out), manifest.to_json())
     return manifest

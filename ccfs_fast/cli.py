@@ -80,10 +80,12 @@ def _split_args(args: argparse.Namespace, drop: tuple[str, ...] = ()) -> dict:
 
 def _run_run(args: argparse.Namespace) -> Runner:
     from .config import RunConfig, preset_settings, split_recipe
+    from .outputs import probe_lock
 
     values = {**preset_settings(args.preset), **_split_args(args, ("resume", "overwrite"))}
     recipe, rest = split_recipe(values)
     cfg = RunConfig(recipe=recipe, **rest)
+    probe_lock(cfg.output_dir)
 
     def run() -> None:
         from .curriculum import run_curriculum
@@ -225,6 +227,16 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _process_settings(threads: int | None) -> None:
+    """Process-wide settings, once: SIGTERM handled as Ctrl-C is, forked workers that die with this
+    process, and the thread counts."""
+    from .processes import children_die_with_parent, handle_sigterm
+
+    handle_sigterm()
+    children_die_with_parent()
+    _set_threads(threads)
+
+
 def _set_threads(threads: int | None) -> None:
     # Thread counts are set once, here, for the whole process. Importing FFCV calls
     # torch.set_num_threads(1) and numba.set_num_threads(1) (ffcv/pipeline/compiler.py), so import
@@ -246,9 +258,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if list(argv[:1]) == ["bench"] and (len(argv) == 1 or argv[1] in ("-h", "--help")):
         parser.parse_args(["bench", "--help"])  # lists the benchmarks and exits 0
     args = parser.parse_args(argv)
+    from .processes import Terminated
+
     try:
         runner = args.handler(args)  # checks arguments and paths before the heavy imports
-        _set_threads(args.threads)
+        _process_settings(args.threads)
         runner()
     except CCFSError as exc:
         print(f"ccfs-fast: error: {' '.join(str(exc).split())}", file=sys.stderr)  # always one line
@@ -256,6 +270,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ccfs-fast: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("ccfs-fast: terminated", file=sys.stderr)
+        return 143
     return 0
 
 

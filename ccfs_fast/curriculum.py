@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -14,10 +15,11 @@ from tqdm import tqdm
 
 from .coarse import PassResult, coarse_pass
 from .config import RESUME_FREE, RunConfig
+from .digests import file_sha256
 from .distributed import DistContext, barrier, broadcast, init_distributed
-from .errors import ConfigError
+from .errors import ConfigError, ModelError
 from .models import check_model_name, stem_warning
-from .outputs import environment, prepare_output_dir, write_json, write_npz, write_text
+from .outputs import RunLock, environment, output_error, prepare_output_dir, write_json, write_npz, write_text
 from .report import write_report
 from .scores import easy_first_key, load_scores, score_kind
 from .select import candidate_mask, curriculum_arrangement, order_key, select_per_class, warm_up_kernels
@@ -59,6 +61,10 @@ def run_phase(ws: Workspace, cfg: RunConfig, phase: int, curpc: int, selected: n
                          lambda indices: ws.predict_pool(filt, indices), rate,
                          min_chunk=ws.eval_batch_size * ws.dist.world_size)
     eval_s = time.perf_counter() - start
+    broken = np.flatnonzero(passed.pred < 0)
+    if len(broken):
+        raise ModelError(f"the phase {phase} filter gives non-finite logits on {len(broken)} pool images (first: "
+                         f"index {passed.index[broken[0]]}): its training diverged; lower --lr or check --normalize")
     start = time.perf_counter()
     full_pred = np.full(n, -1, np.int64)
     full_pred[passed.index] = passed.pred
@@ -103,7 +109,16 @@ def write_audit(path: Path, passed: PassResult, labels: np.ndarray) -> None:
 
 
 def _load_state(out: Path, cfg: RunConfig) -> dict:
-    state = json.loads((out / "state.json").read_text())
+    """The state of the run to resume, checked: readable, consistent, and made with these settings."""
+    path = out / "state.json"
+    fix = "start over with --overwrite (or into another --output-dir)"
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--resume: {path} is unreadable ({type(exc).__name__}: {exc}); {fix}") from exc
+    problem = state_problem(state, cfg, out)
+    if problem:
+        raise ConfigError(f"--resume: {path} {problem}; {fix}")
     before, now = state["settings"], cfg.settings()
     differ = sorted(k for k in set(before) | set(now) if k not in RESUME_FREE and before.get(k) != now.get(k))
     if differ:
@@ -111,6 +126,47 @@ def _load_state(out: Path, cfg: RunConfig) -> dict:
         raise ConfigError(f"--resume with changed settings ({detail}); rerun with the original settings or start "
                           "a new --output-dir")
     return state
+
+
+def state_problem(state: object, cfg: RunConfig, out: Path) -> str | None:
+    """What is wrong with a run's state.json (None when it is sound): its shape, and whether its
+    phases, their audit files and its selected images agree with each other."""
+    if not isinstance(state, dict) or not isinstance(state.get("settings"), dict) \
+            or not isinstance(state.get("phases"), list) or not isinstance(state.get("selected"), list):
+        return "is not a ccfs-fast run state (settings, phases, selected missing)"
+    phases, selected = state["phases"], state["selected"]
+    if len(phases) > cfg.curriculum_num:
+        return f"lists {len(phases)} curricula but the run has {cfg.curriculum_num}"
+    for k, phase in enumerate(phases, 1):
+        if not isinstance(phase, dict) or phase.get("phase") != k or not isinstance(phase.get("selected"), int):
+            return f"has a malformed record for curriculum {k}"
+        if not (out / f"phase{k}_candidates.npz").is_file():
+            return f"lists curriculum {k} but phase{k}_candidates.npz is missing"
+    if not all(isinstance(i, int) and i >= 0 for i in selected) or len(set(selected)) != len(selected):
+        return "holds invalid or repeated selected indices"
+    if len(selected) != sum(p["selected"] for p in phases):
+        return (f"is inconsistent: it lists {len(selected)} selected images but its {len(phases)} finished curricula "
+                f"selected {sum(p['selected'] for p in phases)}")
+    if state.get("final") is not None and len(phases) != cfg.curriculum_num:
+        return "has a final evaluation before its last curriculum"
+    return None
+
+
+def input_digests(ws: Workspace, cfg: RunConfig, teacher_digest: str) -> dict:
+    """Content digests of a run's input files, recorded in state.json and compared by --resume."""
+    return {"teacher": teacher_digest, "pool": ws.space.pool.digest(), "test": ws.test.digest(),
+            "distilled": ws.space.distilled.digest(),
+            "score": file_sha256(cfg.score_path) if score_kind(cfg.score).from_file else None}
+
+
+def check_inputs_unchanged(before: dict | None, now: dict, cfg: RunConfig) -> None:
+    paths = {"teacher": cfg.teacher, "pool": cfg.pool, "test": cfg.test, "distilled": cfg.distilled,
+             "score": cfg.score_path}
+    for name, digest in (before or {}).items():
+        if now.get(name) != digest:
+            raise ConfigError(f"--resume: the {name} file {paths[name]} changed since the run started (sha256 "
+                              f"{str(digest)[:12]}... -> {str(now.get(name))[:12]}...); restore it, or start over "
+                              "with --overwrite")
 
 
 def _write_outputs(out: Path, cfg: RunConfig, state: dict) -> None:
@@ -158,7 +214,13 @@ def run_curriculum(cfg: RunConfig, resume: bool = False, overwrite: bool = False
     out = cfg.output_dir
     created = dist_ctx.is_main and not out.exists()
     try:
-        return _run(cfg, dist_ctx, device, resume, overwrite)
+        if dist_ctx.is_main:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise output_error(out, exc) from exc
+        with RunLock(out) if dist_ctx.is_main else nullcontext():  # one run per output directory
+            return _run(cfg, dist_ctx, device, resume, overwrite)
     except BaseException:
         if created and not any(out.glob("phase*_candidates.npz")):
             shutil.rmtree(out, ignore_errors=True)
@@ -188,6 +250,11 @@ def _run(cfg: RunConfig, dist_ctx: DistContext, device: str, resume: bool, overw
                         cfg.workers, cfg.eval_batch_size, dist_ctx, fast, cfg.normalize)
     if dist_ctx.is_main:
         _check_models(cfg, ws.side)
+    teacher_digest = file_sha256(cfg.teacher)
+    digests = input_digests(ws, cfg, teacher_digest)
+    if resume and dist_ctx.is_main:
+        check_inputs_unchanged(state.get("inputs"), digests, cfg)
+    state["inputs"] = digests
     state["fast_path"] = asdict(fast)
     state["notes"] = list(cfg.notes)
     if dist_ctx.is_main:
@@ -208,7 +275,7 @@ def _run(cfg: RunConfig, dist_ctx: DistContext, device: str, resume: bool, overw
             print(note, flush=True)
     arrangement = curriculum_arrangement(cfg.spc, cfg.curriculum_num)
     start = time.perf_counter()
-    pred, teacher_ok, _ = teacher_correct(ws, cfg.teacher)
+    pred, teacher_ok, _ = teacher_correct(ws, teacher_digest)
     state["teacher_pass_s"] = time.perf_counter() - start
     state["teacher_acc"] = float(teacher_ok.mean() * 100)
     main = dist_ctx.is_main

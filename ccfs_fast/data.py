@@ -23,6 +23,7 @@ from ffcv.transforms import ToTensor
 from beton_builder.manifest import Manifest, read_manifest
 
 from .augment import DEFAULT_RATIO, DEFAULT_SCALE, augment_batch, draw_augmentation, normalise_nhwc
+from .digests import known_digest
 from .errors import DataError
 from .normalization import Normalization
 
@@ -38,6 +39,7 @@ class BetonFile:
     def open(cls, path: str | Path) -> BetonFile:
         path = Path(path)
         manifest = read_manifest(path)
+        check_pair(path, manifest)
         try:
             rows = Reader(str(path)).num_samples
         except Exception as exc:  # FFCV raises bare Exceptions / numpy errors on corrupt headers
@@ -50,6 +52,22 @@ class BetonFile:
     @property
     def n(self) -> int:
         return self.manifest.n
+
+    def digest(self) -> str:
+        """sha256 of the file's content (the manifest's, checked at open, when it records one)."""
+        return self.manifest.beton_sha256 or known_digest(self.path)
+
+
+def check_pair(path: Path, manifest: Manifest) -> None:
+    """A .beton and its manifest come from one build: its size and content digest match the
+    manifest's record (manifests of builder version 2 and older have none)."""
+    rebuild = "rebuild it with `ccfs-fast build ... --overwrite`"
+    if manifest.beton_size is not None and os.stat(path).st_size != manifest.beton_size:
+        raise DataError(f"{path}: {os.stat(path).st_size} bytes, but its manifest describes a .beton of "
+                        f"{manifest.beton_size} bytes (the two come from different builds); {rebuild}")
+    if manifest.beton_sha256 is not None and known_digest(path) != manifest.beton_sha256:
+        raise DataError(f"{path}: its content does not match its manifest's digest (the two come from different "
+                        f"builds); {rebuild}")
 
 
 def _stats_tensors(norm: Normalization, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

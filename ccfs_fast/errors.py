@@ -30,6 +30,10 @@ class ModelError(CCFSError):
     """A model name or checkpoint does not fit (unknown architecture, class-count mismatch)."""
 
 
+class OutputError(CCFSError):
+    """An output could not be written (disk full, read-only or missing place)."""
+
+
 class UnknownNameError(ConfigError):
     """A registry lookup failed; the message lists the valid names."""
 

@@ -10,7 +10,7 @@ import torch
 from .config import EvalConfig
 from .distributed import init_distributed
 from .errors import ConfigError
-from .outputs import write_json
+from .outputs import ensure_writable, write_json
 from .students import evaluate_selection
 from .tables import format_table
 from .workspace import open_workspace
@@ -38,6 +38,8 @@ def read_selection(cfg: EvalConfig) -> tuple[np.ndarray, int, float]:
 
 def evaluate_selection_file(cfg: EvalConfig) -> dict:
     selected, ipc, alpha = read_selection(cfg)
+    if cfg.output is not None:
+        ensure_writable(cfg.output, "--output")
     cpc = int(ipc * alpha + 1e-9)
     if cpc < 1:
         raise ConfigError(f"ipc x alpha = {ipc} x {alpha} gives no distilled image per class")

@@ -211,8 +211,8 @@ def save_checkpoint(model: nn.Module, path: str | Path, **meta: object) -> None:
     """Writes {"model": state_dict, **meta} atomically (temp file + rename)."""
     import torch
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    from .outputs import atomic_file
+
     state = (model.module if hasattr(model, "module") else model).state_dict()
-    torch.save({"model": state, **meta}, tmp)
-    tmp.replace(path)
+    with atomic_file(Path(path)) as tmp:
+        torch.save({"model": state, **meta}, tmp)

@@ -1,21 +1,55 @@
 """Atomic output files (temp file + rename) and the run directory's bookkeeping."""
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import platform
+import re
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, OutputError
 
 RUN_FILES = ("selected_indices.json", "metrics.json", "exp_log.txt", "state.json", "teacher_pass.npz",
              "metrics.csv", "report.png")
+LOCK_NAME = ".ccfs-fast.lock"
+TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)(?P<suffix>\.[A-Za-z0-9]+)?$")
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def temp_path(path: Path, suffix: str = "") -> Path:
+    """The temp name every atomic write of this process uses for `path`: `.NAME.tmp-PID[suffix]`."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
+
+
+def output_error(path: Path, exc: OSError) -> OutputError:
+    """A one-line, actionable error for a failed write (disk full, read-only, missing folder)."""
+    reason = exc.strerror or str(exc)
+    hint = {errno.ENOSPC: "free some space, then rerun (a run continues with --resume)",
+            errno.EDQUOT: "free some space, then rerun (a run continues with --resume)",
+            errno.EROFS: "the file system is read-only; choose a writable place",
+            errno.EACCES: "no permission to write there; choose a writable place",
+            errno.ENOENT: "its folder does not exist; create it or choose another place"}.get(exc.errno,
+                                                                                              "check the place")
+    return OutputError(f"cannot write {path}: {reason}; {hint}")
+
+
+@contextmanager
+def atomic_file(path: Path, suffix: str = ""):
+    """Yields a temp path beside `path`; renames it over `path` when the block succeeds, removes it
+    otherwise. OSError (disk full, read-only) becomes a one-line OutputError."""
+    tmp = temp_path(path, suffix)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise output_error(path, exc) from exc
+    finally:
+        with suppress(OSError):
+            tmp.unlink()
 
 
 def write_json(path: Path, obj: object) -> None:
@@ -24,23 +58,104 @@ def write_json(path: Path, obj: object) -> None:
 
 def write_text(path: Path, text: str) -> None:
     """Writes `text` to a temp file beside `path`, then renames it over `path`."""
-    tmp = _tmp(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def write_npz(path: Path, **arrays: np.ndarray) -> None:
-    tmp = _tmp(path).with_suffix(".npz")
-    with open(tmp, "wb") as fh:
+    with atomic_file(path, ".npz") as tmp, open(tmp, "wb") as fh:
         np.savez(fh, **arrays)
-    os.replace(tmp, path)
 
 
 def write_npy(path: Path, array: np.ndarray) -> None:
-    tmp = _tmp(path)
-    with open(tmp, "wb") as fh:
+    with atomic_file(path) as tmp, open(tmp, "wb") as fh:
         np.save(fh, array)
-    os.replace(tmp, path)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Removes this tool's temp files (`.NAME.tmp-PID...`) in `folder` left by processes that are
+    gone (killed mid-write); returns them."""
+    removed = []
+    with suppress(OSError):
+        for path in folder.iterdir():
+            match = TEMP_NAME.match(path.name)
+            if match and int(match["pid"]) != os.getpid() and not pid_alive(int(match["pid"])) and path.is_file():
+                with suppress(OSError):
+                    path.unlink()
+                    removed.append(path)
+    return removed
+
+
+def ensure_writable(path: Path, what: str) -> None:
+    """Creates `path`'s parent folders and checks a file can be written there, before any work."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = temp_path(path, ".probe")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(f"{what} {path}: cannot write there ({exc.strerror or exc}); choose a writable place") \
+            from exc
+
+
+def probe_lock(folder: Path) -> None:
+    """Fails at once (before any heavy work) when another process holds `folder`'s run lock; the real
+    lock is taken by RunLock. Does nothing when there is no lock file yet."""
+    path = folder / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        raise ConfigError(f"{folder} is in use by another ccfs-fast run (pid {holder}); wait for it to finish or "
+                          "use another --output-dir") from None
+    finally:
+        os.close(fd)
+
+
+class RunLock:
+    """An exclusive lock on a run directory for the life of the process (flock, so the kernel
+    releases it when the process dies, even by SIGKILL). The holder's PID is written into the lock
+    file, so a second run can name it."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / LOCK_NAME
+        self.fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise output_error(self.path, exc) from exc
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            self.fd = None
+            raise ConfigError(f"{self.path.parent} is in use by another ccfs-fast run (pid {holder}); wait for it "
+                              "to finish or use another --output-dir") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # releases the flock
+            self.fd = None
 
 
 def _jsonable(value: object) -> object:
@@ -62,10 +177,10 @@ def run_files(output_dir: Path) -> list[Path]:
 
 
 def prepare_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Creates the directory; a non-empty one is refused unless resume (keeps it) or overwrite
-    (removes the run's own files, nothing else)."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    existing = sorted(output_dir.iterdir())
+    """Checks a (locked) run directory: a non-empty one is refused unless resume (keeps it) or
+    overwrite (removes the run's own files, nothing else); temp files of dead runs are removed."""
+    remove_stale_temps(output_dir)
+    existing = sorted(p for p in output_dir.iterdir() if p.name != LOCK_NAME)
     if resume:
         if not (output_dir / "state.json").is_file():
             raise ConfigError(f"--resume: {output_dir} has no state.json; nothing to resume (drop --resume)")
@@ -75,7 +190,10 @@ def prepare_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
         raise ConfigError(f"output directory {output_dir} is not empty ({names}...); pass --resume to continue "
                           "that run or --overwrite to start over")
     for path in run_files(output_dir):
-        path.unlink()
+        try:
+            path.unlink()
+        except OSError as exc:
+            raise output_error(path, exc) from exc
 
 
 def cpu_model() -> str:

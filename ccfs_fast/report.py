@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import ConfigError
-from .outputs import write_text
+from .outputs import atomic_file, write_text
 from .scores import read_score_file, score_kind
 
 CSV_COLUMNS = ("phase", "curpc", "train_size", "batch_size", "train_s", "train_img_per_s", "coarse_pass",
@@ -114,10 +114,9 @@ def _plot(run_dir: Path, metrics: dict, frame: pd.DataFrame, out: Path) -> None:
     fig.suptitle(f"CCFS run {run_dir.name}: ipc {metrics['settings']['image_per_class']}, "
                  f"alpha {metrics['settings']['alpha']}")
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
+    with atomic_file(out, ".png") as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
-    tmp.replace(out)
 
 
 def write_report(run_dir: str | Path) -> tuple[Path, Path]:

@@ -14,7 +14,7 @@ from .difficulty import ForgettingTracker
 from .distributed import barrier, gather_concat, init_distributed
 from .models import create_model, save_checkpoint, stem_warning
 from .normalization import parse_normalize, resolve_normalization
-from .outputs import write_npy
+from .outputs import ensure_writable, write_npy
 from .tables import format_table
 from .train import train_supervised
 from .workspace import resolve_device
@@ -29,6 +29,9 @@ def train_teacher(cfg: TeacherConfig) -> dict:
     if dist_ctx.is_main:
         for note in cfg.notes:
             print(note, flush=True)
+        ensure_writable(cfg.output, "--output")  # before training, not after it
+        if cfg.forgetting_out is not None:
+            ensure_writable(cfg.forgetting_out, "--forgetting-out")
     pool, test = BetonFile.open(cfg.pool), BetonFile.open(cfg.test)
     pm = pool.manifest
     norm = resolve_normalization(parse_normalize(cfg.normalize), pm.dataset, tuple(pm.mean), tuple(pm.std),

@@ -169,7 +169,7 @@ def evaluate(model: nn.Module, loader, fast: FastPath | None = None) -> float:
 @torch.inference_mode()
 def predict(model: nn.Module, loader, fast: FastPath | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Over an index subset: (index int64 [m], argmax int64 [m], true-class logit float32 [m]),
-    in the loader's order."""
+    in the loader's order. A row with a non-finite logit gets argmax -1 (the callers refuse it)."""
     model.eval()
     index, preds, logits = [], [], []
     for images, labels, idx in loader:
@@ -177,7 +177,7 @@ def predict(model: nn.Module, loader, fast: FastPath | None = None) -> tuple[np.
             out = model(images)
         out = out.float()
         index.append(idx.cpu())
-        preds.append(out.argmax(1).cpu())
+        preds.append(torch.where(torch.isfinite(out).all(1), out.argmax(1), -1).cpu())
         logits.append(out.gather(1, labels.view(-1, 1))[:, 0].cpu())
     if not index:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import hashlib
-import os
+import json
 import sys
+import zipfile
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,8 +15,9 @@ from torch import nn
 
 from .config import FastPath
 from .data import BetonFile, EvalLoader, IndexSpace, make_test_loader, read_labels
+from .digests import cache_dir
 from .distributed import DistContext, gather_concat, shard
-from .errors import ConfigError, DataError, ModelError
+from .errors import ConfigError, DataError, ModelError, OutputError
 from .models import (
     DEFAULT_TEACHER,
     Checkpoint,
@@ -177,35 +180,69 @@ def open_workspace(pool: Path, test: Path, distilled: Path, teacher: Path, teach
                      eval_batch_size, dist or DistContext(), fast, arch)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def teacher_pass_origin(ws: Workspace, teacher_digest: str) -> dict:
+    """What a teacher pass is computed from: the teacher file and architecture, the pool, the
+    normalisation and the precision. Its digest names the cache entry; the entry stores it."""
+    return {"teacher_sha256": teacher_digest, "teacher_arch": canonical_model_name(ws.teacher_arch),
+            "pool_content_hash": ws.space.manifest.content_hash, "pool_beton_sha256": ws.space.pool.digest(),
+            "pool_n": ws.space.n_pool, "normalize": [round(v, 8) for v in ws.norm.mean + ws.norm.std],
+            "precision": "bf16" if ws.fast.bf16 else "fp32"}
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ccfs-fast"
+def teacher_pass_path(origin: dict) -> Path:
+    """The cache entry of a teacher pass, named by the digest of what it is computed from."""
+    name = hashlib.sha256(json.dumps(origin, sort_keys=True).encode()).hexdigest()[:24]
+    return cache_dir() / f"teacher_pass-{name}.npz"
 
 
-def teacher_correct(ws: Workspace, teacher_path: Path) -> tuple[np.ndarray, np.ndarray, bool]:
-    """The teacher pass (once): argmax on every pool image, unaugmented. Cached on disk keyed by the
-    teacher file's hash, its architecture, the pool's content hash, the normalisation and the
-    precision. Returns (pred int64 [n], teacher_correct bool [n], came_from_cache)."""
-    norm = ",".join(f"{v:.8g}" for v in ws.norm.mean + ws.norm.std)
-    precision = "bf16" if ws.fast.bf16 else "fp32"
-    key = hashlib.sha256(f"{file_sha256(teacher_path)}|{canonical_model_name(ws.teacher_arch)}|"
-                         f"{ws.space.manifest.content_hash}|{norm}|{precision}".encode())
-    path = cache_dir() / f"teacher_pass-{key.hexdigest()[:24]}.npz"
-    if path.is_file():
-        with np.load(path) as cached:
-            pred = cached["pred"]
-        if len(pred) == ws.space.n_pool:
-            return pred, pred == ws.pool_labels, True
+def pred_checksum(pred: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(pred, "<i8").tobytes()).hexdigest()
+
+
+def read_cached_pass(path: Path, origin: dict, num_classes: int) -> tuple[np.ndarray | None, str | None]:
+    """(pred, None) from a sound cache entry; (None, why) when it is missing (why None) or damaged."""
+    if not path.is_file():
+        return None, None
+    try:
+        with np.load(path, allow_pickle=False) as cached:
+            pred, made_from, checksum = cached["pred"], json.loads(str(cached["made_from"])), str(cached["checksum"])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        return None, f"unreadable: {type(exc).__name__}"
+    if made_from != origin:
+        return None, "made from other inputs"
+    if pred.shape != (origin["pool_n"],) or not np.issubdtype(pred.dtype, np.integer) \
+            or pred_checksum(pred) != checksum:
+        return None, "its contents do not match their checksum"
+    if len(pred) and (pred.min() < 0 or pred.max() >= num_classes):
+        return None, "predictions outside the classes"
+    return pred.astype(np.int64), None
+
+
+def teacher_correct(ws: Workspace, teacher_digest: str) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The teacher pass (once): argmax on every pool image, unaugmented. Cached on disk under the
+    digest of what it is computed from (teacher_pass_origin); a damaged entry is reported in one line,
+    deleted and recomputed, and a cache that cannot be written is a warning. A teacher with
+    non-finite logits is refused. Returns (pred int64 [n], teacher_correct bool [n], came_from_cache)."""
+    origin = teacher_pass_origin(ws, teacher_digest)
+    path = teacher_pass_path(origin)
+    pred, damage = read_cached_pass(path, origin, ws.num_classes)
+    if pred is not None:
+        return pred, pred == ws.pool_labels, True
+    if damage and ws.dist.is_main:
+        print(f"teacher-pass cache {path} is damaged ({damage}); deleted, recomputing", file=sys.stderr)
+        with suppress(OSError):
+            path.unlink()
     index, pred, _ = ws.predict_pool(ws.teacher, np.arange(ws.space.n_pool))
     pred = pred[np.argsort(index)]
+    bad = np.flatnonzero(pred < 0)
+    if len(bad):
+        raise ModelError(f"the teacher gives non-finite logits on {len(bad)} of {len(pred)} pool images (first: "
+                         f"index {bad[0]}); check the checkpoint and the normalisation (--normalize)")
     if ws.dist.is_main:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_npz(path, index=np.arange(ws.space.n_pool), pred=pred)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_npz(path, pred=pred, made_from=np.array(json.dumps(origin)), checksum=np.array(pred_checksum(pred)))
+        except (OSError, OutputError) as exc:
+            print(f"warning: the teacher-pass cache {path} cannot be written ({exc}); continuing without it",
+                  file=sys.stderr)
     return pred, pred == ws.pool_labels, False

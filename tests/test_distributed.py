@@ -90,7 +90,7 @@ def test_two_rank_torchrun_run(engine_data, tmp_path):
         assert (tp["pred"][picked] == labels[picked]).all()
     # written once, by rank 0: one summary table on stdout, no leftover temp files
     assert proc.stdout.count("final:") == 1
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
     full = tmp_path / "ddp-full"
     proc = _torchrun(run_args(engine_data, full, "--workers", "1", "--num-eval", "0", "--coarse-pass", "full"))
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -21,6 +21,7 @@ from ccfs_fast.cli import main
 from ccfs_fast.config import PRESETS, EvalConfig, RunConfig, preset_settings
 from ccfs_fast.data import ResidentTrainLoader
 from ccfs_fast.datasets import CIFAR_MEAN, CIFAR_STD, TINY_MEAN, auto_batch_size
+from ccfs_fast.digests import file_sha256
 from ccfs_fast.errors import ModelError
 from ccfs_fast.models import create_model, read_checkpoint
 from ccfs_fast.workspace import open_workspace, teacher_correct
@@ -154,7 +155,7 @@ def test_paper_teacher_agrees_with_plain_torch(paper_files, tmp_path, capsys):
 
     ws = open_workspace(f["pool"], f["test"], f["distilled"], f["teacher"], "resnet18", 4, "cpu", 2, 200,
                         normalize="pool")
-    _, pool_ok, _ = teacher_correct(ws, f["teacher"])
+    _, pool_ok, _ = teacher_correct(ws, file_sha256(f["teacher"]))
     paper_correct = int((ccfs_pred == f["pool_y"]).sum())
     plain_correct = int((f["plain_pred"] == f["pool_y"]).sum())
     with capsys.disabled():  # the counts the README's fidelity section quotes

@@ -1,6 +1,8 @@
 """Index-subset FFCV loaders: exact indices, once per epoch, pool + distilled in one index space."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -148,7 +150,18 @@ def test_missing_manifest_and_corrupt_beton(cifar10_betons, tmp_path):
     copy.write_bytes(cifar10_betons[0].read_bytes())
     with pytest.raises(DataError, match="manifest .* is missing"):
         BetonFile.open(copy)
-    (tmp_path / "c.beton.json").write_text(open(f"{cifar10_betons[0]}.json").read())
+    manifest = json.loads(open(f"{cifar10_betons[0]}.json").read())
+    (tmp_path / "c.beton.json").write_text(json.dumps(manifest))
+    copy.write_bytes(b"\0" * 100)
+    with pytest.raises(DataError, match="100 bytes, but its manifest describes a .beton of .* rebuild"):
+        BetonFile.open(copy)
+    data = bytearray(cifar10_betons[0].read_bytes())
+    data[-5000] ^= 0xFF  # same size, one byte changed
+    copy.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="does not match its manifest's digest"):
+        BetonFile.open(copy)
+    del manifest["beton_size"], manifest["beton_sha256"]  # a manifest of builder version 2: FFCV's own check
+    (tmp_path / "c.beton.json").write_text(json.dumps(manifest))
     copy.write_bytes(b"\0" * 100)
     with pytest.raises(DataError, match="not a readable .beton"):
         BetonFile.open(copy)

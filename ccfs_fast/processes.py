@@ -1,0 +1,79 @@
+"""Process plumbing for faults: SIGTERM handled like Ctrl-C, forked helpers that die with their parent
+(even when it is killed with SIGKILL), and work run in a child process group that a signal can stop
+whole. Linux only (prctl); elsewhere the helpers fall back to doing nothing."""
+from __future__ import annotations
+
+import ctypes
+import functools
+import multiprocessing
+import os
+import signal
+import traceback
+from collections.abc import Callable
+from contextlib import suppress
+
+PR_SET_PDEATHSIG = 1
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so `finally` blocks clean up as for KeyboardInterrupt."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def handle_sigterm() -> None:
+    """SIGTERM raises Terminated in the main thread (instead of killing the process on the spot)."""
+    signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def die_with_parent() -> None:
+    """Asks the kernel to SIGKILL this process when its parent exits (set in forked children)."""
+    with suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the parent died before the request was in place
+        os._exit(1)
+
+
+@functools.cache  # once per process: fork handlers cannot be unregistered
+def children_die_with_parent() -> None:
+    """Every process forked from now on (multiprocessing pools, FFCV's writer workers) dies with the
+    process that forked it, so no worker outlives a killed command."""
+    os.register_at_fork(after_in_child=die_with_parent)
+
+
+def _isolated(fn: Callable, args: tuple, errors: multiprocessing.queues.SimpleQueue) -> None:
+    os.setpgrp()  # its own process group: the parent can kill it and everything it forked at once
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the parent's to handle
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    die_with_parent()
+    children_die_with_parent()
+    try:
+        fn(*args)
+    except BaseException as exc:  # reported to the parent, which raises it as a one-line error
+        errors.put((type(exc).__name__, getattr(exc, "errno", None), str(exc), traceback.format_exc(limit=3)))
+        os._exit(1)
+    errors.put(None)
+
+
+def run_isolated(fn: Callable, *args: object) -> tuple[str, int | None, str] | None:
+    """Runs fn(*args) in a forked child in a process group of its own and waits for it. If this
+    process is interrupted (Ctrl-C, SIGTERM) the whole group is killed before the exception goes on,
+    so nothing it started keeps running. Returns None on success, else the child's (exception type,
+    errno, message)."""
+    ctx = multiprocessing.get_context("fork")
+    errors = ctx.SimpleQueue()
+    proc = ctx.Process(target=_isolated, args=(fn, args, errors))
+    proc.start()
+    try:
+        while proc.is_alive():
+            proc.join(0.2)
+    except BaseException:
+        with suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.join()
+        raise
+    outcome = errors.get() if not errors.empty() else ("ChildDied", None, f"exit code {proc.exitcode}", "")
+    return None if outcome is None else outcome[:3]

@@ -1,0 +1,370 @@
+"""Faults, one at a time, with real processes and real signals: two runs on one output directory,
+inputs changed under --resume, corrupt state and caches, interrupted builds, unfinished selections,
+unwritable places and a full disk."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_args
+from formats import class_images, write_cifar10
+
+from beton_builder.manifest import manifest_path
+from ccfs_fast.cli import main
+from ccfs_fast.data import BetonFile
+from ccfs_fast.digests import cache_dir, file_sha256
+from ccfs_fast.errors import ConfigError, DataError
+from ccfs_fast.outputs import RunLock, probe_lock
+from ccfs_fast.workspace import open_workspace, teacher_correct, teacher_pass_origin, teacher_pass_path
+
+CLI = [sys.executable, "-m", "ccfs_fast.cli"]
+ROOT = os.geteuid() == 0
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def _one_line_error(stderr: str, *needles: str) -> str:
+    lines = [ln for ln in stderr.replace("\r", "\n").splitlines() if ln.startswith("ccfs-fast: error:")]
+    assert len(lines) == 1, stderr[-2000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def _wait_for(predicate, proc: subprocess.Popen, seconds: float = 120, what: str = "") -> None:
+    deadline = time.time() + seconds
+    while not predicate():
+        assert proc.poll() is None, f"the process ended before {what}"
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """PIDs whose command line contains `text` (this test process excluded)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+# --- one run per output directory ---------------------------------------------------------------
+
+def test_second_run_on_a_locked_directory_is_refused(engine_data, tmp_path):
+    out = tmp_path / "shared"
+    first = subprocess.Popen([*CLI, *run_args(engine_data, out, "--epochs", "40", "--num-eval", "0")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    try:
+        _wait_for(lambda: (out / "state.json").is_file() or (out / "teacher_pass.npz").is_file(), first,
+                  what="the first run to start writing")
+        second = subprocess.run([*CLI, *run_args(engine_data, out, "--seed", "1")], capture_output=True, text=True,
+                                env=_env(), timeout=120)
+        assert second.returncode == 2
+        _one_line_error(second.stderr, "in use by another ccfs-fast run", f"pid {first.pid}")
+        resumed = subprocess.run([*CLI, *run_args(engine_data, out), "--resume"], capture_output=True, text=True,
+                                 env=_env(), timeout=120)
+        assert resumed.returncode == 2 and f"pid {first.pid}" in resumed.stderr
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    probe_lock(out)  # the kernel released the dead holder's lock: the directory is usable again
+    with RunLock(out):
+        with pytest.raises(ConfigError, match=f"pid {os.getpid()}"):
+            probe_lock(out)
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+
+
+# --- --resume checks contents ---------------------------------------------------------------------
+
+@pytest.fixture
+def interrupted_run(finished_run, engine_data, tmp_path):
+    """A copy of a finished run cut back to its first curriculum, as a run killed in phase 2 leaves it,
+    with its own copies of the teacher and the score file (data["teacher"], data["scores"])."""
+    out = tmp_path / "interrupted"
+    shutil.copytree(finished_run, out)
+    data = {**engine_data, "teacher": tmp_path / "teacher.pt", "scores": tmp_path / "forgetting.npy"}
+    shutil.copy(engine_data["teacher"], data["teacher"])
+    shutil.copy(engine_data["scores"], data["scores"])
+    state = json.loads((out / "state.json").read_text())
+    first = state["phases"][0]
+    state.update(phases=[first], selected=state["selected"][:first["selected"]], final=None)
+    state["settings"].update(teacher=str(data["teacher"]), score_path=str(data["scores"]))
+    (out / "state.json").write_text(json.dumps(state))
+    for k in (2, 3):
+        (out / f"phase{k}_candidates.npz").unlink()
+    return out, data
+
+
+def test_resume_refuses_changed_inputs(interrupted_run, capsys):
+    out, data = interrupted_run
+    original = data["teacher"].read_bytes()
+    ckpt = torch.load(data["teacher"], weights_only=True)
+    ckpt["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    torch.save(ckpt, data["teacher"])  # another teacher of the same architecture, at the same path
+    assert main(run_args(data, out, "--resume")) == 2
+    _one_line_error(capsys.readouterr().err, "the teacher file", "changed since the run started")
+    data["teacher"].write_bytes(original)
+    np.save(data["scores"], np.load(data["scores"]) + 1)
+    assert main(run_args(data, out, "--resume")) == 2
+    _one_line_error(capsys.readouterr().err, "the score file", "changed since the run started")
+
+
+def test_resume_with_unchanged_inputs_completes(interrupted_run, finished_run):
+    out, data = interrupted_run
+    assert main(run_args(data, out, "--resume")) == 0
+    interrupted_run = out
+    done = json.loads((interrupted_run / "selected_indices.json").read_text())
+    assert done["complete"] and done["idx_selected"] == json.loads(
+        (finished_run / "selected_indices.json").read_text())["idx_selected"]
+
+
+@pytest.mark.parametrize("damage,needle", [
+    (lambda s: s[: len(s) // 2], "is unreadable"),
+    (lambda s: "not json at all", "is unreadable"),
+    (lambda s: "{}", "is not a ccfs-fast run state"),
+    (lambda s: json.dumps({**json.loads(s), "selected": json.loads(s)["selected"][:-30]}), "is inconsistent"),
+])
+def test_corrupt_state_json_is_one_clear_line(interrupted_run, capsys, damage, needle):
+    out, data = interrupted_run
+    state = out / "state.json"
+    state.write_text(damage(state.read_text()))
+    assert main(run_args(data, out, "--resume")) == 2
+    _one_line_error(capsys.readouterr().err, str(state), needle, "--overwrite")
+
+
+# --- the teacher-pass cache -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage", "altered"])
+def test_damaged_teacher_pass_cache_is_replaced(engine_data, capsys, damage):
+    ws = open_workspace(engine_data["pool"], engine_data["test"], engine_data["distilled"], engine_data["teacher"],
+                        None, 4, "cpu", 2, 256)
+    digest = file_sha256(engine_data["teacher"])
+    pred, _, _ = teacher_correct(ws, digest)
+    entry = teacher_pass_path(teacher_pass_origin(ws, digest))
+    assert entry.is_file() and entry.parent == cache_dir()
+    blob = entry.read_bytes()
+    if damage == "truncated":
+        entry.write_bytes(blob[: len(blob) // 2])
+    elif damage == "empty":
+        entry.write_bytes(b"")
+    elif damage == "garbage":
+        entry.write_bytes(os.urandom(500))
+    else:  # a valid file whose predictions were edited
+        with np.load(entry) as cached:
+            fields = dict(cached)
+        fields["pred"] = (fields["pred"] + 1) % 10
+        np.savez(entry.with_suffix(".tmp.npz"), **fields)
+        entry.with_suffix(".tmp.npz").replace(entry)
+    capsys.readouterr()
+    again, _, from_cache = teacher_correct(ws, digest)
+    err = capsys.readouterr().err
+    assert not from_cache and again.tolist() == pred.tolist()
+    assert err.count("is damaged") == 1 and str(entry) in err
+    assert teacher_correct(ws, digest)[2]  # rewritten, and sound again
+
+
+def test_unwritable_cache_is_a_warning(engine_data, tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache folder would be")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    ws = open_workspace(engine_data["pool"], engine_data["test"], engine_data["distilled"], engine_data["teacher"],
+                        None, 4, "cpu", 2, 256)
+    pred, _, from_cache = teacher_correct(ws, file_sha256(engine_data["teacher"]))
+    assert not from_cache and len(pred) == 800
+    assert "warning: the teacher-pass cache" in capsys.readouterr().err
+
+
+# --- builds are units ------------------------------------------------------------------------------
+
+def test_stale_manifest_beside_a_new_beton_is_refused(engine_data, tmp_path, capsys):
+    x, y = class_images(800, 10, 32, seed=9, separation=40)
+    other = tmp_path / "other"
+    write_cifar10(other, (x, y), class_images(200, 10, 32, seed=2))
+    assert main(["build", "cifar10", "--src", str(other), "--out", str(tmp_path / "b")]) == 0
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    shutil.copy(engine_data["pool"], stale / "pool.beton")
+    shutil.copy(manifest_path(engine_data["pool"]), manifest_path(stale / "pool.beton"))
+    shutil.copy(tmp_path / "b" / "cifar10_train.beton", stale / "pool.beton")  # the new file, the old manifest
+    with pytest.raises(DataError, match="rebuild"):
+        BetonFile.open(stale / "pool.beton")
+    out = tmp_path / "run"
+    assert main(run_args({**engine_data, "pool": stale / "pool.beton"}, out)) == 2
+    _one_line_error(capsys.readouterr().err, "does not match its manifest", "rebuild")
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def big_arrays(tmp_path_factory):
+    """An arrays .npz large enough that writing its .beton takes a few seconds."""
+    root = tmp_path_factory.mktemp("big")
+    rng = np.random.default_rng(0)
+    np.savez(root / "big.npz", x=rng.integers(0, 256, (60_000, 32, 32, 3), dtype=np.uint8),
+             y=rng.integers(0, 10, 60_000))
+    return root / "big.npz"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_interrupted_build_leaves_no_temp_file_or_worker(big_arrays, tmp_path, sig):
+    out = tmp_path / "out" / f"big-{sig.name}.beton"
+    out.parent.mkdir()
+    proc = subprocess.Popen([*CLI, "build", "arrays", "--src", str(big_arrays), "--out", str(out), "--workers", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(), start_new_session=True)
+    _wait_for(lambda: any(p.name.startswith(f".{out.name}.tmp-") for p in out.parent.iterdir()), proc,
+              what="the temp .beton to appear")
+    time.sleep(0.5)
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=30)  # never hangs
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"the build did not stop within 30 s of {sig.name}")
+    time.sleep(0.5)
+    assert _processes_mentioning(str(out)) == [], "worker processes outlived the build"
+    assert not out.exists() and not manifest_path(out).exists()
+    temps = [p for p in out.parent.iterdir() if ".tmp-" in p.name]
+    if sig != signal.SIGKILL:
+        assert temps == [] and proc.returncode in (130, 143), proc.returncode
+        assert "Traceback" not in proc.stderr.read().decode()
+    else:  # nothing can clean up after SIGKILL; the next build into that folder does
+        assert len(temps) == 1
+        x, y = class_images(20, 2, 8, seed=0)
+        np.savez(tmp_path / "small.npz", x=x, y=y)
+        rebuilt = subprocess.run([*CLI, "build", "arrays", "--src", str(tmp_path / "small.npz"), "--out",
+                                  str(out.parent / "small.beton")], capture_output=True, text=True, env=_env(),
+                                 timeout=300)
+        assert rebuilt.returncode == 0 and "left by an interrupted build" in rebuilt.stderr
+        assert [p for p in out.parent.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_interrupted_multi_split_build_completes(tmp_path, capsys):
+    src = tmp_path / "src"
+    write_cifar10(src, class_images(100, 10, 32, seed=1), class_images(50, 10, 32, seed=2))
+    out = tmp_path / "b"
+    assert main(["build", "cifar10", "--src", str(src), "--out", str(out)]) == 0
+    train_manifest = manifest_path(out / "cifar10_train.beton").read_text()
+    (out / "cifar10_test.beton").unlink()  # as a kill between the two splits leaves it
+    manifest_path(out / "cifar10_test.beton").unlink()
+    capsys.readouterr()
+    assert main(["build", "cifar10", "--src", str(src), "--out", str(out)]) == 0
+    assert "already built from the same source" in capsys.readouterr().err
+    assert BetonFile.open(out / "cifar10_test.beton").n == 50
+    assert manifest_path(out / "cifar10_train.beton").read_text() == train_manifest  # kept, not rewritten
+    other = tmp_path / "other"
+    write_cifar10(other, class_images(100, 10, 32, seed=5), class_images(50, 10, 32, seed=2))
+    (out / "cifar10_test.beton").unlink()
+    assert main(["build", "cifar10", "--src", str(other), "--out", str(out)]) == 2
+    assert "other content" in capsys.readouterr().err
+
+
+# --- eval, early checks ------------------------------------------------------------------------------
+
+def test_eval_refuses_an_unfinished_selection(finished_run, engine_data, tmp_path, capsys):
+    sel = json.loads((finished_run / "selected_indices.json").read_text())
+    sel.update(idx_selected=sel["idx_selected"][:60], phases_done=1, complete=False)
+    path = tmp_path / "partial.json"
+    path.write_text(json.dumps(sel))
+    args = ["eval", "--pool", str(engine_data["pool"]), "--test", str(engine_data["test"]), "--distilled",
+            str(engine_data["distilled"]), "--teacher", str(engine_data["teacher"]), "--eval-model", "convnet_small",
+            "--selection", str(path), "--epochs", "1", "--num-eval", "1", "--output", str(tmp_path / "r.json")]
+    assert main(args) == 2
+    _one_line_error(capsys.readouterr().err, "unfinished run's selection", "--allow-incomplete", "--resume")
+    assert main([*args, "--allow-incomplete"]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["ipc"] == 20 and sum(result["images_per_class"]) == 60 + 4 * 10
+    assert result["images_per_class_max"] < 20  # what it really trained on, not the ipc it was meant for
+
+
+def test_bad_statistics_and_non_finite_teacher(engine_data, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    shutil.copy(engine_data["pool"], bad / "pool.beton")
+    manifest = json.loads(manifest_path(engine_data["pool"]).read_text())
+    manifest["std"] = [0.0, 0.2, 0.2]
+    manifest_path(bad / "pool.beton").write_text(json.dumps(manifest))
+    assert main(run_args({**engine_data, "pool": bad / "pool.beton"}, tmp_path / "o1")) == 2
+    _one_line_error(capsys.readouterr().err, "std > 0")
+    ckpt = torch.load(engine_data["teacher"], weights_only=True)
+    ckpt["model"] = {k: v * float("nan") if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    torch.save(ckpt, tmp_path / "nan.pt")
+    assert main(run_args({**engine_data, "teacher": tmp_path / "nan.pt"}, tmp_path / "o2")) == 2
+    _one_line_error(capsys.readouterr().err, "non-finite logits on 800 of 800")
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_teacher_output_checked_before_training(engine_data, tmp_path, capsys):
+    nested = tmp_path / "new" / "folder" / "t.pt"  # parents are created
+    args = ["teacher", "--pool", str(engine_data["pool"]), "--test", str(engine_data["test"]), "--model",
+            "convnet_tiny", "--epochs", "1"]
+    assert main([*args, "--output", str(nested)]) == 0 and nested.is_file()
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a folder")
+    start = time.perf_counter()
+    assert main([*args, "--output", str(blocker / "t.pt")]) == 2
+    _one_line_error(capsys.readouterr().err, "cannot write there")
+    assert time.perf_counter() - start < 20
+
+
+@pytest.fixture
+def small_mount(tmp_path):
+    """A tmpfs of its own (root only), unmounted afterwards."""
+    if not ROOT:
+        pytest.skip("mounting a small file system needs root")
+    where = tmp_path / "mnt"
+    where.mkdir()
+    mounted = []
+
+    def mount(*options: str) -> Path:
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(options), "tmpfs", str(where)]).returncode:
+            pytest.skip("cannot mount a tmpfs here")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)])
+
+
+def test_read_only_places_give_one_line(engine_data, small_mount, capsys, big_arrays):
+    ro = small_mount("ro", "size=1m")
+    assert main(run_args(engine_data, ro / "run")) == 2
+    _one_line_error(capsys.readouterr().err, "Read-only file system")
+    assert main(["teacher", "--pool", str(engine_data["pool"]), "--test", str(engine_data["test"]),
+                 "--output", str(ro / "t.pt")]) == 2
+    _one_line_error(capsys.readouterr().err, "cannot write there")
+    assert main(["build", "arrays", "--src", str(big_arrays), "--out", str(ro / "b.beton")]) == 2
+    _one_line_error(capsys.readouterr().err, "not writable")
+
+
+def test_disk_full_then_resume(engine_data, finished_run, small_mount, capsys):
+    """A run that fills its disk stops with one line; after space is freed, --resume finishes it."""
+    sizes = {p.name: p.stat().st_size for p in finished_run.iterdir() if p.is_file()}
+    pages = sum(-(-size // 4096) * 4096 for name, size in sizes.items() if name != "report.png")
+    mnt = small_mount(f"size={pages + 4 * 4096 + sizes['report.png'] // 2}")
+    filler = mnt / "filler"
+    out = mnt / "run"
+    filler.write_bytes(b"\0" * 8192)
+    assert main(run_args(engine_data, out)) == 2
+    _one_line_error(capsys.readouterr().err, "No space left on device", "--resume")
+    filler.unlink()
+    subprocess.run(["mount", "-o", "remount,size=8m", str(mnt)], check=True)
+    assert main(run_args(engine_data, out, "--resume")) == 0
+    assert (out / "report.png").is_file()
+    assert json.loads((out / "selected_indices.json").read_text())["idx_selected"] == json.loads(
+        (finished_run / "selected_indices.json").read_text())["idx_selected"]
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
