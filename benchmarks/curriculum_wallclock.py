@@ -233,10 +233,11 @@ def worker_ccfs(spec: BenchSpec) -> dict:
                        "train_size": r["train_size"]})
         selected = np.concatenate([selected, outcome.picked])
     process_peak = peak_rss_mb()
-    reset_peak_rss()
-    torch.manual_seed(0)
-    from ccfs_fast.models import create_model
-    predict(create_model(spec.model, shape.classes, shape.side), ws.pool_loader(np.arange(ws.space.n_pool)))
+    if spec.model in SMALL_MODELS:  # a large model's extra whole-pool pass would cost minutes: its run's peak
+        reset_peak_rss()
+        torch.manual_seed(0)
+        from ccfs_fast.models import create_model
+        predict(create_model(spec.model, shape.classes, shape.side), ws.pool_loader(np.arange(ws.space.n_pool)))
     return {"setup_s": setup_s, "teacher_pass_s": teacher_s, "phases": phases, "process_peak_rss_mb": process_peak,
             "pool_eval_peak_rss_mb": peak_rss_mb(), "teacher_correct": int(ok.sum())}
 
@@ -271,9 +272,10 @@ def worker_baseline(spec: BenchSpec) -> dict:
         selected += result["selection"]
         phases.append(result)
     process_peak = peak_rss_mb()
-    reset_peak_rss()
-    torch.manual_seed(0)
-    run.coarse_filtering(create_model(spec.model, shape.classes, shape.side))
+    if spec.model in SMALL_MODELS:  # as on the ccfs-fast side
+        reset_peak_rss()
+        torch.manual_seed(0)
+        run.coarse_filtering(create_model(spec.model, shape.classes, shape.side))
     return {"setup_s": setup_s, "teacher_pass_s": teacher_s, "phases": phases, "process_peak_rss_mb": process_peak,
             "pool_eval_peak_rss_mb": peak_rss_mb(), "teacher_correct": len(teacher_ok)}
 

@@ -5,7 +5,6 @@ import errno
 import hashlib
 import os
 import sys
-from contextlib import suppress
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from ffcv.writer import DatasetWriter
 
 from ccfs_fast.digests import file_sha256
 from ccfs_fast.errors import BuildError
-from ccfs_fast.outputs import output_error, remove_stale_temps, temp_path, write_text
+from ccfs_fast.outputs import atomic_file, output_error, remove_stale_temps, write_text
 from ccfs_fast.processes import run_isolated
 
 from . import BUILDER_VERSION
@@ -95,8 +94,7 @@ def write_beton(table: ImageTable, out: str | Path, overwrite: bool = False, wor
     for stale in remove_stale_temps(out.parent):
         print(f"removed {stale}, left by an interrupted build", file=sys.stderr)
     manifest = table_manifest(table)
-    tmp = temp_path(out)
-    try:
+    with atomic_file(out) as tmp:
         failure = run_isolated(_write_ffcv, str(tmp), table, workers)
         if failure is not None:
             name, err, message = failure
@@ -104,11 +102,5 @@ def write_beton(table: ImageTable, out: str | Path, overwrite: bool = False, wor
                 raise output_error(out, OSError(err, os.strerror(err)))
             raise BuildError(f"writing {out} failed ({name}: {' '.join(message.split())[:200]})")
         manifest = replace(manifest, beton_size=tmp.stat().st_size, beton_sha256=file_sha256(tmp))
-        os.replace(tmp, out)
-    except OSError as exc:
-        raise output_error(out, exc) from exc
-    finally:
-        with suppress(OSError):
-            tmp.unlink()
     write_text(manifest_path(out), manifest.to_json())
     return manifest

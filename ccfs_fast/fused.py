@@ -181,6 +181,8 @@ class FusedBank(nn.Module):
         super().__init__()
         self.count, self.channels_last = len(models), channels_last
         self.net = fuse(models)
+        if channels_last:  # stacked weights come out contiguous; match the input's layout for cuDNN
+            self.net = self.net.to(memory_format=torch.channels_last)
         self._template = [copy.deepcopy(models[0]).cpu()]  # a list: not a registered submodule
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

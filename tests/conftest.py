@@ -90,6 +90,16 @@ def run_args(data: dict, out, *extra: str) -> list[str]:
             "--lr-warmup-epochs", "1", "--num-eval", "2", "--seed", "5", "--output-dir", str(out), *extra]
 
 
+def set_flag(args: list[str], flag: str, value: str) -> list[str]:
+    """`args` with `flag` set to `value` (replaced, or appended when absent)."""
+    args = list(args)
+    if flag in args:
+        args[args.index(flag) + 1] = value
+    else:
+        args += [flag, value]
+    return args
+
+
 @pytest.fixture(scope="session")
 def finished_run(engine_data, tmp_path_factory):
     """The output directory of one small finished `ccfs-fast run`."""

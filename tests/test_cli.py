@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import run_args
+from conftest import run_args, set_flag
 from formats import class_images, write_image_folder
 
 from ccfs_fast.cli import main
@@ -52,10 +52,10 @@ def test_bench_without_a_name_lists_the_benchmarks(capsys):
 
 def test_bad_arguments_fail_before_heavy_imports(engine_data, tmp_path):
     """A missing file or a bad value is reported (exit 2, one line) before torch or FFCV load."""
-    cases = [_set(run_args(engine_data, tmp_path / "o"), "--pool", str(tmp_path / "none.beton")),
-             _set(run_args(engine_data, tmp_path / "o"), "--score-path", str(tmp_path / "none.npy")),
-             _set(run_args(engine_data, tmp_path / "o"), "--alpha", "2"),
-             _set(run_args(engine_data, tmp_path / "o"), "--normalize", "1,2")]
+    cases = [set_flag(run_args(engine_data, tmp_path / "o"), "--pool", str(tmp_path / "none.beton")),
+             set_flag(run_args(engine_data, tmp_path / "o"), "--score-path", str(tmp_path / "none.npy")),
+             set_flag(run_args(engine_data, tmp_path / "o"), "--alpha", "2"),
+             set_flag(run_args(engine_data, tmp_path / "o"), "--normalize", "1,2")]
     code = ("import sys, json; from ccfs_fast.cli import main; rc = main(json.loads(sys.argv[1])); "
             "print(json.dumps(['torch' in sys.modules, 'ffcv' in sys.modules])); sys.exit(rc)")
     for args in cases:
@@ -67,21 +67,12 @@ def test_bad_arguments_fail_before_heavy_imports(engine_data, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def _set(args: list[str], flag: str, value: str) -> list[str]:
-    args = list(args)
-    if flag in args:
-        args[args.index(flag) + 1] = value
-    else:
-        args += [flag, value]
-    return args
-
-
 def test_smoke_run_with_two_epochs_just_works(engine_data, tmp_path, capsys):
     """--epochs 2 with the default 5-epoch warm-up: clamped to 1, said once, recorded."""
     args = run_args(engine_data, tmp_path / "smoke", "--curriculum-num", "1", "--num-eval", "0")
     i = args.index("--lr-warmup-epochs")
     del args[i:i + 2]
-    assert main(_set(args, "--epochs", "2")) == 0
+    assert main(set_flag(args, "--epochs", "2")) == 0
     note = "note: --lr-warmup-epochs 5 does not fit --epochs 2; using 1 warm-up epoch"
     console = capsys.readouterr()
     assert (console.out + console.err).count(note) == 1
@@ -92,14 +83,16 @@ def test_smoke_run_with_two_epochs_just_works(engine_data, tmp_path, capsys):
 def test_failed_run_leaves_no_output_directory(engine_data, tmp_path):
     np.save(tmp_path / "short.npy", np.zeros(799, np.float32))  # the pool has 800 images
     out = tmp_path / "runs" / "failed"
-    assert main(_set(run_args(engine_data, out), "--score-path", str(tmp_path / "short.npy"))) == 2
+    assert main(set_flag(run_args(engine_data, out), "--score-path", str(tmp_path / "short.npy"))) == 2
     assert not out.exists()
-    assert main(_set(run_args(engine_data, out), "--filter-model", "resnet19")) == 2  # an unknown model name
+    assert main(set_flag(run_args(engine_data, out), "--filter-model", "resnet19")) == 2  # an unknown model name
     assert not out.exists()
 
 
 def test_eval_run_dir_reproduces_the_run(finished_run, tmp_path):
     final = json.loads((finished_run / "metrics.json").read_text())["final"]
+    settings = json.loads((finished_run / "metrics.json").read_text())["settings"]
+    assert settings["teacher_model"] == "convnet_small" and settings["temperature"] == 20.0
     assert main(["eval", "--run-dir", str(finished_run), "--output", str(tmp_path / "e.json")]) == 0
     result = json.loads((tmp_path / "e.json").read_text())
     assert result["accs"] == final["accs"] and result["ipc"] == 20

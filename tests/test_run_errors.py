@@ -4,20 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import run_args
+from conftest import run_args, set_flag
 from formats import class_images, write_image_folder
 
 from ccfs_fast.cli import main
 from ccfs_fast.convnet import ConvNet
-
-
-def _set(args: list[str], flag: str, value: str) -> list[str]:
-    args = list(args)
-    if flag in args:
-        args[args.index(flag) + 1] = value
-    else:
-        args += [flag, value]
-    return args
 
 
 def _fails(capsys, args, *needles):
@@ -42,14 +33,14 @@ def _no_outputs(out):
 ])
 def test_bad_settings(capsys, engine_data, tmp_path, flag, value, needles):
     out = tmp_path / "out"
-    _fails(capsys, _set(run_args(engine_data, out), flag, value), *needles)
+    _fails(capsys, set_flag(run_args(engine_data, out), flag, value), *needles)
     _no_outputs(out)
 
 
 def test_score_file_of_wrong_length(capsys, engine_data, tmp_path):
     np.save(tmp_path / "short.npy", np.zeros(799, np.float32))
     out = tmp_path / "out"
-    _fails(capsys, _set(run_args(engine_data, out), "--score-path", str(tmp_path / "short.npy")),
+    _fails(capsys, set_flag(run_args(engine_data, out), "--score-path", str(tmp_path / "short.npy")),
            "has 799 values but the pool has 800 images")
     _no_outputs(out)
 
@@ -57,7 +48,7 @@ def test_score_file_of_wrong_length(capsys, engine_data, tmp_path):
 def test_teacher_for_wrong_number_of_classes(capsys, engine_data, tmp_path):
     torch.save({"model": ConvNet(100, 32, 32).state_dict()}, tmp_path / "t100.pt")
     out = tmp_path / "out"
-    _fails(capsys, _set(run_args(engine_data, out), "--teacher", str(tmp_path / "t100.pt")),
+    _fails(capsys, set_flag(run_args(engine_data, out), "--teacher", str(tmp_path / "t100.pt")),
            "has 100 output classes but the pool has 10")
     _no_outputs(out)
 
@@ -67,7 +58,7 @@ def test_distilled_set_with_missing_class(capsys, engine_data, tmp_path):
     write_image_folder(tmp_path / "d9", x, np.repeat(np.arange(9), 6), [f"c{i}" for i in range(9)])
     assert main(["build", "folder", "--src", str(tmp_path / "d9"), "--out", str(tmp_path / "d9.beton")]) == 0
     out = tmp_path / "out"
-    _fails(capsys, _set(run_args(engine_data, out), "--distilled", str(tmp_path / "d9.beton")),
+    _fails(capsys, set_flag(run_args(engine_data, out), "--distilled", str(tmp_path / "d9.beton")),
            "distilled set has 9 classes", "the pool 10")
     _no_outputs(out)
 
@@ -75,7 +66,7 @@ def test_distilled_set_with_missing_class(capsys, engine_data, tmp_path):
 def test_distilled_class_with_too_few_images(capsys, engine_data, tmp_path):
     out = tmp_path / "out"
     # ipc 40 x alpha 0.2 = 8 distilled per class, but the folder has 6 per class.
-    _fails(capsys, _set(run_args(engine_data, out), "--image-per-class", "40"),
+    _fails(capsys, set_flag(run_args(engine_data, out), "--image-per-class", "40"),
            "class 'c0' (label 0) has 6 images, fewer than the 8 distilled images per class")
     _no_outputs(out)
 
@@ -85,12 +76,28 @@ def test_pool_and_test_with_different_class_counts(capsys, engine_data, tmp_path
     np.savez(tmp_path / "t5.npz", x=x, y=y)
     assert main(["build", "arrays", "--src", str(tmp_path / "t5.npz"), "--out", str(tmp_path / "t5.beton")]) == 0
     out = tmp_path / "out"
-    _fails(capsys, _set(run_args(engine_data, out), "--test", str(tmp_path / "t5.beton")),
+    _fails(capsys, set_flag(run_args(engine_data, out), "--test", str(tmp_path / "t5.beton")),
            "the pool has 10 classes but the test set 5")
     _no_outputs(out)
 
 
 def test_missing_beton_file(capsys, engine_data, tmp_path):
     out = tmp_path / "out"
-    _fails(capsys, _set(run_args(engine_data, out), "--pool", str(tmp_path / "nope.beton")),
+    _fails(capsys, set_flag(run_args(engine_data, out), "--pool", str(tmp_path / "nope.beton")),
            "no such .beton file", "ccfs-fast build")
+
+
+def test_teacher_model_contradicting_the_checkpoint(capsys, engine_data, tmp_path):
+    """The checkpoint made by `ccfs-fast teacher` records its arch: a contradicting --teacher-model is
+    refused naming it, and without --teacher-model the recorded arch is used."""
+    out = tmp_path / "out"
+    _fails(capsys, set_flag(run_args(engine_data, out), "--teacher-model", "resnet18"),
+           "--teacher-model resnet18", "records arch 'convnet_small'")
+    _no_outputs(out)
+
+
+def test_imagenet_stem_on_small_images_warns():
+    from ccfs_fast.models import stem_warning
+
+    assert "ImageNet stem on 32x32 images" in stem_warning("torchvision:resnet18", 32)
+    assert stem_warning("resnet18", 32) is None and stem_warning("torchvision:resnet18", 224) is None

@@ -47,7 +47,8 @@ def test_selection_kernel_beats_sets_and_sorted():
 
 def test_curriculum_wallclock_beats_paper_approach(tmp_path):
     """Benchmark (benchmarks/results/curriculum_wallclock.json): several x per curriculum with a
-    small model. Asserted here on a 3,000-image CIFAR-shaped pool, 2 curricula: 2x."""
+    small model and the lazy coarse pass. Asserted here on a 3,000-image CIFAR-shaped pool, 2
+    curricula: 2x."""
     import dataclasses
     import json
 
@@ -64,3 +65,7 @@ def test_curriculum_wallclock_beats_paper_approach(tmp_path):
     ccfs_s = sum(p["curriculum_s"] for p in ccfs["phases"])
     base_s = sum(p["curriculum_s"] for p in base["phases"])
     assert ccfs_s * 2.0 < base_s, json.dumps({"ccfs_s": ccfs_s, "baseline_s": base_s})
+    # the lazy coarse pass (the default) predicted a part of the eligible pool; the baseline all of it
+    assert all(p["coarse_pass"] == "lazy" for p in ccfs["phases"])
+    assert sum(p["pool_evaluated"] for p in ccfs["phases"]) < sum(p["pool_eligible"] for p in ccfs["phases"])
+    assert all(p["pool_evaluated"] == 3000 for p in base["phases"])
