@@ -24,8 +24,24 @@ def _raise_terminated(signum: int, frame: object) -> None:
 
 
 def handle_sigterm() -> None:
-    """SIGTERM raises Terminated in the main thread (instead of killing the process on the spot)."""
+    """SIGTERM raises Terminated in the main thread (instead of killing the process on the spot).
+    Processes forked from then on get the default SIGTERM back (see _default_sigterm_in_child)."""
     signal.signal(signal.SIGTERM, _raise_terminated)
+    _forked_children_get_default_sigterm()
+
+
+def _default_sigterm_in_child() -> None:
+    # A forked worker (multiprocessing.Pool's, FFCV's) must die on SIGTERM as its parent expects:
+    # Pool.terminate() SIGTERMs workers that may hold the task queue's lock, and an inherited
+    # Python handler would raise Terminated at an arbitrary point instead, leaving that lock held
+    # and the other workers (and the pool's join) waiting forever.
+    if signal.getsignal(signal.SIGTERM) is _raise_terminated:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@functools.cache  # once per process: fork handlers cannot be unregistered
+def _forked_children_get_default_sigterm() -> None:
+    os.register_at_fork(after_in_child=_default_sigterm_in_child)
 
 
 def die_with_parent() -> None:

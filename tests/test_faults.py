@@ -252,6 +252,33 @@ def test_interrupted_build_leaves_no_temp_file_or_worker(big_arrays, tmp_path, s
         assert [p for p in out.parent.iterdir() if ".tmp-" in p.name] == []
 
 
+POOL_AFTER_SIGTERM_HANDLER = """
+import multiprocessing, signal
+from ccfs_fast.processes import children_die_with_parent, handle_sigterm
+
+def disposition(_):
+    return signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+handle_sigterm()
+children_die_with_parent()
+assert signal.getsignal(signal.SIGTERM) != signal.SIG_DFL
+for _ in range(40):  # Pool.__exit__ SIGTERMs its workers each time
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        assert all(pool.map(disposition, range(8), chunksize=1))
+print("done")
+"""
+
+
+def test_pool_workers_die_on_sigterm_under_the_cli_handler():
+    """The CLI turns SIGTERM into an exception; forked pool workers (image decoding, FFCV) must not
+    inherit that, or Pool.terminate() can leave a worker holding the task queue's lock and the
+    build hangs. Workers get the default SIGTERM back, pools shut down cleanly, nothing printed."""
+    proc = subprocess.run([sys.executable, "-c", POOL_AFTER_SIGTERM_HANDLER], capture_output=True, text=True,
+                          timeout=120, env=_env())
+    assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stderr[-2000:]
+    assert "Terminated" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
 def test_interrupted_multi_split_build_completes(tmp_path, capsys):
     src = tmp_path / "src"
     write_cifar10(src, class_images(100, 10, 32, seed=1), class_images(50, 10, 32, seed=2))
