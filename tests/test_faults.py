@@ -219,12 +219,19 @@ def big_arrays(tmp_path_factory):
     return root / "big.npz"
 
 
+def _ctrl_c_as_at_a_terminal() -> None:
+    # A test run started in the background (`make test &`) ignores SIGINT, and its children inherit
+    # that (Python then installs no KeyboardInterrupt handler); a command typed at a terminal does not.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_interrupted_build_leaves_no_temp_file_or_worker(big_arrays, tmp_path, sig):
     out = tmp_path / "out" / f"big-{sig.name}.beton"
     out.parent.mkdir()
     proc = subprocess.Popen([*CLI, "build", "arrays", "--src", str(big_arrays), "--out", str(out), "--workers", "2"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(), start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(), start_new_session=True,
+                            preexec_fn=_ctrl_c_as_at_a_terminal)
     _wait_for(lambda: any(p.name.startswith(f".{out.name}.tmp-") for p in out.parent.iterdir()), proc,
               what="the temp .beton to appear")
     time.sleep(0.5)
