@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numba
@@ -30,10 +30,14 @@ from .normalization import Normalization
 
 @dataclass(frozen=True)
 class BetonFile:
-    """A .beton with its checked manifest."""
+    """A .beton with its checked manifest; `page_of_row` int64 [n]: the FFCV page (of `page_size`
+    bytes) holding each row's image, and `row_bytes` the largest image's size in bytes."""
 
     path: Path
     manifest: Manifest
+    page_of_row: np.ndarray | None = field(default=None, compare=False, repr=False)
+    page_size: int = 0
+    row_bytes: int = 0
 
     @classmethod
     def open(cls, path: str | Path) -> BetonFile:
@@ -41,13 +45,16 @@ class BetonFile:
         manifest = read_manifest(path)
         check_pair(path, manifest)
         try:
-            rows = Reader(str(path)).num_samples
+            reader = Reader(str(path))
         except Exception as exc:  # FFCV raises bare Exceptions / numpy errors on corrupt headers
             raise DataError(f"{path}: not a readable .beton file ({exc}); rebuild it with "
                             "`ccfs-fast build ... --overwrite`") from exc
-        if rows != manifest.n:
-            raise DataError(f"{path}: holds {rows} rows but its manifest says {manifest.n}; rebuild it")
-        return cls(path, manifest)
+        if reader.num_samples != manifest.n:
+            raise DataError(f"{path}: holds {reader.num_samples} rows but its manifest says {manifest.n}; rebuild it")
+        table = reader.alloc_table
+        page_of_row = np.zeros(manifest.n, np.int64)
+        page_of_row[table["sample_id"]] = table["ptr"] // reader.page_size
+        return cls(path, manifest, page_of_row, int(reader.page_size), int(table["size"].max(initial=0)))
 
     @property
     def n(self) -> int:
@@ -104,14 +111,15 @@ class RowReader:
     """One compiled FFCV loader over a .beton (sequential order, drop_last=False), re-targeted to
     each new index subset by setting the indices of the loader and of its traversal order (ffcv
     issue #152), so the pipeline's JIT compile (about a second) is paid once per file and batch size
-    instead of once per subset. It reads through FFCV's process cache (os_cache=False): only the
-    file pages the next few batches need are held, so streaming a 1 GB pool keeps memory flat instead
-    of mapping every page it touched into the process. `fields` "labels" skips the image pipeline
+    instead of once per subset. By default it reads through FFCV's process cache (os_cache=False):
+    only the file pages the next few batches need are held, so streaming a 1 GB pool keeps memory flat
+    instead of mapping every page it touched into the process; `os_cache` True maps the file instead
+    (for scattered rows, see scattered_rows). `fields` "labels" skips the image pipeline
     (no pixel decoded). Get one with `row_reader`, which keeps it for the life of the process."""
 
-    def __init__(self, beton: BetonFile, batch_size: int, workers: int, fields: str = "rows"):
+    def __init__(self, beton: BetonFile, batch_size: int, workers: int, fields: str = "rows", os_cache: bool = False):
         # FFCV sets numba's thread count to `workers`, which numba caps at the machine's threads.
-        self.beton, self.batch_size, self.fields = beton, batch_size, fields
+        self.beton, self.batch_size, self.fields, self.os_cache = beton, batch_size, fields, os_cache
         self.workers = max(1, min(workers, numba.config.NUMBA_NUM_THREADS))
         self._loader: Loader | None = None
         self.busy = False
@@ -119,7 +127,7 @@ class RowReader:
     def _target(self, rows: np.ndarray) -> Loader:
         if self._loader is None:
             self._loader = Loader(str(self.beton.path), batch_size=self.batch_size, num_workers=self.workers,
-                                  order=OrderOption.SEQUENTIAL, indices=rows, drop_last=False, os_cache=False,
+                                  order=OrderOption.SEQUENTIAL, indices=rows, drop_last=False, os_cache=self.os_cache,
                                   pipelines=PIPELINES[self.fields]())
         else:
             self._loader.indices = rows
@@ -156,17 +164,36 @@ class RowReader:
 _READERS: dict[tuple, list[RowReader]] = {}
 
 
-def row_reader(beton: BetonFile, batch_size: int, workers: int, fields: str = "rows") -> RowReader:
-    """A free compiled reader for (file, batch size, threads, fields), made on first use."""
+def row_reader(beton: BetonFile, batch_size: int, workers: int, fields: str = "rows",
+               os_cache: bool = False) -> RowReader:
+    """A free compiled reader for (file, batch size, threads, fields, cache kind), made on first use."""
     stat = os.stat(beton.path)
-    key = (str(beton.path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns, batch_size, workers, fields)
+    key = (str(beton.path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns, batch_size, workers, fields,
+           os_cache)
     readers = _READERS.setdefault(key, [])
     for reader in readers:
         if not reader.busy:
             reader.beton = beton
             return reader
-    readers.append(RowReader(beton, batch_size, workers, fields))
+    readers.append(RowReader(beton, batch_size, workers, fields, os_cache))
     return readers[-1]
+
+
+SCATTER_LIMIT = 4  # read through the OS page cache when FFCV's pages would bring in 4x the rows' bytes
+SCATTER_MIN_BYTES = 32 << 20  # ... and over 32 MiB: below that either way is quick
+
+
+def scattered_rows(beton: BetonFile, rows: np.ndarray) -> bool:
+    """Whether `rows` are spread so thinly over the file that FFCV's process cache, which reads
+    whole pages (8 MiB by default) into memory, would read over SCATTER_LIMIT times the bytes the
+    rows hold (e.g. a lazy coarse pass round, or a train set of scattered selected images: 256
+    scattered rows of a 240 MB file took 137 ms that way against 5 ms through the OS page cache,
+    which reads 4 KiB pages on demand). Contiguous or dense subsets keep the process cache, whose
+    memory stays flat while streaming a whole pool."""
+    if beton.page_of_row is None or not len(rows) or not beton.row_bytes:
+        return False
+    paged = len(np.unique(beton.page_of_row[np.asarray(rows, np.int64)])) * beton.page_size
+    return paged > SCATTER_MIN_BYTES and paged > SCATTER_LIMIT * len(rows) * beton.row_bytes
 
 
 def iterate_rows(beton: BetonFile, rows: np.ndarray, batch_size: int, workers: int
@@ -217,9 +244,10 @@ class IndexSpace:
         """The pool's manifest (side, classes, names)."""
         return self.pool.manifest
 
-    def reader(self, beton: BetonFile, batch_size: int, workers: int) -> RowReader:
-        """A compiled reader for one file and batch size (the process keeps it; see row_reader)."""
-        return row_reader(beton, batch_size, workers)
+    def reader(self, beton: BetonFile, batch_size: int, workers: int, rows: np.ndarray | None = None) -> RowReader:
+        """A compiled reader for one file and batch size (the process keeps it; see row_reader), the
+        OS page cache when `rows` lie scattered over the file (see scattered_rows)."""
+        return row_reader(beton, batch_size, workers, os_cache=rows is not None and scattered_rows(beton, rows))
 
     def distilled_indices(self) -> np.ndarray:
         return np.arange(self.n_pool, self.n_total, dtype=np.int64)
@@ -245,7 +273,7 @@ class IndexSpace:
         labels = torch.empty(len(indices), dtype=torch.int64)
         for beton, rows, positions, _ in self.parts(indices):
             start = 0
-            for batch, batch_labels, batch_index in self.reader(beton, 512, workers).read(rows):
+            for batch, batch_labels, batch_index in self.reader(beton, 512, workers, rows).read(rows):
                 pos = torch.from_numpy(positions[start:start + len(batch_index)])
                 images[pos.to(device)] = batch.permute(0, 3, 1, 2).to(device)
                 labels[pos] = batch_labels
@@ -335,7 +363,7 @@ class EvalLoader:
         # intra-op threads and cost a third of the throughput on a 2-core CPU.
         chunk = max(self.batch_size, READ_CHUNK)
         for beton, rows, _, offset in self.space.parts(self.indices):
-            for images, labels, index in self.space.reader(beton, chunk, self.workers).read(rows):
+            for images, labels, index in self.space.reader(beton, chunk, self.workers, rows).read(rows):
                 images = images.to(self.device, non_blocking=True)
                 labels, index = labels.to(self.device), (index + offset).to(self.device)
                 for start in range(0, len(labels), self.batch_size):

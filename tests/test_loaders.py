@@ -180,3 +180,41 @@ def test_row_reader_retargets_one_compiled_loader(cifar10_betons, cifar10_arrays
     loader = reader._loader
     list(reader.read(np.arange(5)))
     assert reader._loader is loader  # compiled once, reused
+
+
+@pytest.fixture(scope="module")
+def three_page_beton(tmp_path_factory):
+    """A 32x32 .beton of 6,000 images: FFCV's 8 MiB pages hold about 2,700 of them, so 3 pages."""
+    root = tmp_path_factory.mktemp("pages")
+    rng = np.random.default_rng(4)
+    x, y = rng.integers(0, 256, (6000, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 6000)
+    np.savez(root / "p.npz", x=x, y=y)
+    write_beton(read_arrays(root / "p.npz"), root / "p.beton")
+    return BetonFile.open(root / "p.beton"), x, y
+
+
+def test_scattered_rows_read_through_the_os_cache_give_the_same_batches(three_page_beton, monkeypatch):
+    """Rows spread thinly over the file (a lazy coarse-pass round, scattered selected images) are read
+    through the OS page cache instead of FFCV's whole-page process cache: the same images, labels and
+    order either way; dense subsets keep the process cache."""
+    import ccfs_fast.data as data
+
+    beton, x, y = three_page_beton
+    assert beton.page_size == 8 << 20 and beton.row_bytes == 32 * 32 * 3
+    assert len(np.unique(beton.page_of_row)) == 3
+    monkeypatch.setattr(data, "SCATTER_MIN_BYTES", 0)  # this file is small; the rule itself is tested
+    sparse, dense = np.arange(7, 6000, 300), np.arange(1000, 4000)
+    assert data.scattered_rows(beton, sparse) and not data.scattered_rows(beton, dense)
+    space = IndexSpace(beton)
+    batches = {}
+    for os_cache in (False, True):
+        monkeypatch.setattr(data, "scattered_rows", lambda b, r, os_cache=os_cache: os_cache)
+        assert space.reader(beton, 64, 2, sparse).os_cache is os_cache
+        images, labels, index = (torch.cat(t) for t in zip(*EvalLoader(space, sparse, 8, "cpu")))
+        resident = space.read_resident(sparse, torch.device("cpu"), 2)
+        batches[os_cache] = (images, labels, index, *resident)
+        np.testing.assert_array_equal(index.numpy(), sparse)
+        np.testing.assert_array_equal(labels.numpy(), y[sparse])
+        np.testing.assert_array_equal(resident[0].permute(0, 2, 3, 1).numpy(), x[sparse])
+    for a, b in zip(batches[False], batches[True]):
+        assert torch.equal(a, b)
