@@ -184,7 +184,7 @@ def test_row_reader_retargets_one_compiled_loader(cifar10_betons, cifar10_arrays
 
 @pytest.fixture(scope="module")
 def three_page_beton(tmp_path_factory):
-    """A 32x32 .beton of 6,000 images: FFCV's 8 MiB pages hold about 2,700 of them, so 3 pages."""
+    """A 32x32 .beton of 6,000 images: FFCV's 8 MiB pages hold about 2,700 of them, so 3 pages or more."""
     root = tmp_path_factory.mktemp("pages")
     rng = np.random.default_rng(4)
     x, y = rng.integers(0, 256, (6000, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 6000)
@@ -201,7 +201,7 @@ def test_scattered_rows_read_through_the_os_cache_give_the_same_batches(three_pa
 
     beton, x, y = three_page_beton
     assert beton.page_size == 8 << 20 and beton.row_bytes == 32 * 32 * 3
-    assert len(np.unique(beton.page_of_row)) == 3
+    assert len(np.unique(beton.page_of_row)) >= 3  # FFCV's writer workers may each start a page
     monkeypatch.setattr(data, "SCATTER_MIN_BYTES", 0)  # this file is small; the rule itself is tested
     sparse, dense = np.arange(7, 6000, 300), np.arange(1000, 4000)
     assert data.scattered_rows(beton, sparse) and not data.scattered_rows(beton, dense)
