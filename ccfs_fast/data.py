@@ -192,7 +192,8 @@ def scattered_rows(beton: BetonFile, rows: np.ndarray) -> bool:
     memory stays flat while streaming a whole pool."""
     if beton.page_of_row is None or not len(rows) or not beton.row_bytes:
         return False
-    paged = len(np.unique(beton.page_of_row[np.asarray(rows, np.int64)])) * beton.page_size
+    # counting, not sorting: this runs before every read, whole-pool passes included
+    paged = np.count_nonzero(np.bincount(beton.page_of_row[np.asarray(rows, np.int64)])) * beton.page_size
     return paged > SCATTER_MIN_BYTES and paged > SCATTER_LIMIT * len(rows) * beton.row_bytes
 
 
