@@ -307,8 +307,13 @@ def main_worker(kind: str, spec_path: str, out_path: str) -> None:
     from ccfs_fast.models import create_model
 
     spec = BenchSpec(**json.loads(Path(spec_path).read_text()))
-    torch.set_num_threads(spec.workers)
-    numba.set_num_threads(spec.workers)
+    if kind == "ccfs":  # the process settings `ccfs-fast run` makes (threads, allocator, signals)
+        from ccfs_fast.cli import process_settings
+
+        process_settings(spec.workers)
+    else:
+        torch.set_num_threads(spec.workers)
+        numba.set_num_threads(spec.workers)
     shape = Shape(**spec.shape)
     with torch.inference_mode():  # load the runtime's libraries before measuring its baseline RSS
         create_model(spec.model, shape.classes, shape.side)(torch.zeros(2, 3, shape.side, shape.side))

@@ -227,13 +227,14 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _process_settings(threads: int | None) -> None:
+def process_settings(threads: int | None) -> None:
     """Process-wide settings, once: SIGTERM handled as Ctrl-C is, forked workers that die with this
-    process, and the thread counts."""
-    from .processes import children_die_with_parent, handle_sigterm
+    process, freed memory reused by the allocator, and the thread counts."""
+    from .processes import children_die_with_parent, handle_sigterm, reuse_freed_memory
 
     handle_sigterm()
     children_die_with_parent()
+    reuse_freed_memory()
     _set_threads(threads)
 
 
@@ -262,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         runner = args.handler(args)  # checks arguments and paths before the heavy imports
-        _process_settings(args.threads)
+        process_settings(args.threads)
         runner()
     except CCFSError as exc:
         print(f"ccfs-fast: error: {' '.join(str(exc).split())}", file=sys.stderr)  # always one line

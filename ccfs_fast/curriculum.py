@@ -58,8 +58,9 @@ def run_phase(ws: Workspace, cfg: RunConfig, phase: int, curpc: int, selected: n
     start = time.perf_counter()
     passed = coarse_pass(cfg.coarse_pass if known_key is not None else "full", eligible, ws.pool_labels, known_key,
                          ws.num_classes, curpc, cfg.balance, cfg.select_misclassified,
-                         lambda indices: ws.predict_pool(filt, indices), rate,
-                         min_chunk=ws.eval_batch_size * ws.dist.world_size)
+                         lambda indices: ws.predict_pool(filt, indices),
+                         first_round_rate(rate, trained.last_acc, cfg.select_misclassified),
+                         min_chunk=ws.coarse_min_chunk)
     eval_s = time.perf_counter() - start
     broken = np.flatnonzero(passed.pred < 0)
     if len(broken):
@@ -92,6 +93,15 @@ def run_phase(ws: Workspace, cfg: RunConfig, phase: int, curpc: int, selected: n
                       "filled": int(chosen.filled_per_class.sum()), "unmet": chosen.unmet},
     }
     return PhaseOutcome(record, chosen.indices, passed)
+
+
+def first_round_rate(previous: float | None, filter_test_acc: float | None, misclassified: bool) -> float | None:
+    """The survivor rate a lazy pass plans its first round with: the previous phase's, else (phase 1)
+    the filter's own test error (accuracy when correctly classified images are kept), else None."""
+    if previous is not None or filter_test_acc is None:
+        return previous
+    correct = filter_test_acc / 100.0
+    return 1.0 - correct if misclassified else correct
 
 
 def survivor_rate(record: dict) -> float | None:

@@ -162,13 +162,14 @@ def fuse(models: list[nn.Module]) -> nn.Module:
                 raise ModelError(f"cannot fuse {type(module).__name__} {name!r}: it holds parameters itself")
             continue
         if type(module) in FUSED_OPS:
-            _set_module(fused, name, FUSED_OPS[type(module)]([p[name] for p in parts]))
+            set_module(fused, name, FUSED_OPS[type(module)]([p[name] for p in parts]))
         elif not isinstance(module, PER_CHANNEL_OPS):
             raise ModelError(f"cannot fuse layer {name!r} ({type(module).__name__}): it has no fused op")
     return fused
 
 
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Puts `module` at the dotted path `name` of `root` (replacing what is there)."""
     parent, _, leaf = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
 

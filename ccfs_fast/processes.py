@@ -1,6 +1,7 @@
-"""Process plumbing for faults: SIGTERM handled like Ctrl-C, forked helpers that die with their parent
-(even when it is killed with SIGKILL), and work run in a child process group that a signal can stop
-whole. Linux only (prctl); elsewhere the helpers fall back to doing nothing."""
+"""Process plumbing: SIGTERM handled like Ctrl-C, forked helpers that die with their parent (even
+when it is killed with SIGKILL), work run in a child process group that a signal can stop whole, and
+the C allocator's reuse of freed memory. Linux only (prctl, glibc's mallopt); elsewhere the helpers
+fall back to doing nothing."""
 from __future__ import annotations
 
 import ctypes
@@ -13,6 +14,9 @@ from collections.abc import Callable
 from contextlib import suppress
 
 PR_SET_PDEATHSIG = 1
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+MMAP_THRESHOLD = 32 << 20  # glibc's largest: blocks up to 32 MiB come from the reusable heap
+TRIM_THRESHOLD = 1 << 30   # keep up to 1 GiB of freed heap for the next allocations
 
 
 class Terminated(BaseException):
@@ -42,6 +46,23 @@ def _default_sigterm_in_child() -> None:
 @functools.cache  # once per process: fork handlers cannot be unregistered
 def _forked_children_get_default_sigterm() -> None:
     os.register_at_fork(after_in_child=_default_sigterm_in_child)
+
+
+@functools.cache  # once per process
+def reuse_freed_memory() -> bool:
+    """Makes glibc's malloc serve tensors up to 32 MiB from memory freed earlier instead of mapping
+    fresh pages for each and unmapping them on free. On a CPU every torch op allocates its output;
+    with glibc's defaults (a threshold that starts at 128 KiB) a training step spends much of its time
+    in page faults zeroing new pages (convnet_tiny 64x64, batch 64: 44.5 -> 33.7 ms per KD step; the
+    whole 64x64 ConvNet forward at batch 256: 1.9x). Freed memory is kept for reuse, so the resident
+    size stays near the peak instead of falling back between steps. Returns whether it took effect
+    (False where the C library is not glibc)."""
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
 def die_with_parent() -> None:

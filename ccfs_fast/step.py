@@ -62,6 +62,7 @@ class StepConfig:
     channels_last: bool = False
     bf16: bool = False
     dtype: torch.dtype = torch.float32
+    teacher_channels_last: bool | None = None  # the teacher's input layout; None: as channels_last
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
 
@@ -120,7 +121,7 @@ class KDStep:
         count, batch = rows.shape
         images = self.augment(rows)
         flat = images.view(count * batch, *images.shape[2:])
-        if self.cfg.channels_last:
+        if self.cfg.channels_last if self.cfg.teacher_channels_last is None else self.cfg.teacher_channels_last:
             flat = flat.contiguous(memory_format=torch.channels_last)
         with torch.no_grad(), self.autocast():
             teacher_logits = self.teacher(flat)

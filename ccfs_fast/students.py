@@ -20,6 +20,7 @@ from .data import norm_tensors
 from .datasets import auto_batch_size
 from .errors import ModelError
 from .fused import FusedBank, check_fused
+from .kernels import swap_cpu_kernels
 from .models import create_model
 from .step import KDStep, Single, StepConfig, StepRun, graph_plan, train_students
 from .train import TrainResult, last_fifth_epochs
@@ -48,7 +49,7 @@ class Trained:
 
 def _fresh(ws: Workspace, model_name: str, seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    model = create_model(model_name, ws.num_classes, ws.side).to(ws.device)
+    model = swap_cpu_kernels(create_model(model_name, ws.num_classes, ws.side)).to(ws.device)
     return model.to(memory_format=torch.channels_last) if ws.fast.channels_last else model
 
 
@@ -82,7 +83,8 @@ def train_together(ws: Workspace, indices: np.ndarray, model_name: str, recipe: 
     inv_std255, shift = norm_tensors(ws.norm, ws.device)
     generators = [torch.Generator(device=ws.device).manual_seed(s) for s in seeds]
     cfg = StepConfig(recipe, temperature, fused_optimizer=bool(ws.fast.fused_optimizer),
-                     channels_last=bool(ws.fast.channels_last), bf16=bool(ws.fast.bf16))
+                     channels_last=bool(ws.fast.channels_last), bf16=bool(ws.fast.bf16),
+                     teacher_channels_last=bool(ws.fast.infer_channels_last))
     step = KDStep(students, trained, ws.teacher, images, generators, inv_std255, shift, cfg)
     plan = graph_plan(step, bool(ws.fast.cuda_graphs), ws.dist.enabled, bool(ws.fast.compile))
     results, plan = train_students(step, seeds, max(1, batch_size // ws.dist.world_size), recipe, ws.test_loader(),

@@ -12,6 +12,7 @@ from .data import BetonFile, IndexSpace, ResidentTrainLoader, make_test_loader
 from .datasets import auto_batch_size
 from .difficulty import ForgettingTracker
 from .distributed import barrier, gather_concat, init_distributed
+from .kernels import swap_cpu_kernels
 from .models import create_model, save_checkpoint, stem_warning
 from .normalization import parse_normalize, resolve_normalization
 from .outputs import ensure_writable, write_npy
@@ -44,7 +45,7 @@ def train_teacher(cfg: TeacherConfig) -> dict:
     if warning and dist_ctx.is_main:
         print(warning, file=sys.stderr)
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, manifest.num_classes, manifest.side).to(device)
+    model = swap_cpu_kernels(create_model(cfg.model, manifest.num_classes, manifest.side)).to(device)
     if fast.channels_last:
         model = model.to(memory_format=torch.channels_last)
     trained = model
@@ -57,7 +58,7 @@ def train_teacher(cfg: TeacherConfig) -> dict:
                                  channels_last=bool(fast.channels_last))
     tracker = ForgettingTracker(pool.n) if cfg.forgetting_out else None
     test_loader = make_test_loader(test, manifest.num_classes, norm, 256, device, cfg.workers,
-                                   bool(fast.channels_last))
+                                   bool(fast.infer_channels_last))
     result = train_supervised(trained, loader, cfg.recipe, test_loader, tracker, cfg.label_smoothing, fast=fast,
                               evaluate_model=model, gather=lambda arrays: gather_concat(arrays, dist_ctx))
     summary = {"model": cfg.model, "epochs": cfg.recipe.epochs, "batch_size": batch_size, "normalize": norm.source,

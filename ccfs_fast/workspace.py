@@ -13,11 +13,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from .coarse import CPU_MIN_CHUNK
 from .config import FastPath
 from .data import BetonFile, EvalLoader, IndexSpace, make_test_loader, read_labels
 from .digests import cache_dir
 from .distributed import DistContext, gather_concat, shard
 from .errors import ConfigError, DataError, ModelError, OutputError
+from .kernels import swap_cpu_kernels
 from .models import (
     DEFAULT_TEACHER,
     Checkpoint,
@@ -92,7 +94,7 @@ class Workspace:
         """The resident test loader, read once per workspace and reused by every evaluation."""
         if self._test_loader is None:
             self._test_loader = make_test_loader(self.test, self.num_classes, self.norm, self.eval_batch_size,
-                                                 self.device, self.workers, bool(self.fast.channels_last))
+                                                 self.device, self.workers, bool(self.fast.infer_channels_last))
         return self._test_loader
 
     @property
@@ -105,9 +107,16 @@ class Workspace:
         """The dataset the pool holds (cifar10, cifar100, tiny-imagenet) or None."""
         return self.space.manifest.dataset
 
+    @property
+    def coarse_min_chunk(self) -> int:
+        """The fewest images a lazy coarse pass round predicts (all ranks together): an eval batch
+        per rank on a GPU, which needs big batches to be busy; on a CPU CPU_MIN_CHUNK per rank."""
+        per_rank = self.eval_batch_size if self.device.type == "cuda" else min(self.eval_batch_size, CPU_MIN_CHUNK)
+        return per_rank * self.dist.world_size
+
     def pool_loader(self, indices: np.ndarray) -> EvalLoader:
         return EvalLoader(self.space, indices, self.eval_batch_size, self.device, self.workers,
-                          channels_last=bool(self.fast.channels_last))
+                          channels_last=bool(self.fast.infer_channels_last))
 
 
 def resolve_device(device: str) -> torch.device:
@@ -142,7 +151,7 @@ def resolve_teacher_arch(requested: str | None, checkpoint: Checkpoint) -> str:
 
 
 def load_teacher(name: str, checkpoint: Checkpoint, num_classes: int, side: int, device: torch.device) -> nn.Module:
-    teacher = load_state(create_model(name, num_classes, side), checkpoint, name).to(device).eval()
+    teacher = swap_cpu_kernels(load_state(create_model(name, num_classes, side), checkpoint, name)).to(device).eval()
     for param in teacher.parameters():
         param.requires_grad_(False)
     return teacher
@@ -152,7 +161,7 @@ def open_workspace(pool: Path, test: Path, distilled: Path, teacher: Path, teach
                    device: str, workers: int, eval_batch_size: int, dist: DistContext | None = None,
                    fast: FastPath | None = None, normalize: str | None = None) -> Workspace:
     """Opens and checks every input of a run. `device` is this rank's device; `fast` a resolved
-    FastPath (channels_last also applies to the teacher); `normalize` the --normalize value (None:
+    FastPath (the teacher predicts in channels-last when infer_channels_last); `normalize` the --normalize value (None:
     the teacher's recorded normalisation, else the paper's constants / the pool's statistics)."""
     pool_file, test_file, distilled_file = BetonFile.open(pool), BetonFile.open(test), BetonFile.open(distilled)
     if test_file.manifest.num_classes != pool_file.manifest.num_classes:
@@ -174,7 +183,7 @@ def open_workspace(pool: Path, test: Path, distilled: Path, teacher: Path, teach
     dev = resolve_device(device)
     fast = fast or FastPath().resolve(str(dev))
     model = load_teacher(arch, checkpoint, pm.num_classes, pm.side, dev)
-    if fast.channels_last:
+    if fast.infer_channels_last:  # the teacher only predicts
         model = model.to(memory_format=torch.channels_last)
     return Workspace(space, test_file, read_labels(pool_file, workers), rows + space.n_pool, model, dev, workers,
                      eval_batch_size, dist or DistContext(), fast, arch)

@@ -8,7 +8,9 @@ from conftest import SHARED_SCORES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ccfs_fast.coarse import coarse_pass
+from ccfs_fast import coarse
+from ccfs_fast.coarse import PassState, bucket_rates, coarse_pass, record_chunk
+from ccfs_fast.curriculum import first_round_rate
 from ccfs_fast.errors import SelectionError
 from ccfs_fast.scores import easy_first_key
 from ccfs_fast.select import candidate_mask, order_key, select_per_class
@@ -133,3 +135,48 @@ def test_lazy_equals_full_on_published_scores(name, method, balance, shortfall, 
         predicted_total += lazy_pass.predicted
         eligible_total += full_pass.predicted
     assert predicted_total < eligible_total  # strictly fewer predictions than the full pass
+
+
+def _misclassifying_filter(classes: int = 10, per_class: int = 500, miss: float = 0.9, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(classes), per_class)
+    okey = rng.random(len(labels))
+    pred = np.where(rng.random(len(labels)) < miss, (labels + 1) % classes, labels)
+    return labels, okey, pred
+
+
+def _lazy(labels, okey, pred, curpc, rate, min_chunk=64, misclassified=True):
+    eligible = np.ones(len(labels), bool)
+    return coarse_pass("lazy", eligible, labels, okey, int(labels.max()) + 1, curpc, True, misclassified,
+                       lambda idx: (idx, pred[idx], np.zeros(len(idx), np.float32)), rate, min_chunk)
+
+
+def test_first_round_sized_by_the_rate_fills_the_classes():
+    """A filter wrong on 90% of the pool, 20 per class needed: planned with that rate (phase 1 takes
+    it from the filter's test error) the pass predicts about 20 / 0.9 x 1.25 per class in one round;
+    planned with the default guess (25%) it predicts 4x more for the same selection."""
+    labels, okey, pred = _misclassifying_filter()
+    informed, blind = _lazy(labels, okey, pred, 20, 0.9), _lazy(labels, okey, pred, 20, None)
+    assert informed.rounds == 1 and 200 <= informed.predicted <= 10 * 29
+    assert blind.predicted >= 3 * informed.predicted
+    assert first_round_rate(None, 10.0, True) == pytest.approx(0.9)    # 10% test accuracy: 90% survive
+    assert first_round_rate(None, 10.0, False) == pytest.approx(0.1)   # correctly classified kept
+    assert first_round_rate(0.3, 10.0, True) == 0.3                    # later phases: the previous rate
+    assert first_round_rate(None, None, True) is None
+
+
+def test_rare_survivor_class_is_planned_by_its_own_rate(monkeypatch):
+    """Nine classes where half the images survive and one where 1 in 100 does: the bucket's own
+    rate (bucket_rates) grows its rounds geometrically instead of planning it at the overall rate."""
+    labels, okey, pred = _misclassifying_filter(miss=0.5)
+    rare = np.flatnonzero(labels == 4)
+    pred[rare] = np.where(np.random.default_rng(1).random(len(rare)) < 0.01, 5, 4)
+    state = PassState([np.arange(10), np.arange(10, 20)], need=3)
+    record_chunk(state, np.array([0] * 10 + [1] * 10), np.array([False] * 10 + [True] * 5 + [False] * 5))
+    rates = bucket_rates(state, np.array([0, 1]), 0.25)
+    assert rates[0] == pytest.approx((0 + 10 * 0.25) / 20)
+    assert rates[1] == pytest.approx((5 + 10 * 0.25) / 20)
+    own = _lazy(labels, okey, pred, 3, 0.5, min_chunk=1)
+    monkeypatch.setattr(coarse, "PRIOR_IMAGES", 10 ** 9)  # every bucket planned at the overall rate
+    overall = _lazy(labels, okey, pred, 3, 0.5, min_chunk=1)
+    assert own.rounds <= 8 and overall.rounds >= 3 * own.rounds

@@ -56,7 +56,10 @@ def test_fused_optimizer_same_steps_as_foreach():
 
 
 def test_fast_path_defaults_resolve_per_device():
-    assert FastPath().resolve("cpu") == FastPath(False, False, False, False, False, False)
+    # CPU: train in NCHW, predict in channels-last; --no-channels-last turns both off
+    assert FastPath().resolve("cpu") == FastPath(False, False, False, False, False, False, infer_channels_last=True)
+    assert not FastPath(channels_last=False).resolve("cpu").infer_channels_last
+    assert FastPath().resolve("cuda").infer_channels_last
     cuda = FastPath().resolve("cuda")
     assert cuda.channels_last and cuda.fused_optimizer and cuda.cudnn_benchmark and cuda.cuda_graphs
     assert not cuda.bf16  # fp32 unless asked: what the paper's code computes
@@ -67,5 +70,6 @@ def test_fast_path_defaults_resolve_per_device():
 def test_run_records_the_fast_path(finished_run):
     metrics = json.loads((finished_run / "metrics.json").read_text())
     assert metrics["fast_path"] == {"channels_last": False, "bf16": False, "cudnn_benchmark": False,
-                                    "fused_optimizer": False, "compile": False, "cuda_graphs": False}
+                                    "fused_optimizer": False, "compile": False, "cuda_graphs": False,
+                                    "infer_channels_last": True}
     assert metrics["world_size"] == 1
