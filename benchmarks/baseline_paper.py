@@ -102,6 +102,8 @@ class BaselineRun:
     def setup(self) -> float:
         """Decodes the pool image by image into one float32 tensor (the paper's images_og)."""
         start = time.perf_counter()
+        import torch._dynamo  # noqa: F401  (torch.optim's first-use import, charged to setup as ccfs-fast's warm-up does)
+
         side = self.pool_images.shape[1]
         self.num_classes = int(self.pool_labels.max()) + 1
         to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize(self.mean, self.std)])

@@ -61,12 +61,15 @@ class Workspace:
         return gather_concat(local, self.dist)
 
     def warm(self) -> None:
-        """Reads the per-run constants (test set, distilled images) into memory before the first
-        curriculum, so their one-time FFCV compile is not charged to phase 1."""
+        """Pays a run's one-time costs before the first curriculum, so none is charged to a phase:
+        the per-run constants (test set, distilled images) read into memory, the pool readers the
+        phases reuse compiled (IndexSpace.warm_readers), and torch._dynamo imported, which torch.optim
+        does at its first optimizer (about 1.6 s on a 2-core CPU)."""
+        import torch._dynamo  # noqa: F401
+
         self.test_loader()
         self.resident(self.distilled_rows)
-        for _ in self.pool_loader(np.arange(1)):  # compiles the pool reader the phases reuse
-            pass
+        self.space.warm_readers(self.workers)
 
     def resident(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """uint8 images, labels, index of a train set that starts with distilled_rows; the distilled
