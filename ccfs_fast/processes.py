@@ -53,8 +53,8 @@ def reuse_freed_memory() -> bool:
     """Makes glibc's malloc serve tensors up to 32 MiB from memory freed earlier instead of mapping
     fresh pages for each and unmapping them on free. On a CPU every torch op allocates its output;
     with glibc's defaults (a threshold that starts at 128 KiB) a training step spends much of its time
-    in page faults zeroing new pages (convnet_tiny 64x64, batch 64: 44.5 -> 33.7 ms per KD step; the
-    whole 64x64 ConvNet forward at batch 256: 1.9x). Freed memory is kept for reuse, so the resident
+    in page faults zeroing new pages (a KD step of convnet_tiny 64x64 at batch 64: 85-94 -> 72-77
+    CPU-ms; its forward at batch 256: 1.3-1.9x). Freed memory is kept for reuse, so the resident
     size stays near the peak instead of falling back between steps. Returns whether it took effect
     (False where the C library is not glibc)."""
     try:

@@ -194,11 +194,12 @@ def open_workspace(pool: Path, test: Path, distilled: Path, teacher: Path, teach
 
 def teacher_pass_origin(ws: Workspace, teacher_digest: str) -> dict:
     """What a teacher pass is computed from: the teacher file and architecture, the pool, the
-    normalisation and the precision. Its digest names the cache entry; the entry stores it."""
+    normalisation, the precision and the layout. Its digest names the cache entry; the entry stores it."""
     return {"teacher_sha256": teacher_digest, "teacher_arch": canonical_model_name(ws.teacher_arch),
             "pool_content_hash": ws.space.manifest.content_hash, "pool_beton_sha256": ws.space.pool.digest(),
             "pool_n": ws.space.n_pool, "normalize": [round(v, 8) for v in ws.norm.mean + ws.norm.std],
-            "precision": "bf16" if ws.fast.bf16 else "fp32"}
+            "precision": "bf16" if ws.fast.bf16 else "fp32",
+            "layout": "channels_last" if ws.fast.infer_channels_last else "nchw"}  # float rounding differs
 
 
 def teacher_pass_path(origin: dict) -> Path:

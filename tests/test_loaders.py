@@ -218,3 +218,28 @@ def test_scattered_rows_read_through_the_os_cache_give_the_same_batches(three_pa
         np.testing.assert_array_equal(resident[0].permute(0, 2, 3, 1).numpy(), x[sparse])
     for a, b in zip(batches[False], batches[True]):
         assert torch.equal(a, b)
+
+
+def test_warm_up_compiles_every_reader_a_phase_uses(three_page_beton, monkeypatch):
+    """After IndexSpace.warm_readers, a phase's reads (scattered and dense evaluation, a resident
+    train set of scattered pool rows) reuse compiled readers: none is created during the phase."""
+    import ccfs_fast.data as data
+
+    beton, x, _ = three_page_beton
+    monkeypatch.setattr(data, "SCATTER_MIN_BYTES", 0)  # this file is small; both cache kinds apply
+    space = IndexSpace(beton)
+    space.warm_readers(2)
+
+    def readers() -> int:
+        return sum(len(v) for k, v in data._READERS.items() if k[0] == str(beton.path.resolve()))
+
+    made = readers()
+    sparse, dense = np.arange(7, 6000, 300), np.arange(1000, 4000)
+    assert data.scattered_rows(beton, sparse) and not data.scattered_rows(beton, dense)
+    for rows in (sparse, dense):
+        np.testing.assert_array_equal(torch.cat([b[2] for b in EvalLoader(space, rows, 256, "cpu")]).numpy(), rows)
+        resident = space.read_resident(rows, torch.device("cpu"), 2)
+        np.testing.assert_array_equal(resident[0].permute(0, 2, 3, 1).numpy(), x[rows])
+    assert readers() == made  # nothing compiled during the "phase"
+    warmed = {(k[4], k[7]) for k, v in data._READERS.items() if k[0] == str(beton.path.resolve()) and v}
+    assert {(data.READ_CHUNK, False), (data.READ_CHUNK, True)} <= warmed  # one per cache kind
