@@ -182,6 +182,13 @@ def row_reader(beton: BetonFile, batch_size: int, workers: int, fields: str = "r
 # Rows per FFCV read when streaming a subset (evaluation, resident train sets): one batch size, so
 # one compiled reader per file and cache kind serves both.
 READ_CHUNK = 2048
+
+
+def eval_chunk(batch_size: int) -> int:
+    """Rows per FFCV read of an EvalLoader with model batches of `batch_size`."""
+    return max(batch_size, READ_CHUNK)
+
+
 SCATTER_LIMIT = 4  # read through the OS page cache when FFCV's pages would bring in 4x the rows' bytes
 SCATTER_MIN_BYTES = 32 << 20  # ... and over 32 MiB: below that either way is quick
 
@@ -253,14 +260,16 @@ class IndexSpace:
         OS page cache when `rows` lie scattered over the file (see scattered_rows)."""
         return row_reader(beton, batch_size, workers, os_cache=rows is not None and scattered_rows(beton, rows))
 
-    def warm_readers(self, workers: int) -> None:
+    def warm_readers(self, workers: int, eval_batch_size: int = 0) -> None:
         """Compiles, once per process, the pool readers a run uses (FFCV compiles each reader's
-        pipeline, about 1.5 s): dense reads through FFCV's process cache and, for a pool large
-        enough for scattered_rows to pick it, the OS page cache reader."""
+        pipeline, about 1.5 s): per read size (resident reads' READ_CHUNK, EvalLoader's chunk for
+        `eval_batch_size`), dense reads through FFCV's process cache and, for a pool large enough
+        for scattered_rows to pick it, the OS page cache reader."""
         scatter_possible = self.pool.n * self.pool.row_bytes > SCATTER_MIN_BYTES
-        for os_cache in (False, True) if scatter_possible else (False,):
-            for _ in row_reader(self.pool, READ_CHUNK, workers, os_cache=os_cache).read(np.arange(1)):
-                pass
+        for chunk in sorted({READ_CHUNK, eval_chunk(eval_batch_size)}):
+            for os_cache in (False, True) if scatter_possible else (False,):
+                for _ in row_reader(self.pool, chunk, workers, os_cache=os_cache).read(np.arange(1)):
+                    pass
 
     def distilled_indices(self) -> np.ndarray:
         return np.arange(self.n_pool, self.n_total, dtype=np.int64)
@@ -349,8 +358,6 @@ class ResidentTrainLoader:
             yield images, self.labels.index_select(0, rows), self.index.index_select(0, rows)
 
 
-
-
 class EvalLoader:
     """Sequential, unaugmented batches over an index subset of one IndexSpace, streamed through
     FFCV (never materialised): (images float32 [b, 3, S, S] normalised on `device`, labels int64
@@ -365,7 +372,7 @@ class EvalLoader:
         self.mean255, self.std255 = _stats_tensors(space.norm, self.device)
 
     def __len__(self) -> int:
-        chunk = max(self.batch_size, READ_CHUNK)
+        chunk = eval_chunk(self.batch_size)
         return sum((len(rows) // chunk) * -(-chunk // self.batch_size) + -(-(len(rows) % chunk) // self.batch_size)
                    for _, rows, _, _ in self.space.parts(self.indices))
 
@@ -373,7 +380,7 @@ class EvalLoader:
         # FFCV reads chunks of READ_CHUNK rows (one short burst of its threads per chunk) that are cut
         # into model batches here: per-batch reads interleave FFCV's prefetch threads with the model's
         # intra-op threads and cost a third of the throughput on a 2-core CPU.
-        chunk = max(self.batch_size, READ_CHUNK)
+        chunk = eval_chunk(self.batch_size)
         for beton, rows, _, offset in self.space.parts(self.indices):
             for images, labels, index in self.space.reader(beton, chunk, self.workers, rows).read(rows):
                 images = images.to(self.device, non_blocking=True)

@@ -66,6 +66,10 @@ class StepConfig:
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
 
+    @property
+    def teacher_in_channels_last(self) -> bool:
+        return self.channels_last if self.teacher_channels_last is None else self.teacher_channels_last
+
 
 class KDStep:
     """One KD step for the M students of `students` (called as `trained`, e.g. its DDP wrapper).
@@ -121,7 +125,7 @@ class KDStep:
         count, batch = rows.shape
         images = self.augment(rows)
         flat = images.view(count * batch, *images.shape[2:])
-        if self.cfg.channels_last if self.cfg.teacher_channels_last is None else self.cfg.teacher_channels_last:
+        if self.cfg.teacher_in_channels_last:
             flat = flat.contiguous(memory_format=torch.channels_last)
         with torch.no_grad(), self.autocast():
             teacher_logits = self.teacher(flat)

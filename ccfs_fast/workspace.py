@@ -69,7 +69,7 @@ class Workspace:
 
         self.test_loader()
         self.resident(self.distilled_rows)
-        self.space.warm_readers(self.workers)
+        self.space.warm_readers(self.workers, self.eval_batch_size)
 
     def resident(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """uint8 images, labels, index of a train set that starts with distilled_rows; the distilled
