@@ -10,7 +10,9 @@ Each side runs in its own process (clean memory figures): a one-time setup (base
 pool into a float32 tensor; ccfs-fast: open the .beton files, built once beforehand and timed
 apart), the teacher pass, then K curricula. Per curriculum: train (filter on distilled ∪ selected,
 incl. reading the train set and the final test evaluation), pool evaluation, selection. Then the
-peak RSS of evaluating the whole pool. Run: `ccfs-fast bench phase [--quick] [--json FILE]`.
+peak RSS of evaluating the whole pool. With `--repeats N` each side runs N times, interleaved in
+alternating order, and each figure is that side's median over its runs (peaks: the largest). Run:
+`ccfs-fast bench phase [--quick] [--repeats N] [--json FILE]`.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -327,6 +330,24 @@ def _mean(phases: list[dict], key: str) -> float:
     return float(np.mean([p[key] for p in phases]))
 
 
+def run_sides(spec_path: Path, root: Path, repeats: int,
+              run: Callable[[str, Path, Path], dict] = run_worker) -> tuple[list[dict], list[dict]]:
+    """`repeats` runs of each side's worker (`run(kind, spec_path, root)`), interleaved and in
+    alternating order (ccfs-fast first, then the baseline first, ...), so drift in the machine's
+    speed falls on both sides alike. Returns (ccfs-fast runs, baseline runs)."""
+    runs: dict[str, list[dict]] = {"ccfs": [], "baseline": []}
+    for repeat in range(repeats):
+        for kind in (("ccfs", "baseline") if repeat % 2 == 0 else ("baseline", "ccfs")):
+            runs[kind].append(run(kind, spec_path, root))
+    return runs["ccfs"], runs["baseline"]
+
+
+def median_run(runs: list[dict], key: str) -> tuple[float, list[float]]:
+    """(median over runs, each run's value) of the per-curriculum mean of `key`."""
+    per_run = [_mean(r["phases"], key) for r in runs]
+    return float(np.median(per_run)), per_run
+
+
 def compare(row: Row, shape: Shape, args: argparse.Namespace, tmp: Path) -> list[dict]:
     name = f"{shape.name} {row.model}"
     root = tmp / name.replace(" ", "-")
@@ -336,18 +357,24 @@ def compare(row: Row, shape: Shape, args: argparse.Namespace, tmp: Path) -> list
     spec_path = root / "spec.json"
     spec_path.write_text(json.dumps(asdict(spec)))
     prepared = prepare(spec)
-    ccfs = run_worker("ccfs", spec_path, root)
-    base = run_worker("baseline", spec_path, root)
+    ccfs_runs, base_runs = run_sides(spec_path, root, args.repeats)
+    ccfs, base = ccfs_runs[0], base_runs[0]  # counts and accuracies: the runs are deterministic
+
+    def peak(runs: list[dict], key: str) -> float:
+        return max(r[key] for r in runs)
+
     rows = []
     for stage, key in (("train", "train_s"), ("pool_eval", "eval_s"), ("select", "select_s"),
                        ("curriculum", "curriculum_s")):
+        (base_s, base_each), (ccfs_s, ccfs_each) = median_run(base_runs, key), median_run(ccfs_runs, key)
         out = {"dataset": shape.name, "model": row.model, "epochs": spec.epochs, "stage": stage,
-               "baseline_s": _mean(base["phases"], key), "ccfs_s": _mean(ccfs["phases"], key), "pool": shape.pool,
-               "side": shape.side, "classes": shape.classes, "curricula": len(ccfs["phases"])}
+               "baseline_s": base_s, "ccfs_s": ccfs_s, "repeats": len(ccfs_runs), "baseline_runs_s": base_each,
+               "ccfs_runs_s": ccfs_each, "pool": shape.pool, "side": shape.side, "classes": shape.classes,
+               "curricula": len(ccfs["phases"])}
         out["speedup"] = out["baseline_s"] / out["ccfs_s"]
         if stage == "pool_eval":
-            out.update(baseline_peak_rss_mb=base["pool_eval_peak_rss_mb"],
-                       ccfs_peak_rss_mb=ccfs["pool_eval_peak_rss_mb"],
+            out.update(baseline_peak_rss_mb=peak(base_runs, "pool_eval_peak_rss_mb"),
+                       ccfs_peak_rss_mb=peak(ccfs_runs, "pool_eval_peak_rss_mb"),
                        baseline_data_rss_mb=base["pool_eval_peak_rss_mb"] - base["runtime_rss_mb"],
                        ccfs_data_rss_mb=ccfs["pool_eval_peak_rss_mb"] - ccfs["runtime_rss_mb"],
                        runtime_rss_mb=ccfs["runtime_rss_mb"], baseline_img_per_s=shape.pool / out["baseline_s"],
@@ -357,7 +384,8 @@ def compare(row: Row, shape: Shape, args: argparse.Namespace, tmp: Path) -> list
                        baseline_predicted=[p["pool_evaluated"] for p in base["phases"]],
                        coarse_pass=ccfs["phases"][0]["coarse_pass"])
         if stage == "curriculum":
-            out.update(baseline_peak_rss_mb=base["process_peak_rss_mb"], ccfs_peak_rss_mb=ccfs["process_peak_rss_mb"],
+            out.update(baseline_peak_rss_mb=peak(base_runs, "process_peak_rss_mb"),
+                       ccfs_peak_rss_mb=peak(ccfs_runs, "process_peak_rss_mb"),
                        baseline_setup_s=base["setup_s"], ccfs_setup_s=ccfs["setup_s"],
                        beton_build_s=prepared["build_s"],
                        baseline_teacher_pass_s=base["teacher_pass_s"], ccfs_teacher_pass_s=ccfs["teacher_pass_s"],
@@ -379,8 +407,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              "this to minutes); the resnet18 row trains 2")
     parser.add_argument("--curricula", type=int, default=2)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of each side per row, interleaved in alternating order; the table reports each "
+                             "side's median (use 3 or more on a shared or noisy machine)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="ccfs-phase-") as tmp:
         for name in args.rows:

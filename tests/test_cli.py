@@ -28,6 +28,7 @@ HELP_NEEDLES = {
     ("report",): ["run_dir"],
     ("bench",): ["loader", "select", "phase", "train"],
     ("bench", "train"): ["--quick", "--json"],
+    ("bench", "phase"): ["--quick", "--repeats", "median"],
     (): ["COMMAND", "build", "teacher", "run", "eval", "report", "demo", "bench", "a whole run, step by step"],
 }
 
