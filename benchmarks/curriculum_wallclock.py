@@ -358,7 +358,7 @@ def compare(row: Row, shape: Shape, args: argparse.Namespace, tmp: Path) -> list
     spec_path.write_text(json.dumps(asdict(spec)))
     prepared = prepare(spec)
     ccfs_runs, base_runs = run_sides(spec_path, root, args.repeats)
-    ccfs, base = ccfs_runs[0], base_runs[0]  # counts and accuracies: the runs are deterministic
+    ccfs, base = ccfs_runs[0], base_runs[0]  # counts, accuracies and one-time costs: each side's first run
 
     def peak(runs: list[dict], key: str) -> float:
         return max(r[key] for r in runs)
