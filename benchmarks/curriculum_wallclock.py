@@ -286,9 +286,11 @@ def worker_baseline(spec: BenchSpec) -> dict:
 WORKERS = {"ccfs": worker_ccfs, "baseline": worker_baseline}
 
 
-def run_worker(kind: str, spec_path: Path, root: Path) -> dict:
+def run_worker(kind: str, spec_path: Path, root: Path, repeat: int = 0) -> dict:
+    """One side's worker in a fresh process. Each run gets its own empty cache folder, so every
+    repeat computes its teacher pass (which also reads the pool file) as the first did."""
     out = root / f"{kind}.json"
-    env = {**os.environ, "XDG_CACHE_HOME": str(root / "cache"), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "XDG_CACHE_HOME": str(root / f"cache-{kind}-{repeat}"), "PYTHONUNBUFFERED": "1"}
     code = ("import sys, json, torch, numba; from benchmarks.curriculum_wallclock import main_worker; "
             f"main_worker({kind!r}, {str(spec_path)!r}, {str(out)!r})")
     subprocess.run([sys.executable, "-c", code], check=True, env=env, stdout=subprocess.DEVNULL)
@@ -331,14 +333,14 @@ def _mean(phases: list[dict], key: str) -> float:
 
 
 def run_sides(spec_path: Path, root: Path, repeats: int,
-              run: Callable[[str, Path, Path], dict] = run_worker) -> tuple[list[dict], list[dict]]:
-    """`repeats` runs of each side's worker (`run(kind, spec_path, root)`), interleaved and in
+              run: Callable[[str, Path, Path, int], dict] = run_worker) -> tuple[list[dict], list[dict]]:
+    """`repeats` runs of each side's worker (`run(kind, spec_path, root, repeat)`), interleaved and in
     alternating order (ccfs-fast first, then the baseline first, ...), so drift in the machine's
     speed falls on both sides alike. Returns (ccfs-fast runs, baseline runs)."""
     runs: dict[str, list[dict]] = {"ccfs": [], "baseline": []}
     for repeat in range(repeats):
         for kind in (("ccfs", "baseline") if repeat % 2 == 0 else ("baseline", "ccfs")):
-            runs[kind].append(run(kind, spec_path, root))
+            runs[kind].append(run(kind, spec_path, root, repeat))
     return runs["ccfs"], runs["baseline"]
 
 

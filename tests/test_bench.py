@@ -12,13 +12,14 @@ from benchmarks.curriculum_wallclock import median_run, run_sides
 def test_repeats_interleave_in_alternating_order():
     calls = []
 
-    def record(kind: str, spec_path: Path, root: Path) -> dict:
+    def record(kind: str, spec_path: Path, root: Path, repeat: int) -> dict:
         calls.append(kind)
-        return {"kind": kind, "call": len(calls)}
+        return {"kind": kind, "call": len(calls), "repeat": repeat}
 
     ccfs, base = run_sides(Path("spec.json"), Path("."), 3, run=record)
     assert calls == ["ccfs", "baseline", "baseline", "ccfs", "ccfs", "baseline"]
     assert [r["call"] for r in ccfs] == [1, 4, 5] and [r["call"] for r in base] == [2, 3, 6]
+    assert [r["repeat"] for r in ccfs] == [0, 1, 2] == [r["repeat"] for r in base]
 
 
 def test_median_run_takes_each_runs_mean_over_curricula_then_the_median():
