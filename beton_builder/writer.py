@@ -12,9 +12,9 @@ import numpy as np
 from ffcv.fields import IntField, RGBImageField
 from ffcv.writer import DatasetWriter
 
-from ccfs_fast.digests import file_sha256
+from ccfs_fast.digests import file_sha256, row_digest_path, row_digests
 from ccfs_fast.errors import BuildError
-from ccfs_fast.outputs import atomic_file, output_error, remove_stale_temps, write_text
+from ccfs_fast.outputs import atomic_file, output_error, remove_stale_temps, write_npz, write_text
 from ccfs_fast.processes import run_isolated
 
 from . import BUILDER_VERSION
@@ -85,10 +85,11 @@ def table_manifest(table: ImageTable) -> Manifest:
 
 
 def write_beton(table: ImageTable, out: str | Path, overwrite: bool = False, workers: int = 2) -> Manifest:
-    """Writes `table` to `out` (.beton) and `out`.json. The .beton is written to a temp file by FFCV in a
-    child process group (an interrupt kills it with its workers) and renamed at the end; the manifest
-    records the file's size and digest, so a .beton and a manifest of different builds never pass as a
-    pair. A failure leaves no temp file and keeps any earlier output intact."""
+    """Writes `table` to `out` (.beton), `out`.json (the manifest) and `out`.rows.npz (each row's
+    pixel digest, for the distilled-set overlap check). The .beton is written to a temp file by FFCV
+    in a child process group (an interrupt kills it with its workers) and renamed at the end; the
+    manifest records the file's size and digest, so a .beton and a manifest of different builds never
+    pass as a pair. A failure leaves no temp file and keeps any earlier output intact."""
     out = Path(out)
     check_writable(out, overwrite)
     for stale in remove_stale_temps(out.parent):
@@ -102,5 +103,6 @@ def write_beton(table: ImageTable, out: str | Path, overwrite: bool = False, wor
                 raise output_error(out, OSError(err, os.strerror(err)))
             raise BuildError(f"writing {out} failed ({name}: {' '.join(message.split())[:200]})")
         manifest = replace(manifest, beton_size=tmp.stat().st_size, beton_sha256=file_sha256(tmp))
+    write_npz(row_digest_path(out), digests=row_digests(table.images), beton_sha256=np.array(manifest.beton_sha256))
     write_text(manifest_path(out), manifest.to_json())
     return manifest

@@ -267,8 +267,8 @@ _PAPER_COMMON = {"temperature": 20.0, "opt": "sgd", "lr": 0.2, "momentum": 0.9, 
                  "lr_scheduler": "cosineannealinglr", "lr_warmup_epochs": 5, "lr_warmup_method": "linear",
                  "lr_warmup_decay": 0.01, "curriculum_num": 3, "select_misclassified": True,
                  "select_method": "simple", "balance": True, "score": "forgetting", "num_eval": 5,
-                 "filter_model": "resnet18", "teacher_model": "resnet18", "eval_model": "resnet18",
-                 "shortfall": "short"}
+                 "filter_model": "resnet18", "eval_model": "resnet18", "shortfall": "short"}
+# A preset never names the teacher's architecture: the checkpoint's record is used, else resnet18.
 
 
 def _preset(ipc: int, alpha: float, epochs: int, **extra: object) -> dict:

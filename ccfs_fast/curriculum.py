@@ -20,9 +20,17 @@ from .distributed import DistContext, barrier, broadcast, init_distributed
 from .errors import ConfigError, ModelError
 from .models import check_model_name, stem_warning
 from .outputs import RunLock, environment, output_error, prepare_output_dir, write_json, write_npz, write_text
+from .reach import reach_text, real_reach
 from .report import write_report
 from .scores import easy_first_key, load_scores, score_kind
-from .select import candidate_mask, curriculum_arrangement, order_key, select_per_class, warm_up_kernels
+from .select import (
+    Selection,
+    candidate_mask,
+    curriculum_arrangement,
+    order_key,
+    select_per_class,
+    warm_up_kernels,
+)
 from .students import evaluate_selection, phase_seed, train_model
 from .tables import format_table
 from .train import last_fifth_epochs
@@ -80,19 +88,30 @@ def run_phase(ws: Workspace, cfg: RunConfig, phase: int, curpc: int, selected: n
                                   cfg.shortfall, fill_pool=eligible)
     chosen = broadcast(chosen, ws.dist)
     select_s = time.perf_counter() - start
+    short = short_classes(chosen, curpc, cfg.balance)
     record = {
         "phase": phase, "curpc": curpc, "train_size": len(train_set), "batch_size": batch_size,
         "train_s": trained.seconds, "train_img_per_s": trained.img_per_s, "coarse_pass": passed.mode,
         "pool_eligible": passed.eligible, "pool_evaluated": passed.predicted, "coarse_rounds": passed.rounds,
         "eval_s": eval_s, "eval_img_per_s": passed.predicted / eval_s if eval_s else 0.0, "select_s": select_s,
         "filter_acc": trained.best_acc, "filter_acc_rule": cfg.filter_acc, "filter_last_acc": trained.last_acc,
+        "unpredicted_eligible": passed.eligible - passed.predicted,
         "candidates": int(candidates.sum()), "candidates_per_class": chosen.candidates_per_class.tolist(),
         "selected": len(chosen.indices), "selected_per_class": chosen.selected_per_class.tolist(),
-        "shortfall": {"policy": cfg.shortfall, "classes_short": int((chosen.candidates_per_class < curpc).sum()),
+        "shortfall": {"policy": cfg.shortfall, "classes_short": len(short), "short_classes": short,
                       "filled_per_class": chosen.filled_per_class.tolist(),
                       "filled": int(chosen.filled_per_class.sum()), "unmet": chosen.unmet},
     }
     return PhaseOutcome(record, chosen.indices, passed)
+
+
+def short_classes(chosen: Selection, curpc: int, balance: bool) -> list[int]:
+    """The classes a phase left short of curpc coarse survivors. With balance, each class whose
+    candidates (survivors among predicted images) number fewer than curpc; with one global budget a
+    class's count matters only when the candidates together could not meet the budget."""
+    if not balance and chosen.picked_per_class.sum() >= chosen.budget:
+        return []
+    return np.flatnonzero(chosen.candidates_per_class < curpc).tolist()
 
 
 def first_round_rate(previous: float | None, filter_test_acc: float | None, misclassified: bool) -> float | None:
@@ -106,7 +125,9 @@ def first_round_rate(previous: float | None, filter_test_acc: float | None, misc
 
 def survivor_rate(record: dict) -> float | None:
     """A finished phase's share of predicted images that survived the coarse stage."""
-    return record["candidates"] / record["pool_evaluated"] if record.get("pool_evaluated") else None
+    if not record.get("pool_evaluated"):
+        return None
+    return min(1.0, record["candidates"] / record["pool_evaluated"])  # state.json of older runs overcounted
 
 
 def write_audit(path: Path, passed: PassResult, labels: np.ndarray) -> None:
@@ -184,13 +205,16 @@ def _write_outputs(out: Path, cfg: RunConfig, state: dict) -> None:
     totals = {k: float(sum(p[k] for p in phases)) for k in ("train_s", "eval_s", "select_s")}
     totals.update({"teacher_pass_s": state["teacher_pass_s"], "phases_done": len(phases),
                    "selected": len(state["selected"])})
+    reach = run_reach(cfg, phases)
     write_json(out / "selected_indices.json", {"ipc": cfg.image_per_class, "alpha": cfg.alpha,
                                                "idx_selected": state["selected"], "phases_done": len(phases),
-                                               "complete": len(phases) == cfg.curriculum_num})
+                                               "complete": len(phases) == cfg.curriculum_num,
+                                               "distilled_per_class": cfg.cpc, **reach})
     write_json(out / "metrics.json", {"phases": phases, "totals": totals, "final": state.get("final"),
                                       "fast_path": state.get("fast_path"), "world_size": state.get("world_size", 1),
                                       "normalize": state.get("normalize"), "teacher_model": state.get("teacher_model"),
                                       "notes": state.get("notes", []),
+                                      "distilled_overlap": state.get("distilled_overlap"),
                                       "dataset": state.get("dataset"), "environment": environment(cfg.device),
                                       "settings": state["settings"]})
     lines = [f"{k}: {v}" for k, v in state["settings"].items()]
@@ -209,7 +233,18 @@ def _write_outputs(out: Path, cfg: RunConfig, state: dict) -> None:
     if final and final.get("accs"):
         lines.append(f"Acc@1(mean): {final['acc_mean']:.2f}%, std: {final['acc_std']:.2f} over {len(final['accs'])} "
                      f"evaluations {[round(a, 2) for a in final['accs']]}")
+    if phases:
+        done = "" if len(phases) == cfg.curriculum_num else f" (after {len(phases)} of {cfg.curriculum_num} curricula)"
+        lines.append(f"trained on: {reach_text(reach, cfg.cpc)}{done}")
     write_text(out / "exp_log.txt", "\n".join(lines) + "\n")
+
+
+def run_reach(cfg: RunConfig, phases: list[dict]) -> dict:
+    """The real images per class the finished curricula reached against the target (reach.real_reach)."""
+    classes = len(phases[0]["selected_per_class"]) if phases else 0
+    per_class = np.sum([p["selected_per_class"] for p in phases], axis=0) if phases else np.zeros(classes, np.int64)
+    return real_reach(per_class, cfg.spc, sum(p["curpc"] for p in phases),
+                      sum(p["shortfall"]["unmet"] for p in phases))
 
 
 def _fmt(value: float | None) -> str:
@@ -272,6 +307,7 @@ def _run(cfg: RunConfig, dist_ctx: DistContext, device: str, resume: bool, overw
             print(note, flush=True)
     state["normalize"] = ws.norm.to_json()
     state["teacher_model"] = ws.teacher_arch
+    state["distilled_overlap"] = ws.distilled_overlap
     state["dataset"] = ws.dataset
     state["world_size"] = dist_ctx.world_size
     file_key = None
@@ -316,7 +352,7 @@ def _run(cfg: RunConfig, dist_ctx: DistContext, device: str, resume: bool, overw
     if main:
         _write_outputs(out, cfg, state)
         write_report(out)
-        print(summary_table(state))
+        print(summary_table(state, reach_text(run_reach(cfg, state["phases"]), cfg.cpc)))
     barrier(dist_ctx)
     return state
 
@@ -326,7 +362,7 @@ def shortfall_line(record: dict, class_names: tuple[str, ...], shown: int = 8) -
     their counts (candidates / curpc, and what `fill` added); None when no class was short."""
     curpc = record["curpc"]
     cands = record["candidates_per_class"]
-    short = [c for c, n in enumerate(cands) if n < curpc]
+    short = record["shortfall"].get("short_classes", [c for c, n in enumerate(cands) if n < curpc])
     if not short:
         return None
     policy = record["shortfall"]["policy"]
@@ -340,7 +376,9 @@ def shortfall_line(record: dict, class_names: tuple[str, ...], shown: int = 8) -
             f"{unmet} images unmet): {', '.join(parts)}{more}")
 
 
-def summary_table(state: dict) -> str:
+def summary_table(state: dict, reached: str | None = None) -> str:
+    """The per-curriculum table; its last line the final accuracy and, when given, `reached` (what
+    the selection holds per class against the target, reach.reach_text)."""
     rows = [(p["phase"], p["curpc"], p["train_size"], p["train_s"],
              f"{p['pool_evaluated']:,} / {p.get('pool_eligible', p['pool_evaluated']):,}", p["eval_s"],
              p["select_s"] * 1000, _fmt(p["filter_acc"]), p["selected"], p["shortfall"]["filled"],
@@ -348,6 +386,9 @@ def summary_table(state: dict) -> str:
     table = format_table(["phase", "curpc", "train set", "train s", "predicted / eligible", "predict s", "select ms",
                           "filter acc", "selected", "filled", "unmet"], rows)
     final = state.get("final") or {}
+    last = []
     if final.get("accs"):
-        table += f"\nfinal: {_fmt(final['acc_mean'])} ± {_fmt(final['acc_std'])} % top-1 over {len(final['accs'])} runs"
-    return table
+        last.append(f"{_fmt(final['acc_mean'])} ± {_fmt(final['acc_std'])} % top-1 over {len(final['accs'])} runs")
+    if reached:
+        last.append(f"trained on {reached}" if last else reached)
+    return table + (f"\nfinal: {', '.join(last)}" if last else "")

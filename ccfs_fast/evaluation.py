@@ -11,6 +11,7 @@ from .config import EvalConfig
 from .distributed import init_distributed
 from .errors import ConfigError
 from .outputs import ensure_writable, write_json
+from .reach import reach_text, real_reach
 from .students import evaluate_selection
 from .tables import format_table
 from .workspace import open_workspace
@@ -57,9 +58,11 @@ def evaluate_selection_file(cfg: EvalConfig) -> dict:
     result = evaluate_selection(ws, selected, cfg.eval_model, cfg.recipe, cfg.temperature, cfg.num_eval, cfg.seed,
                                 cfg.fuse_evals)
     per_class = np.bincount(ws.pool_labels[selected], minlength=ws.num_classes) + cpc
+    reach = real_reach(per_class - cpc, ipc - cpc)
     result.update({"selection": str(cfg.selection), "ipc": ipc, "alpha": alpha, "selected": len(selected),
                    "images_per_class": per_class.tolist(), "images_per_class_min": int(per_class.min()),
-                   "images_per_class_max": int(per_class.max()),
+                   "images_per_class_max": int(per_class.max()), "distilled_per_class": cpc, **reach,
+                   "distilled_overlap": ws.distilled_overlap,
                    "normalize": ws.norm.to_json(), "teacher_model": ws.teacher_arch, "notes": list(cfg.notes)})
     if not dist_ctx.is_main:
         return result
@@ -70,4 +73,5 @@ def evaluate_selection_file(cfg: EvalConfig) -> dict:
                         enumerate(zip(result["accs"], result["last_accs"], result["seconds"]))]))
     if result["accs"]:
         print(f"Acc@1(mean): {result['acc_mean']:.2f}%, std: {result['acc_std']:.2f}")
+    print(f"trained on: {reach_text(reach, cpc)}")
     return result

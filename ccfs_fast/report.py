@@ -16,7 +16,7 @@ from .scores import read_score_file, score_kind
 CSV_COLUMNS = ("phase", "curpc", "train_size", "batch_size", "train_s", "train_img_per_s", "coarse_pass",
                "pool_eligible", "pool_evaluated", "coarse_rounds",
                "eval_s", "eval_img_per_s", "select_s", "filter_acc", "filter_acc_rule", "filter_last_acc", "candidates",
-               "selected")
+               "unpredicted_eligible", "selected")
 
 
 def metrics_frame(metrics: dict) -> pd.DataFrame:
@@ -27,6 +27,11 @@ def metrics_frame(metrics: dict) -> pd.DataFrame:
                    classes_short=phase["shortfall"]["classes_short"])
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def survivor_percent(frame: pd.DataFrame) -> pd.Series:
+    """Per curriculum, coarse survivors as a share of the images the filter predicted (0-100 %)."""
+    return 100 * frame["candidates"] / frame["pool_evaluated"].clip(lower=1)
 
 
 def _phase_audits(run_dir: Path, metrics: dict) -> list[dict]:
@@ -78,8 +83,13 @@ def _plot(run_dir: Path, metrics: dict, frame: pd.DataFrame, out: Path) -> None:
         counts = np.bincount(audit["selected_labels"], minlength=num_classes)
         ax.bar(np.arange(num_classes), counts, bottom=bottom, label=f"curriculum {k}")
         bottom += counts
-    ax.set(title="images selected per class", xlabel="class", ylabel="images")
-    ax.legend(fontsize=8)
+    due = np.cumsum(frame["curpc"].to_numpy())
+    for k, level in enumerate(due, 1):  # the per-class target after each curriculum (sum of curpc)
+        ax.axhline(level, color="black", linestyle="--", linewidth=0.8,
+                   label="target per class (curpc, summed)" if k == 1 else None)
+    ax.set(title="images selected per class", xlabel="class", ylabel="images", ylim=(0, max(due.max(initial=0),
+                                                                                            bottom.max()) * 1.05 + 1))
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, never over them
 
     ax = axes[1, 0]
     if audits:
@@ -100,8 +110,9 @@ def _plot(run_dir: Path, metrics: dict, frame: pd.DataFrame, out: Path) -> None:
     ax.set(title="coarse pass: pool images predicted", xlabel="curriculum", ylabel="images", xticks=frame["phase"])
     ax.legend(fontsize=8)
     ax = axes[1, 2]
-    ax.plot(frame["phase"], 100 * frame["candidates"] / frame["pool_evaluated"].clip(lower=1), marker="o")
-    ax.set(title="coarse survivors among predicted images", xlabel="curriculum", ylabel="%", xticks=frame["phase"])
+    ax.plot(frame["phase"], survivor_percent(frame), marker="o")
+    ax.set(title="coarse survivors among predicted images", xlabel="curriculum", ylabel="%", xticks=frame["phase"],
+           ylim=(0, 100))
 
     ax = axes[1, 1]
     accs = frame["filter_acc"].astype(float)

@@ -32,10 +32,11 @@ def curriculum_arrangement(spc: int, phases: int) -> list[int]:
 
 def candidate_mask(teacher_correct: np.ndarray, selected: np.ndarray, filter_pred: np.ndarray,
                    labels: np.ndarray, misclassified: bool = True) -> np.ndarray:
-    """Coarse stage. bool [n]: teacher-correct, not yet selected, and misclassified by the filter
-    (`misclassified`, the paper's setting) or classified correctly. `filter_pred` int [n] needs
-    values only where teacher_correct & ~selected (others, e.g. -1, are ignored)."""
-    eligible = teacher_correct & ~selected
+    """Coarse stage. bool [n]: teacher-correct, not yet selected, predicted by the filter, and
+    misclassified by it (`misclassified`, the paper's setting) or classified correctly.
+    `filter_pred` int [n]: the filter's argmax, -1 where the image was not predicted (a lazy pass
+    stops early; an unpredicted image is never a coarse survivor, so the counts are what was seen)."""
+    eligible = teacher_correct & ~selected & (filter_pred >= 0)
     agrees = filter_pred == labels
     return eligible & (~agrees if misclassified else agrees)
 

@@ -31,6 +31,7 @@ from .models import (
 )
 from .normalization import Normalization, parse_normalize, resolve_normalization
 from .outputs import write_npz
+from .overlap import check_distinct, distilled_overlap, overlap_warning
 from .train import predict
 
 
@@ -50,6 +51,7 @@ class Workspace:
     dist: DistContext = DistContext()
     fast: FastPath = FastPath()
     teacher_arch: str = "resnet18"
+    distilled_overlap: dict | None = None  # distilled images with a pool image's pixels (overlap.distilled_overlap)
     _test_loader: object = None
     _distilled: tuple | None = None
 
@@ -170,6 +172,7 @@ def open_workspace(pool: Path, test: Path, distilled: Path, teacher: Path, teach
     if test_file.manifest.num_classes != pool_file.manifest.num_classes:
         raise DataError(f"the pool has {pool_file.manifest.num_classes} classes but the test set "
                         f"{test_file.manifest.num_classes}; use the two splits of one dataset")
+    check_distinct(pool_file, test_file, distilled_file)
     checkpoint = read_checkpoint(teacher)
     arch = resolve_teacher_arch(teacher_model, checkpoint)
     warning = stem_warning(arch, pool_file.manifest.side)
@@ -183,13 +186,17 @@ def open_workspace(pool: Path, test: Path, distilled: Path, teacher: Path, teach
     space = IndexSpace(pool_file, distilled_file, norm)
     distilled_labels = read_labels(distilled_file, workers)
     rows = first_per_class(distilled_labels, cpc, distilled_file.manifest.class_names, distilled_file.path)
+    overlap = distilled_overlap(pool_file, distilled_file, rows, workers)
+    warning = overlap_warning(overlap, len(rows))
+    if warning and (dist is None or dist.is_main):
+        print(warning, file=sys.stderr)
     dev = resolve_device(device)
     fast = fast or FastPath().resolve(str(dev))
     model = load_teacher(arch, checkpoint, pm.num_classes, pm.side, dev)
     if fast.infer_channels_last:  # the teacher only predicts
         model = model.to(memory_format=torch.channels_last)
     return Workspace(space, test_file, read_labels(pool_file, workers), rows + space.n_pool, model, dev, workers,
-                     eval_batch_size, dist or DistContext(), fast, arch)
+                     eval_batch_size, dist or DistContext(), fast, arch, overlap)
 
 
 def teacher_pass_origin(ws: Workspace, teacher_digest: str) -> dict:

@@ -48,6 +48,8 @@ def check_lazy(full, lazy, full_pass, lazy_pass, labels, okey, eligible):
         return
     assert lazy.indices.tolist() == full.indices.tolist()          # same images, same order
     assert lazy.filled_per_class.tolist() == full.filled_per_class.tolist()
+    # candidates are survivors among predicted images: never more than the full pass found
+    assert (lazy.candidates_per_class <= full.candidates_per_class).all()
     assert lazy_pass.predicted <= full_pass.predicted == eligible.sum()
     assert len(np.unique(lazy_pass.index)) == lazy_pass.predicted   # nothing predicted twice
     # The README's re-check: the selection lies within the predicted images, and every unpredicted

@@ -148,3 +148,23 @@ def test_kill_during_phase_2_then_resume_matches(engine_data, tmp_path):
     a = json.loads((broken / "selected_indices.json").read_text())
     b = json.loads((whole / "selected_indices.json").read_text())
     assert a["idx_selected"] == b["idx_selected"] and a["complete"]
+
+
+def test_candidates_count_predicted_survivors_only(finished_run):
+    """A lazy run leaves most eligible images unpredicted: the coarse survivors it reports are the
+    misclassified images among those it predicted (its audit files), so every survivor rate is a
+    share of the predicted images, at most 1."""
+    phases = json.loads((finished_run / "metrics.json").read_text())["phases"]
+    assert sum(p["pool_evaluated"] for p in phases) < sum(p["pool_eligible"] for p in phases) / 2
+    for p in phases:
+        with np.load(finished_run / f"phase{p['phase']}_candidates.npz") as audit:
+            pred, label = audit["pred"], audit["label"]
+        survivors = np.bincount(label[pred != label], minlength=10)
+        assert p["candidates_per_class"] == survivors.tolist()
+        assert p["candidates"] == survivors.sum() <= p["pool_evaluated"] == len(pred)
+        assert p["unpredicted_eligible"] == p["pool_eligible"] - p["pool_evaluated"] > 0
+    from ccfs_fast.curriculum import survivor_rate
+    from ccfs_fast.report import metrics_frame, survivor_percent
+
+    assert all(0 <= survivor_rate(p) <= 1 for p in phases)
+    assert (survivor_percent(metrics_frame({"phases": phases})) <= 100).all()

@@ -202,19 +202,38 @@ def test_presets_leave_classes_short_and_eval_takes_presets():
 
 
 def test_preset_run_prints_short_classes(engine_data, tmp_path, capsys):
-    """Under a preset a class that runs out stays short, and the phase says which and by how much."""
+    """Under a preset a class that runs out stays short, and the phase says which and by how much; the
+    outputs and the last console line say how far the set is from its target. The preset is run with
+    a `ccfs-fast teacher` checkpoint of another arch (convnet_small) and no --teacher-model: the
+    checkpoint's record is used, the preset does not override it."""
     out = tmp_path / "short"
     args = run_args(engine_data, out, "--preset", "cifar10-ipc250", "--image-per-class", "60", "--alpha", "0.1",
                     "--curriculum-num", "1", "--epochs", "1", "--lr-warmup-epochs", "0", "--num-eval", "0")
+    at = args.index("--teacher-model")
+    del args[at:at + 2]
     assert main(args) == 0
     console = capsys.readouterr()
-    phase = json.loads((out / "metrics.json").read_text())["phases"][0]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["teacher_model"] == "convnet_small" and "teacher_model" not in PRESETS["cifar10-ipc250"]
+    phase = metrics["phases"][0]
     assert phase["shortfall"]["policy"] == "short" and phase["shortfall"]["unmet"] > 0
     assert sum(phase["shortfall"]["filled_per_class"]) == 0
     short = [c for c, n in enumerate(phase["candidates_per_class"]) if n < 54]
     line = next(ln for ln in (console.out + console.err).splitlines() if " short of 54 candidates" in ln)
     first = f"'class{short[0]}' {phase['candidates_per_class'][short[0]]}/54"
     assert f"phase 1: {len(short)} class" in line and first in line
+    # selected_indices.json: complete (every curriculum ran), yet short of its target, per class too
+    sel = json.loads((out / "selected_indices.json").read_text())
+    reached = np.array(sel["real_selected_per_class"])
+    assert sel["complete"] and sel["real_per_class_target"] == 54 and sel["distilled_per_class"] == 6
+    assert sel["real_selected"] == len(sel["idx_selected"]) == reached.sum() < 540
+    assert sel["unmet"] == phase["shortfall"]["unmet"] == 540 - reached.sum() > 0
+    assert sel["unmet_per_class"] == (54 - reached).tolist() and reached.tolist() == phase["selected_per_class"]
+    low, high = reached.min(), reached.max()
+    last = console.out.strip().splitlines()[-1]
+    assert last.startswith("final:") and f"{low}-{high} (mean {reached.mean():.1f}) of 54 real images per class" in last
+    assert f"{sel['unmet']} real images unmet" in last
+    assert f"{sel['unmet']} real images unmet" in (out / "exp_log.txt").read_text()
 
 
 @pytest.mark.parametrize("value,needle", [

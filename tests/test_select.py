@@ -40,6 +40,9 @@ def test_candidate_mask_variants():
     sel = np.array([False, False, True, False, False])
     assert candidate_mask(tc, sel, pred, labels, True).tolist() == [False, True, False, True, False]
     assert candidate_mask(tc, sel, pred, labels, False).tolist() == [True, False, False, False, False]
+    tc[4] = True  # eligible but not predicted (-1): never a coarse survivor, whichever side is kept
+    assert candidate_mask(tc, sel, pred, labels, True).tolist() == [False, True, False, True, False]
+    assert candidate_mask(tc, sel, pred, labels, False).tolist() == [True, False, False, False, False]
 
 
 problem = st.integers(1, 6).flatmap(lambda c: st.tuples(
