@@ -56,8 +56,8 @@ def run_phase(ws: Workspace, cfg: RunConfig, phase: int, curpc: int, selected: n
     train_set = np.concatenate([ws.distilled_rows, selected])
     acc_epochs = (last_fifth_epochs(cfg.recipe.epochs) if cfg.filter_acc == "best_last_20"
                   else (lambda e: e == cfg.recipe.epochs - 1))
-    filt, trained, batch_size = train_model(ws, train_set, cfg.filter_model, cfg.recipe, cfg.temperature, seed,
-                                            acc_epochs, f"phase {phase} filter")
+    filt, trained, batch_size, step_run = train_model(ws, train_set, cfg.filter_model, cfg.recipe, cfg.temperature,
+                                                      seed, acc_epochs, f"phase {phase} filter")
     n = ws.space.n_pool
     is_selected = np.zeros(n, bool)
     is_selected[selected] = True
@@ -91,7 +91,8 @@ def run_phase(ws: Workspace, cfg: RunConfig, phase: int, curpc: int, selected: n
     short = short_classes(chosen, curpc, cfg.balance)
     record = {
         "phase": phase, "curpc": curpc, "train_size": len(train_set), "batch_size": batch_size,
-        "train_s": trained.seconds, "train_img_per_s": trained.img_per_s, "coarse_pass": passed.mode,
+        "train_s": trained.seconds, "train_img_per_s": trained.img_per_s, "execution": step_run.record(),
+        "coarse_pass": passed.mode,
         "pool_eligible": passed.eligible, "pool_evaluated": passed.predicted, "coarse_rounds": passed.rounds,
         "eval_s": eval_s, "eval_img_per_s": passed.predicted / eval_s if eval_s else 0.0, "select_s": select_s,
         "filter_acc": trained.best_acc, "filter_acc_rule": cfg.filter_acc, "filter_last_acc": trained.last_acc,
@@ -211,7 +212,8 @@ def _write_outputs(out: Path, cfg: RunConfig, state: dict) -> None:
                                                "complete": len(phases) == cfg.curriculum_num,
                                                "distilled_per_class": cfg.cpc, **reach})
     write_json(out / "metrics.json", {"phases": phases, "totals": totals, "final": state.get("final"),
-                                      "fast_path": state.get("fast_path"), "world_size": state.get("world_size", 1),
+                                      "fast_path": state.get("fast_path"), "tf32": tf32_switches(),
+                                      "world_size": state.get("world_size", 1),
                                       "normalize": state.get("normalize"), "teacher_model": state.get("teacher_model"),
                                       "notes": state.get("notes", []),
                                       "distilled_overlap": state.get("distilled_overlap"),
@@ -237,6 +239,14 @@ def _write_outputs(out: Path, cfg: RunConfig, state: dict) -> None:
         done = "" if len(phases) == cfg.curriculum_num else f" (after {len(phases)} of {cfg.curriculum_num} curricula)"
         lines.append(f"trained on: {reach_text(reach, cfg.cpc)}{done}")
     write_text(out / "exp_log.txt", "\n".join(lines) + "\n")
+
+
+def tf32_switches() -> dict:
+    """The TF32 switches in force (PyTorch's defaults, which the paper's code ran with: TF32 cuDNN
+    convolutions, full-fp32 matmuls); they act on Ampere and later GPUs only."""
+    return {"cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
+            "matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+            "float32_matmul_precision": torch.get_float32_matmul_precision()}
 
 
 def run_reach(cfg: RunConfig, phases: list[dict]) -> dict:

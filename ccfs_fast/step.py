@@ -10,6 +10,7 @@ elsewhere it runs eagerly. M >= 1 students train side by side: one model (`Singl
 """
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +43,39 @@ class Single(nn.Module):
         return self.model(batch).unsqueeze(0)
 
 
+class Separate(nn.Module):
+    """M models of one architecture side by side, unfused: forward(images [M, b, 3, S, S]) -> logits
+    [M, b, C], model m on images[m]. On CUDA each model's forward runs on its own stream (forked from
+    and joined to the caller's, so a CUDA graph captures M parallel branches; autograd runs each
+    backward on its forward's stream); elsewhere one after another. Each model computes exactly what
+    it computes alone."""
+
+    def __init__(self, models: list[nn.Module], channels_last: bool = False):
+        super().__init__()
+        self.models, self.channels_last, self.count = nn.ModuleList(models), channels_last, len(models)
+        device = next(models[0].parameters()).device
+        self.streams = [torch.cuda.Stream(device) for _ in models] if device.type == "cuda" else None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        batches = [images[m].contiguous(memory_format=torch.channels_last) if self.channels_last else images[m]
+                   for m in range(self.count)]
+        if self.streams is None:
+            return torch.stack([model(batch) for model, batch in zip(self.models, batches)])
+        main = torch.cuda.current_stream(images.device)
+        outs = []
+        for model, batch, stream in zip(self.models, batches, self.streams):
+            stream.wait_stream(main)
+            with torch.cuda.stream(stream):
+                outs.append(model(batch))
+        for out, stream in zip(outs, self.streams):
+            main.wait_stream(stream)
+            out.record_stream(main)
+        return torch.stack(outs)
+
+    def model(self, m: int) -> nn.Module:
+        return self.models[m]
+
+
 def kd_losses(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
     """Per-model KD loss [M] of logits [M, b, C]: KLDiv(log_softmax(s/T), log_softmax(t/T), batchmean,
     log_target=True) * T^2, each model over its own batch."""
@@ -63,6 +97,7 @@ class StepConfig:
     bf16: bool = False
     dtype: torch.dtype = torch.float32
     teacher_channels_last: bool | None = None  # the teacher's input layout; None: as channels_last
+    teacher_stream: bool = True  # CUDA: the teacher forward on its own stream, overlapping the student's
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
 
@@ -88,6 +123,8 @@ class KDStep:
         lr = torch.tensor(cfg.recipe.lr, dtype=cfg.dtype, device=self.device) if self.tensor_lr else cfg.recipe.lr
         self.optimizer = make_optimizer(trained, cfg.recipe, fused=self.tensor_lr, lr=lr)
         self.momentum_buffers = self._start_momentum()
+        self.teacher_stream = (torch.cuda.Stream(self.device) if cfg.teacher_stream and self.device.type == "cuda"
+                               else None)
 
     def _start_momentum(self) -> list[torch.Tensor]:
         # SGD's first step sets buf = grad; a zero buffer gives buf = 0.9 * 0 + grad: the same value,
@@ -114,23 +151,40 @@ class KDStep:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16, cache_enabled=False)
 
     def augment(self, rows: torch.Tensor) -> torch.Tensor:
-        """Each student's augmented, normalised batch: [M, b, 3, S, S]."""
-        batch = rows.shape[1]
-        return torch.stack([augment_batch(self.images.index_select(0, rows[m]),
-                                          draw_augmentation(batch, g, self.cfg.dtype), self.inv_std255, self.shift,
-                                          self.cfg.scale, self.cfg.ratio)
-                            for m, g in enumerate(self.generators)])
+        """Each student's augmented, normalised batch: [M, b, 3, S, S]. Each student draws its random
+        numbers from its own generator (what it would draw alone); the crop boxes, the gather and one
+        grid_sample then cover all M x b images at once (every op is per image, so each student's
+        images are bit for bit what its own pipeline gives, in far fewer kernels)."""
+        count, batch = rows.shape
+        draws = torch.cat([draw_augmentation(batch, g, self.cfg.dtype) for g in self.generators])
+        out = augment_batch(self.images.index_select(0, rows.reshape(-1)), draws, self.inv_std255, self.shift,
+                            self.cfg.scale, self.cfg.ratio)
+        return out.view(count, batch, *out.shape[1:])
+
+    def teacher_logits(self, flat: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits of the augmented batch (no gradient)."""
+        if self.cfg.teacher_in_channels_last:
+            flat = flat.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad(), self.autocast():
+            return self.teacher(flat)
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
         count, batch = rows.shape
         images = self.augment(rows)
         flat = images.view(count * batch, *images.shape[2:])
-        if self.cfg.teacher_in_channels_last:
-            flat = flat.contiguous(memory_format=torch.channels_last)
-        with torch.no_grad(), self.autocast():
-            teacher_logits = self.teacher(flat)
-        with self.autocast():
-            student_logits = self.trained(images)
+        if self.teacher_stream is None:
+            teacher_logits = self.teacher_logits(flat)
+            with self.autocast():
+                student_logits = self.trained(images)
+        else:  # the teacher forward on a forked stream, overlapping the student's (a fork/join a graph captures)
+            main = torch.cuda.current_stream(self.device)
+            self.teacher_stream.wait_stream(main)
+            with torch.cuda.stream(self.teacher_stream):
+                teacher_logits = self.teacher_logits(flat)
+            with self.autocast():
+                student_logits = self.trained(images)
+            main.wait_stream(self.teacher_stream)
+            teacher_logits.record_stream(main)
         losses = kd_losses(full_precision(student_logits),
                            full_precision(teacher_logits).view(count, batch, -1).to(student_logits.dtype),
                            self.cfg.temperature)
@@ -225,24 +279,35 @@ def evaluate_students(students: nn.Module, loader, bf16: bool = False) -> list[f
 
 @dataclass
 class StepRun:
-    """How a training ran: cuda_graphs (bool) and, when graphs were asked for but not used, why."""
+    """How a training ran: cuda_graphs (bool); `note`, why not when they were not used; `asked`,
+    whether they were asked for (a CUDA run with --cuda-graphs): only then is the note a fallback,
+    printed on stderr."""
 
     cuda_graphs: bool
     note: str | None = None
+    asked: bool = False
+
+    def record(self) -> dict:
+        """What metrics.json and state.json keep of it."""
+        return {"cuda_graphs": self.cuda_graphs, "cuda_graphs_off": self.note, "fallback": self.asked
+                and not self.cuda_graphs}
 
 
 def graph_plan(step: KDStep, want: bool, distributed: bool, compiled: bool) -> StepRun:
-    """Whether to capture CUDA graphs, and if asked for but impossible, the one-line reason."""
-    if not want or step.device.type != "cuda":
-        return StepRun(False)
+    """Whether to capture CUDA graphs and, when not, the one-line reason (a fallback when asked for)."""
+    if step.device.type != "cuda":
+        return StepRun(False, f"cuda graphs: CUDA only (device {step.device.type}); running eagerly")
+    if not want:
+        return StepRun(False, "cuda graphs: off (--no-cuda-graphs); running eagerly")
     if distributed:
-        return StepRun(False, "cuda graphs: off under torchrun (gradients are all-reduced by DDP); running eagerly")
+        return StepRun(False, "cuda graphs: off under torchrun (gradients are all-reduced by DDP); running eagerly",
+                       True)
     if compiled:
-        return StepRun(False, "cuda graphs: off with --compile; running eagerly")
+        return StepRun(False, "cuda graphs: off with --compile; running eagerly", True)
     if not step.tensor_lr:
         return StepRun(False, f"cuda graphs: need fused SGD (--opt sgd / sgd_nesterov with --fused-optimizer), "
-                              f"got --opt {step.cfg.recipe.opt}; running eagerly")
-    return StepRun(True)
+                              f"got --opt {step.cfg.recipe.opt}; running eagerly", True)
+    return StepRun(True, asked=True)
 
 
 def train_students(step: KDStep, seeds: list[int], batch_size: int, recipe: TrainRecipe, test_loader=None,
@@ -262,9 +327,9 @@ def train_students(step: KDStep, seeds: list[int], batch_size: int, recipe: Trai
             runner = GraphedStep(step, shapes, seeds)
         except (RuntimeError, AssertionError) as exc:  # torch raises these when a capture cannot happen
             reason = " ".join(str(exc).split())[:160] or type(exc).__name__
-            plan = StepRun(False, f"cuda graphs: capture failed ({reason}); running eagerly")
-    if plan.note:
-        tqdm.write(plan.note)
+            plan = StepRun(False, f"cuda graphs: capture failed ({reason}); running eagerly", True)
+    if plan.asked and plan.note:
+        tqdm.write(plan.note, file=sys.stderr)
     results = [TrainResult() for _ in seeds]
     lrs = lr_schedule(recipe)
     start = time.perf_counter()

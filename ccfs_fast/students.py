@@ -5,6 +5,7 @@ ccfs_fast.step (CUDA graphs on CUDA); under torchrun the students are wrapped in
 takes a strided share of every epoch."""
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,11 +19,11 @@ from tqdm import tqdm
 from .config import TrainRecipe
 from .data import norm_tensors
 from .datasets import auto_batch_size
-from .errors import ModelError
+from .errors import ModelError, UnknownNameError
 from .fused import FusedBank, check_fused
 from .kernels import swap_cpu_kernels
 from .models import create_model
-from .step import KDStep, Single, StepConfig, StepRun, graph_plan, train_students
+from .step import GraphedStep, KDStep, Separate, Single, StepConfig, StepRun, graph_plan, train_students
 from .train import TrainResult, last_fifth_epochs
 from .workspace import Workspace
 
@@ -53,39 +54,64 @@ def _fresh(ws: Workspace, model_name: str, seed: int) -> nn.Module:
     return model.to(memory_format=torch.channels_last) if ws.fast.channels_last else model
 
 
-def _students(ws: Workspace, model_name: str, seeds: list[int], fuse: bool) -> tuple[nn.Module, list[nn.Module]]:
-    """(students module, the models) for `seeds`: a FusedBank when `fuse` and it reproduces its
-    models, else Single (one seed). Raises ModelError when fusion is not possible."""
+def _bank(models: list[nn.Module], channels_last: bool, side: int) -> FusedBank:
+    bank = FusedBank(models, channels_last)
+    check_fused(bank, models, side)
+    return bank
+
+
+# How M evaluation models train together (design §6): one fused network in either memory layout, or
+# M separate networks whose forwards and backwards run on M CUDA streams inside one graph. All give
+# each model what it would compute alone; which is fastest depends on the device (grouped convolutions
+# in channels-last fall onto slow cuDNN kernels on some GPUs), so CUDA runs a short probe.
+BANK_LAYOUTS: dict[str, Callable[[list[nn.Module], int], nn.Module]] = {
+    "bank_nchw": lambda models, side: _bank(models, False, side),
+    "bank_channels_last": lambda models, side: _bank(models, True, side),
+    "streams": lambda models, side: Separate(models, channels_last=_is_channels_last(models[0])),
+}
+
+
+def _is_channels_last(model: nn.Module) -> bool:
+    weight = next((p for p in model.parameters() if p.dim() == 4), None)
+    return weight is not None and weight.is_contiguous(memory_format=torch.channels_last) \
+        and not weight.is_contiguous()
+
+
+def default_layout(ws: Workspace) -> str:
+    """The bank's layout without a probe: the fused bank in the run's training layout."""
+    return "bank_channels_last" if ws.fast.channels_last else "bank_nchw"
+
+
+def _students(ws: Workspace, model_name: str, seeds: list[int], layout: str | None
+              ) -> tuple[nn.Module, list[nn.Module]]:
+    """(students module, the models) for `seeds`: one of BANK_LAYOUTS, or Single (one seed) when
+    `layout` is None. Raises ModelError when the layout cannot hold the models (e.g. no fusion)."""
     models = [_fresh(ws, model_name, s) for s in seeds]
-    if not fuse:
+    if layout is None:
         return Single(models[0], bool(ws.fast.channels_last)), models
-    bank = FusedBank(models, bool(ws.fast.channels_last))
-    check_fused(bank, models, ws.side)
-    return bank, models
+    if layout not in BANK_LAYOUTS:
+        raise UnknownNameError("bank layout", layout, list(BANK_LAYOUTS))
+    return BANK_LAYOUTS[layout](models, ws.side), models
 
 
 def train_together(ws: Workspace, indices: np.ndarray, model_name: str, recipe: TrainRecipe, temperature: float,
                    seeds: list[int], eval_epoch: Callable[[int], bool], desc: str, resident: tuple | None = None,
-                   fuse: bool = False) -> Trained:
-    """len(seeds) fresh `model_name` students (fused when `fuse`, else exactly one seed) trained by KD
+                   layout: str | None = None) -> Trained:
+    """len(seeds) fresh `model_name` students (together in `layout`, one of BANK_LAYOUTS, else exactly
+    one seed) trained by KD
     on the index subset `indices`; each starts from torch.manual_seed(seed) and draws its data order
     and augmentation from a generator seeded with it. Seconds include reading the train set (pass
     `resident` to reuse one read)."""
     start = time.perf_counter()
     batch_size = recipe.batch_size or auto_batch_size(len(indices), ws.num_classes, ws.dataset)
-    students, models = _students(ws, model_name, seeds, fuse)
+    students, models = _students(ws, model_name, seeds, layout)
     trained = students
     if ws.dist.enabled:
         trained = DistributedDataParallel(students, device_ids=[ws.device.index] if ws.device.type == "cuda" else None)
     if ws.fast.compile:
         trained = torch.compile(trained)
     images = (resident if resident is not None else ws.resident(indices))[0]
-    inv_std255, shift = norm_tensors(ws.norm, ws.device)
-    generators = [torch.Generator(device=ws.device).manual_seed(s) for s in seeds]
-    cfg = StepConfig(recipe, temperature, fused_optimizer=bool(ws.fast.fused_optimizer),
-                     channels_last=bool(ws.fast.channels_last), bf16=bool(ws.fast.bf16),
-                     teacher_channels_last=bool(ws.fast.infer_channels_last))
-    step = KDStep(students, trained, ws.teacher, images, generators, inv_std255, shift, cfg)
+    step = _make_step(ws, students, trained, images, seeds, recipe, temperature)
     plan = graph_plan(step, bool(ws.fast.cuda_graphs), ws.dist.enabled, bool(ws.fast.compile))
     results, plan = train_students(step, seeds, max(1, batch_size // ws.dist.world_size), recipe, ws.test_loader(),
                                    eval_epoch, desc, ws.dist.rank, ws.dist.world_size, plan)
@@ -97,12 +123,74 @@ def train_together(ws: Workspace, indices: np.ndarray, model_name: str, recipe: 
     return Trained(models, results, batch_size, plan)
 
 
+def _make_step(ws: Workspace, students: nn.Module, trained: nn.Module, images: torch.Tensor, seeds: list[int],
+               recipe: TrainRecipe, temperature: float) -> KDStep:
+    """The KD step of `students` over the resident uint8 `images`, one generator per seed."""
+    inv_std255, shift = norm_tensors(ws.norm, ws.device)
+    generators = [torch.Generator(device=ws.device).manual_seed(s) for s in seeds]
+    cfg = StepConfig(recipe, temperature, fused_optimizer=bool(ws.fast.fused_optimizer),
+                     channels_last=bool(ws.fast.channels_last), bf16=bool(ws.fast.bf16),
+                     teacher_channels_last=bool(ws.fast.infer_channels_last))
+    return KDStep(students, trained, ws.teacher, images, generators, inv_std255, shift, cfg)
+
+
+def probe_layouts(ws: Workspace, images: torch.Tensor, model_name: str, recipe: TrainRecipe, temperature: float,
+                  seeds: list[int], batch_size: int, steps: int = 6) -> dict[str, dict]:
+    """Times each of BANK_LAYOUTS for a few steps on throwaway students (the training that follows
+    starts afresh, so the probe changes no number): {layout: {"step_ms", "cuda_graphs"} or {"error"}}."""
+    figures: dict[str, dict] = {}
+    for layout in BANK_LAYOUTS:
+        try:
+            students, _ = _students(ws, model_name, seeds, layout)
+            step = _make_step(ws, students, students, images, seeds, recipe, temperature)
+            graphs = graph_plan(step, bool(ws.fast.cuda_graphs), ws.dist.enabled, bool(ws.fast.compile)).cuda_graphs
+            runner = GraphedStep(step, [batch_size], seeds) if graphs else step
+            rows = torch.randint(0, images.shape[0], (steps + 2, len(seeds), batch_size), device=ws.device,
+                                 generator=torch.Generator(device=ws.device).manual_seed(0))
+            students.train()
+            for k in range(2):  # cuDNN autotuning and first-call costs are not timed
+                runner(rows[k])
+            _sync(ws.device)
+            start = time.perf_counter()
+            for k in range(2, steps + 2):
+                runner(rows[k])
+            _sync(ws.device)
+            figures[layout] = {"step_ms": (time.perf_counter() - start) / steps * 1000, "cuda_graphs": graphs}
+        except (ModelError, RuntimeError) as exc:
+            figures[layout] = {"error": " ".join(str(exc).split())[:160]}
+        finally:
+            if ws.device.type == "cuda":
+                torch.cuda.empty_cache()
+    return figures
+
+
+def pick_layout(ws: Workspace, images: torch.Tensor, model_name: str, recipe: TrainRecipe, temperature: float,
+                seeds: list[int], batch_size: int) -> tuple[str, dict | None]:
+    """The bank's layout: on one CUDA device, the fastest of a short probe (probe_layouts, logged in
+    one line); elsewhere default_layout without a probe. Returns (layout, the probe's figures)."""
+    if ws.device.type != "cuda" or ws.dist.enabled:
+        return default_layout(ws), None
+    figures = probe_layouts(ws, images, model_name, recipe, temperature, seeds, batch_size)
+    timed = {k: v["step_ms"] for k, v in figures.items() if "step_ms" in v}
+    layout = min(timed, key=timed.get) if timed else default_layout(ws)
+    shown = ", ".join(f"{k} {v:.1f} ms" for k, v in timed.items())
+    tqdm.write(f"final evaluation: {layout} chosen by a probe of {len(seeds)} models at batch {batch_size} ({shown})",
+               file=sys.stderr)
+    return layout, figures
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def train_model(ws: Workspace, indices: np.ndarray, model_name: str, recipe: TrainRecipe, temperature: float,
                 seed: int, eval_epoch: Callable[[int], bool], desc: str,
-                resident: tuple | None = None) -> tuple[nn.Module, TrainResult, int]:
-    """One fresh `model_name` trained by KD on `indices` (a phase's filter): (model, result, batch size)."""
+                resident: tuple | None = None) -> tuple[nn.Module, TrainResult, int, StepRun]:
+    """One fresh `model_name` trained by KD on `indices` (a phase's filter): (model, result, batch size,
+    how its step ran)."""
     out = train_together(ws, indices, model_name, recipe, temperature, [seed], eval_epoch, desc, resident)
-    return out.models[0], out.results[0], out.batch_size
+    return out.models[0], out.results[0], out.batch_size, out.run
 
 
 def evaluate_train_set(ws: Workspace, train_set: np.ndarray, eval_model: str, recipe: TrainRecipe,
@@ -116,21 +204,36 @@ def evaluate_train_set(ws: Workspace, train_set: np.ndarray, eval_model: str, re
     epochs = last_fifth_epochs(recipe.epochs)
     results: list[TrainResult] = []
     fused = fuse and num_eval > 1
+    bank_off = None if fused else ("bank: off (--no-fuse-evals)" if num_eval > 1 else
+                                   f"bank: {num_eval} evaluation model{'s' if num_eval != 1 else ''}")
+    runs: list[StepRun] = []
+    layout, probe = None, None
     if fused:
         try:
-            results = train_together(ws, train_set, eval_model, recipe, temperature, seeds, epochs,
-                                     f"final evaluation ({num_eval} fused models)", resident, fuse=True).results
+            batch_size = recipe.batch_size or auto_batch_size(len(train_set), ws.num_classes, ws.dataset)
+            layout, probe = pick_layout(ws, resident[0], eval_model, recipe, temperature, seeds,
+                                        max(1, batch_size // ws.dist.world_size))
+            together = train_together(ws, train_set, eval_model, recipe, temperature, seeds, epochs,
+                                      f"final evaluation ({num_eval} models, {layout})", resident, layout=layout)
+            results, runs = together.results, [together.run]
         except ModelError as exc:
-            tqdm.write(f"note: {exc}; training the {num_eval} evaluation models one after another")
+            bank_off = f"bank: {exc}; training the {num_eval} evaluation models one after another"
+            tqdm.write(f"note: {bank_off}", file=sys.stderr)
             fused = False
     if not fused:
         for run in tqdm(range(num_eval), desc="final evaluation", dynamic_ncols=True, leave=False):
-            results += train_together(ws, train_set, eval_model, recipe, temperature, [seeds[run]], epochs,
-                                      f"eval {run + 1}/{num_eval}", resident).results
+            alone = train_together(ws, train_set, eval_model, recipe, temperature, [seeds[run]], epochs,
+                                   f"eval {run + 1}/{num_eval}", resident)
+            results += alone.results
+            runs.append(alone.run)
     best = [r.best_acc for r in results]
+    execution = {"bank": fused, "bank_off": bank_off, "bank_fallback": fuse and num_eval > 1 and not fused,
+                 "layout": layout if fused else None, "layout_probe": probe,
+                 **(runs[0].record() if runs else {"cuda_graphs": False, "cuda_graphs_off": None, "fallback": False})}
     return {"accs": best, "last_accs": [r.last_acc for r in results],
             "acc_mean": float(np.mean(best)) if best else None, "acc_std": float(np.std(best)) if best else None,
-            "train_size": len(train_set), "seconds": [r.seconds for r in results], "fused": fused}
+            "train_size": len(train_set), "seconds": [r.seconds for r in results], "fused": fused,
+            "execution": execution}
 
 
 def evaluate_selection(ws: Workspace, selected: np.ndarray, eval_model: str, recipe: TrainRecipe,

@@ -40,6 +40,17 @@ def test_run_writes_outputs_and_a_valid_selection(finished_run, engine_data):
                 "candidates_per_class", "shortfall"):
         assert key in phases[0], key
     assert len(metrics["final"]["accs"]) == 2 and metrics["final"]["acc_mean"] is not None
+    # how each training ran, and why not otherwise: a CPU run steps eagerly (no fallback); the two
+    # evaluation models trained as one fused bank
+    state = json.loads((out / "state.json").read_text())
+    for record in (phases[0], state["phases"][0]):
+        assert record["execution"] == {"cuda_graphs": False, "fallback": False,
+                                       "cuda_graphs_off": "cuda graphs: CUDA only (device cpu); running eagerly"}
+    for final in (metrics["final"], state["final"]):
+        assert final["execution"]["bank"] and final["execution"]["bank_off"] is None
+        assert not final["execution"]["bank_fallback"] and not final["execution"]["cuda_graphs"]
+    assert metrics["tf32"] == {"cudnn_allow_tf32": True, "matmul_allow_tf32": False,
+                               "float32_matmul_precision": "highest"}
     assert "environment" in metrics and "Acc@1(mean)" in (out / "exp_log.txt").read_text()
 
 

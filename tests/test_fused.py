@@ -82,10 +82,13 @@ def test_fused_groupnorm():
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_fused_linear(bias):
+@pytest.mark.parametrize("batched", [False, True])  # per model (CPU) and one baddbmm (CUDA's form)
+def test_fused_linear(bias, batched):
     torch.manual_seed(0)
     linears = [nn.Linear(7, 5, bias=bias).double() for _ in range(M)]
-    _check_op(FusedLinear(linears), linears, torch.randn(4, M * 7, dtype=F64), 7)
+    head = FusedLinear(linears)
+    head.batched = batched
+    _check_op(head, linears, torch.randn(4, M * 7, dtype=F64), 7)
 
 
 def test_unfusable_layers_are_refused():
@@ -109,7 +112,40 @@ def test_bank_forward_and_unstack(name):
             assert torch.equal(unstacked.state_dict()[key], value), key
 
 
-def _bank_and_separate(name: str, side: int, steps_per_epoch: int, epochs: int, batch: int):
+class _Tf32Noise(nn.Module):
+    """Wraps a network; float32 outputs get relative noise of 7e-4, the size TF32 convolutions give
+    a correct ResNet-18 bank on a GPU (float64 computes exactly, as on any device)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        if out.dtype == torch.float32:
+            out = out * (1 + 7e-4 * torch.randn(out.shape, generator=torch.Generator().manual_seed(3)))
+        return out
+
+
+def test_check_fused_survives_tf32_noise_and_rejects_a_wrong_fusion():
+    models = []
+    for seed in range(M):
+        torch.manual_seed(seed)
+        models.append(create_model("resnet18", 10, 32))
+    bank = FusedBank(models)
+    bank.net = _Tf32Noise(bank.net)
+    images = torch.randn(M, 2, 3, 32, 32)
+    with torch.no_grad():  # in float32 the bank now differs from its models by TF32-sized amounts
+        gap = (bank.eval()(images) - torch.stack([m.eval()(images[i]) for i, m in enumerate(models)])).abs().max()
+    assert gap > 1e-4 * 1.0
+    check_fused(bank, models, 32)  # structurally right: accepted
+    with torch.no_grad():  # a head that hands model 0 the weights of model 1: structurally wrong
+        bank.net.net.fc.weight[0] = models[1].fc.weight
+    with pytest.raises(ModelError, match="does not reproduce its models"):
+        check_fused(bank, models, 32)
+
+
+def _bank_and_separate(name: str, side: int, steps_per_epoch: int, epochs: int, batch: int, together=FusedBank):
     """Trains a bank of M models and M single models with the same seeds through KDStep (float64,
     foreach SGD); returns both sides' per-step losses, models and momentum buffers."""
     n = steps_per_epoch * batch - 2  # a last partial batch
@@ -124,7 +160,7 @@ def _bank_and_separate(name: str, side: int, steps_per_epoch: int, epochs: int, 
         torch.manual_seed(seed)
         return create_model(name, 10, side).double()
 
-    bank = FusedBank([fresh(s) for s in seeds])
+    bank = together([fresh(s) for s in seeds])
     bank_step = KDStep(bank, bank, teacher, images, [torch.Generator().manual_seed(s) for s in seeds], inv, shift, cfg)
     singles = [fresh(s) for s in seeds]
     single_steps = [KDStep(Single(m), Single(m), teacher, images, [torch.Generator().manual_seed(s)], inv, shift, cfg)
@@ -176,3 +212,33 @@ def _momentum_of(bank: FusedBank, step: KDStep, m: int) -> dict[str, torch.Tenso
         for k, p in params.items():
             p.data = saved[k]
     return out
+
+
+def test_streams_layout_trains_exactly_like_separate_models():
+    """The `streams` layout (M unfused models, each forward on its own CUDA stream; one after another
+    on the CPU) under one KD step: the same per-step losses and parameters as M separate trainings."""
+    from ccfs_fast.step import Separate
+
+    together, _, singles, _, losses, single_losses = _bank_and_separate("resnet18", 8, 10, 2, 4, Separate)
+    assert together.streams is None and losses.shape == (20, M)
+    torch.testing.assert_close(losses, single_losses, rtol=0, atol=1e-12)
+    for m, single in enumerate(singles):
+        for (key, a), b in zip(together.model(m).state_dict().items(), single.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=key)
+
+
+def test_layout_probe_times_every_layout(engine_data):
+    """The final evaluation's layout probe (CUDA runs it; here called directly on the CPU): every
+    layout is built, stepped and timed; without CUDA the engine picks the default layout unprobed."""
+    from ccfs_fast.config import FastPath
+    from ccfs_fast.students import BANK_LAYOUTS, default_layout, pick_layout, probe_layouts
+    from ccfs_fast.workspace import open_workspace
+
+    ws = open_workspace(engine_data["pool"], engine_data["test"], engine_data["distilled"], engine_data["teacher"],
+                        None, 4, "cpu", 2, 64, fast=FastPath().resolve("cpu"))
+    images = ws.resident(ws.distilled_rows)[0]
+    recipe = TrainRecipe(epochs=1, lr_warmup_epochs=0)
+    figures = probe_layouts(ws, images, "convnet_small", recipe, 4.0, [1, 2, 3], 8, steps=2)
+    assert set(figures) == set(BANK_LAYOUTS)
+    assert all(f["step_ms"] > 0 and f["cuda_graphs"] is False for f in figures.values()), figures
+    assert pick_layout(ws, images, "convnet_small", recipe, 4.0, [1, 2, 3], 8) == (default_layout(ws), None)

@@ -157,13 +157,16 @@ def test_graph_plan_and_capture_fallback(small_space, capsys):
     inv, shift = norm_tensors(small_space.norm, torch.device("cpu"))
     step = KDStep(Single(student), Single(student), teacher, images, [torch.Generator().manual_seed(3)], inv, shift,
                   StepConfig(TrainRecipe(epochs=1, lr_warmup_epochs=0), 4.0, dtype=F64))
-    assert graph_plan(step, True, False, False) == StepRun(False)  # the CPU runs the step eagerly
+    on_cpu = graph_plan(step, True, False, False)  # the CPU runs the step eagerly: no fallback, a reason kept
+    assert not on_cpu.cuda_graphs and not on_cpu.asked and on_cpu.note.startswith("cuda graphs: CUDA only")
+    assert on_cpu.record() == {"cuda_graphs": False, "cuda_graphs_off": on_cpu.note, "fallback": False}
     before = [p.clone() for p in student.parameters()]
     results, plan = train_students(step, [3], BATCH, TrainRecipe(epochs=1, lr_warmup_epochs=0),
-                                   plan=StepRun(True))  # asked to capture where no CUDA graph can exist
+                                   plan=StepRun(True, asked=True))  # asked to capture where no graph can exist
     assert not plan.cuda_graphs and plan.note.startswith("cuda graphs: capture failed (")
+    assert plan.record()["fallback"]
     console = capsys.readouterr()
-    assert plan.note in console.out + console.err and results[0].images == N
+    assert plan.note in console.err.splitlines() and results[0].images == N  # one line, on stderr
     assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))  # it trained eagerly
 
 
@@ -184,3 +187,24 @@ def test_eval_fused_and_unfused_agree(finished_run, engine_data, tmp_path, capsy
     with capsys.disabled():
         print(f"\neval --fuse-evals vs --no-fuse-evals: largest per-run accuracy difference {largest:.4f} points")
     assert largest <= 0.5  # one test image of 200: float32 rounding may flip at most a near-tie
+
+
+def test_batched_augmentation_is_each_models_own():
+    """One grid_sample over M x b images gives each model, bit for bit, the batch its own pipeline
+    gives (its generator's draws, its rows), in float32 and float64; the teacher stream exists only
+    on CUDA."""
+    from ccfs_fast.augment import augment_batch, draw_augmentation
+
+    images = torch.randint(0, 256, (50, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    inv, shift = torch.full((1, 3, 1, 1), 1 / (255 * 0.25)), torch.full((1, 3, 1, 1), -2.0)
+    rows = torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(4))
+    for dtype in (torch.float32, F64):
+        students = FusedBank([_models(s)[0] for s in range(3)])
+        step = KDStep(students, students, _models(9)[1], images, [torch.Generator().manual_seed(s) for s in (5, 6, 7)],
+                      inv, shift, StepConfig(TrainRecipe(), 4.0, fused_optimizer=False, dtype=dtype))
+        assert step.teacher_stream is None
+        batched = step.augment(rows)
+        alone = [augment_batch(images.index_select(0, rows[m]), draw_augmentation(7, torch.Generator().manual_seed(s),
+                                                                                  dtype), inv, shift)
+                 for m, s in enumerate((5, 6, 7))]
+        assert batched.dtype == dtype and torch.equal(batched, torch.stack(alone))
