@@ -1,10 +1,17 @@
-"""GPU device check: loader images/s, KD training images/s of resnet18_cifar (fast path on and
-off), pool prediction images/s, and one small CCFS run on a generated CIFAR-shaped dataset; prints a
-table, writes JSON. With `--graphs`: instead, `bench train` (eager / CUDA graphs / fused bank of 5),
-a check that graph replay trains as the eager step does, and the whole `--preset cifar10-ipc500` run
-on generated CIFAR-shaped data within a time budget (the curricula that fit, then a projection).
-Meant for a lent GPU machine (benchmarks/gpu_check.sh brings FFCV's native libraries); runs on the
-CPU too (`--quick`) as a smoke test."""
+"""GPU device check. `--graphs` (the current check; `benchmarks/gpu_check.sh --graphs` on a lent GPU
+machine): stages, each under its own time limit and try/except, the JSON (a `stages` list) rewritten
+after every stage, the whole under --budget seconds by its own clock, a table last:
+
+  data         CIFAR-shaped pool / test / distilled .beton files and scores, before CUDA starts
+  teacher      a resnet18 teacher, 2 epochs
+  exactness    CUDA graphs against eager steps with TF32 off and deterministic cuDNN
+  kd_steps     KD steps at batch 32 / 64, fp32 (PyTorch's defaults: TF32 convolutions) and bf16:
+               eager, graphs, and 5 models together (fused NCHW, fused channels-last, 5 streams)
+  preset_fp32  the complete `run --preset cifar10-ipc500` at --preset-epochs (50), projected to 500
+  preset_bf16  the same with --bf16
+
+`--quick` is the CPU form the tests run (small data, tiny models, 1 epoch). Without --graphs: the
+earlier check (loader, training and prediction rates with the fast path on and off, a small run)."""
 from __future__ import annotations
 
 import argparse
@@ -28,6 +35,7 @@ from ccfs_fast.teacher import train_teacher
 from ccfs_fast.train import kd_loss, make_optimizer, predict
 
 from .curriculum_wallclock import class_images
+from .stages import Stages
 
 WORKERS = min(8, os.cpu_count() or 1)
 FAST_ON = FastPath(channels_last=True, bf16=True, cudnn_benchmark=True, fused_optimizer=True)
@@ -139,113 +147,182 @@ def ccfs_run(files: dict, root: Path, device: str, epochs: int, model: str) -> d
             "final_acc": state["final"]["acc_mean"], "fast_path": state["fast_path"]}
 
 
-def graphs_match_eager(device: torch.device, steps: int = 12) -> dict:
-    """The same resnet18 KD training (batch 64, one partial batch of 40) eagerly and through CUDA
-    graphs: the largest parameter difference and each side's step time."""
+# --- the staged device check (--graphs): every stage guarded, the JSON written after each -------------
+
+PRESET = "cifar10-ipc500"
+QUICK_RUN = ["--image-per-class", "20", "--alpha", "0.2", "--filter-model", "convnet_tiny", "--eval-model",
+             "convnet_tiny", "--num-eval", "2", "--lr-warmup-epochs", "0"]  # CPU-sized, same algorithm
+
+
+def stage_data(root: Path, quick: bool, files: dict) -> dict:
+    """CIFAR-shaped pool / test .beton files, a distilled folder of 50 images per class (5 with
+    --quick) built with `build folder`, and a score file; before CUDA starts (the writer forks)."""
+    from PIL import Image
+
+    from beton_builder.build import BuildConfig, build
+
+    pool, test, per_class = (2000, 400, 5) if quick else (50_000, 10_000, 50)
+    files.update(make_data(root, pool, test, min(16, os.cpu_count() or 1)))
+    dx, _ = class_images(per_class * 10, 10, 32, 5)
+    for c in range(10):
+        (root / "distilled" / f"{c:02d}").mkdir(parents=True, exist_ok=True)
+        for k in range(per_class):
+            Image.fromarray(dx[c * per_class + k]).save(root / "distilled" / f"{c:02d}" / f"{k:03d}.png")
+    build(BuildConfig("folder", root / "distilled", root / "d.beton", overwrite=True))
+    files.update(distilled=root / "d.beton", scores=root / "scores.npy")
+    return {"pool": pool, "test": test, "distilled_per_class": per_class}
+
+
+def stage_teacher(files: dict, root: Path, device: str, quick: bool) -> dict:
+    start = time.perf_counter()
+    model = "convnet_tiny" if quick else "resnet18"
+    out = train_teacher(TeacherConfig(pool=files["pool"], test=files["test"], output=root / "teacher.pt", model=model,
+                                      recipe=TrainRecipe(epochs=1 if quick else 2, lr=0.1, lr_warmup_epochs=0,
+                                                         batch_size=512),
+                                      device=device, workers=WORKERS, overwrite=True))
+    files["teacher"] = root / "teacher.pt"
+    return {"model": model, "test_acc": out["test_acc"], "seconds": time.perf_counter() - start}
+
+
+def stage_exactness(device: torch.device, steps: int = 12) -> dict:
+    """Graph replay against eager steps with TF32 off and deterministic cuDNN: the same resnet18 KD
+    training (batch 64 and a partial batch of 40) eagerly twice and once through CUDA graphs. Passes
+    when graphs differ from eager by 0 or by no more than eager differs from eager."""
     from ccfs_fast.step import GraphedStep
 
     from .train_throughput import make_step
 
-    out = {}
-    params = {}
-    for mode in ("eager", "graphs"):
-        step = make_step(device, 1, seed=7)
-        runner = GraphedStep(step, [64, 40], [7]) if mode == "graphs" else step
-        step.students.train()
-        rows = torch.randint(0, 4096, (steps, 1, 64), generator=torch.Generator().manual_seed(1)).to(device)
-        sync(device)
-        start = time.perf_counter()
-        for k in range(steps):
-            runner(rows[k] if k % 4 else rows[k][:, :40])
-        sync(device)
-        out[f"{mode}_step_ms"] = (time.perf_counter() - start) / steps * 1000
-        params[mode] = [p.detach().float().clone() for p in step.students.parameters()]
-    out["max_param_diff"] = max(float((a - b).abs().max()) for a, b in zip(params["eager"], params["graphs"]))
-    return out
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.deterministic,
+             torch.backends.cudnn.benchmark)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        params, ms = {}, {}
+        for mode in ("eager_a", "eager_b", "graphs"):
+            step = make_step(device, 1, seed=7)
+            runner = GraphedStep(step, [64, 40], [7]) if mode == "graphs" else step
+            step.students.train()
+            rows = torch.randint(0, 4096, (steps, 1, 64), generator=torch.Generator().manual_seed(1)).to(device)
+            sync(device)
+            start = time.perf_counter()
+            for k in range(steps):
+                runner(rows[k] if k % 4 else rows[k][:, :40])
+            sync(device)
+            ms[mode] = (time.perf_counter() - start) / steps * 1000
+            params[mode] = [p.detach().double().clone() for p in step.students.parameters()]
+    finally:
+        (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.deterministic,
+         torch.backends.cudnn.benchmark) = saved
+
+    def gap(a: str, b: str) -> float:
+        return max(float((x - y).abs().max()) for x, y in zip(params[a], params[b]))
+
+    graphs, eager = gap("graphs", "eager_a"), gap("eager_b", "eager_a")
+    return {"graphs_vs_eager": graphs, "eager_vs_eager": eager, "passed": graphs == 0 or graphs <= eager,
+            "step_ms": ms}
 
 
-def preset_run(root: Path, device: str, budget_s: float, teacher_epochs: int) -> dict:
-    """`ccfs-fast run --preset cifar10-ipc500` on generated CIFAR-shaped data (50,000 / 10,000, 50
-    distilled images per class) in a child process stopped after `budget_s`; per-curriculum seconds
-    from its outputs and, for what did not fit, a projection from the measured train rate."""
+def stage_kd_steps(device: torch.device, quick: bool) -> dict:
+    """bench train at the preset's batches (32, 64) in the paper's precision and bf16: eager, graphs,
+    the three ways of training 5 models together, with cudnn.benchmark on as real runs have it."""
+    from .train_throughput import LAYOUT_MODES, measure, preset_trainings, project, targets
+
+    cuda = device.type == "cuda"
+    torch.backends.cudnn.benchmark = cuda
+    precisions = ("fp32", "bf16") if cuda else ("fp32",)
+    modes = ["eager", "graphs", *LAYOUT_MODES] if cuda else ["eager", *LAYOUT_MODES]
+    kwargs = {"model": "convnet_tiny", "side": 16} if quick else {}
+    rows = measure(device, [8] if quick else [32, 64], modes, 1 if quick else 3, 2 if quick else 15, precisions,
+                   **kwargs)
+    return {"rows": rows, "targets": [targets(rows, p) for p in precisions],
+            "projection": project(rows, preset_trainings())}
+
+
+def stage_preset(files: dict, root: Path, device: str, epochs: int, bf16: bool, limit: float, quick: bool) -> dict:
+    """The complete `run --preset cifar10-ipc500` (all filters and the final evaluation) at `epochs`
+    in a child process; per training its seconds, rate and how it ran (graphs, layout, fallbacks);
+    and the 500-epoch projection: the fixed costs measured here (teacher pass, coarse passes,
+    selection, warm-ups) plus the trainings' seconds scaled by 500 / epochs."""
     import json
     import subprocess
     import sys
 
-    from PIL import Image
-
-    from .train_throughput import preset_trainings
-
-    files = make_data(root, 50_000, 10_000, min(16, os.cpu_count() or 1))
-    dx, _ = class_images(500, 10, 32, 5)
-    for c in range(10):
-        (root / "distilled" / f"{c:02d}").mkdir(parents=True, exist_ok=True)
-        for k in range(50):
-            Image.fromarray(dx[c * 50 + k]).save(root / "distilled" / f"{c:02d}" / f"{k:03d}.png")
-    from beton_builder.build import BuildConfig, build
-
-    build(BuildConfig("folder", root / "distilled", root / "d50.beton", overwrite=True))
-    start = time.perf_counter()
-    train_teacher(TeacherConfig(pool=files["pool"], test=files["test"], output=root / "t.pt", model="resnet18",
-                                recipe=TrainRecipe(epochs=teacher_epochs, lr=0.1, lr_warmup_epochs=0, batch_size=512),
-                                device=device, workers=WORKERS, overwrite=True))
-    teacher_s = time.perf_counter() - start
-    out = root / "preset_run"
-    cmd = [sys.executable, "-m", "ccfs_fast.cli", "run", "--preset", "cifar10-ipc500", "--pool", str(files["pool"]),
-           "--test", str(files["test"]), "--distilled", str(root / "d50.beton"), "--teacher", str(root / "t.pt"),
-           "--score-path", str(root / "scores.npy"), "--device", device, "--eval-batch-size", "1024",
-           "--workers", str(WORKERS), "--output-dir", str(out)]
+    out = root / f"preset_{'bf16' if bf16 else 'fp32'}"
+    cmd = [sys.executable, "-m", "ccfs_fast.cli", "run", "--preset", PRESET, "--pool", str(files["pool"]),
+           "--test", str(files["test"]), "--distilled", str(files["distilled"]), "--teacher", str(files["teacher"]),
+           "--score-path", str(files["scores"]), "--device", device, "--eval-batch-size", "1024",
+           "--workers", str(WORKERS), "--output-dir", str(out), "--overwrite", "--epochs", str(epochs),
+           *(QUICK_RUN if quick else []), *(["--bf16"] if bf16 else [])]
     start = time.perf_counter()
     try:
-        subprocess.run(cmd, timeout=max(10.0, budget_s - teacher_s), check=False, stdout=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        pass
+        done = subprocess.run(cmd, timeout=max(5.0, limit - 5), capture_output=True, text=True)
+        code, err = done.returncode, done.stderr
+    except subprocess.TimeoutExpired as exc:
+        code, err = None, (exc.stderr or b"").decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
     wall = time.perf_counter() - start
     state = json.loads((out / "state.json").read_text()) if (out / "state.json").is_file() else {"phases": []}
-    phases = [{"phase": p["phase"], "train_size": p["train_size"], "train_s": p["train_s"], "eval_s": p["eval_s"],
-               "select_s": p["select_s"], "curriculum_s": p["train_s"] + p["eval_s"] + p["select_s"]}
-              for p in state["phases"]]
-    rates = [p["train_img_per_s"] for p in state["phases"] if p.get("train_img_per_s")]
-    rate = float(np.median(rates)) if rates else None
-    left = [t for t in preset_trainings() if not t["what"].startswith("filter")
-            or int(t["what"].split()[1]) > len(phases)]
-    if state.get("final"):
-        left = []
-    projected = None if rate is None else wall + sum(t["images"] * t["epochs"] * t["models"] / rate for t in left)
-    return {"teacher_s": teacher_s, "run_wall_s": wall, "complete": bool(state.get("final")), "phases": phases,
-            "final": state.get("final"), "projected_total_s": projected if left else wall,
-            "projection_from_rate_img_per_s": rate, "not_run": [t["what"] for t in left]}
+    final = state.get("final") or {}
+    phases = [{k: p.get(k) for k in ("phase", "train_size", "batch_size", "train_s", "train_img_per_s", "eval_s",
+                                      "select_s", "execution")} for p in state["phases"]]
+    trainings_s = sum(p["train_s"] for p in phases)
+    if final.get("seconds"):
+        trainings_s += final["seconds"][0] if final.get("fused") else sum(final["seconds"])
+    complete = bool(final.get("accs")) and code == 0
+    fixed = wall - trainings_s
+    return {"epochs": epochs, "bf16": bf16, "exit_code": code, "complete": complete, "wall_s": wall,
+            "phases": phases, "final_execution": final.get("execution"), "final_acc": final.get("acc_mean"),
+            "trainings_s": trainings_s, "fixed_s": fixed,
+            "projected_500_epochs_s": fixed + trainings_s * 500 / epochs if complete else None,
+            "stderr_tail": [ln for ln in err.replace("\r", "\n").splitlines() if ln.strip()][-8:]}
 
 
 def main_graphs(args: argparse.Namespace) -> dict:
-    from .train_throughput import measure, preset_trainings, project
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    results: dict = {"environment": environment(), "config": {k: str(v) for k, v in vars(args).items()}}
-    start = time.perf_counter()
-    results["graphs_vs_eager"] = graphs_match_eager(device) if device.type == "cuda" else None
-    batches = [32, 64] if args.quick else [32, 64, 128, 512]
-    modes = ["eager", "graphs", "bank"] if device.type == "cuda" else ["eager", "bank"]
-    results["bench_train"] = measure(device, batches, modes, 1 if args.quick else 3, 2 if args.quick else 20)
-    results["projection"] = project(results["bench_train"], preset_trainings())
-    used = time.perf_counter() - start
+    """The staged device check: data (before CUDA), teacher, exactness, KD steps, the complete preset
+    in fp32 and in bf16; a table last. Targets on an H200: graphs >= 4x eager at batch 32; 5 models
+    together >= 3x five sequential eager models at batch 64; the preset projected under 10 minutes in
+    fp32 and under 6 with --bf16."""
+    stages = Stages(args.json, args.budget, {"config": {k: str(v) for k, v in vars(args).items()}}, args.fail_stage)
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
-        results["preset_run"] = (None if args.quick else
-                                 preset_run(Path(tmp), device.type, args.budget - used, args.epochs))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        write_json(args.json, results)
-    print(format_table(["mode", "batch", "models", "step ms", "img/s"],
-                       [(r["mode"], r["batch_size"], r["models"], r["step_ms"], r["img_per_s"])
-                        for r in results["bench_train"]]))
-    if results["preset_run"]:
-        run = results["preset_run"]
-        print(format_table(["phase", "train set", "train s", "eval s", "select s", "curriculum s"],
-                           [list(p.values()) for p in run["phases"]]))
-        print(f"preset run: complete {run['complete']}, wall {run['run_wall_s']:.0f} s, total (projected where not "
-              f"run) {run['projected_total_s']}")
-    print(f"graphs vs eager: {results['graphs_vs_eager']}")
-    return results
+        root, files = Path(tmp), {}
+        stages.run("data", lambda limit: stage_data(root, args.quick, files), 90)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CUDA starts after the data
+        stages.meta["device"] = str(device)
+        stages.run("teacher", lambda limit: stage_teacher(files, root, device.type, args.quick), 60)
+        if device.type == "cuda":
+            stages.run("exactness", lambda limit: stage_exactness(device), 45)
+        else:
+            stages.skip("exactness", "CUDA only (graphs against eager)")
+        stages.run("kd_steps", lambda limit: stage_kd_steps(device, args.quick), 100)
+        for bf16 in (False, True):
+            name = "preset_bf16" if bf16 else "preset_fp32"
+            if "teacher" not in files:
+                stages.skip(name, "no teacher (its stage failed)")
+                continue
+            stages.run(name, lambda limit, bf16=bf16: stage_preset(files, root, device.type, args.preset_epochs, bf16,
+                                                                    limit, args.quick), 170 if not bf16 else 150)
+    print(summary(stages))
+    return {"stages": stages.records}
+
+
+def summary(stages: Stages) -> str:
+    """The stage table, then the figures the targets are stated in."""
+    lines = [stages.table()]
+    for record in stages.records:
+        figures = record.get("figures") or {}
+        if record["stage"] == "kd_steps":
+            for t in figures.get("targets", []):
+                lines.append(f"{t['precision']}: graphs / eager at batch 32 {t['graphs_over_eager_b32']} (target 4x); "
+                             f"5 together / sequential at batch 64 {t['bank_over_sequential_b64']} (target 3x, "
+                             f"{t['bank_best_layout']})")
+        if record["stage"].startswith("preset_") and figures:
+            projected = figures["projected_500_epochs_s"]
+            lines.append(f"{record['stage']}: {figures['epochs']} epochs in {figures['wall_s']:.0f} s, complete "
+                         f"{figures['complete']}; 500 epochs projected "
+                         f"{'n/a' if projected is None else f'{projected / 60:.1f} min'}")
+        if record["stage"] == "exactness" and figures:
+            lines.append(f"exactness: graphs vs eager {figures['graphs_vs_eager']:.3g}, eager vs eager "
+                         f"{figures['eager_vs_eager']:.3g}: {'pass' if figures['passed'] else 'FAIL'}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -260,11 +337,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="CPU smoke test: 3,000 images, few steps")
     parser.add_argument("--graphs", action="store_true",
                         help="bench train, graphs vs eager, and the cifar10-ipc500 preset run (issue 10's check)")
-    parser.add_argument("--budget", type=float, default=420.0, help="seconds for the whole --graphs check")
+    parser.add_argument("--budget", type=float, default=360.0, help="seconds for the whole --graphs check")
+    parser.add_argument("--fail-stage", default=None, help="make this stage fail on purpose (tests the check)")
+    parser.add_argument("--preset-epochs", type=int, default=None,
+                        help="--graphs: epochs of the preset runs (default: 50; 1 with --quick)")
     args = parser.parse_args(argv)
     if args.graphs:
         import numba
 
+        args.preset_epochs = args.preset_epochs or (1 if args.quick else 50)
         torch.set_num_threads(WORKERS)
         numba.set_num_threads(min(WORKERS, numba.config.NUMBA_NUM_THREADS))
         return main_graphs(args)

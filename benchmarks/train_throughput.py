@@ -18,7 +18,7 @@ import torch
 
 from ccfs_fast.config import PRESETS, TrainRecipe
 from ccfs_fast.datasets import auto_batch_size
-from ccfs_fast.fused import FusedBank
+from ccfs_fast.errors import CCFSError
 from ccfs_fast.models import create_model
 from ccfs_fast.select import curriculum_arrangement
 from ccfs_fast.step import GraphedStep, KDStep, Single, StepConfig
@@ -30,27 +30,29 @@ BANK = 5
 SIDE, CLASSES, RESIDENT = 32, 10, 4096
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+LAYOUT_MODES = ("bank_nchw", "bank_channels_last", "streams")  # M models together (ccfs_fast.students)
 
 
-def make_step(device: torch.device, models: int, seed: int = 0) -> KDStep:
-    """A KD step of `models` resnet18 students (fused when more than one) with a resnet18 teacher."""
+def make_step(device: torch.device, models: int, seed: int = 0, layout: str | None = None, bf16: bool = False,
+              model: str = "resnet18", side: int = SIDE) -> KDStep:
+    """A KD step of `models` students (one: Single; more: together in `layout`, one of
+    ccfs_fast.students.BANK_LAYOUTS) with a teacher of the same architecture, over a resident set."""
+    from ccfs_fast.students import BANK_LAYOUTS
+
     cuda = device.type == "cuda"
-    images = torch.randint(0, 256, (RESIDENT, 3, SIDE, SIDE), dtype=torch.uint8,
+    images = torch.randint(0, 256, (RESIDENT, 3, side, side), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(seed)).to(device)
     nets = []
     for m in range(models):
         torch.manual_seed(seed + m)
-        nets.append(create_model("resnet18", CLASSES, SIDE).to(device, memory_format=_layout(cuda)))
+        nets.append(create_model(model, CLASSES, side).to(device, memory_format=_layout(cuda)))
     torch.manual_seed(seed + 100)
-    teacher = create_model("resnet18", CLASSES, SIDE).to(device, memory_format=_layout(cuda)).eval()
-    students = FusedBank(nets, cuda) if models > 1 else Single(nets[0], cuda)
+    teacher = create_model(model, CLASSES, side).to(device, memory_format=_layout(cuda)).eval()
+    students = Single(nets[0], cuda) if models == 1 else BANK_LAYOUTS[layout or "bank_nchw"](nets, side)
     inv = torch.full((1, 3, 1, 1), 1 / (255 * 0.2), device=device)
     shift = torch.full((1, 3, 1, 1), -0.48 / 0.2, device=device)
     gens = [torch.Generator(device=device).manual_seed(seed + m) for m in range(models)]
-    cfg = StepConfig(TrainRecipe(lr=0.05), 4.0, fused_optimizer=cuda, channels_last=cuda)
+    cfg = StepConfig(TrainRecipe(lr=0.05), 4.0, fused_optimizer=cuda, channels_last=cuda, bf16=bf16)
     return KDStep(students, students, teacher, images, gens, inv, shift, cfg)
 
 
@@ -58,11 +60,17 @@ def _layout(cuda: bool) -> torch.memory_format:
     return torch.channels_last if cuda else torch.contiguous_format
 
 
-def step_seconds(step: KDStep, batch: int, graphs: bool, warmup: int, repeats: int) -> float:
-    """Median seconds of one step (of every model) at batch size `batch`."""
+def step_seconds(step: KDStep, batch: int, graphs: bool, warmup: int, repeats: int) -> tuple[float, str | None]:
+    """(median seconds of one step of every model at batch `batch`, why graphs did not run or None).
+    A capture that fails runs the step eagerly, and says so."""
     device = step.device
-    runner = GraphedStep(step, [batch], [0] * len(step.generators)) if graphs else step
-    rows = torch.randint(0, RESIDENT, (repeats + warmup, len(step.generators), batch), device=device)
+    runner, off = step, None
+    if graphs:
+        try:
+            runner = GraphedStep(step, [batch], [0] * len(step.generators))
+        except (RuntimeError, AssertionError) as exc:
+            off = f"capture failed ({' '.join(str(exc).split())[:120]}); ran eagerly"
+    rows = torch.randint(0, step.images.shape[0], (repeats + warmup, len(step.generators), batch), device=device)
     step.students.train()
     times = []
     for k in range(warmup + repeats):
@@ -72,27 +80,41 @@ def step_seconds(step: KDStep, batch: int, graphs: bool, warmup: int, repeats: i
         _sync(device)
         if k >= warmup:
             times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(times), off
 
 
-def measure(device: torch.device, batch_sizes: list[int], modes: list[str], warmup: int, repeats: int) -> list[dict]:
+def measure(device: torch.device, batch_sizes: list[int], modes: list[str], warmup: int, repeats: int,
+            precisions: tuple[str, ...] = ("fp32",), model: str = "resnet18", side: int = SIDE) -> list[dict]:
+    """One row per mode x precision x batch: `eager` / `graphs` (one model), `bank_nchw`,
+    `bank_channels_last`, `streams` (BANK models together; graphs on CUDA), each row saying what
+    actually ran (graphs used or why not, the layout) or why it was skipped."""
     rows = []
-    for mode in modes:
-        models = BANK if mode == "bank" else 1
-        graphs = mode == "graphs" or (mode == "bank" and device.type == "cuda")
-        for batch in batch_sizes:
-            step = make_step(device, models)
-            try:
-                seconds = step_seconds(step, batch, graphs, warmup, repeats)
-            except RuntimeError as exc:  # e.g. a bank too large for the device at this batch size
-                print(f"{mode} batch {batch}: skipped ({' '.join(str(exc).split())[:120]})")
-                continue
-            rows.append({"mode": mode, "batch_size": batch, "models": models, "graphs": graphs,
-                         "step_ms": seconds * 1000, "img_per_s": models * batch / seconds, "device": str(device)})
-            del step
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    for precision in precisions:
+        for mode in modes:
+            models = BANK if mode in LAYOUT_MODES else 1
+            want_graphs = mode == "graphs" or (mode in LAYOUT_MODES and device.type == "cuda")
+            for batch in batch_sizes:
+                row = {"mode": mode, "precision": precision, "batch_size": batch, "models": models,
+                       "model": model, "side": side, "device": str(device)}
+                try:
+                    step = make_step(device, models, layout=mode if models > 1 else None, bf16=precision == "bf16",
+                                     model=model, side=side)
+                    seconds, off = step_seconds(step, batch, want_graphs, warmup, repeats)
+                except (RuntimeError, CCFSError) as exc:  # e.g. out of memory, or a layout that cannot hold the models
+                    rows.append({**row, "skipped": " ".join(str(exc).split())[:160]})
+                    print(f"{mode} {precision} batch {batch}: skipped ({rows[-1]['skipped']})")
+                    continue
+                rows.append({**row, "graphs": want_graphs and off is None, "graphs_off": off,
+                             "step_ms": seconds * 1000, "img_per_s": models * batch / seconds})
+                del step
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     return rows
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def preset_trainings(name: str = "cifar10-ipc500", classes: int = CLASSES) -> list[dict]:
@@ -112,56 +134,85 @@ def preset_trainings(name: str = "cifar10-ipc500", classes: int = CLASSES) -> li
 
 
 def project(rows: list[dict], trainings: list[dict]) -> list[dict]:
-    """Seconds of each preset training per mode, from the measured rates: eager and graphs train the
-    evaluation models one after another; bank trains them as one fused bank (filters at the best
-    single-model mode). None where a needed rate was not measured."""
-    rate = {(r["mode"], r["batch_size"]): r["img_per_s"] for r in rows}
-    single = "graphs" if any(r["mode"] == "graphs" for r in rows) else "eager"
+    """Seconds of the preset's trainings per mode and precision, from the measured rates: `eager` and
+    `graphs` train the evaluation models one after another; a layout mode trains them together (its
+    filters at the best single-model mode). None where a needed rate was not measured."""
+    rate = {(r["mode"], r["precision"], r["batch_size"]): r["img_per_s"] for r in rows if "img_per_s" in r}
     out = []
-    for mode in sorted({r["mode"] for r in rows}):
-        total = 0.0
-        for t in trainings:
-            work = t["images"] * t["epochs"] * t["models"]  # model-images
-            fused = mode == "bank" and t["models"] > 1
-            key = (mode if fused or mode != "bank" else single, t["batch_size"])
-            if key not in rate:
-                total = None
-                break
-            total += work / rate[key]
-        out.append({"mode": mode, "preset": "cifar10-ipc500", "projected_s": total})
+    for precision in sorted({r["precision"] for r in rows}):
+        single = "graphs" if any(k[:2] == ("graphs", precision) for k in rate) else "eager"
+        for mode in sorted({k[0] for k in rate if k[1] == precision}):
+            total = 0.0
+            for t in trainings:
+                work = t["images"] * t["epochs"] * t["models"]  # model-images
+                together = mode in LAYOUT_MODES and t["models"] > 1
+                key = (mode if together or mode not in LAYOUT_MODES else single, precision, t["batch_size"])
+                if key not in rate:
+                    total = None
+                    break
+                total += work / rate[key]
+            out.append({"mode": mode, "precision": precision, "preset": "cifar10-ipc500", "projected_s": total})
     return out
+
+
+def targets(rows: list[dict], precision: str = "fp32") -> dict:
+    """The ratios the GPU targets are stated in: graphs over eager at batch 32 (target 4x), and the
+    fastest way of training BANK models together at batch 64 over BANK eager models one after another
+    (target 3x; one after another trains at the single eager model's img/s). None where not measured."""
+    rate = {(r["mode"], r["batch_size"]): r["img_per_s"] for r in rows
+            if r.get("precision") == precision and "img_per_s" in r}
+    eager32, eager64 = rate.get(("eager", 32)), rate.get(("eager", 64))
+    graphs = rate.get(("graphs", 32)) / eager32 if eager32 and ("graphs", 32) in rate else None
+    together = {m: rate[(m, 64)] for m in LAYOUT_MODES if (m, 64) in rate}
+    best = max(together, key=together.get) if together else None
+    return {"precision": precision, "graphs_over_eager_b32": graphs,
+            "bank_over_sequential_b64": together[best] / eager64 if best and eager64 else None,
+            "bank_best_layout": best}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="ccfs-fast bench train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 64, 128, 512])
-    parser.add_argument("--warmup", type=int, default=3)
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 64], help="the preset's batches")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps")
     parser.add_argument("--repeats", type=int, default=20, help="timed steps (median)")
+    parser.add_argument("--precisions", nargs="+", default=None, choices=("fp32", "bf16"),
+                        help="fp32 = PyTorch's defaults (TF32 convolutions on a GPU, as the paper's code); "
+                             "default: fp32 and bf16 on CUDA, fp32 on the CPU")
+    parser.add_argument("--model", default="resnet18", help="students' and teacher's architecture")
+    parser.add_argument("--side", type=int, default=SIDE, help="image side in pixels")
     parser.add_argument("--quick", action="store_true",
-                        help="batch 32 and 64, 1 warm-up and 2 timed steps on the CPU (5 on CUDA)")
-    parser.add_argument("--json", type=Path, default=None)
+                        help="1 warm-up and 2 timed steps on the CPU (5 on CUDA)")
+    parser.add_argument("--json", type=Path, default=None, help="write the rows here")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    torch.backends.cudnn.benchmark = cuda  # as real runs have it
     if args.quick:
-        args.batch_sizes, args.warmup, args.repeats = [32, 64], 1, (5 if cuda else 2)
-    modes = ["eager", "graphs", "bank"] if cuda else ["eager", "bank"]
-    rows = measure(device, args.batch_sizes, modes, args.warmup, args.repeats)
+        args.warmup, args.repeats = 1, (5 if cuda else 2)
+    precisions = tuple(args.precisions or (("fp32", "bf16") if cuda else ("fp32",)))
+    modes = ["eager", "graphs", *LAYOUT_MODES] if cuda else ["eager", *LAYOUT_MODES]
+    rows = measure(device, args.batch_sizes, modes, args.warmup, args.repeats, precisions, args.model, args.side)
     trainings = preset_trainings()
     projections = project(rows, trainings)
+    ratios = [targets(rows, p) for p in precisions]
     config = {"batch_sizes": args.batch_sizes, "warmup": args.warmup, "repeats": args.repeats, "quick": args.quick,
-              "model": "resnet18", "teacher": "resnet18", "side": SIDE, "bank_models": BANK,
-              "preset_trainings": trainings}
-    write_rows(args.json, rows + [{"projection": True, **p} for p in projections], config)
-    print(format_table(["mode", "batch", "models", "graphs", "step ms", "img/s", "device"],
-                       [(r["mode"], r["batch_size"], r["models"], r["graphs"], r["step_ms"], r["img_per_s"],
-                         r["device"]) for r in rows]))
-    print(format_table(["mode", "cifar10-ipc500 training, projected", "hours"],
-                       [(p["mode"], "n/a" if p["projected_s"] is None else f"{p['projected_s']:,.0f} s",
+              "model": args.model, "teacher": args.model, "side": args.side, "bank_models": BANK,
+              "precisions": list(precisions), "preset_trainings": trainings}
+    write_rows(args.json, rows + [{"projection": True, **p} for p in projections]
+               + [{"targets": True, **r} for r in ratios], config)
+    print(format_table(["mode", "precision", "batch", "models", "graphs ran", "step ms", "img/s"],
+                       [(r["mode"], r["precision"], r["batch_size"], r["models"],
+                         r.get("graphs_off") or r.get("skipped") or r.get("graphs"), r.get("step_ms", "-"),
+                         r.get("img_per_s", "-")) for r in rows]))
+    print(format_table(["mode", "precision", "cifar10-ipc500 training, projected", "hours"],
+                       [(p["mode"], p["precision"], "n/a" if p["projected_s"] is None else f"{p['projected_s']:,.0f} s",
                          "n/a" if p["projected_s"] is None else f"{p['projected_s'] / 3600:.2f}")
                         for p in projections]))
+    print(format_table(["precision", "graphs / eager b32 (4x)", "best together / sequential b64 (3x)", "layout"],
+                       [(r["precision"], r["graphs_over_eager_b32"] or "n/a", r["bank_over_sequential_b64"] or "n/a",
+                         r["bank_best_layout"] or "n/a") for r in ratios]))
     return rows
 
 
