@@ -208,3 +208,26 @@ def test_batched_augmentation_is_each_models_own():
                                                                                   dtype), inv, shift)
                  for m, s in enumerate((5, 6, 7))]
         assert batched.dtype == dtype and torch.equal(batched, torch.stack(alone))
+
+
+def test_resident_test_evaluation_matches_the_ffcv_path(small_space):
+    """The test set resident as uint8 and evaluated for all M models at once gives the accuracies
+    the FFCV loader path gives, and reads nothing back to the host until the accuracies are read."""
+    from ccfs_fast.data import EvalLoader, ResidentEvalLoader
+    from ccfs_fast.step import evaluate_students
+
+    models = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        models.append(create_model("convnet_tiny", 10, 8))
+    bank = FusedBank(models)
+    resident = ResidentEvalLoader(small_space, np.arange(N), 16, "cpu")
+    streamed = EvalLoader(small_space, np.arange(N), 16, "cpu", 2)
+    accs = evaluate_students(bank, resident)
+    assert accs == evaluate_students(bank, streamed)
+    alone = [evaluate_students(Single(m), resident)[0] for m in models]
+    assert accs == alone and len(set(accs)) > 1  # each model its own accuracy
+    with OpLog() as log:
+        evaluate_students(bank, resident)
+    reads = [op for op in log.ops if op in SYNC_OPS]
+    assert len(reads) == 3 and set(reads) <= {"item", "_local_scalar_dense"}, reads  # one per accuracy, at the end
