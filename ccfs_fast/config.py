@@ -141,7 +141,9 @@ class RunConfig:
         if self.cpc < 1:
             raise ConfigError(f"image-per-class x alpha = {self.image_per_class} x {self.alpha} gives "
                               f"{self.cpc} distilled images per class; raise --alpha or --image-per-class")
-        if self.curriculum_num < 1 or self.spc < self.curriculum_num:
+        if self.curriculum_num < 1:
+            raise ConfigError(f"--curriculum-num must be at least 1, got {self.curriculum_num}")
+        if self.spc < self.curriculum_num:
             raise ConfigError(f"{self.spc} real images per class to select cannot fill {self.curriculum_num} "
                               f"curricula; use --curriculum-num {max(1, self.spc)} or fewer")
         kind = score_kind(self.score)

@@ -322,7 +322,12 @@ def _run(cfg: RunConfig, dist_ctx: DistContext, device: str, resume: bool, overw
     state["world_size"] = dist_ctx.world_size
     file_key = None
     if score_kind(cfg.score).from_file:
-        file_key = easy_first_key(load_scores(cfg.score_path, ws.pool_labels), cfg.score)
+        said: list[str] = []
+        file_key = easy_first_key(load_scores(cfg.score_path, ws.pool_labels, said), cfg.score)
+        state["notes"] += said
+        if dist_ctx.is_main:
+            for note in said:
+                print(note, flush=True)
     elif cfg.coarse_pass == "lazy":
         note = (f"note: --score {cfg.score} ranks candidates by this phase's own predictions, so every eligible "
                 "image is predicted (--coarse-pass full)")

@@ -7,6 +7,7 @@ normalised on the device.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,10 +21,10 @@ from ffcv.loader import Loader, OrderOption
 from ffcv.reader import Reader
 from ffcv.transforms import ToTensor
 
-from beton_builder.manifest import Manifest, read_manifest
+from beton_builder.manifest import Manifest, manifest_path, read_manifest
 
 from .augment import DEFAULT_RATIO, DEFAULT_SCALE, augment_batch, draw_augmentation, normalise_nhwc
-from .digests import known_digest
+from .digests import digest_record, fresh_digest, known_digest
 from .errors import DataError
 from .normalization import Normalization
 
@@ -72,9 +73,20 @@ def check_pair(path: Path, manifest: Manifest) -> None:
     if manifest.beton_size is not None and os.stat(path).st_size != manifest.beton_size:
         raise DataError(f"{path}: {os.stat(path).st_size} bytes, but its manifest describes a .beton of "
                         f"{manifest.beton_size} bytes (the two come from different builds); {rebuild}")
-    if manifest.beton_sha256 is not None and known_digest(path) != manifest.beton_sha256:
-        raise DataError(f"{path}: its content does not match its manifest's digest (the two come from different "
-                        f"builds); {rebuild}")
+    if manifest.beton_sha256 is None or known_digest(path) == manifest.beton_sha256:
+        return
+    # The remembered digest may be the stale one: hash the file itself before refusing anything.
+    actual = fresh_digest(path)
+    if actual == manifest.beton_sha256:
+        print(f"warning: cache record {digest_record(path)} held a wrong digest of {path} (the file matches its "
+              "manifest); replaced", file=sys.stderr)
+        return
+    beton_newer = os.stat(path).st_mtime_ns > os.stat(manifest_path(path)).st_mtime_ns
+    stale = (f"the .beton was written after its manifest {manifest_path(path).name}, so the manifest is the stale one"
+             if beton_newer else f"the manifest {manifest_path(path).name} was written after the .beton, so the "
+             ".beton is the stale one")
+    raise DataError(f"{path}: its content (sha256 {actual[:12]}...) does not match its manifest's record "
+                    f"({manifest.beton_sha256[:12]}...): {stale}; {rebuild}")
 
 
 def _stats_tensors(norm: Normalization, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

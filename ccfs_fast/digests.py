@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from contextlib import suppress
 from pathlib import Path
 
@@ -29,20 +30,55 @@ def _identity(path: Path) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
+def digest_record(path: Path) -> Path:
+    """Where the digest of `path` (as it is now: identity = path, inode, size, mtime) is remembered."""
+    return cache_dir() / "checked" / _identity(path)
+
+
 def known_digest(path: Path) -> str:
-    """sha256 of `path`'s content, remembered per file identity (a rewrite is hashed anew)."""
-    record = cache_dir() / "checked" / _identity(path)
-    with suppress(OSError):
-        value = record.read_text().strip()
-        if len(value) == 64:
-            return value
+    """sha256 of `path`'s content, remembered per file identity (a rewrite is hashed anew). A record
+    that cannot be read or does not hold a digest is reported in one line, removed and recomputed:
+    the cache only ever saves time."""
+    record = digest_record(path)
+    value = _read_record(record)
+    return value if value is not None else fresh_digest(path)
+
+
+def fresh_digest(path: Path) -> str:
+    """sha256 of `path` hashed now (never from the cache), and remembered for the next call."""
     value = file_sha256(path)
+    record = digest_record(path)
     with suppress(OSError):  # the record only saves time: a cache that cannot be written is no error
         record.parent.mkdir(parents=True, exist_ok=True)
         tmp = record.with_name(f".{record.name}.tmp-{os.getpid()}")
         tmp.write_text(value)
         os.replace(tmp, record)
     return value
+
+
+def _read_record(record: Path) -> str | None:
+    """The digest a record holds; None when there is none or it is malformed (then it is removed,
+    with a warning naming it)."""
+    try:
+        raw = record.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return _drop(record, f"unreadable: {exc.strerror or exc}")
+    try:
+        value = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        return _drop(record, "not text")
+    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        return _drop(record, f"not a sha256 digest ({len(raw)} bytes)")
+    return value
+
+
+def _drop(record: Path, why: str) -> None:
+    print(f"warning: cache record {record} is damaged ({why}); removed, hashing the file again", file=sys.stderr)
+    with suppress(OSError):
+        record.unlink()
+    return None
 
 
 def row_digests(images: np.ndarray) -> np.ndarray:

@@ -59,10 +59,12 @@ def read_score_file(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     raise ScoreError(f"score file {path}: unsupported extension {path.suffix!r}; use .npy or .npz")
 
 
-def load_scores(path: str | Path, pool_labels: np.ndarray) -> np.ndarray:
+def load_scores(path: str | Path, pool_labels: np.ndarray, notes: list[str] | None = None) -> np.ndarray:
     """Reads a score file for a pool with labels int [n]: float64 [n] in canonical pool order.
 
-    Refuses a length other than n, NaNs, and (.npz) `labels` that differ from the pool's."""
+    Refuses a length other than n, NaNs, and (.npz) `labels` that differ from the pool's. What is
+    accepted but worth knowing (integer or float16 values, infinite values) is appended to `notes`
+    as one line each, saying what was done."""
     path = Path(path)
     scores, labels = read_score_file(path)
     n = len(pool_labels)
@@ -72,11 +74,24 @@ def load_scores(path: str | Path, pool_labels: np.ndarray) -> np.ndarray:
     if len(scores) != n:
         raise ScoreError(f"score file {path} has {len(scores)} values but the pool has {n} images; "
                          "use the score file of this dataset's training split")
+    stored = scores.dtype
     scores = scores.astype(np.float64)
+    said = [] if notes is None else notes
+    if np.issubdtype(stored, np.integer) or np.issubdtype(stored, np.bool_):
+        said.append(f"note: score file {path} holds {stored} values; read exactly as float64 (equal values tie, "
+                    "ties broken by pool index)")
+    elif stored == np.float16:
+        said.append(f"note: score file {path} holds float16 values (about 3 significant digits); converted to "
+                    "float64 as stored (values that float16 rounded together tie, ties broken by pool index)")
     nans = np.flatnonzero(np.isnan(scores))
     if len(nans):
         raise ScoreError(f"score file {path} has {len(nans)} NaN values (first at index {nans[0]}); "
                          "recompute the scores")
+    pos, neg = int(np.isposinf(scores).sum()), int(np.isneginf(scores).sum())
+    if pos or neg:
+        said.append(f"note: score file {path} has {pos} +inf and {neg} -inf values (first at index "
+                    f"{np.flatnonzero(np.isinf(scores))[0]}); kept: they rank beyond every finite score, ties among "
+                    "them broken by pool index")
     if labels is not None:
         labels = np.asarray(labels)
         if labels.shape != (n,):

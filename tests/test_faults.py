@@ -24,7 +24,13 @@ from ccfs_fast.data import BetonFile
 from ccfs_fast.digests import cache_dir, file_sha256
 from ccfs_fast.errors import ConfigError, DataError
 from ccfs_fast.outputs import RunLock, probe_lock
-from ccfs_fast.workspace import open_workspace, teacher_correct, teacher_pass_origin, teacher_pass_path
+from ccfs_fast.workspace import (
+    open_workspace,
+    pred_checksum,
+    teacher_correct,
+    teacher_pass_origin,
+    teacher_pass_path,
+)
 
 CLI = [sys.executable, "-m", "ccfs_fast.cli"]
 ROOT = os.geteuid() == 0
@@ -149,7 +155,7 @@ def test_corrupt_state_json_is_one_clear_line(interrupted_run, capsys, damage, n
 
 # --- the teacher-pass cache -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage", "altered"])
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage", "altered", "forged"])
 def test_damaged_teacher_pass_cache_is_replaced(engine_data, capsys, damage):
     ws = open_workspace(engine_data["pool"], engine_data["test"], engine_data["distilled"], engine_data["teacher"],
                         None, 4, "cpu", 2, 256)
@@ -164,10 +170,12 @@ def test_damaged_teacher_pass_cache_is_replaced(engine_data, capsys, damage):
         entry.write_bytes(b"")
     elif damage == "garbage":
         entry.write_bytes(os.urandom(500))
-    else:  # a valid file whose predictions were edited
+    else:  # a valid file whose predictions were edited (forged: with a checksum that matches the edit)
         with np.load(entry) as cached:
             fields = dict(cached)
         fields["pred"] = (fields["pred"] + 1) % 10
+        if damage == "forged":
+            fields["checksum"] = np.array(pred_checksum(fields["pred"]))
         np.savez(entry.with_suffix(".tmp.npz"), **fields)
         entry.with_suffix(".tmp.npz").replace(entry)
     capsys.readouterr()
@@ -176,6 +184,58 @@ def test_damaged_teacher_pass_cache_is_replaced(engine_data, capsys, damage):
     assert not from_cache and again.tolist() == pred.tolist()
     assert err.count("is damaged") == 1 and str(entry) in err
     assert teacher_correct(ws, digest)[2]  # rewritten, and sound again
+
+
+def _damage_record(record, damage: str, other_digest: str) -> None:
+    value = record.read_text()
+    record.write_bytes({"random": os.urandom(64), "truncated": value[:20].encode(), "empty": b"",
+                        "wrong": other_digest.encode()}[damage])
+
+
+@pytest.mark.parametrize("damage", ["random", "truncated", "empty", "wrong"])
+def test_damaged_digest_record_is_rechecked(engine_data, capsys, damage):
+    """The remembered sha256 of a checked .beton, damaged: one warning naming the record, the file
+    hashed again, and the sound .beton opens (a wrong-but-valid record never refuses sound data)."""
+    from ccfs_fast.digests import digest_record, known_digest
+
+    pool = engine_data["pool"]
+    BetonFile.open(pool)
+    record = digest_record(pool)
+    assert record.is_file()
+    _damage_record(record, damage, file_sha256(engine_data["teacher"]))
+    capsys.readouterr()
+    assert BetonFile.open(pool).manifest.n == 800
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning:") and str(record) in err[0]
+    assert known_digest(pool) == file_sha256(pool) and record.read_text() == file_sha256(pool)
+
+
+def test_run_with_damaged_caches_equals_a_clean_run(engine_data, tmp_path, capsys, monkeypatch):
+    """A run whose cache holds a garbage digest record and a forged teacher-pass entry (predictions
+    altered, checksum matching): exit 0, one warning for each, and the clean run's selection."""
+    from ccfs_fast.digests import digest_record
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    quick = ("--num-eval", "0", "--epochs", "1", "--lr-warmup-epochs", "0")
+    assert main(run_args(engine_data, tmp_path / "clean", *quick)) == 0
+    _damage_record(digest_record(engine_data["distilled"]), "random", "")
+    entries = list((tmp_path / "cache" / "ccfs-fast").glob("teacher_pass-*.npz"))
+    assert len(entries) == 1
+    with np.load(entries[0]) as cached:
+        fields = dict(cached)
+    fields["pred"][fields["pred"] == 3] = 4  # a whole class made teacher-wrong
+    fields["checksum"] = np.array(pred_checksum(fields["pred"]))
+    np.savez(tmp_path / "forged.npz", **fields)
+    (tmp_path / "forged.npz").replace(entries[0])
+    capsys.readouterr()
+    assert main(run_args(engine_data, tmp_path / "damaged", *quick)) == 0
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 2, warnings
+    assert "disagrees with the teacher" in warnings[1] and str(entries[0]) in warnings[1]
+    for name in ("selected_indices.json", "teacher_pass.npz"):
+        clean, damaged = (tmp_path / "clean" / name).read_bytes(), (tmp_path / "damaged" / name).read_bytes()
+        assert clean == damaged if name.endswith(".npz") else \
+            json.loads(clean)["idx_selected"] == json.loads(damaged)["idx_selected"]
 
 
 def test_unwritable_cache_is_a_warning(engine_data, tmp_path, capsys, monkeypatch):

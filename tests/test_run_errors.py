@@ -28,6 +28,7 @@ def _no_outputs(out):
     ("--alpha", "1.2", ("--alpha must lie strictly between 0 and 1, got 1.2",)),
     ("--alpha", "0", ("--alpha must lie strictly between 0 and 1",)),
     ("--curriculum-num", "17", ("16 real images per class to select cannot fill 17 curricula",)),
+    ("--curriculum-num", "0", ("--curriculum-num must be at least 1, got 0",)),
     ("--select-method", "easiest", ("valid selection methods: hard, random, simple",)),
     ("--score", "el2n", ("unknown score kind 'el2n'",)),
 ])

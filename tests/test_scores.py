@@ -109,3 +109,23 @@ def test_cscores_labels_must_match_pool():
     labels[123] = (labels[123] + 1) % 10
     with pytest.raises(ScoreError, match="first at index 123"):
         load_scores(SHARED_SCORES / "cscores_CIFAR10.npz", labels)
+
+
+@pytest.mark.parametrize("values,needle", [
+    (np.array([3, 0, 1, 2], np.int32), "holds int32 values; read exactly as float64"),
+    (np.array([0.2, 0.0, 1.0, 0.4], np.float16), "holds float16 values"),
+    (np.array([0.2, np.inf, -np.inf, np.inf], np.float32), "has 2 +inf and 1 -inf values (first at index 1)"),
+])
+def test_unusual_score_files_are_read_and_said(tmp_path, values, needle):
+    """Integer, float16 and infinite scores are accepted, and one note says what was done with them;
+    infinite values rank beyond every finite one."""
+    np.save(tmp_path / "s.npy", values)
+    notes: list[str] = []
+    loaded = load_scores(tmp_path / "s.npy", np.zeros(4, int), notes)
+    assert len(notes) == 1 and needle in notes[0] and str(tmp_path / "s.npy") in notes[0]
+    assert loaded.dtype == np.float64 and loaded.tolist() == values.astype(np.float64).tolist()
+    assert load_scores(tmp_path / "s.npy", np.zeros(4, int)).tolist() == loaded.tolist()  # notes optional
+    clean: list[str] = []
+    np.save(tmp_path / "f.npy", np.array([0.2, 0.0, 1.0, 0.4], np.float32))
+    load_scores(tmp_path / "f.npy", np.zeros(4, int), clean)
+    assert clean == []  # float32 / float64 files (the published ones) say nothing
