@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ccfs_fast.outputs import environment, write_json
@@ -19,6 +20,56 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> floa
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def interleaved_medians(sides: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
+    """Each side's median value over `rounds` calls, the sides called in alternating order (A B, then
+    B A, ...), so a machine whose speed drifts, or a job that starts or stops meanwhile, weighs on
+    both sides alike."""
+    values: dict[str, list[float]] = {name: [] for name in sides}
+    names = list(sides)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            values[name].append(sides[name]())
+    return {name: statistics.median(v) for name, v in values.items()}
+
+
+def machine_overloaded() -> tuple[bool, str]:
+    """(whether the 1-minute load average exceeds the CPUs this process may use, the facts as text)."""
+    import os
+
+    from ccfs_fast.processes import available_cpus
+
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return False, "load average unknown"
+    cpus = available_cpus()
+    return load > cpus, f"load average {load:.2f} on {cpus} CPUs"
+
+
+COMPETITOR = "while True: pass"  # another user's single-threaded job, one per CPU
+
+
+@contextmanager
+def competing_load(jobs: int | None = None) -> Iterator[int]:
+    """Starts `jobs` busy CPU processes (default: one per CPU this process may use) for the duration of
+    the block, as other users' jobs on a shared machine; yields their count and kills them after."""
+    import subprocess
+    import sys
+
+    from ccfs_fast.processes import available_cpus
+
+    count = available_cpus() if jobs is None else jobs
+    procs = [subprocess.Popen([sys.executable, "-c", COMPETITOR]) for _ in range(count)]
+    try:
+        time.sleep(0.5)  # let the scheduler see them
+        yield count
+    finally:
+        for proc in procs:
+            proc.kill()
+        for proc in procs:
+            proc.wait()
 
 
 def write_rows(path: str | Path | None, rows: list[dict], config: dict) -> None:

@@ -29,9 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ccfs_fast.processes import available_cpus
 from ccfs_fast.tables import format_table
 
-from .common import peak_rss_mb, reset_peak_rss, write_chart, write_rows
+from .common import competing_load, peak_rss_mb, reset_peak_rss, write_chart, write_rows
 
 
 @dataclass(frozen=True)
@@ -395,7 +396,22 @@ def compare(row: Row, shape: Shape, args: argparse.Namespace, tmp: Path) -> list
                        baseline_filter_acc=[p["filter_acc"] for p in base["phases"]],
                        ccfs_filter_acc=[p["filter_acc"] for p in ccfs["phases"]])
         rows.append(out)
+    if args.under_load:
+        rows.append(under_load(rows[-1], spec_path, root, args.repeats))
     return rows
+
+
+def under_load(idle: dict, spec_path: Path, root: Path, repeats: int) -> dict:
+    """The curriculum row measured again with one busy CPU job per available CPU running (started
+    here), both sides interleaved as before; `speedup_kept` = its speedup over the idle one's."""
+    with competing_load() as jobs:
+        ccfs_runs, base_runs = run_sides(spec_path, root, repeats)
+    (base_s, base_each), (ccfs_s, ccfs_each) = median_run(base_runs, "curriculum_s"), median_run(ccfs_runs,
+                                                                                                  "curriculum_s")
+    return {**{k: idle[k] for k in ("dataset", "model", "epochs", "pool", "side", "classes", "curricula")},
+            "stage": f"curriculum, {jobs} busy jobs", "baseline_s": base_s, "ccfs_s": ccfs_s, "repeats": repeats,
+            "baseline_runs_s": base_each, "ccfs_runs_s": ccfs_each, "speedup": base_s / ccfs_s,
+            "speedup_kept": (base_s / ccfs_s) / idle["speedup"]}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -408,10 +424,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="filter epochs per curriculum of the convnet rows (the paper uses 200-500; 40 keeps "
                              "this to minutes); the resnet18 row trains 2")
     parser.add_argument("--curricula", type=int, default=2)
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--workers", type=int, default=available_cpus())
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs of each side per row, interleaved in alternating order; the table reports each "
                              "side's median (use 3 or more on a shared or noisy machine)")
+    parser.add_argument("--under-load", action="store_true",
+                        help="also measure each row's curriculum with one busy CPU job per available CPU running "
+                             "(started by the benchmark): how much of the idle speedup it keeps")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.repeats < 1:

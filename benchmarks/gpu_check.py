@@ -15,7 +15,6 @@ earlier check (loader, training and prediction rates with the fast path on and o
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from ccfs_fast.curriculum import run_curriculum
 from ccfs_fast.data import BetonFile, EvalLoader, IndexSpace, ResidentTrainLoader
 from ccfs_fast.models import create_model
 from ccfs_fast.outputs import environment, write_json
+from ccfs_fast.processes import available_cpus
 from ccfs_fast.tables import format_table
 from ccfs_fast.teacher import train_teacher
 from ccfs_fast.train import kd_loss, make_optimizer, predict
@@ -37,7 +37,7 @@ from ccfs_fast.train import kd_loss, make_optimizer, predict
 from .curriculum_wallclock import class_images
 from .stages import Stages
 
-WORKERS = min(8, os.cpu_count() or 1)
+WORKERS = min(8, available_cpus())
 FAST_ON = FastPath(channels_last=True, bf16=True, cudnn_benchmark=True, fused_optimizer=True)
 FAST_OFF = FastPath(channels_last=False, bf16=False, cudnn_benchmark=False, fused_optimizer=False)
 
@@ -162,7 +162,7 @@ def stage_data(root: Path, quick: bool, files: dict) -> dict:
     from beton_builder.build import BuildConfig, build
 
     pool, test, per_class = (2000, 400, 5) if quick else (50_000, 10_000, 50)
-    files.update(make_data(root, pool, test, min(16, os.cpu_count() or 1)))
+    files.update(make_data(root, pool, test, min(16, available_cpus())))
     dx, _ = class_images(per_class * 10, 10, 32, 5)
     for c in range(10):
         (root / "distilled" / f"{c:02d}").mkdir(parents=True, exist_ok=True)
@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         root = Path(tmp)
         start = time.perf_counter()
-        files = make_data(root, args.pool, args.test, min(16, os.cpu_count() or 1))
+        files = make_data(root, args.pool, args.test, min(16, available_cpus()))
         results["data_s"] = time.perf_counter() - start
         space = IndexSpace(BetonFile.open(files["pool"]))
         for batch in () if args.skip_rates else (128, 512):

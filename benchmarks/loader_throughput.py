@@ -12,7 +12,6 @@ Run: `ccfs-fast bench loader [--quick] [--json FILE]`.
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -26,10 +25,11 @@ from torchvision import datasets, transforms
 from beton_builder.table import ImageTable
 from beton_builder.writer import write_beton
 from ccfs_fast.data import BetonFile, IndexSpace, ResidentTrainLoader
+from ccfs_fast.processes import available_cpus
 from ccfs_fast.tables import format_table
 
 from .baseline_paper import SelectedTensors
-from .common import median_time, write_chart, write_rows
+from .common import competing_load, median_time, write_chart, write_rows
 
 
 def synthetic_images(n: int, side: int, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -46,12 +46,12 @@ def paper_transforms(side: int, mean: tuple, std: tuple, from_pil: bool):
     return transforms.Compose([*steps, transforms.Normalize(mean, std)])
 
 
-def epoch_rate(loader, n: int, repeats: int) -> float:
-    """Median images/s of full passes over `loader` (one warm-up pass first)."""
+def epoch_rate(loader, n: int, repeats: int, warmup: int = 1) -> float:
+    """Median images/s of full passes over `loader` (`warmup` untimed passes first)."""
     def one_epoch():
         for batch in loader:
             _ = batch[0]
-    return n / median_time(one_epoch, repeats)
+    return n / median_time(one_epoch, repeats, warmup)
 
 
 def measure_side(side: int, n: int, batch_sizes: list[int], workers: int, repeats: int, root: Path) -> list[dict]:
@@ -95,9 +95,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--sides", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 32])
     parser.add_argument("--images", type=int, default=5000, help="train-set size (a phase's ipc x classes)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--workers", type=int, default=available_cpus())
     parser.add_argument("--repeats", type=int, default=3, help="timed epochs (median) after one warm-up")
     parser.add_argument("--quick", action="store_true", help="1,000 images, 32x32, batch 128, 2 repeats")
+    parser.add_argument("--under-load", action="store_true",
+                        help="measure every row again with one busy CPU job per available CPU running, started "
+                             "by the benchmark, and report how much of its idle speedup each row keeps")
     parser.add_argument("--json", type=Path, default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)
     if args.quick:
@@ -105,14 +108,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
     config = {k: v for k, v in vars(args).items() if k != "json"}
     config["json"] = str(args.json) if args.json else None
     with tempfile.TemporaryDirectory(prefix="ccfs-bench-") as tmp:
-        rows = [row for side in args.sides
+        rows = [{**row, "load": "idle"} for side in args.sides
                 for row in measure_side(side, args.images, args.batch_sizes, args.workers, args.repeats, Path(tmp))]
+        if args.under_load:
+            with competing_load() as jobs:
+                busy = [{**row, "load": f"{jobs} busy jobs"} for side in args.sides
+                        for row in measure_side(side, args.images, args.batch_sizes, args.workers, args.repeats,
+                                                Path(tmp))]
+            for idle, row in zip(list(rows), busy):
+                row["speedup_kept"] = row["speedup"] / idle["speedup"]  # target: at least 0.5
+            rows += busy
     write_rows(args.json, rows, config)
     write_chart(args.json, [f"{r['side']}px b{r['batch_size']} vs {r['baseline']}" for r in rows],
                 [r["speedup"] for r in rows], "train loader images/s: ccfs-fast vs the paper's input paths", 10.0)
-    print(format_table(["side", "batch", "baseline", "baseline img/s", "ccfs-fast img/s", "speedup", "ccfs setup s"],
-                       [(f"{r['side']}x{r['side']}", r["batch_size"], r["baseline"], r["baseline_img_per_s"],
-                         r["ccfs_img_per_s"], f"{r['speedup']:.1f}x", r["ccfs_setup_s"]) for r in rows]))
+    print(format_table(["side", "batch", "baseline", "load", "baseline img/s", "ccfs-fast img/s", "speedup",
+                        "kept under load", "ccfs setup s"],
+                       [(f"{r['side']}x{r['side']}", r["batch_size"], r["baseline"], r["load"], r["baseline_img_per_s"],
+                         r["ccfs_img_per_s"], f"{r['speedup']:.1f}x",
+                         f"{r['speedup_kept']:.2f}" if "speedup_kept" in r else "", r["ccfs_setup_s"]) for r in rows]))
     return rows
 
 

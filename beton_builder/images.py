@@ -12,7 +12,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from ccfs_fast.errors import BuildError
-from ccfs_fast.processes import die_with_parent
+from ccfs_fast.processes import available_cpus, die_with_parent
 
 # torchvision's ImageFolder extensions, compared lower-case as it does.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -63,7 +63,7 @@ def decode_images(refs: list[ImageRef], side: int | None, workers: int, desc: st
     if not refs:
         raise BuildError(f"{desc}: no image files found")
     jobs = [(ref, side) for ref in refs]
-    workers = max(1, min(workers, os.cpu_count() or 1))
+    workers = max(1, min(workers, available_cpus()))
     with get_context("fork").Pool(workers, initializer=die_with_parent) as pool:
         decoded = list(tqdm(pool.imap(_decode, jobs, chunksize=64), total=len(jobs), desc=desc,
                             unit="img"))

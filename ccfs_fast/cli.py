@@ -247,7 +247,9 @@ def _set_threads(threads: int | None) -> None:
     import torch
 
     # Under torchrun the cores are shared by the ranks on this node.
-    count = threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    from .processes import available_cpus
+
+    count = threads or max(1, available_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     torch.set_num_threads(count)
     numba.set_num_threads(min(count, numba.config.NUMBA_NUM_THREADS))
 

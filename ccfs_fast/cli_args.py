@@ -4,7 +4,6 @@ answer at once)."""
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Callable
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -46,7 +45,9 @@ def with_default(text: str, value: object) -> str:
 
 
 def default_workers() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
+    from .processes import available_cpus
+
+    return max(1, min(8, available_cpus()))
 
 
 def batch_size_arg(value: str) -> int | None:

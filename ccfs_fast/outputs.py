@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError, OutputError
+from .processes import available_cpus
 
 RUN_FILES = ("selected_indices.json", "metrics.json", "exp_log.txt", "state.json", "teacher_pass.npz",
              "metrics.csv", "report.png")
@@ -206,6 +207,13 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _load() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def environment(device: str | None = None) -> dict:
     """Machine, device and library versions recorded beside every result (device default: cuda
     when available, else cpu)."""
@@ -220,5 +228,6 @@ def environment(device: str | None = None) -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": version("torchvision"),
             "ffcv": version("ffcv"),  # ffcv.__version__ says 0.0.3rc1 in 1.0.2
             "numba": version("numba"), "numpy": np.__version__, "machine": platform.machine(), "cpu": cpu_model(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device,
+            "cpu_count": os.cpu_count(), "available_cpus": available_cpus(), "load_average": _load(),
+            "torch_threads": torch.get_num_threads(), "device": device,
             "cuda": torch.cuda.get_device_name(0) if cuda else None, "date": time.strftime("%Y-%m-%d %H:%M:%S")}

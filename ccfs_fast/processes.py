@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import multiprocessing
 import os
 import signal
 import traceback
 from collections.abc import Callable
 from contextlib import suppress
+from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
@@ -114,3 +116,30 @@ def run_isolated(fn: Callable, *args: object) -> tuple[str, int | None, str] | N
         raise
     outcome = errors.get() if not errors.empty() else ("ChildDied", None, f"exit code {proc.exitcode}", "")
     return None if outcome is None else outcome[:3]
+
+
+def available_cpus() -> int:
+    """The CPUs this process may really use: its affinity mask (taskset, a batch scheduler's
+    cpuset) capped by a cgroup CPU quota (containers: cpu.max in cgroup v2, cfs_quota_us in v1),
+    which os.cpu_count() ignores. Thread pools sized to os.cpu_count() on a machine that grants
+    fewer CPUs oversubscribe them: every parallel region then waits on a descheduled thread."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        count = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    if quota is not None:
+        count = min(count, max(1, math.ceil(quota)))
+    return max(1, count)
+
+
+def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs granted by this process's cgroup quota (e.g. 1.5), or None when unlimited / unknown."""
+    with suppress(OSError, ValueError):
+        limit, period = (root / "cpu.max").read_text().split()[:2]  # cgroup v2: "max 100000" or "150000 100000"
+        return None if limit == "max" else int(limit) / int(period)
+    with suppress(OSError, ValueError):
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return None if quota <= 0 or period <= 0 else quota / period
+    return None

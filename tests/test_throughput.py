@@ -2,12 +2,14 @@
 ratio well below what the benchmarks show (benchmarks/results/), never an absolute time."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
 
 from benchmarks.baseline_paper import SelectedTensors
-from benchmarks.common import median_time
+from benchmarks.common import interleaved_medians, machine_overloaded, median_time
 from benchmarks.loader_throughput import epoch_rate, paper_transforms, synthetic_images
 from benchmarks.select_kernel import SCALES, kernel_path, make_problem, reference_path
 from beton_builder.table import ImageTable
@@ -18,8 +20,23 @@ from ccfs_fast.select import warm_up_kernels
 pytestmark = pytest.mark.throughput
 
 
+def holds(measure: Callable[[], tuple[float, str]], threshold: float, what: str) -> None:
+    """Asserts measure()'s ratio > threshold. A miss on a measurably overloaded machine (load average
+    above the CPUs this process may use) is measured once more, saying so; a second miss fails,
+    so an engine that is really slower still fails."""
+    ratio, detail = measure()
+    if ratio <= threshold:
+        overloaded, load = machine_overloaded()
+        if overloaded:
+            print(f"\nnote: {what} {ratio:.2f}x (needs > {threshold}x) with {load}: the machine is overloaded; "
+                  "measuring once more")
+            ratio, detail = measure()
+    assert ratio > threshold, f"{what} only {ratio:.2f}x (needs > {threshold}x): {detail}"
+
+
 def test_train_loader_beats_tensordataset_path(tmp_path):
-    """Benchmark: 16.6x at 32x32, batch 128, 5,000 images, 2 workers. Asserted: 4x."""
+    """Benchmark: 16.6x at 32x32, batch 128, 5,000 images, 2 workers. Asserted: 4x, as the ratio of
+    the two sides' median epoch rates, epochs taken in alternating order."""
     n = 2000
     images, labels = synthetic_images(n, 32, 10, seed=0)
     manifest = write_beton(ImageTable(images, labels, tuple("0123456789"), "arrays", "synthetic"),
@@ -30,8 +47,15 @@ def test_train_loader_beats_tensordataset_path(tmp_path):
     dataset = SelectedTensors(tensors, torch.from_numpy(labels), paper_transforms(32, manifest.mean, manifest.std,
                                                                                      False))
     baseline = torch.utils.data.DataLoader(dataset, batch_size=128, shuffle=True, num_workers=2)
-    ratio = epoch_rate(ccfs, n, 3) / epoch_rate(baseline, n, 2)
-    assert ratio > 4.0, f"train loader only {ratio:.1f}x the TensorDataset path"
+    epoch_rate(ccfs, n, 1)  # warm-ups outside the alternation
+    epoch_rate(baseline, n, 1)
+
+    def measure() -> tuple[float, str]:
+        rates = interleaved_medians({"ccfs": lambda: epoch_rate(ccfs, n, 1, warmup=0),
+                                     "baseline": lambda: epoch_rate(baseline, n, 1, warmup=0)}, 3)
+        return rates["ccfs"] / rates["baseline"], f"{rates}"
+
+    holds(measure, 4.0, "train loader vs the TensorDataset path")
 
 
 def test_selection_kernel_beats_sets_and_sorted():
@@ -60,11 +84,17 @@ def test_curriculum_wallclock_beats_paper_approach(tmp_path):
     spec = BenchSpec(root=str(tmp_path), shape=dataclasses.asdict(Shape("cifar10", 3000, 500, 32, 10, 50)),
                      epochs=8, curricula=2)
     prepare(spec)
-    ccfs = worker_ccfs(spec)
-    base = worker_baseline(spec)
-    ccfs_s = sum(p["curriculum_s"] for p in ccfs["phases"])
-    base_s = sum(p["curriculum_s"] for p in base["phases"])
-    assert ccfs_s * 2.0 < base_s, json.dumps({"ccfs_s": ccfs_s, "baseline_s": base_s})
+    runs = {}
+
+    def measure() -> tuple[float, str]:  # one run of each side, the baseline first on a second try
+        order = ("ccfs", "baseline") if not runs else ("baseline", "ccfs")
+        for side in order:
+            runs[side] = (worker_ccfs if side == "ccfs" else worker_baseline)(spec)
+        seconds = {side: sum(p["curriculum_s"] for p in run["phases"]) for side, run in runs.items()}
+        return seconds["baseline"] / seconds["ccfs"], json.dumps(seconds)
+
+    holds(measure, 2.0, "curriculum wall-clock vs the paper's approach")
+    ccfs, base = runs["ccfs"], runs["baseline"]
     # the lazy coarse pass (the default) predicted a part of the eligible pool; the baseline all of it
     assert all(p["coarse_pass"] == "lazy" for p in ccfs["phases"])
     assert sum(p["pool_evaluated"] for p in ccfs["phases"]) < sum(p["pool_eligible"] for p in ccfs["phases"])
