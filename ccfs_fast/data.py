@@ -27,6 +27,7 @@ from .augment import DEFAULT_RATIO, DEFAULT_SCALE, augment_batch, draw_augmentat
 from .digests import digest_record, fresh_digest, known_digest
 from .errors import DataError
 from .normalization import Normalization
+from .processes import CpuShare
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,25 @@ def norm_tensors(norm: Normalization, device: torch.device) -> tuple[torch.Tenso
     """(inv_std255, shift) float32 [1, 3, 1, 1] on `device`: x_norm = x_uint8 * inv_std255 + shift."""
     mean255, std255 = _stats_tensors(norm, device)
     return 1.0 / std255, -mean255 / std255
+
+
+@contextmanager
+def elementwise_threads(share: CpuShare, device: torch.device) -> Iterator[None]:
+    """On the CPU, per-element work (augmentation, normalisation: results independent of the thread
+    count) runs on the threads `share` grants now; on other devices nothing changes."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    wanted = share.threads(threads)
+    if wanted == threads:
+        yield
+        return
+    torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @contextmanager
@@ -353,6 +373,7 @@ class ResidentTrainLoader:
             resident = space.read_resident(indices, self.device, workers)
         self.images, self.labels, self.index = resident
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.share = CpuShare()
 
     def __len__(self) -> int:
         per_rank = -(-len(self.labels) // self.world_size)
@@ -363,8 +384,9 @@ class ResidentTrainLoader:
         for start in range(0, len(order), self.batch_size):
             rows = order[start:start + self.batch_size]
             u = draw_augmentation(len(rows), self.generator, self.dtype)
-            images = augment_batch(self.images.index_select(0, rows), u, self.inv_std255, self.shift, self.scale,
-                                   self.ratio)
+            with elementwise_threads(self.share, self.device):
+                images = augment_batch(self.images.index_select(0, rows), u, self.inv_std255, self.shift, self.scale,
+                                       self.ratio)
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             yield images, self.labels.index_select(0, rows), self.index.index_select(0, rows)

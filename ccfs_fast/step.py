@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 from .augment import augment_batch, draw_augmentation
 from .config import TrainRecipe
-from .data import epoch_order
+from .data import elementwise_threads, epoch_order
+from .processes import CpuShare
 from .train import TrainResult, full_precision, make_optimizer, make_scheduler
 
 GRAPH_OPTIMIZERS = ("sgd", "sgd_nesterov")  # fused SGD takes the learning rate as a device tensor
@@ -125,6 +126,7 @@ class KDStep:
         self.momentum_buffers = self._start_momentum()
         self.teacher_stream = (torch.cuda.Stream(self.device) if cfg.teacher_stream and self.device.type == "cuda"
                                else None)
+        self.share = CpuShare()
 
     def _start_momentum(self) -> list[torch.Tensor]:
         # SGD's first step sets buf = grad; a zero buffer gives buf = 0.9 * 0 + grad: the same value,
@@ -157,8 +159,9 @@ class KDStep:
         images are bit for bit what its own pipeline gives, in far fewer kernels)."""
         count, batch = rows.shape
         draws = torch.cat([draw_augmentation(batch, g, self.cfg.dtype) for g in self.generators])
-        out = augment_batch(self.images.index_select(0, rows.reshape(-1)), draws, self.inv_std255, self.shift,
-                            self.cfg.scale, self.cfg.ratio)
+        with elementwise_threads(self.share, self.device):  # CPU: fewer threads on contended cores
+            out = augment_batch(self.images.index_select(0, rows.reshape(-1)), draws, self.inv_std255, self.shift,
+                                self.cfg.scale, self.cfg.ratio)
         return out.view(count, batch, *out.shape[1:])
 
     def teacher_logits(self, flat: torch.Tensor) -> torch.Tensor:

@@ -2,14 +2,16 @@
 ratio well below what the benchmarks show (benchmarks/results/), never an absolute time."""
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
 import torch
 
 from benchmarks.baseline_paper import SelectedTensors
-from benchmarks.common import interleaved_medians, machine_overloaded, median_time
+from benchmarks.common import competing_load, interleaved_medians, machine_overloaded, median_time
 from benchmarks.loader_throughput import epoch_rate, paper_transforms, synthetic_images
 from benchmarks.select_kernel import SCALES, kernel_path, make_problem, reference_path
 from beton_builder.table import ImageTable
@@ -34,9 +36,12 @@ def holds(measure: Callable[[], tuple[float, str]], threshold: float, what: str)
     assert ratio > threshold, f"{what} only {ratio:.2f}x (needs > {threshold}x): {detail}"
 
 
-def test_train_loader_beats_tensordataset_path(tmp_path):
+@pytest.mark.parametrize("busy", [False, True], ids=["idle", "under-load"])
+def test_train_loader_beats_tensordataset_path(tmp_path, busy):
     """Benchmark: 16.6x at 32x32, batch 128, 5,000 images, 2 workers. Asserted: 4x, as the ratio of
-    the two sides' median epoch rates, epochs taken in alternating order."""
+    the two sides' median epoch rates, epochs taken in alternating order; also with one busy CPU job
+    per CPU running (other users' jobs), where the baseline's worker processes degrade gracefully
+    and the engine must keep its lead."""
     n = 2000
     images, labels = synthetic_images(n, 32, 10, seed=0)
     manifest = write_beton(ImageTable(images, labels, tuple("0123456789"), "arrays", "synthetic"),
@@ -55,7 +60,23 @@ def test_train_loader_beats_tensordataset_path(tmp_path):
                                      "baseline": lambda: epoch_rate(baseline, n, 1, warmup=0)}, 3)
         return rates["ccfs"] / rates["baseline"], f"{rates}"
 
-    holds(measure, 4.0, "train loader vs the TensorDataset path")
+    with competing_load() if busy else nullcontext():
+        holds(measure, 4.0, "train loader vs the TensorDataset path" + (" under load" if busy else ""))
+
+
+def test_cpu_share_gives_way_to_other_jobs():
+    """With one busy job per CPU, per-element work is granted fewer threads than the process has."""
+    from ccfs_fast.processes import CpuShare, available_cpus
+
+    share = CpuShare(interval_s=0.3)
+    assert 1 <= share.threads(available_cpus()) <= available_cpus()
+    with competing_load() as jobs:
+        time.sleep(0.8)
+        share.threads(available_cpus())  # a fresh measurement over the loaded interval
+        time.sleep(0.8)
+        granted = share.threads(available_cpus())
+    assert jobs == available_cpus() and granted < available_cpus() or available_cpus() == 1
+    assert share.threads(1) == 1
 
 
 def test_selection_kernel_beats_sets_and_sorted():
