@@ -79,11 +79,13 @@ def _split_args(args: argparse.Namespace, drop: tuple[str, ...] = ()) -> dict:
 
 
 def _run_run(args: argparse.Namespace) -> Runner:
-    from .config import RunConfig, preset_settings, split_recipe
+    from .config import RunConfig, preset_settings, published_scores, split_recipe
     from .outputs import probe_lock
 
-    values = {**preset_settings(args.preset), **_split_args(args, ("resume", "overwrite"))}
+    values, notes = published_scores(args.preset, {**preset_settings(args.preset),
+                                                   **_split_args(args, ("resume", "overwrite"))})
     recipe, rest = split_recipe(values)
+    rest["notes"] = tuple(notes) + rest["notes"]
     cfg = RunConfig(recipe=recipe, **rest)
     probe_lock(cfg.output_dir)
 

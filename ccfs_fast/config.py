@@ -290,6 +290,29 @@ PRESETS: dict[str, dict] = {
     "tiny-imagenet-ipc100": _preset(100, 0.2, 100, batch_size=64),
 }
 
+# The published forgetting scores (the paper's, Apache-2.0) shipped in the repository's scores/ folder,
+# used by a preset of that dataset when --score-path is not given.
+SCORES_DIR = Path(__file__).resolve().parents[1] / "scores"
+PRESET_SCORES = {"cifar10-": "forgetting_CIFAR10.npy", "cifar100-": "forgetting_CIFAR100.npy",
+                 "tiny-imagenet-": "forgetting_Tiny.npy"}
+
+
+def published_scores(preset: str | None, values: dict) -> tuple[dict, list[str]]:
+    """`values` with the preset's published score file as score_path when none was given (and the
+    score kind is forgetting), and the note that says so; unchanged otherwise."""
+    if preset is None or values.get("score_path") is not None or values.get("score", "forgetting") != "forgetting":
+        return values, []
+    name = next((f for prefix, f in PRESET_SCORES.items() if preset.startswith(prefix)), None)
+    if name is None:
+        return values, []
+    path = SCORES_DIR / name
+    if not path.is_file():
+        raise ConfigError(f"--preset {preset} uses the published scores {path}, which are missing from this "
+                          "checkout; restore the repository's scores/ folder or pass --score-path FILE")
+    return {**values, "score_path": path}, [f"note: --preset {preset} uses the published forgetting scores {path} "
+                                            "(no --score-path given)"]
+
+
 RECIPE_KEYS = frozenset(f.name for f in fields(TrainRecipe))
 FAST_KEYS = frozenset(f.name for f in fields(FastPath))
 

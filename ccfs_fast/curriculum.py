@@ -221,7 +221,7 @@ def _write_outputs(out: Path, cfg: RunConfig, state: dict) -> None:
                                       "settings": state["settings"]})
     lines = [f"{k}: {v}" for k, v in state["settings"].items()]
     lines += [f"cpc (distilled per class): {cfg.cpc}", f"spc (selected per class): {cfg.spc}",
-              f"arrangement: {curriculum_arrangement(cfg.spc, cfg.curriculum_num)}"]
+              f"arrangement: {curriculum_arrangement(cfg.spc, cfg.curriculum_num)}", *state.get("notes", [])]
     for p in phases:
         lines.append(f"phase {p['phase']}/{cfg.curriculum_num}: curpc {p['curpc']}, train set {p['train_size']}, "
                      f"filter acc ({p['filter_acc_rule']}) {_fmt(p['filter_acc'])}%, "

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from formats import class_images, write_cifar10  # noqa: E402
 
-SHARED_SCORES = Path(__file__).resolve().parents[1].parent / "shared" / "scores"
+PUBLISHED_SCORES = Path(__file__).resolve().parents[1] / "scores"  # the paper's files, shipped in scores/
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import SHARED_SCORES
+from conftest import PUBLISHED_SCORES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -93,15 +93,13 @@ def test_lazy_equals_full_on_generated_problems(p):
 
 
 def _published(name):
-    path = SHARED_SCORES / name
-    if not path.is_file():
-        pytest.skip("../shared/scores (published CCFS score files) not present")
+    path = PUBLISHED_SCORES / name
     if name.endswith(".npz"):
         with np.load(path) as npz:
             return npz["scores"].astype(np.float64), npz["labels"].astype(np.int64), "cscore"
     scores = np.load(path).astype(np.float64)
     if "CIFAR" in name:
-        with np.load(SHARED_SCORES / name.replace("forgetting_", "cscores_").replace(".npy", ".npz")) as npz:
+        with np.load(PUBLISHED_SCORES / name.replace("forgetting_", "cscores_").replace(".npy", ".npz")) as npz:
             return scores, npz["labels"].astype(np.int64), "forgetting"
     return scores, np.repeat(np.arange(200), 500), "forgetting"  # Tiny-ImageNet: sorted wnids, 500 each
 

@@ -3,15 +3,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import SHARED_SCORES
+from conftest import PUBLISHED_SCORES
 
 from benchmarks.select_reference import reference_select
 from ccfs_fast.errors import ScoreError, UnknownNameError
 from ccfs_fast.scores import easy_first_key, load_scores, score_kind
 from ccfs_fast.select import candidate_mask, curriculum_arrangement, order_key, select_per_class
-
-needs_scores = pytest.mark.skipif(not (SHARED_SCORES / "cscores_CIFAR10.npz").is_file(),
-                                  reason="../shared/scores (published CCFS score files) not present")
 
 
 def test_npy_and_npz_load(tmp_path):
@@ -76,14 +73,13 @@ def _run_phases(labels, scores, kind, method, seed, num_classes, spc=40, phases=
     return history
 
 
-@needs_scores
 @pytest.mark.parametrize("dataset,classes", [("CIFAR10", 10), ("CIFAR100", 100)])
 @pytest.mark.parametrize("kind", ["forgetting", "cscore"])
 def test_real_scores_selection_equals_reference(dataset, classes, kind):
-    with np.load(SHARED_SCORES / f"cscores_{dataset}.npz") as npz:
+    with np.load(PUBLISHED_SCORES / f"cscores_{dataset}.npz") as npz:
         labels = npz["labels"].astype(np.int64)
     assert len(labels) == 50000 and labels.max() == classes - 1
-    path = SHARED_SCORES / (f"forgetting_{dataset}.npy" if kind == "forgetting" else f"cscores_{dataset}.npz")
+    path = PUBLISHED_SCORES / (f"forgetting_{dataset}.npy" if kind == "forgetting" else f"cscores_{dataset}.npz")
     scores = load_scores(path, labels)  # the .npz's labels are checked against the pool labels
     spc = 400 if classes == 10 else 40
     history = _run_phases(labels, scores, kind, "simple", seed=11, num_classes=classes, spc=spc)
@@ -93,22 +89,20 @@ def test_real_scores_selection_equals_reference(dataset, classes, kind):
     assert easier
 
 
-@needs_scores
 def test_real_tiny_forgetting_loads_and_hard_selection():
-    scores = np.load(SHARED_SCORES / "forgetting_Tiny.npy")
+    scores = np.load(PUBLISHED_SCORES / "forgetting_Tiny.npy")
     labels = np.repeat(np.arange(200), 500)  # Tiny-ImageNet train: 500 images per sorted wnid
-    loaded = load_scores(SHARED_SCORES / "forgetting_Tiny.npy", labels)
+    loaded = load_scores(PUBLISHED_SCORES / "forgetting_Tiny.npy", labels)
     assert loaded.shape == (100000,) and np.array_equal(loaded, scores.astype(np.float64))
     _run_phases(labels, loaded, "forgetting", "hard", seed=3, num_classes=200, spc=30)
 
 
-@needs_scores
 def test_cscores_labels_must_match_pool():
-    with np.load(SHARED_SCORES / "cscores_CIFAR10.npz") as npz:
+    with np.load(PUBLISHED_SCORES / "cscores_CIFAR10.npz") as npz:
         labels = npz["labels"].copy()
     labels[123] = (labels[123] + 1) % 10
     with pytest.raises(ScoreError, match="first at index 123"):
-        load_scores(SHARED_SCORES / "cscores_CIFAR10.npz", labels)
+        load_scores(PUBLISHED_SCORES / "cscores_CIFAR10.npz", labels)
 
 
 @pytest.mark.parametrize("values,needle", [
@@ -129,3 +123,26 @@ def test_unusual_score_files_are_read_and_said(tmp_path, values, needle):
     np.save(tmp_path / "f.npy", np.array([0.2, 0.0, 1.0, 0.4], np.float32))
     load_scores(tmp_path / "f.npy", np.zeros(4, int), clean)
     assert clean == []  # float32 / float64 files (the published ones) say nothing
+
+
+def test_published_files_are_whole():
+    """The five score files shipped in scores/ are byte for byte the published ones (SHA256SUMS)."""
+    import hashlib
+
+    listed = dict(line.split()[::-1] for line in (PUBLISHED_SCORES / "SHA256SUMS").read_text().splitlines())
+    assert sorted(listed) == ["cscores_CIFAR10.npz", "cscores_CIFAR100.npz", "forgetting_CIFAR10.npy",
+                              "forgetting_CIFAR100.npy", "forgetting_Tiny.npy"]
+    for name, digest in listed.items():
+        assert hashlib.sha256((PUBLISHED_SCORES / name).read_bytes()).hexdigest() == digest, name
+
+
+def test_presets_use_the_published_scores():
+    from ccfs_fast.config import published_scores
+
+    values, notes = published_scores("cifar100-ipc50", {})
+    assert values["score_path"] == PUBLISHED_SCORES / "forgetting_CIFAR100.npy" and "no --score-path" in notes[0]
+    assert published_scores("tiny-imagenet-ipc50", {})[0]["score_path"].name == "forgetting_Tiny.npy"
+    mine = {"score_path": "mine.npy"}
+    assert published_scores("cifar10-ipc500", mine) == (mine, [])  # an explicit file wins
+    assert published_scores("cifar10-ipc500", {"score": "cscore"}) == ({"score": "cscore"}, [])
+    assert published_scores(None, {}) == ({}, [])
