@@ -16,17 +16,17 @@ from pathlib import Path
 from .cli_args import add_eval, add_recipe_args, add_run, add_teacher, default_workers  # noqa: F401
 from .errors import CCFSError, ConfigError
 
-EPILOG = """a whole run, step by step:
+EPILOG = """a whole run, step by step (README: "Run CCFS on CIFAR-10 / CIFAR-100 / Tiny-ImageNet"):
   ccfs-fast build cifar10 --src cifar-10-python.tar.gz --out data/
   ccfs-fast build folder --src cda_cifar10_ipc500/ --out data/distilled.beton
   ccfs-fast run --preset cifar10-ipc500 --pool data/cifar10_train.beton --test data/cifar10_test.beton \\
-      --distilled data/distilled.beton --teacher teacher.pth --score-path forgetting_CIFAR10.npy \\
-      --device cuda --output-dir runs/cifar10-ipc500
+      --distilled data/distilled.beton --teacher teacher.pt --device cuda --output-dir runs/cifar10-ipc500
   ccfs-fast eval --run-dir runs/cifar10-ipc500          # reproduce the run's final evaluation
   ccfs-fast report runs/cifar10-ipc500                  # metrics.csv and report.png
 
-`ccfs-fast COMMAND --help` lists every flag with its default; `ccfs-fast demo` runs it all on real
-digits in a few minutes."""
+The preset uses the published scores in the repository's scores/ folder; --smoke --device cpu makes a
+first run CPU-sized. `ccfs-fast COMMAND --help` lists every flag with its default; `ccfs-fast demo`
+runs it all on real digits in a few minutes."""
 
 Runner = Callable[[], None]
 
@@ -79,11 +79,12 @@ def _split_args(args: argparse.Namespace, drop: tuple[str, ...] = ()) -> dict:
 
 
 def _run_run(args: argparse.Namespace) -> Runner:
-    from .config import RunConfig, preset_settings, published_scores, split_recipe
+    from .config import SMOKE, RunConfig, preset_settings, published_scores, split_recipe
     from .outputs import probe_lock
 
-    values, notes = published_scores(args.preset, {**preset_settings(args.preset),
-                                                   **_split_args(args, ("resume", "overwrite"))})
+    smoke = SMOKE if args.smoke else {}
+    values, notes = published_scores(args.preset, {**preset_settings(args.preset), **smoke,
+                                                   **_split_args(args, ("resume", "overwrite", "smoke"))})
     recipe, rest = split_recipe(values)
     rest["notes"] = tuple(notes) + rest["notes"]
     cfg = RunConfig(recipe=recipe, **rest)
@@ -129,6 +130,9 @@ def _run_eval(args: argparse.Namespace) -> Runner:
     missing = [f"--{k}" for k in ("pool", "test", "distilled", "teacher", "selection") if k not in rest]
     if missing:
         raise ConfigError(f"eval needs {', '.join(missing)} (or --run-dir RUN to take them from a run)")
+    rest.setdefault("output", Path(rest["selection"]).parent / "eval.json")  # beside the selection (the run's)
+    if "run_dir" in args:
+        rest["run_dir"] = args.run_dir
     cfg = EvalConfig(recipe=recipe, **rest)
 
     def run() -> None:

@@ -13,6 +13,7 @@ from .config import (
     OPTIMIZERS,
     PRESETS,
     SCHEDULERS,
+    SMOKE,
     WARMUP_METHODS,
     EvalConfig,
     RunConfig,
@@ -134,12 +135,16 @@ def add_data_args(p: argparse.ArgumentParser, config: type, required: bool = Tru
 
 def add_run(sub: argparse._SubParsersAction, handler: Callable) -> None:
     p = sub.add_parser("run", help="run CCFS: select real images to add to a distilled set",
-                       description="The CCFS curriculum (design §1): teacher pass, then per curriculum a filter "
-                                   "trained by KD on distilled ∪ selected, its misclassified pool images (coarse), "
-                                   "the easiest of them per class (fine); then the final evaluation.")
+                       description="The CCFS curriculum (docs/design.md §1 in the repository): teacher pass, then "
+                                   "per curriculum a filter trained by KD on distilled ∪ selected, its misclassified "
+                                   "pool images (coarse), the easiest of them per class (fine); then the final "
+                                   "evaluation.")
     add_data_args(p, RunConfig)
     p.add_argument("--output-dir", type=Path, required=True, help="where the run writes everything")
     p.add_argument("--preset", default=None, help=PRESET_HELP)
+    p.add_argument("--smoke", action="store_true",
+                   help="a first run at CPU size: the preset's (or the defaults') algorithm, ipc, alpha and curricula "
+                        f"with {', '.join(f'{k} {v}' for k, v in SMOKE.items())}; flags still override (default: off)")
     c = p.add_argument_group("selection")
     c.add_argument("--image-per-class", type=int, default=S,
                    help=with_default("target images per class (ipc)", default_of(RunConfig, "image_per_class")))
@@ -196,7 +201,9 @@ def add_eval(sub: argparse._SubParsersAction, handler: Callable) -> None:
                                                                                               "eval_model")))
     p.add_argument("--allow-incomplete", action="store_true", default=S,
                    help="evaluate a selection whose run did not finish (refused otherwise)")
-    p.add_argument("--output", type=Path, default=S, help="write the results as JSON here")
+    p.add_argument("--output", type=Path, default=S,
+                   help="write the results as JSON here (default: eval.json beside the selection file, i.e. in "
+                        "--run-dir)")
     add_recipe_args(p, EvalConfig, TrainRecipe())
     p.set_defaults(handler=handler)
 

@@ -1,4 +1,4 @@
-"""The coarse stage's pool pass (design §1.4c): which eligible pool images a phase's filter predicts.
+"""The coarse stage's pool pass (docs/design.md §1.1 step 4.3): which eligible pool images a phase's filter predicts.
 
 `full` predicts every eligible image (teacher-correct, not yet selected). `lazy` is exact when the
 fine stage's order key is known before prediction (a score file with simple / hard, or random with

@@ -66,7 +66,7 @@ class TrainRecipe:
 class FastPath:
     """Fast-path switches; None means 'on where it helps' (CUDA), off on the CPU. Each resolved
     value is recorded in metrics.json. bf16 is opt-in: the defaults compute in fp32, as the paper's
-    code does (design §1.0). `channels_last` is the layout of training; prediction and evaluation
+    code does (docs/design.md §1.0). `channels_last` is the layout of training; prediction and evaluation
     (the teacher's forward, pool passes, test accuracy) use channels-last on every device unless
     channels_last is set False (on a 2-core CPU: ResNet-18 at 32x32 1.4x, the ConvNet at 64x64 1.3-1.9x;
     training stays NCHW there, where GroupNorm's channels-last backward is 5x slower)."""
@@ -93,7 +93,7 @@ class FastPath:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """`ccfs-fast run`: the CCFS curriculum (design §1). Paths are .beton files / a checkpoint."""
+    """`ccfs-fast run`: the CCFS curriculum (docs/design.md §1). Paths are .beton files / a checkpoint."""
 
     pool: Path
     test: Path
@@ -215,6 +215,7 @@ class EvalConfig:
     normalize: str | None = None
     preset: str | None = None
     allow_incomplete: bool = False  # evaluate an unfinished run's selection
+    run_dir: Path | None = None  # the run being reproduced (its accuracies are printed beside these)
     notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -311,6 +312,26 @@ def published_scores(preset: str | None, values: dict) -> tuple[dict, list[str]]
                           "checkout; restore the repository's scores/ folder or pass --score-path FILE")
     return {**values, "score_path": path}, [f"note: --preset {preset} uses the published forgetting scores {path} "
                                             "(no --score-path given)"]
+
+
+# `--smoke`: a preset (or the defaults) at CPU size: the same algorithm, ipc, alpha, curricula, score and
+# shortfall policy, with 2 epochs, the small ConvNet and 2 evaluation models.
+SMOKE = {"epochs": 2, "lr_warmup_epochs": 1, "filter_model": "convnet_tiny", "eval_model": "convnet_tiny",
+         "num_eval": 2}
+
+
+def preset_table() -> str:
+    """The presets as a Markdown table (the README's, generated here so it cannot drift)."""
+    head = ("| preset | dataset | ipc | alpha | distilled / real per class | epochs | batch | curricula | models "
+            "| evaluations | shortfall |")
+    rows = [head, "|" + "---|" * 11]
+    for name, p in PRESETS.items():
+        cpc = int(p["image_per_class"] * p["alpha"] + 1e-9)
+        batch = p.get("batch_size") or "auto"
+        rows.append(f"| `{name}` | {name.rsplit('-ipc', 1)[0]} | {p['image_per_class']} | {p['alpha']} | "
+                    f"{cpc} / {p['image_per_class'] - cpc} | {p['epochs']} | {batch} | {p['curriculum_num']} | "
+                    f"{p['filter_model']} | {p['num_eval']} | {p['shortfall']} |")
+    return "\n".join(rows)
 
 
 RECIPE_KEYS = frozenset(f.name for f in fields(TrainRecipe))

@@ -1,4 +1,4 @@
-"""The CCFS curriculum (design §1): teacher pass, K phases of train-filter / predict candidates /
+"""The CCFS curriculum (docs/design.md §1): teacher pass, K phases of train-filter / predict candidates /
 select, final evaluation; resumable after the last finished phase, every output written atomically."""
 from __future__ import annotations
 

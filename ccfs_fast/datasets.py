@@ -1,4 +1,4 @@
-"""What the paper's code fixes per dataset (design §1.0): normalisation constants and the batch-size
+"""What the paper's code fixes per dataset (docs/design.md §1.0): normalisation constants and the batch-size
 "auto" rule. One registry, keyed by the dataset name a .beton's manifest records; data without an
 entry (an image folder, arrays) uses the pool's measured statistics and the CIFAR-10 rule."""
 from __future__ import annotations

@@ -37,6 +37,17 @@ def read_selection(cfg: EvalConfig) -> tuple[np.ndarray, int, float]:
     return selected, int(ipc), float(alpha)
 
 
+def run_accuracies(run_dir) -> list[float] | None:
+    """The final evaluation accuracies a run recorded (metrics.json), or None without a run."""
+    if run_dir is None:
+        return None
+    try:
+        final = json.loads((run_dir / "metrics.json").read_text()).get("final") or {}
+    except (OSError, ValueError):
+        return None
+    return list(final.get("accs") or [])
+
+
 def evaluate_selection_file(cfg: EvalConfig) -> dict:
     selected, ipc, alpha = read_selection(cfg)
     if cfg.output is not None:
@@ -68,10 +79,17 @@ def evaluate_selection_file(cfg: EvalConfig) -> dict:
         return result
     if cfg.output is not None:
         write_json(cfg.output, result)
-    print(format_table(["run", "best acc", "last acc", "seconds"],
-                       [(i + 1, b, last, s) for i, (b, last, s) in
-                        enumerate(zip(result["accs"], result["last_accs"], result["seconds"]))]))
+    before = run_accuracies(cfg.run_dir)
+    rows = [(i + 1, b, last, s) + ((before[i] if i < len(before) else "-",) if before is not None else ())
+            for i, (b, last, s) in enumerate(zip(result["accs"], result["last_accs"], result["seconds"]))]
+    print(format_table(["run", "best acc", "last acc", "seconds"] + (["the run's best acc"] if before is not None
+                                                                      else []), rows))
     if result["accs"]:
-        print(f"Acc@1(mean): {result['acc_mean']:.2f}%, std: {result['acc_std']:.2f}")
+        line = f"Acc@1(mean): {result['acc_mean']:.2f}%, std: {result['acc_std']:.2f}"
+        if before:
+            line += f" (the run's: {np.mean(before):.2f}%, std {np.std(before):.2f})"
+        print(line)
+    if cfg.output is not None:
+        print(f"written: {cfg.output}")
     print(f"trained on: {reach_text(reach, cpc)}")
     return result

@@ -1,4 +1,4 @@
-"""Horizontal fusion (HFTA, MLSys 2021; design §6): M models of one architecture trained as one
+"""Horizontal fusion (HFTA, MLSys 2021; docs/design.md §4): M models of one architecture trained as one
 network, mathematically the same as M separate trainings.
 
 Model m's channels are the m-th block of every activation: an input batch [b, M*3, S, S] holds each

@@ -1,6 +1,6 @@
 """Model registry (name -> factory) and checkpoint loading.
 
-Names follow the paper's code (design §1.0): any torchvision classification model by name, e.g.
+Names follow the paper's code (docs/design.md §1.0): any torchvision classification model by name, e.g.
 `resnet18`, is built with the paper's stem: `conv1` replaced by a 3x3 stride-1 padding-1 convolution
 without bias and `maxpool` by identity, where the model has them (`resnet18_cifar` is an alias of
 `resnet18`). `torchvision:NAME` is torchvision's unmodified network (its ImageNet stem). `convnet` /

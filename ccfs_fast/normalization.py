@@ -1,4 +1,4 @@
-"""Which mean/std normalise every image of a run (design §1.0): the paper's constants for the datasets
+"""Which mean/std normalise every image of a run (docs/design.md §1.0): the paper's constants for the datasets
 its code knows, the pool's measured statistics otherwise, or what the teacher was trained with.
 
 `--normalize paper|pool|M1,M2,M3,S1,S2,S3` overrides the choice; a teacher checkpoint made by

@@ -1,5 +1,5 @@
 """CCFS selection as pure functions of arrays (no torch, no I/O): the curriculum arrangement, the
-coarse candidate mask, and the fine per-class top-k with shortfall policies (design §1 steps 2, 4c-4e).
+coarse candidate mask, and the fine per-class top-k with shortfall policies (docs/design.md §1.1 steps 2, 4.3-4.5).
 
 Ordering convention: every method turns scores into an `order key` where LOWER is picked FIRST, ties
 broken by ascending pool index. The numba kernel buckets the masked pool by class in one pass and

@@ -1,4 +1,4 @@
-"""The capturable knowledge-distillation train step (design §6) and the epoch loop that drives it.
+"""The capturable knowledge-distillation train step (docs/design.md §4) and the epoch loop that drives it.
 
 One step, on every device: batch rows come from a static index buffer into the resident uint8 train
 set; each student's augmentation is drawn on the device from its own generator; teacher forward,

@@ -1,6 +1,6 @@
 """Students trained by knowledge distillation on an index subset of a run's workspace: a phase's
 filter (one model) and the final evaluation's `num_eval` models, fused into one bank when they can be
-(design §6) and trained one after another otherwise. Every training runs the capturable step of
+(docs/design.md §4) and trained one after another otherwise. Every training runs the capturable step of
 ccfs_fast.step (CUDA graphs on CUDA); under torchrun the students are wrapped in DDP and each rank
 takes a strided share of every epoch."""
 from __future__ import annotations
@@ -60,7 +60,7 @@ def _bank(models: list[nn.Module], channels_last: bool, side: int) -> FusedBank:
     return bank
 
 
-# How M evaluation models train together (design §6): one fused network in either memory layout, or
+# How M evaluation models train together (docs/design.md §4): one fused network in either memory layout, or
 # M separate networks whose forwards and backwards run on M CUDA streams inside one graph. All give
 # each model what it would compute alone; which is fastest depends on the device (grouped convolutions
 # in channels-last fall onto slow cuDNN kernels on some GPUs), so CUDA runs a short probe.
@@ -238,6 +238,6 @@ def evaluate_train_set(ws: Workspace, train_set: np.ndarray, eval_model: str, re
 
 def evaluate_selection(ws: Workspace, selected: np.ndarray, eval_model: str, recipe: TrainRecipe,
                        temperature: float, num_eval: int, seed: int, fuse: bool = True) -> dict:
-    """The final evaluation of design §1.5: train on distilled ∪ selected."""
+    """The final evaluation of docs/design.md §1.1 step 5: train on distilled ∪ selected."""
     train_set = np.concatenate([ws.distilled_rows, np.asarray(selected, np.int64)])
     return evaluate_train_set(ws, train_set, eval_model, recipe, temperature, num_eval, seed, fuse)

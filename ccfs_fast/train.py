@@ -1,4 +1,4 @@
-"""Training and inference: the KD loop of design §1.4b, top-1 evaluation, prediction over an index
+"""Training and inference: the KD loop of docs/design.md §1.1 step 4.2, top-1 evaluation, prediction over an index
 subset, and supervised teacher training with forgetting-event tracking."""
 from __future__ import annotations
 
