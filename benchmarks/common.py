@@ -1,6 +1,7 @@
 """Shared benchmark plumbing: environment facts, medians, JSON output."""
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -46,6 +47,10 @@ def machine_overloaded() -> tuple[bool, str]:
         return False, "load average unknown"
     cpus = available_cpus()
     return load > cpus, f"load average {load:.2f} on {cpus} CPUs"
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """A benchmark's --help: its docstring as written, and every flag with its default."""
 
 
 COMPETITOR = "while True: pass"  # another user's single-threaded job, one per CPU

@@ -32,7 +32,7 @@ import numpy as np
 from ccfs_fast.processes import available_cpus
 from ccfs_fast.tables import format_table
 
-from .common import competing_load, peak_rss_mb, reset_peak_rss, write_chart, write_rows
+from .common import HelpFormatter, competing_load, peak_rss_mb, reset_peak_rss, write_chart, write_rows
 
 
 @dataclass(frozen=True)
@@ -416,22 +416,22 @@ def under_load(idle: dict, spec_path: Path, root: Path, repeats: int) -> dict:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="ccfs-fast bench phase", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS),
                         help="which rows (data shape and model) to measure")
     parser.add_argument("--quick", action="store_true", help="a tenth of each pool and test set")
     parser.add_argument("--epochs", type=int, default=40,
                         help="filter epochs per curriculum of the convnet rows (the paper uses 200-500; 40 keeps "
                              "this to minutes); the resnet18 row trains 2")
-    parser.add_argument("--curricula", type=int, default=2)
-    parser.add_argument("--workers", type=int, default=available_cpus())
+    parser.add_argument("--curricula", type=int, default=2, help="curricula per run")
+    parser.add_argument("--workers", type=int, default=available_cpus(), help="reader threads / worker processes")
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs of each side per row, interleaved in alternating order; the table reports each "
                              "side's median (use 3 or more on a shared or noisy machine)")
     parser.add_argument("--under-load", action="store_true",
                         help="also measure each row's curriculum with one busy CPU job per available CPU running "
                              "(started by the benchmark): how much of the idle speedup it keeps")
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")

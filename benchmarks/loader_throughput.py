@@ -29,7 +29,7 @@ from ccfs_fast.processes import available_cpus
 from ccfs_fast.tables import format_table
 
 from .baseline_paper import SelectedTensors
-from .common import competing_load, median_time, write_chart, write_rows
+from .common import HelpFormatter, competing_load, median_time, write_chart, write_rows
 
 
 def synthetic_images(n: int, side: int, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -91,11 +91,12 @@ def measure_side(side: int, n: int, batch_sizes: list[int], workers: int, repeat
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="ccfs-fast bench loader", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sides", type=int, nargs="+", default=[32, 64])
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 32])
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--sides", type=int, nargs="+", default=[32, 64], help="image sides in pixels")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 32], help="batch sizes")
     parser.add_argument("--images", type=int, default=5000, help="train-set size (a phase's ipc x classes)")
-    parser.add_argument("--workers", type=int, default=available_cpus())
+    parser.add_argument("--workers", type=int, default=available_cpus(),
+                        help="FFCV reader threads and DataLoader worker processes (the CPUs available)")
     parser.add_argument("--repeats", type=int, default=3, help="timed epochs (median) after one warm-up")
     parser.add_argument("--quick", action="store_true", help="1,000 images, 32x32, batch 128, 2 repeats")
     parser.add_argument("--under-load", action="store_true",

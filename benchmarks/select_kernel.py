@@ -21,7 +21,7 @@ from ccfs_fast.scores import easy_first_key
 from ccfs_fast.select import candidate_mask, order_key, select_per_class, warm_up_kernels
 from ccfs_fast.tables import format_table
 
-from .common import median_time, write_chart, write_rows
+from .common import HelpFormatter, median_time, write_chart, write_rows
 from .select_reference import reference_select
 
 
@@ -88,10 +88,10 @@ def measure(scale: Scale, repeats: int, compile_s: float) -> dict:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="ccfs-fast bench select", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of the kernel (median)")
     parser.add_argument("--quick", action="store_true", help="CIFAR and Tiny-ImageNet scales only")
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)
     scales = SCALES[:2] if args.quick else SCALES
     compile_s = compile_seconds()

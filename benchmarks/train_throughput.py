@@ -24,7 +24,7 @@ from ccfs_fast.select import curriculum_arrangement
 from ccfs_fast.step import GraphedStep, KDStep, Single, StepConfig
 from ccfs_fast.tables import format_table
 
-from .common import write_rows
+from .common import HelpFormatter, write_rows
 
 BANK = 5
 SIDE, CLASSES, RESIDENT = 32, 10, 4096
@@ -172,7 +172,7 @@ def targets(rows: list[dict], precision: str = "fp32") -> dict:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="ccfs-fast bench train", description=__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 64], help="the preset's batches")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps")

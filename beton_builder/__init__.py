@@ -4,4 +4,4 @@ Readers (cifar, tiny_imagenet, image_folder, arrays) each return an ImageTable i
 order of docs/design.md §2; writer.write_beton turns a table into a .beton + manifest, atomically.
 """
 
-BUILDER_VERSION = "2"
+BUILDER_VERSION = "3"

@@ -1,6 +1,7 @@
 """`ccfs-fast build`: one registry of dataset kinds, each a reader plus its output naming."""
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -8,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ccfs_fast.errors import BuildError, UnknownNameError
-from ccfs_fast.outputs import output_error
+from ccfs_fast.outputs import missing_top, output_error
 
 from .arrays import read_arrays
 from .cifar import read_cifar
@@ -77,6 +78,16 @@ def build(config: BuildConfig) -> list[tuple[Path, Manifest, float]]:
     interrupted multi-split build: splits already built from the same source are kept (and said so),
     the missing ones are written."""
     outputs = output_paths(config)
+    created = missing_top(config.out) if not BUILD_KINDS[config.kind].single_file else None
+    try:
+        return _build(config, outputs)
+    except BaseException:
+        if created is not None and not any(path.exists() for path in outputs.values()):
+            shutil.rmtree(created, ignore_errors=True)  # a failed build leaves no folder it created
+        raise
+
+
+def _build(config: BuildConfig, outputs: dict[str, Path]) -> list[tuple[Path, Manifest, float]]:
     if not BUILD_KINDS[config.kind].single_file:
         try:
             config.out.mkdir(parents=True, exist_ok=True)

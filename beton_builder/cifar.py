@@ -41,7 +41,7 @@ CIFAR_LAYOUTS = {
 }
 
 
-def _expected(layout: CifarLayout) -> str:
+def expected_layout(layout: CifarLayout) -> str:
     files = ", ".join(layout.train_files + layout.test_files + (layout.meta_file,))
     return (f"expected the folder {layout.folder}/ (with {files}), a folder containing it, "
             f"or the downloaded {layout.archive}")
@@ -98,9 +98,9 @@ def _open_source(src: Path, layout: CifarLayout):
             source = _TarSource(archive, layout)
             missing = [f for f in layout.train_files + layout.test_files if f not in source.members]
             if missing:
-                raise BuildError(f"{archive}: archive lacks {', '.join(missing)}; {_expected(layout)}")
+                raise BuildError(f"{archive}: archive lacks {', '.join(missing)}; {expected_layout(layout)}")
             return source
-    raise BuildError(f"{src}: not a {layout.name} dataset; {_expected(layout)}")
+    raise BuildError(f"{src}: not a {layout.name} dataset; {expected_layout(layout)}")
 
 
 def _batch_arrays(obj: dict, where: str, layout: CifarLayout) -> tuple[np.ndarray, np.ndarray]:

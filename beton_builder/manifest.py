@@ -28,6 +28,7 @@ class Manifest:
     dataset: str | None = None  # cifar10 | cifar100 | tiny-imagenet; None for an image folder or arrays
     beton_size: int | None = None  # bytes of the .beton this manifest describes
     beton_sha256: str | None = None  # its content digest: a .beton and a manifest of two builds never pair
+    class_counts: tuple[int, ...] | None = None  # images per class (builder version 3 and later)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -56,6 +57,7 @@ def read_manifest(beton_path: str | Path) -> Manifest:
         raw["class_names"] = tuple(raw["class_names"])
         raw["mean"], raw["std"] = tuple(raw["mean"]), tuple(raw["std"])
         raw["fields"] = tuple(raw.get("fields", ("image", "label", "index")))
+        raw["class_counts"] = tuple(raw["class_counts"]) if raw.get("class_counts") is not None else None
         raw.setdefault("dataset", DATASET_OF_SOURCE.get(raw["source_kind"]))  # manifests of builder version 1
         manifest = Manifest(**raw)
     except (ValueError, KeyError, TypeError) as exc:

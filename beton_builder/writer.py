@@ -81,7 +81,8 @@ def table_manifest(table: ImageTable) -> Manifest:
     mean, std = channel_stats(table.images)
     return Manifest(n=len(table.labels), num_classes=len(table.class_names), class_names=table.class_names,
                     side=table.side, source_kind=table.source_kind, source_path=table.source_path, mean=mean,
-                    std=std, content_hash=content_hash(table), builder_version=BUILDER_VERSION, dataset=table.dataset)
+                    std=std, content_hash=content_hash(table), builder_version=BUILDER_VERSION, dataset=table.dataset,
+                    class_counts=tuple(int(v) for v in np.bincount(table.labels, minlength=len(table.class_names))))
 
 
 def write_beton(table: ImageTable, out: str | Path, overwrite: bool = False, workers: int = 2) -> Manifest:

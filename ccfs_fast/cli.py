@@ -59,6 +59,14 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_build(args: argparse.Namespace) -> Runner:
+    if not args.src.exists():  # before the heavy imports
+        from beton_builder.cifar import CIFAR_LAYOUTS, expected_layout
+
+        from .errors import BuildError
+
+        hint = (expected_layout(CIFAR_LAYOUTS[args.kind]) if args.kind in CIFAR_LAYOUTS
+                else "pass the dataset's folder or its downloaded archive")
+        raise BuildError(f"--src {args.src}: no such file or folder; {hint}")
     from beton_builder.build import BuildConfig, build
 
     from .tables import format_table
@@ -160,7 +168,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-dir", type=Path, default=Path("demo_out"), help="(default: demo_out)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous demo (default: refuse)")
     p.add_argument("--epochs", type=int, default=15, help="filter / evaluation epochs (default: 15)")
-    p.add_argument("--teacher-epochs", type=int, default=15, help="(default: 15)")
+    p.add_argument("--teacher-epochs", type=int, default=15,
+                   help="epochs of the demo's teacher, trained on the digits pool with labels (default: 15)")
     p.add_argument("--num-eval", type=int, default=3, help="evaluation models per method (default: 3)")
     p.add_argument("--seed", type=int, default=0, help="(default: 0)")
     p.set_defaults(handler=_run_demo)
@@ -182,6 +191,9 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> Runner:
+    if not (args.run_dir / "metrics.json").is_file():
+        raise ConfigError(f"{args.run_dir} has no metrics.json; pass the --output-dir of a `ccfs-fast run`")
+
     def run() -> None:
         from .report import write_report
 

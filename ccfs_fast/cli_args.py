@@ -60,13 +60,14 @@ def batch_size_arg(value: str) -> int | None:
         raise argparse.ArgumentTypeError(f"--batch-size takes 'auto' or an integer, got {value!r}") from None
 
 
-def add_recipe_args(p: argparse.ArgumentParser, config: type, base: TrainRecipe, kd: bool = True) -> None:
+def add_recipe_args(p: argparse.ArgumentParser, config: type, base: TrainRecipe, kd: bool = True,
+                    title: str = "training recipe (the paper script's flags; a preset may set them)") -> None:
     """The paper script's training flags with `base`'s values as the shown defaults; `kd` adds the KD
     temperature and the pool-evaluation batch."""
     def d(name: str) -> object:
         return getattr(base, name)
 
-    g = p.add_argument_group("training recipe (the paper script's flags; a preset may set them)")
+    g = p.add_argument_group(title)
     g.add_argument("--epochs", type=int, default=S, help=with_default("epochs of every model", d("epochs")))
     g.add_argument("--opt", default=S, help=with_default(" | ".join(OPTIMIZERS), d("opt")))
     g.add_argument("--lr", type=float, default=S, help=with_default("learning rate", d("lr")))
@@ -140,7 +141,8 @@ def add_run(sub: argparse._SubParsersAction, handler: Callable) -> None:
                                    "pool images (coarse), the easiest of them per class (fine); then the final "
                                    "evaluation.")
     add_data_args(p, RunConfig)
-    p.add_argument("--output-dir", type=Path, required=True, help="where the run writes everything")
+    p.add_argument("--output-dir", type=Path, required=True,
+                   help="where the run writes everything (required: no default; created with its parents)")
     p.add_argument("--preset", default=None, help=PRESET_HELP)
     p.add_argument("--smoke", action="store_true",
                    help="a first run at CPU size: the preset's (or the defaults') algorithm, ipc, alpha and curricula "
@@ -158,7 +160,10 @@ def add_run(sub: argparse._SubParsersAction, handler: Callable) -> None:
     c.add_argument("--balance", action=argparse.BooleanOptionalAction, default=S,
                    help=with_default("curpc per class (else one global budget)", True))
     c.add_argument("--score", default=S, help=with_default(SCORE_HELP, default_of(RunConfig, "score")))
-    c.add_argument("--score-path", type=Path, default=S, help="the score file (.npy, or .npz with 'scores')")
+    c.add_argument("--score-path", type=Path, default=S,
+                   help="the score file (.npy, or .npz with 'scores') (default: with a preset, its dataset's "
+                        "published forgetting file in the repository's scores/; else none: required for forgetting "
+                        "and cscore)")
     c.add_argument("--shortfall", default=S,
                    help=with_default(SHORTFALL_HELP, "fill; presets: short"))
     c.add_argument("--coarse-pass", default=S,
@@ -187,7 +192,9 @@ def add_eval(sub: argparse._SubParsersAction, handler: Callable) -> None:
                        description="Trains --num-eval models by KD on the distilled images and a selection, as "
                                    "`run`'s final evaluation does. --run-dir RUN takes the selection and every "
                                    "setting from a run's outputs (reproducing its numbers); flags override.")
-    p.add_argument("--run-dir", type=Path, default=S, help="a `ccfs-fast run` output directory to reproduce")
+    p.add_argument("--run-dir", type=Path, default=S,
+                   help="a `ccfs-fast run` output directory to reproduce (default: none; then --pool, --test, "
+                        "--distilled, --teacher and --selection are needed)")
     add_data_args(p, EvalConfig, required=False)
     p.add_argument("--selection", type=Path, default=S,
                    help="selected_indices.json, this tool's or the paper's (default with --run-dir: the run's)")
@@ -217,5 +224,6 @@ def add_teacher(sub: argparse._SubParsersAction, handler: Callable) -> None:
     p.add_argument("--label-smoothing", type=float, default=S,
                    help=with_default("cross-entropy label smoothing", default_of(TeacherConfig, "label_smoothing")))
     p.add_argument("--overwrite", action="store_true", default=S, help="replace existing output files")
-    add_recipe_args(p, TeacherConfig, teacher_recipe(), kd=False)
+    add_recipe_args(p, TeacherConfig, teacher_recipe(), kd=False,
+                    title="training recipe (a standard supervised recipe; every flag overrides it)")
     p.set_defaults(handler=handler)

@@ -25,6 +25,32 @@ def require_betons(**betons: Path) -> None:
             raise ConfigError(f"--{name} {path}: no such .beton file; build it with `ccfs-fast build ...`")
 
 
+def check_device(device: str) -> None:
+    """A CUDA device asked for where torch sees none is refused before any work (seconds, not after
+    the data is opened)."""
+    if not device.startswith("cuda"):
+        if device != "cpu":
+            raise ConfigError(f"--device {device}: expected cpu, cuda or cuda:N")
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} asked for, but torch sees no CUDA device; use --device cpu")
+
+
+def check_distilled_counts(distilled: Path, cpc: int) -> None:
+    """Each class of the distilled set must hold cpc images (its manifest counts them; manifests of
+    older builds do not, and the check then happens when the run opens the file)."""
+    from beton_builder.manifest import read_manifest
+
+    manifest = read_manifest(distilled)
+    for c, (name, count) in enumerate(zip(manifest.class_names, manifest.class_counts or ())):
+        if count < cpc:
+            raise ConfigError(f"distilled set {distilled}: class {name!r} (label {c}) has {count} images, fewer "
+                              f"than the {cpc} distilled images per class that ipc x alpha asks for; lower --alpha "
+                              "or --image-per-class, or build a larger distilled set")
+
+
 def _check_choice(kind: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise UnknownNameError(kind, value, list(valid))
@@ -159,6 +185,8 @@ class RunConfig:
             raise ConfigError(f"need --num-eval >= 0, -T > 0 and --workers >= 1; got {self.num_eval}, "
                               f"{self.temperature}, {self.workers}")
         parse_normalize(self.normalize)
+        check_device(self.device)
+        check_distilled_counts(self.distilled, self.cpc)
 
     @property
     def cpc(self) -> int:
@@ -226,6 +254,7 @@ class EvalConfig:
             raise ConfigError(f"need --num-eval >= 0, -T > 0 and --workers >= 1; got {self.num_eval}, "
                               f"{self.temperature}, {self.workers}")
         parse_normalize(self.normalize)
+        check_device(self.device)
 
 
 def teacher_recipe() -> TrainRecipe:
@@ -255,6 +284,7 @@ class TeacherConfig:
     def __post_init__(self) -> None:
         parse_normalize(self.normalize)
         require_betons(pool=self.pool, test=self.test)
+        check_device(self.device)
         if self.output.suffix not in (".pt", ".pth"):
             raise ConfigError(f"--output must be a .pt or .pth file, got {self.output}")
         for path in (self.output, self.forgetting_out):

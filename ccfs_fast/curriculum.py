@@ -19,7 +19,16 @@ from .digests import file_sha256
 from .distributed import DistContext, barrier, broadcast, init_distributed
 from .errors import ConfigError, ModelError
 from .models import check_model_name, stem_warning
-from .outputs import RunLock, environment, output_error, prepare_output_dir, write_json, write_npz, write_text
+from .outputs import (
+    RunLock,
+    environment,
+    missing_top,
+    output_error,
+    prepare_output_dir,
+    write_json,
+    write_npz,
+    write_text,
+)
 from .reach import reach_text, real_reach
 from .report import write_report
 from .scores import easy_first_key, load_scores, score_kind
@@ -219,7 +228,7 @@ def _write_outputs(out: Path, cfg: RunConfig, state: dict) -> None:
                                       "distilled_overlap": state.get("distilled_overlap"),
                                       "dataset": state.get("dataset"), "environment": environment(cfg.device),
                                       "settings": state["settings"]})
-    lines = [f"{k}: {v}" for k, v in state["settings"].items()]
+    lines = log_settings(state, cfg.device)
     lines += [f"cpc (distilled per class): {cfg.cpc}", f"spc (selected per class): {cfg.spc}",
               f"arrangement: {curriculum_arrangement(cfg.spc, cfg.curriculum_num)}", *state.get("notes", [])]
     for p in phases:
@@ -239,6 +248,28 @@ def _write_outputs(out: Path, cfg: RunConfig, state: dict) -> None:
         done = "" if len(phases) == cfg.curriculum_num else f" (after {len(phases)} of {cfg.curriculum_num} curricula)"
         lines.append(f"trained on: {reach_text(reach, cfg.cpc)}{done}")
     write_text(out / "exp_log.txt", "\n".join(lines) + "\n")
+
+
+GPU_ONLY = ("cudnn_benchmark", "fused_optimizer", "cuda_graphs")  # switches that do nothing on a CPU
+
+
+def log_settings(state: dict, device: str) -> list[str]:
+    """exp_log.txt's settings: the fast-path switches as resolved for the device (those that act
+    only on CUDA left out elsewhere), and the batch sizes the trainings actually used."""
+    fast = state.get("fast_path") or {}
+    cuda = device.startswith("cuda")
+    lines = []
+    for key, value in state["settings"].items():
+        if key in GPU_ONLY and not cuda:
+            continue
+        if key in fast:
+            value = fast[key]
+        if key == "batch_size" and value is None:
+            used = [p["batch_size"] for p in state["phases"]]
+            final = (state.get("final") or {}).get("batch_size")
+            value = f"auto (curricula {used}" + (f", evaluation {final})" if final else ")")
+        lines.append(f"{key}: {value}")
+    return lines
 
 
 def tf32_switches() -> dict:
@@ -267,7 +298,7 @@ def run_curriculum(cfg: RunConfig, resume: bool = False, overwrite: bool = False
     before its first curriculum is recorded leaves no output directory it created behind."""
     dist_ctx, device = init_distributed(cfg.device)
     out = cfg.output_dir
-    created = dist_ctx.is_main and not out.exists()
+    created = missing_top(out) if dist_ctx.is_main else None  # the folders this run creates, parents included
     try:
         if dist_ctx.is_main:
             try:
@@ -277,8 +308,8 @@ def run_curriculum(cfg: RunConfig, resume: bool = False, overwrite: bool = False
         with RunLock(out) if dist_ctx.is_main else nullcontext():  # one run per output directory
             return _run(cfg, dist_ctx, device, resume, overwrite)
     except BaseException:
-        if created and not any(out.glob("phase*_candidates.npz")):
-            shutil.rmtree(out, ignore_errors=True)
+        if created is not None and not any(out.glob("phase*_candidates.npz")):
+            shutil.rmtree(created, ignore_errors=True)
         raise
 
 
@@ -361,7 +392,7 @@ def _run(cfg: RunConfig, dist_ctx: DistContext, device: str, resume: bool, overw
             _write_outputs(out, cfg, state)
     if state.get("final") is None:
         state["final"] = evaluate_selection(ws, selected, cfg.eval_model, cfg.recipe, cfg.temperature, cfg.num_eval,
-                                            cfg.seed, cfg.fuse_evals)
+                                            cfg.seed, cfg.fuse_evals, "final evaluation (CCFS selection)")
         if main:
             write_json(out / "state.json", state)
     if main:

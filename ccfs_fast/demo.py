@@ -119,11 +119,14 @@ def run_demo(cfg: DemoConfig) -> list[tuple]:
                                   for c in range(10)])
     for name, ipc, evaluate in (
         ("random real (distilled + random)", cfg.image_per_class,
-         lambda: evaluate_selection(ws, random_pick, cfg.model, recipe, 4.0, cfg.num_eval, cfg.seed)),
+         lambda: evaluate_selection(ws, random_pick, cfg.model, recipe, 4.0, cfg.num_eval, cfg.seed,
+                                    label="random real")),
         ("distilled only (k-means)", cpc,
-         lambda: evaluate_selection(ws, np.zeros(0, np.int64), cfg.model, recipe, 4.0, cfg.num_eval, cfg.seed)),
+         lambda: evaluate_selection(ws, np.zeros(0, np.int64), cfg.model, recipe, 4.0, cfg.num_eval, cfg.seed,
+                                    label="distilled only")),
         ("full pool", int(len(y) / 10),
-         lambda: evaluate_train_set(ws, np.arange(ws.space.n_pool), cfg.model, recipe, 4.0, 1, cfg.seed)),
+         lambda: evaluate_train_set(ws, np.arange(ws.space.n_pool), cfg.model, recipe, 4.0, 1, cfg.seed,
+                                    label="full pool")),
     ):
         start = time.perf_counter()
         result = evaluate()
@@ -132,4 +135,6 @@ def run_demo(cfg: DemoConfig) -> list[tuple]:
                          [(m, i, f"{a:.2f}", "-" if s is None else f"{s:.2f}", t) for m, i, a, s, t in rows])
     write_text(out / "demo_table.txt", table + "\n")
     print(table)
+    print(f"outputs: {out}/ (demo_table.txt, teacher.pt, forgetting.npy, data/ with the .beton files)")
+    print(f"the CCFS run: {out / 'ccfs_run'}/ (report.png, metrics.json, selected_indices.json, exp_log.txt)")
     return rows

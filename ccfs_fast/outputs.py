@@ -97,6 +97,16 @@ def remove_stale_temps(folder: Path) -> list[Path]:
     return removed
 
 
+def missing_top(path: Path) -> Path | None:
+    """The highest folder of `path` (itself included) that does not exist yet: what creating `path`
+    with its parents would create; None when `path` exists."""
+    path = Path(path).absolute()
+    top = None
+    while not path.exists():
+        top, path = path, path.parent
+    return top
+
+
 def ensure_writable(path: Path, what: str) -> None:
     """Creates `path`'s parent folders and checks a file can be written there, before any work."""
     try:

@@ -194,11 +194,13 @@ def train_model(ws: Workspace, indices: np.ndarray, model_name: str, recipe: Tra
 
 
 def evaluate_train_set(ws: Workspace, train_set: np.ndarray, eval_model: str, recipe: TrainRecipe,
-                       temperature: float, num_eval: int, seed: int, fuse: bool = True) -> dict:
+                       temperature: float, num_eval: int, seed: int, fuse: bool = True,
+                       label: str = "final evaluation") -> dict:
     """num_eval fresh models trained by KD on the index subset `train_set`; the paper's protocol:
     each run's best test top-1 over the epochs after 80% of training (and its last). With `fuse` the
     models train as one fused bank (the same numbers up to float rounding), falling back to one after
-    another, with a printed note, when the architecture cannot be fused."""
+    another, with a printed note, when the architecture cannot be fused. `label` names the progress
+    bars (what is being evaluated)."""
     seeds = [eval_seed(seed, run) for run in range(num_eval)]
     resident = ws.resident(train_set) if num_eval else None  # one read for every evaluation run
     epochs = last_fifth_epochs(recipe.epochs)
@@ -214,16 +216,16 @@ def evaluate_train_set(ws: Workspace, train_set: np.ndarray, eval_model: str, re
             layout, probe = pick_layout(ws, resident[0], eval_model, recipe, temperature, seeds,
                                         max(1, batch_size // ws.dist.world_size))
             together = train_together(ws, train_set, eval_model, recipe, temperature, seeds, epochs,
-                                      f"final evaluation ({num_eval} models, {layout})", resident, layout=layout)
+                                      f"{label} ({num_eval} models, {layout})", resident, layout=layout)
             results, runs = together.results, [together.run]
         except ModelError as exc:
             bank_off = f"bank: {exc}; training the {num_eval} evaluation models one after another"
             tqdm.write(f"note: {bank_off}", file=sys.stderr)
             fused = False
     if not fused:
-        for run in tqdm(range(num_eval), desc="final evaluation", dynamic_ncols=True, leave=False):
+        for run in tqdm(range(num_eval), desc=label, dynamic_ncols=True, leave=False):
             alone = train_together(ws, train_set, eval_model, recipe, temperature, [seeds[run]], epochs,
-                                   f"eval {run + 1}/{num_eval}", resident)
+                                   f"{label}: model {run + 1}/{num_eval}", resident)
             results += alone.results
             runs.append(alone.run)
     best = [r.best_acc for r in results]
@@ -233,11 +235,13 @@ def evaluate_train_set(ws: Workspace, train_set: np.ndarray, eval_model: str, re
     return {"accs": best, "last_accs": [r.last_acc for r in results],
             "acc_mean": float(np.mean(best)) if best else None, "acc_std": float(np.std(best)) if best else None,
             "train_size": len(train_set), "seconds": [r.seconds for r in results], "fused": fused,
+            "batch_size": recipe.batch_size or auto_batch_size(len(train_set), ws.num_classes, ws.dataset),
             "execution": execution}
 
 
 def evaluate_selection(ws: Workspace, selected: np.ndarray, eval_model: str, recipe: TrainRecipe,
-                       temperature: float, num_eval: int, seed: int, fuse: bool = True) -> dict:
+                       temperature: float, num_eval: int, seed: int, fuse: bool = True,
+                       label: str = "final evaluation") -> dict:
     """The final evaluation of docs/design.md §1.1 step 5: train on distilled ∪ selected."""
     train_set = np.concatenate([ws.distilled_rows, np.asarray(selected, np.int64)])
-    return evaluate_train_set(ws, train_set, eval_model, recipe, temperature, num_eval, seed, fuse)
+    return evaluate_train_set(ws, train_set, eval_model, recipe, temperature, num_eval, seed, fuse, label)

@@ -3,6 +3,7 @@ heavy import, smoke runs that just work, `eval --run-dir`, failed runs that leav
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -82,12 +83,69 @@ def test_smoke_run_with_two_epochs_just_works(engine_data, tmp_path, capsys):
 
 
 def test_failed_run_leaves_no_output_directory(engine_data, tmp_path):
+    """A run that fails after creating --output-dir removes it and every parent it created."""
     np.save(tmp_path / "short.npy", np.zeros(799, np.float32))  # the pool has 800 images
-    out = tmp_path / "runs" / "failed"
+    out = tmp_path / "runs" / "new" / "failed"
     assert main(set_flag(run_args(engine_data, out), "--score-path", str(tmp_path / "short.npy"))) == 2
-    assert not out.exists()
+    assert not (tmp_path / "runs").exists()
     assert main(set_flag(run_args(engine_data, out), "--filter-model", "resnet19")) == 2  # an unknown model name
-    assert not out.exists()
+    assert not (tmp_path / "runs").exists()
+
+
+def test_failed_build_leaves_no_new_folders(tmp_path, capsys):
+    """A build whose source turns out wrong (an existing folder without CIFAR batches) removes the
+    output folder it created, parents included."""
+    (tmp_path / "notcifar").mkdir()
+    assert main(["build", "cifar10", "--src", str(tmp_path / "notcifar"), "--out", str(tmp_path / "a" / "b")]) == 2
+    assert not (tmp_path / "a").exists()
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("ccfs-fast: error:")
+
+
+FAST = ("import sys, json, time; start = time.perf_counter(); from ccfs_fast.cli import main; "
+        "rc = main(json.loads(sys.argv[1])); print(json.dumps(['torch' in sys.modules, time.perf_counter() - start])); "
+        "sys.exit(rc)")
+
+
+def _fails_fast(args: list[str], needle: str, torch_allowed: bool = False) -> None:
+    proc = subprocess.run([sys.executable, "-c", FAST, json.dumps(args)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    torch_loaded, seconds = json.loads(proc.stdout)
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ccfs-fast: error:") and needle in err[0], err
+    assert seconds < 5.0, (args, seconds)
+    assert torch_allowed or not torch_loaded, args
+
+
+def test_errors_that_can_come_at_once_do(engine_data, tmp_path):
+    """Under 5 s to the one-line error, before torch is imported where the check does not need it;
+    no folder is left behind."""
+    run = run_args(engine_data, tmp_path / "o")
+    _fails_fast(set_flag(set_flag(run, "--image-per-class", "40"), "--alpha", "0.5"),
+                "class 'c0' (label 0) has 6 images, fewer than the 20 distilled images per class")
+    _fails_fast(["report", str(tmp_path)], "has no metrics.json")
+    _fails_fast(["build", "cifar10", "--src", str(tmp_path / "missing.tar.gz"), "--out", str(tmp_path / "d")],
+                "--src")
+    _fails_fast(["build", "folder", "--src", str(tmp_path / "missing"), "--out", str(tmp_path / "d.beton")],
+                "no such file or folder")
+    import torch
+
+    if not torch.cuda.is_available():  # the check needs torch itself: under 5 s all the same
+        _fails_fast(set_flag(run, "--device", "cuda"), "torch sees no CUDA device", torch_allowed=True)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("name", ["loader", "select", "phase", "train"])
+def test_bench_help_shows_every_default(name, capsys):
+    from importlib import import_module
+
+    from ccfs_fast.cli import BENCHMARKS
+
+    with pytest.raises(SystemExit):
+        import_module(BENCHMARKS[name][0]).main(["--help"])
+    text = capsys.readouterr().out
+    options = [block for block in re.split(r"\n  (?=-)", text.split("options:", 1)[1])[1:]
+               if not block.startswith("-h")]
+    assert options and all("(default:" in " ".join(block.split()) for block in options), options
 
 
 def test_eval_run_dir_reproduces_the_run(finished_run, tmp_path):
