@@ -219,7 +219,7 @@ def test_streams_layout_trains_exactly_like_separate_models():
     on the CPU) under one KD step: the same per-step losses and parameters as M separate trainings."""
     from ccfs_fast.step import Separate
 
-    together, _, singles, _, losses, single_losses = _bank_and_separate("resnet18", 8, 10, 2, 4, Separate)
+    together, _, singles, _, losses, single_losses = _bank_and_separate("convnet_small", 16, 10, 2, 4, Separate)
     assert together.streams is None and losses.shape == (20, M)
     torch.testing.assert_close(losses, single_losses, rtol=0, atol=1e-12)
     for m, single in enumerate(singles):

@@ -20,19 +20,19 @@ def test_quick_check_records_every_stage_and_survives_a_failed_one(tmp_path):
     report = json.loads(out.read_text())
     status = {r["stage"]: r["status"] for r in report["stages"]}
     assert status == {"data": "ok", "teacher": "ok", "exactness": "skipped", "kd_steps": "error",
-                      "preset_fp32": "ok", "preset_bf16": "ok"}, status
+                      "preset_fp32": "ok", "preset_bf16": "skipped"}, status
     failed = next(r for r in report["stages"] if r["stage"] == "kd_steps")
     assert "forced failure" in failed["error"]
-    for name in ("preset_fp32", "preset_bf16"):  # stages after the failure ran whole, with their figures
-        figures = next(r for r in report["stages"] if r["stage"] == name)["figures"]
-        assert figures["complete"] and figures["exit_code"] == 0 and len(figures["phases"]) == 3
-        assert figures["projected_500_epochs_s"] > figures["fixed_s"] >= 0
-        assert all(p["execution"]["cuda_graphs"] is False for p in figures["phases"])
-        assert figures["final_execution"]["bank"] and figures["bf16"] == (name == "preset_bf16")
+    # the stage after the failure ran whole, with its figures
+    figures = next(r for r in report["stages"] if r["stage"] == "preset_fp32")["figures"]
+    assert figures["complete"] and figures["exit_code"] == 0 and len(figures["phases"]) == 3
+    assert figures["projected_500_epochs_s"] > figures["fixed_s"] >= 0
+    assert all(p["execution"]["cuda_graphs"] is False for p in figures["phases"])
+    assert figures["final_execution"]["bank"] and not figures["bf16"]
     assert report["elapsed_s"] < report["budget_s"]
     lines = done.stdout.strip().splitlines()
     assert any(ln.startswith("kd_steps") and "error" in ln for ln in lines)  # the table, printed last
-    assert lines[-1].startswith("preset_bf16: 1 epochs in")
+    assert lines[-1].startswith("preset_fp32: 1 epochs in")
 
 
 def test_kd_steps_stage_says_what_ran():
