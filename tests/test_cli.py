@@ -148,7 +148,9 @@ def test_bench_help_shows_every_default(name, capsys):
     assert options and all("(default:" in " ".join(block.split()) for block in options), options
 
 
-def test_eval_run_dir_reproduces_the_run(finished_run, tmp_path):
+def test_eval_run_dir_reproduces_the_run(finished_run, tmp_path, capsys):
+    """eval --run-dir: the run's accuracies, printed beside its own, with what the selection holds
+    per class against its target; its JSON goes beside the selection unless --output says otherwise."""
     final = json.loads((finished_run / "metrics.json").read_text())["final"]
     settings = json.loads((finished_run / "metrics.json").read_text())["settings"]
     assert settings["teacher_model"] == "convnet_small" and settings["temperature"] == 20.0
@@ -156,6 +158,11 @@ def test_eval_run_dir_reproduces_the_run(finished_run, tmp_path):
     result = json.loads((tmp_path / "e.json").read_text())
     assert result["accs"] == final["accs"] and result["ipc"] == 20
     assert result["images_per_class"] == [20] * 10
+    assert result["real_per_class_target"] == 16 and result["unmet"] == 0
+    out = capsys.readouterr().out
+    assert "the run's best acc" in out and f"(the run's: {np.mean(final['accs']):.2f}%" in out
+    assert "trained on: 4 distilled + 16 of 16 real images per class" in out
+    assert not (finished_run / "eval.json").exists()  # --output given
     # explicit flags override what the run directory says
     assert main(["eval", "--run-dir", str(finished_run), "--num-eval", "1", "--epochs", "1",
                  "--output", str(tmp_path / "f.json")]) == 0
