@@ -32,7 +32,7 @@ from ccfs_fast.outputs import environment, write_json
 from ccfs_fast.processes import available_cpus
 from ccfs_fast.tables import format_table
 from ccfs_fast.teacher import train_teacher
-from ccfs_fast.train import kd_loss, make_optimizer, predict
+from ccfs_fast.train import kd_loss, make_optimizer, predict, sync
 
 from .curriculum_wallclock import class_images
 from .stages import Stages
@@ -40,11 +40,6 @@ from .stages import Stages
 WORKERS = min(8, available_cpus())
 FAST_ON = FastPath(channels_last=True, bf16=True, cudnn_benchmark=True, fused_optimizer=True)
 FAST_OFF = FastPath(channels_last=False, bf16=False, cudnn_benchmark=False, fused_optimizer=False)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def make_data(root: Path, pool: int, test: int, workers: int) -> dict:

@@ -23,6 +23,7 @@ from ccfs_fast.models import create_model
 from ccfs_fast.select import curriculum_arrangement
 from ccfs_fast.step import GraphedStep, KDStep, Single, StepConfig
 from ccfs_fast.tables import format_table
+from ccfs_fast.train import sync
 
 from .common import HelpFormatter, write_rows
 
@@ -48,7 +49,7 @@ def make_step(device: torch.device, models: int, seed: int = 0, layout: str | No
         nets.append(create_model(model, CLASSES, side).to(device, memory_format=_layout(cuda)))
     torch.manual_seed(seed + 100)
     teacher = create_model(model, CLASSES, side).to(device, memory_format=_layout(cuda)).eval()
-    students = Single(nets[0], cuda) if models == 1 else BANK_LAYOUTS[layout or "bank_nchw"](nets, side)
+    students = Single(nets[0], cuda) if models == 1 else BANK_LAYOUTS[layout or "bank_nchw"](nets, side, cuda)
     inv = torch.full((1, 3, 1, 1), 1 / (255 * 0.2), device=device)
     shift = torch.full((1, 3, 1, 1), -0.48 / 0.2, device=device)
     gens = [torch.Generator(device=device).manual_seed(seed + m) for m in range(models)]
@@ -74,10 +75,10 @@ def step_seconds(step: KDStep, batch: int, graphs: bool, warmup: int, repeats: i
     step.students.train()
     times = []
     for k in range(warmup + repeats):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         runner(rows[k])
-        _sync(device)
+        sync(device)
         if k >= warmup:
             times.append(time.perf_counter() - start)
     return statistics.median(times), off
@@ -110,11 +111,6 @@ def measure(device: torch.device, batch_sizes: list[int], modes: list[str], warm
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     return rows
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def preset_trainings(name: str = "cifar10-ipc500", classes: int = CLASSES) -> list[dict]:

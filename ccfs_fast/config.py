@@ -38,6 +38,13 @@ def check_device(device: str) -> None:
         raise ConfigError(f"--device {device} asked for, but torch sees no CUDA device; use --device cpu")
 
 
+def distilled_shortage(source: Path, name: str, label: int, count: int, cpc: int) -> str:
+    """The one message for a distilled class holding fewer than cpc images."""
+    return (f"distilled set {source}: class {name!r} (label {label}) has {count} images, fewer than the {cpc} "
+            "distilled images per class that ipc x alpha asks for; lower --alpha or --image-per-class, or build a "
+            "larger distilled set")
+
+
 def check_distilled_counts(distilled: Path, cpc: int) -> None:
     """Each class of the distilled set must hold cpc images (its manifest counts them; manifests of
     older builds do not, and the check then happens when the run opens the file)."""
@@ -46,9 +53,7 @@ def check_distilled_counts(distilled: Path, cpc: int) -> None:
     manifest = read_manifest(distilled)
     for c, (name, count) in enumerate(zip(manifest.class_names, manifest.class_counts or ())):
         if count < cpc:
-            raise ConfigError(f"distilled set {distilled}: class {name!r} (label {c}) has {count} images, fewer "
-                              f"than the {cpc} distilled images per class that ipc x alpha asks for; lower --alpha "
-                              "or --image-per-class, or build a larger distilled set")
+            raise ConfigError(distilled_shortage(distilled, name, c, count, cpc))
 
 
 def _check_choice(kind: str, value: str, valid: tuple[str, ...]) -> None:

@@ -115,6 +115,13 @@ def run_phase(ws: Workspace, cfg: RunConfig, phase: int, curpc: int, selected: n
     return PhaseOutcome(record, chosen.indices, passed)
 
 
+def say(notes, main: bool) -> None:
+    """Prints a run's notes (on rank 0 only)."""
+    if main:
+        for note in notes:
+            print(note, flush=True)
+
+
 def short_classes(chosen: Selection, curpc: int, balance: bool) -> list[int]:
     """The classes a phase left short of curpc coarse survivors. With balance, each class whose
     candidates (survivors among predicted images) number fewer than curpc; with one global budget a
@@ -282,8 +289,7 @@ def tf32_switches() -> dict:
 
 def run_reach(cfg: RunConfig, phases: list[dict]) -> dict:
     """The real images per class the finished curricula reached against the target (reach.real_reach)."""
-    classes = len(phases[0]["selected_per_class"]) if phases else 0
-    per_class = np.sum([p["selected_per_class"] for p in phases], axis=0) if phases else np.zeros(classes, np.int64)
+    per_class = np.sum([p["selected_per_class"] for p in phases], axis=0) if phases else np.zeros(0, np.int64)
     return real_reach(per_class, cfg.spc, sum(p["curpc"] for p in phases),
                       sum(p["shortfall"]["unmet"] for p in phases))
 
@@ -343,9 +349,7 @@ def _run(cfg: RunConfig, dist_ctx: DistContext, device: str, resume: bool, overw
     state["inputs"] = digests
     state["fast_path"] = asdict(fast)
     state["notes"] = list(cfg.notes)
-    if dist_ctx.is_main:
-        for note in cfg.notes:
-            print(note, flush=True)
+    say(cfg.notes, dist_ctx.is_main)
     state["normalize"] = ws.norm.to_json()
     state["teacher_model"] = ws.teacher_arch
     state["distilled_overlap"] = ws.distilled_overlap
@@ -356,15 +360,12 @@ def _run(cfg: RunConfig, dist_ctx: DistContext, device: str, resume: bool, overw
         said: list[str] = []
         file_key = easy_first_key(load_scores(cfg.score_path, ws.pool_labels, said), cfg.score)
         state["notes"] += said
-        if dist_ctx.is_main:
-            for note in said:
-                print(note, flush=True)
+        say(said, dist_ctx.is_main)
     elif cfg.coarse_pass == "lazy":
         note = (f"note: --score {cfg.score} ranks candidates by this phase's own predictions, so every eligible "
                 "image is predicted (--coarse-pass full)")
         state["notes"].append(note)
-        if dist_ctx.is_main:
-            print(note, flush=True)
+        say([note], dist_ctx.is_main)
     arrangement = curriculum_arrangement(cfg.spc, cfg.curriculum_num)
     start = time.perf_counter()
     pred, teacher_ok, _ = teacher_correct(ws, teacher_digest)

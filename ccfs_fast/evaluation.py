@@ -68,8 +68,9 @@ def evaluate_selection_file(cfg: EvalConfig) -> dict:
                           f"[{selected.min()}, {selected.max()}]")
     result = evaluate_selection(ws, selected, cfg.eval_model, cfg.recipe, cfg.temperature, cfg.num_eval, cfg.seed,
                                 cfg.fuse_evals)
-    per_class = np.bincount(ws.pool_labels[selected], minlength=ws.num_classes) + cpc
-    reach = real_reach(per_class - cpc, ipc - cpc)
+    real_per_class = np.bincount(ws.pool_labels[selected], minlength=ws.num_classes)
+    per_class = real_per_class + cpc
+    reach = real_reach(real_per_class, ipc - cpc)
     result.update({"selection": str(cfg.selection), "ipc": ipc, "alpha": alpha, "selected": len(selected),
                    "images_per_class": per_class.tolist(), "images_per_class_min": int(per_class.min()),
                    "images_per_class_max": int(per_class.max()), "distilled_per_class": cpc, **reach,

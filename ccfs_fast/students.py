@@ -24,7 +24,7 @@ from .fused import FusedBank, check_fused
 from .kernels import swap_cpu_kernels
 from .models import create_model
 from .step import GraphedStep, KDStep, Separate, Single, StepConfig, StepRun, graph_plan, train_students
-from .train import TrainResult, last_fifth_epochs
+from .train import TrainResult, last_fifth_epochs, sync
 from .workspace import Workspace
 
 
@@ -64,17 +64,12 @@ def _bank(models: list[nn.Module], channels_last: bool, side: int) -> FusedBank:
 # M separate networks whose forwards and backwards run on M CUDA streams inside one graph. All give
 # each model what it would compute alone; which is fastest depends on the device (grouped convolutions
 # in channels-last fall onto slow cuDNN kernels on some GPUs), so CUDA runs a short probe.
-BANK_LAYOUTS: dict[str, Callable[[list[nn.Module], int], nn.Module]] = {
-    "bank_nchw": lambda models, side: _bank(models, False, side),
-    "bank_channels_last": lambda models, side: _bank(models, True, side),
-    "streams": lambda models, side: Separate(models, channels_last=_is_channels_last(models[0])),
+# Each entry: (models, image side, the run's training layout is channels-last) -> students module.
+BANK_LAYOUTS: dict[str, Callable[[list[nn.Module], int, bool], nn.Module]] = {
+    "bank_nchw": lambda models, side, channels_last: _bank(models, False, side),
+    "bank_channels_last": lambda models, side, channels_last: _bank(models, True, side),
+    "streams": lambda models, side, channels_last: Separate(models, channels_last),
 }
-
-
-def _is_channels_last(model: nn.Module) -> bool:
-    weight = next((p for p in model.parameters() if p.dim() == 4), None)
-    return weight is not None and weight.is_contiguous(memory_format=torch.channels_last) \
-        and not weight.is_contiguous()
 
 
 def default_layout(ws: Workspace) -> str:
@@ -91,7 +86,7 @@ def _students(ws: Workspace, model_name: str, seeds: list[int], layout: str | No
         return Single(models[0], bool(ws.fast.channels_last)), models
     if layout not in BANK_LAYOUTS:
         raise UnknownNameError("bank layout", layout, list(BANK_LAYOUTS))
-    return BANK_LAYOUTS[layout](models, ws.side), models
+    return BANK_LAYOUTS[layout](models, ws.side, bool(ws.fast.channels_last)), models
 
 
 def train_together(ws: Workspace, indices: np.ndarray, model_name: str, recipe: TrainRecipe, temperature: float,
@@ -150,11 +145,11 @@ def probe_layouts(ws: Workspace, images: torch.Tensor, model_name: str, recipe: 
             students.train()
             for k in range(2):  # cuDNN autotuning and first-call costs are not timed
                 runner(rows[k])
-            _sync(ws.device)
+            sync(ws.device)
             start = time.perf_counter()
             for k in range(2, steps + 2):
                 runner(rows[k])
-            _sync(ws.device)
+            sync(ws.device)
             figures[layout] = {"step_ms": (time.perf_counter() - start) / steps * 1000, "cuda_graphs": graphs}
         except (ModelError, RuntimeError) as exc:
             figures[layout] = {"error": " ".join(str(exc).split())[:160]}
@@ -177,11 +172,6 @@ def pick_layout(ws: Workspace, images: torch.Tensor, model_name: str, recipe: Tr
     tqdm.write(f"final evaluation: {layout} chosen by a probe of {len(seeds)} models at batch {batch_size} ({shown})",
                file=sys.stderr)
     return layout, figures
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def train_model(ws: Workspace, indices: np.ndarray, model_name: str, recipe: TrainRecipe, temperature: float,

@@ -95,6 +95,12 @@ class TrainResult:
         return self.images / self.seconds if self.seconds else 0.0
 
 
+def sync(device: torch.device) -> None:
+    """Waits for the device's queued work (CUDA); a no-op elsewhere. For timing only."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def full_precision(x: torch.Tensor) -> torch.Tensor:
     """Logits out of bf16 autocast in float32; float32 / float64 unchanged."""
     return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x

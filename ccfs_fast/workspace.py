@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .coarse import CPU_MIN_CHUNK
-from .config import FastPath
+from .config import FastPath, distilled_shortage
 from .data import BetonFile, EvalLoader, IndexSpace, make_test_loader, read_labels
 from .digests import cache_dir
 from .distributed import DistContext, broadcast, gather_concat, shard
@@ -137,8 +137,7 @@ def first_per_class(labels: np.ndarray, count: int, class_names: tuple[str, ...]
     for c, name in enumerate(class_names):
         members = np.flatnonzero(labels == c)
         if len(members) < count:
-            raise DataError(f"distilled set {source}: class {name!r} (label {c}) has {len(members)} images, fewer "
-                            f"than the {count} distilled images per class that ipc x alpha asks for")
+            raise DataError(distilled_shortage(source, name, c, len(members), count))
         rows.append(members[:count])
     return np.concatenate(rows).astype(np.int64)
 
