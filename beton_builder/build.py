@@ -14,6 +14,8 @@ from ccfs_fast.outputs import missing_top, output_error
 from .arrays import read_arrays
 from .cifar import read_cifar
 from .image_folder import read_image_folder
+from .imagenet import FileList, read_imagenet
+from .jpeg_writer import JpegSettings, write_jpeg_beton
 from .manifest import Manifest, read_manifest
 from .table import ImageTable
 from .tiny_imagenet import read_tiny_imagenet
@@ -32,11 +34,16 @@ class BuildConfig:
     overwrite: bool = False
     workers: int = 2
     class_order: str | None = None  # build folder: sorted | numeric (needed when integer names sort otherwise)
+    max_side: int | None = None  # build imagenet: longer side stored (FFCV's ImageNet example: 500)
+    jpeg_quality: int | None = None  # build imagenet: JPEG quality (FFCV's ImageNet example: 90)
 
     def __post_init__(self) -> None:
         entry = BUILD_KINDS.get(self.kind)
         if entry is None:
             raise UnknownNameError("dataset kind", self.kind, list(BUILD_KINDS))
+        if entry.list_files is None and (self.max_side is not None or self.jpeg_quality is not None):
+            raise BuildError(f"--max-side and --jpeg-quality apply to `build imagenet`, not `build {self.kind}`")
+        self.jpeg()  # checks the values
         if self.kind != "folder" and (self.per_class is not None or self.side is not None
                                       or self.class_order is not None):
             raise BuildError(f"--per-class, --side and --class-order apply to `build folder`, not `build {self.kind}`")
@@ -48,12 +55,22 @@ class BuildConfig:
             raise BuildError(f"--workers must be at least 1, got {self.workers}")
 
 
+    def jpeg(self) -> JpegSettings:
+        """The JPEG storage settings (defaults: FFCV's ImageNet example)."""
+        defaults = JpegSettings()
+        return JpegSettings(self.max_side or defaults.max_side, self.jpeg_quality or defaults.quality)
+
+
 @dataclass(frozen=True)
 class BuildKind:
-    """A dataset kind: `read` returns {split: table}; single-file kinds write `--out` itself."""
+    """A dataset kind: `read` returns {split: table} decoded in memory; or, for datasets too large for
+    that, `list_files` returns {split: FileList}, streamed into JPEG .beton files. Single-file kinds
+    write `--out` itself."""
 
-    read: Callable[[BuildConfig], dict[str, ImageTable]]
+    read: Callable[[BuildConfig], dict[str, ImageTable]] | None
     single_file: bool
+    list_files: Callable[[BuildConfig], dict[str, FileList]] | None = None
+    dataset: str | None = None
 
 
 BUILD_KINDS: dict[str, BuildKind] = {
@@ -62,6 +79,7 @@ BUILD_KINDS: dict[str, BuildKind] = {
     "tiny-imagenet": BuildKind(lambda c: read_tiny_imagenet(c.src, c.workers), False),
     "folder": BuildKind(lambda c: {"": read_image_folder(c.src, c.per_class, c.side, c.workers, c.class_order)}, True),
     "arrays": BuildKind(lambda c: {"": read_arrays(c.src)}, True),
+    "imagenet": BuildKind(None, False, lambda c: read_imagenet(c.src), "imagenet"),
 }
 
 
@@ -82,7 +100,8 @@ def build(config: BuildConfig) -> list[tuple[Path, Manifest, float]]:
     try:
         return _build(config, outputs)
     except BaseException:
-        if created is not None and not any(path.exists() for path in outputs.values()):
+        if created is not None and not any(path.exists() or Path(f"{path}.partial").exists()
+                                           for path in outputs.values()):  # a partial one resumes
             shutil.rmtree(created, ignore_errors=True)  # a failed build leaves no folder it created
         raise
 
@@ -93,6 +112,8 @@ def _build(config: BuildConfig, outputs: dict[str, Path]) -> list[tuple[Path, Ma
             config.out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise output_error(config.out, exc) from exc
+    if BUILD_KINDS[config.kind].list_files is not None:
+        return _build_streamed(config, outputs)
     built = {split for split, path in outputs.items() if path.exists()}
     partial = bool(built) and len(built) < len(outputs) and not config.overwrite
     for split, path in outputs.items():
@@ -130,3 +151,41 @@ def kept_split(path: Path, table: ImageTable) -> Manifest:
         raise BuildError(f"{path} already exists with other content than this source's; pass --overwrite to "
                          "replace it")
     return manifest
+
+
+def _build_streamed(config: BuildConfig, outputs: dict[str, Path]) -> list[tuple[Path, Manifest, float]]:
+    """Lists the source and streams each split into a JPEG .beton; a split already built whole from
+    the same files and settings is kept, an interrupted one resumes (jpeg_writer)."""
+    entry = BUILD_KINDS[config.kind]
+    lists = entry.list_files(config)
+    settings = config.jpeg()
+    results = []
+    for split, path in outputs.items():
+        start = time.perf_counter()
+        kept = None if config.overwrite else kept_stream(path, lists[split], settings)
+        if kept is not None:
+            print(f"{path} was already built from the same files and settings; kept", file=sys.stderr)
+            results.append((path, kept, 0.0))
+            continue
+        check_writable(path, config.overwrite)
+        manifest = write_jpeg_beton(lists[split], path, settings, config.workers, entry.dataset)
+        results.append((path, manifest, time.perf_counter() - start))
+    return results
+
+
+def kept_stream(path: Path, files: FileList, settings: JpegSettings) -> Manifest | None:
+    """The manifest of an existing whole JPEG split built from `files` with `settings`, else None
+    (check_writable then refuses an existing output without --overwrite)."""
+    from ccfs_fast.data import check_pair
+    from ccfs_fast.errors import DataError
+
+    if not path.exists():
+        return None
+    try:
+        manifest = read_manifest(path)
+        check_pair(path, manifest)
+    except DataError:
+        return None
+    same = (manifest.n == len(files.paths) and manifest.source_path == str(files.root) and manifest.variable_size
+            and manifest.side == settings.max_side and manifest.jpeg_quality == settings.quality)
+    return manifest if same else None

@@ -24,11 +24,17 @@ class Manifest:
     content_hash: str
     builder_version: str
     fields: tuple[str, ...] = ("image", "label", "index")
-    image_storage: str = "raw"
+    image_storage: str = "raw"  # raw: side x side pixels; jpeg: JPEG images of varying size, longer side <= side
     dataset: str | None = None  # cifar10 | cifar100 | tiny-imagenet; None for an image folder or arrays
     beton_size: int | None = None  # bytes of the .beton this manifest describes
     beton_sha256: str | None = None  # its content digest: a .beton and a manifest of two builds never pair
     class_counts: tuple[int, ...] | None = None  # images per class (builder version 3 and later)
+    jpeg_quality: int | None = None  # image_storage jpeg: the JPEG quality the images were stored at
+
+    @property
+    def variable_size(self) -> bool:
+        """Whether images vary in size (decoded through a resizing decoder at a chosen side)."""
+        return self.image_storage == "jpeg"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

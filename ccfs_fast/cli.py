@@ -48,6 +48,16 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     folder.add_argument("--class-order", choices=("sorted", "numeric"), default=None,
                         help="label order of the class folders: sorted (torchvision's and the paper's) or numeric; "
                              "required when integer folder names sort otherwise (0, 1, 10, 2, ...) (default: sorted)")
+    imagenet = kinds.add_parser("imagenet", help="ILSVRC-2012 train + val folders: writes imagenet_train.beton and "
+                                "imagenet_test.beton (JPEG, images of varying size; resumes after an interruption)")
+    imagenet.add_argument("--src", type=Path, required=True,
+                          help="ROOT holding train/<wnid>/*.JPEG and val/ (wnid folders, or flat with "
+                               "LOC_val_solution.csv or the devkit ILSVRC2012_devkit_t12/)")
+    imagenet.add_argument("--out", type=Path, required=True, help="output folder")
+    imagenet.add_argument("--max-side", type=int, default=None,
+                          help="shrink images whose longer side exceeds this many pixels (default: 500, as FFCV's "
+                               "ImageNet example)")
+    imagenet.add_argument("--jpeg-quality", type=int, default=None, help="JPEG quality 1-100 (default: 90)")
     arrays = kinds.add_parser("arrays", help="an .npz with x uint8 [n,h,w,3] and y int [n]")
     arrays.add_argument("--src", type=Path, required=True, help="FILE.npz")
     arrays.add_argument("--out", type=Path, required=True, help="FILE.beton")
@@ -73,11 +83,13 @@ def _run_build(args: argparse.Namespace) -> Runner:
 
     config = BuildConfig(kind=args.kind, src=args.src, out=args.out, per_class=getattr(args, "per_class", None),
                          side=getattr(args, "side", None), overwrite=args.overwrite, workers=args.workers,
-                         class_order=getattr(args, "class_order", None))
+                         class_order=getattr(args, "class_order", None), max_side=getattr(args, "max_side", None),
+                         jpeg_quality=getattr(args, "jpeg_quality", None))
 
     def run() -> None:
         results = build(config)
-        rows = [(str(path), m.n, m.num_classes, f"{m.side}x{m.side}", seconds) for path, m, seconds in results]
+        rows = [(str(path), m.n, m.num_classes, f"<= {m.side}" if m.variable_size else f"{m.side}x{m.side}", seconds)
+                for path, m, seconds in results]
         print(format_table(["file", "images", "classes", "side", "seconds"], rows))
     return run
 
