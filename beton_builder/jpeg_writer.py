@@ -30,8 +30,7 @@ from pathlib import Path
 import numpy as np
 from ffcv.fields import IntField, RGBImageField
 from ffcv.fields.rgb_image import encode_jpeg, resizer
-from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, TYPE_ID_HANDLER, FieldDescType, HeaderType, \
-    get_metadata_type
+from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, TYPE_ID_HANDLER, FieldDescType, HeaderType, get_metadata_type
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
@@ -42,7 +41,7 @@ from ccfs_fast.processes import available_cpus, die_with_parent
 
 from . import BUILDER_VERSION
 from .imagenet import FileList
-from .manifest import Manifest, manifest_path
+from .manifest import Manifest, files_path, manifest_path
 
 PAGE_SIZE = 1 << 23  # FFCV DatasetWriter's default (4 x 2 MiB)
 CHUNK = 64  # images per worker task
@@ -64,12 +63,6 @@ class JpegSettings:
             raise BuildError(f"--max-side must be between 8 and 65535 pixels, got {self.max_side}")
         if not 1 <= self.quality <= 100:
             raise BuildError(f"--jpeg-quality must be between 1 and 100, got {self.quality}")
-
-
-def files_path(beton_path: str | Path) -> Path:
-    """The sidecar with each row's source file name: `x.beton` -> `x.beton.files.npz` (keys `names`
-    str [n], paths relative to the split folder, and `beton_sha256`)."""
-    return Path(f"{beton_path}.files.npz")
 
 
 def _encode(job: tuple[int, list[str], JpegSettings]) -> tuple[int, list, np.ndarray, np.ndarray, np.ndarray] | str:

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import numpy as np
 
 from ccfs_fast.errors import DataError
 
@@ -76,3 +79,28 @@ def read_manifest(beton_path: str | Path) -> Manifest:
                         "with std > 0 (a corrupt or hand-edited manifest); rebuild with `ccfs-fast build ... "
                         "--overwrite`")
     return manifest
+
+
+def files_path(beton_path: str | Path) -> Path:
+    """The sidecar with each row's source file name: `x.beton` -> `x.beton.files.npz` (keys `names`
+    str [n], paths relative to the split folder, and `beton_sha256`)."""
+    return Path(f"{beton_path}.files.npz")
+
+
+def recorded_names(beton_path: str | Path) -> np.ndarray | None:
+    """str [n]: each row's source file name (relative to its split folder) as `build imagenet`
+    recorded it, when the sidecar belongs to this very build of the file; None otherwise."""
+    path = files_path(beton_path)
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            names, made_for = stored["names"], str(stored["beton_sha256"])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{path}: unreadable file-name record ({type(exc).__name__}); rebuild {beton_path} with "
+                        "`ccfs-fast build imagenet ... --overwrite`") from exc
+    manifest = read_manifest(beton_path)
+    if made_for != manifest.beton_sha256 or names.shape != (manifest.n,):
+        raise DataError(f"{path} was written for another build of {beton_path}; rebuild it with `ccfs-fast build "
+                        "imagenet ... --overwrite`")
+    return names

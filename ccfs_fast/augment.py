@@ -47,6 +47,34 @@ def crop_boxes_from(u: torch.Tensor, side: int, scale: tuple[float, float] = DEF
     return torch.stack((top, left, height, width), 1)
 
 
+def crop_boxes_sized(u: torch.Tensor, sizes: torch.Tensor, side: int, scale: tuple[float, float] = DEFAULT_SCALE,
+                     ratio: tuple[float, float] = DEFAULT_RATIO) -> torch.Tensor:
+    """torchvision's RandomResizedCrop.get_params for images of varying size, vectorised: the box is
+    drawn in each image's stored pixels (sizes [n, 2]: height, width), with torchvision's fallback
+    (the centre crop clamped to the ratio range) after 10 failed tries, then mapped onto its resident
+    side x side copy (the whole image resized). Returns [n, 4] (top, left, height, width) in resident
+    pixels, u's dtype: the crop geometry has the distribution torchvision draws on the image itself."""
+    heights, widths = sizes[:, 0:1].to(u.dtype), sizes[:, 1:2].to(u.dtype)
+    area = heights * widths * (scale[0] + (scale[1] - scale[0]) * u[:, 0:10])
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[:, 10:20])
+    width = torch.round(torch.sqrt(area * aspect))
+    height = torch.round(torch.sqrt(area / aspect))
+    valid = (width > 0) & (width <= widths) & (height > 0) & (height <= heights)
+    first = valid.int().argmax(1, keepdim=True)
+    found = valid.any(1)
+    h_img, w_img = heights[:, 0], widths[:, 0]
+    in_ratio = w_img / h_img
+    fallback_w = torch.where(in_ratio > ratio[1], torch.round(h_img * ratio[1]), w_img)
+    fallback_h = torch.where(in_ratio < ratio[0], torch.round(w_img / ratio[0]), h_img)
+    width = torch.where(found, width.gather(1, first)[:, 0], fallback_w)
+    height = torch.where(found, height.gather(1, first)[:, 0], fallback_h)
+    top = torch.where(found, torch.floor(u[:, 20] * (h_img - height + 1)), torch.floor((h_img - height) / 2))
+    left = torch.where(found, torch.floor(u[:, 21] * (w_img - width + 1)), torch.floor((w_img - width) / 2))
+    to_y, to_x = side / h_img, side / w_img
+    return torch.stack((top * to_y, left * to_x, height * to_y, width * to_x), 1)
+
+
 def flips_from(u: torch.Tensor) -> torch.Tensor:
     """bool [n]: flip horizontally with probability 0.5, from draws u [n, AUG_DRAWS]."""
     return u[:, 22] < 0.5
@@ -89,12 +117,15 @@ def resample_normalise(images: torch.Tensor, grid_x: torch.Tensor, grid_y: torch
 
 
 def augment_batch(images: torch.Tensor, u: torch.Tensor, inv_std255: torch.Tensor, shift: torch.Tensor,
-                  scale: tuple[float, float] = DEFAULT_SCALE, ratio: tuple[float, float] = DEFAULT_RATIO
-                  ) -> torch.Tensor:
+                  scale: tuple[float, float] = DEFAULT_SCALE, ratio: tuple[float, float] = DEFAULT_RATIO,
+                  sizes: torch.Tensor | None = None) -> torch.Tensor:
     """RandomResizedCrop + flip + normalise of a batch uint8 [B, 3, S, S] with draws u [B, AUG_DRAWS]
-    (their dtype is the output's): normalised [B, 3, S, S], the whole batch in one grid_sample."""
+    (their dtype is the output's): normalised [B, 3, S, S], the whole batch in one grid_sample.
+    `sizes` [B, 2]: each image's stored (height, width) when the batch holds whole images of varying
+    size resized to S x S (crop_boxes_sized); None when the images are S x S themselves."""
     side = images.shape[-1]
-    grid_x, grid_y = crop_grids(crop_boxes_from(u, side, scale, ratio), flips_from(u), side, side)
+    boxes = crop_boxes_from(u, side, scale, ratio) if sizes is None else crop_boxes_sized(u, sizes, side, scale, ratio)
+    grid_x, grid_y = crop_grids(boxes, flips_from(u), side, side)
     return resample_normalise(images, grid_x, grid_y, inv_std255, shift)
 
 

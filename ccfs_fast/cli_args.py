@@ -129,6 +129,14 @@ def add_data_args(p: argparse.ArgumentParser, config: type, required: bool = Tru
         g.add_argument("--teacher-model", default=S,
                        help=f"the teacher's architecture (default: the arch its checkpoint records, else resnet18): "
                             f"{MODEL_NAMES_HELP}")
+    g.add_argument("--train-side", type=int, default=S,
+                   help="pools of varying image size (`build imagenet`): the side images are trained at "
+                        "(RandomResizedCrop) and evaluated at (centre crop of 7/8 the short side) (default: 224)")
+    if distilled:
+        g.add_argument("--train-data", default=S, choices=("auto", "resident", "streamed"),
+                       help="how a train set is read: resident (once, uint8 on the device) or streamed through "
+                            "FFCV's decoders every step; auto: resident when it fits in half the free device memory "
+                            "(default: auto)")
     g.add_argument("--normalize", default=S,
                    help=f"{NORMALIZE_HELP} (default: what the teacher checkpoint records, else the paper's constants "
                         "for cifar10 / cifar100 / tiny-imagenet, else the pool's statistics)")

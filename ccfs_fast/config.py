@@ -157,9 +157,13 @@ class RunConfig:
     workers: int = 2
     eval_batch_size: int = 256  # the paper's coarse-filtering batch; raise it on a GPU
     preset: str | None = None
+    train_side: int | None = None  # pools of varying image size (build imagenet): train / eval side, default 224
+    train_data: str = "auto"  # auto | resident | streamed (Workspace.train_form)
 
     def __post_init__(self) -> None:
         from .scores import score_kind
+
+        check_image_args(self.train_side, self.train_data)
         from .select import SELECTION_METHODS, SHORTFALL_POLICIES
 
         require_betons(pool=self.pool, test=self.test, distilled=self.distilled)
@@ -217,6 +221,16 @@ class RunConfig:
         return out
 
 
+TRAIN_DATA = ("auto", "resident", "streamed")
+
+
+def check_image_args(train_side: int | None, train_data: str) -> None:
+    """--train-side and --train-data: values in range / among the choices."""
+    if train_side is not None and not 16 <= train_side <= 1024:
+        raise ConfigError(f"--train-side must be between 16 and 1024 pixels, got {train_side}")
+    _check_choice("train data form", train_data, TRAIN_DATA)
+
+
 # Settings that may change between a run and its --resume without changing results.
 RESUME_FREE = frozenset({"output_dir", "workers", "device", "eval_batch_size", "preset", "fuse_evals", "cuda_graphs",
                          "coarse_pass"})
@@ -250,8 +264,11 @@ class EvalConfig:
     allow_incomplete: bool = False  # evaluate an unfinished run's selection
     run_dir: Path | None = None  # the run being reproduced (its accuracies are printed beside these)
     notes: tuple[str, ...] = ()
+    train_side: int | None = None  # as RunConfig
+    train_data: str = "auto"
 
     def __post_init__(self) -> None:
+        check_image_args(self.train_side, self.train_data)
         require_betons(pool=self.pool, test=self.test, distilled=self.distilled)
         require_file(self.teacher, "--teacher", "pass the teacher checkpoint (.pt / .pth)")
         require_file(self.selection, "--selection", "pass a selected_indices.json (or --run-dir RUN)")
@@ -285,8 +302,10 @@ class TeacherConfig:
     overwrite: bool = False
     normalize: str | None = None  # None: paper constants for cifar10/cifar100/tiny-imagenet, else pool stats
     notes: tuple[str, ...] = ()
+    train_side: int | None = None  # pools of varying image size: the train / eval side (default 224)
 
     def __post_init__(self) -> None:
+        check_image_args(self.train_side, "auto")
         parse_normalize(self.normalize)
         require_betons(pool=self.pool, test=self.test)
         check_device(self.device)
@@ -324,7 +343,13 @@ PRESETS: dict[str, dict] = {
     "cifar100-ipc150": _preset(150, 0.2, 200),
     "tiny-imagenet-ipc50": _preset(50, 0.2, 100, batch_size=64),
     "tiny-imagenet-ipc100": _preset(100, 0.2, 100, batch_size=64),
+    # Not the paper's: ImageNet-1K extrapolates its Tiny-ImageNet recipe (alpha 0.2, batch 64, 100 epochs)
+    # to torchvision's unmodified resnet18 at 224 px; no forgetting scores are published for ImageNet, so
+    # the c-score file (Jiang et al. 2021, keyed by file name) is passed with --score-path.
+    **{f"imagenet-ipc{ipc}": _preset(ipc, 0.2, 100, batch_size=64, score="cscore", filter_model="torchvision:resnet18",
+                                     eval_model="torchvision:resnet18") for ipc in (10, 50, 100)},
 }
+EXTRAPOLATED = frozenset(name for name in PRESETS if name.startswith("imagenet-"))
 
 # The published forgetting scores (the paper's, Apache-2.0) shipped in the repository's scores/ folder,
 # used by a preset of that dataset when --score-path is not given.
@@ -355,17 +380,21 @@ SMOKE = {"epochs": 2, "lr_warmup_epochs": 1, "filter_model": "convnet_tiny", "ev
          "num_eval": 2}
 
 
+SETTINGS_SOURCE = {False: "the paper's script", True: "extrapolated, not the paper's"}
+
+
 def preset_table() -> str:
     """The presets as a Markdown table (the README's, generated here so it cannot drift)."""
     head = ("| preset | dataset | ipc | alpha | distilled / real per class | epochs | batch | curricula | models "
-            "| evaluations | shortfall |")
-    rows = [head, "|" + "---|" * 11]
+            "| evaluations | shortfall | settings |")
+    rows = [head, "|" + "---|" * 12]
     for name, p in PRESETS.items():
         cpc = int(p["image_per_class"] * p["alpha"] + 1e-9)
         batch = p.get("batch_size") or "auto"
         rows.append(f"| `{name}` | {name.rsplit('-ipc', 1)[0]} | {p['image_per_class']} | {p['alpha']} | "
                     f"{cpc} / {p['image_per_class'] - cpc} | {p['epochs']} | {batch} | {p['curriculum_num']} | "
-                    f"{p['filter_model']} | {p['num_eval']} | {p['shortfall']} |")
+                    f"{p['filter_model']} | {p['num_eval']} | {p['shortfall']} | "
+                    f"{SETTINGS_SOURCE[name in EXTRAPOLATED]} |")
     return "\n".join(rows)
 
 

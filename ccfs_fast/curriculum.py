@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from beton_builder.manifest import recorded_names
+
 from .coarse import PassResult, coarse_pass
 from .config import RESUME_FREE, RunConfig
 from .digests import file_sha256
@@ -339,7 +341,8 @@ def _run(cfg: RunConfig, dist_ctx: DistContext, device: str, resume: bool, overw
     fast = cfg.fast.resolve(device)
     torch.backends.cudnn.benchmark = bool(fast.cudnn_benchmark)
     ws = open_workspace(cfg.pool, cfg.test, cfg.distilled, cfg.teacher, cfg.teacher_model, cfg.cpc, device,
-                        cfg.workers, cfg.eval_batch_size, dist_ctx, fast, cfg.normalize)
+                        cfg.workers, cfg.eval_batch_size, dist_ctx, fast, cfg.normalize, cfg.train_side,
+                        cfg.train_data)
     if dist_ctx.is_main:
         _check_models(cfg, ws.side)
     teacher_digest = file_sha256(cfg.teacher)
@@ -358,7 +361,8 @@ def _run(cfg: RunConfig, dist_ctx: DistContext, device: str, resume: bool, overw
     file_key = None
     if score_kind(cfg.score).from_file:
         said: list[str] = []
-        file_key = easy_first_key(load_scores(cfg.score_path, ws.pool_labels, said), cfg.score)
+        file_key = easy_first_key(load_scores(cfg.score_path, ws.pool_labels, said,
+                                              lambda: recorded_names(ws.space.pool.path)), cfg.score)
         state["notes"] += said
         say(said, dist_ctx.is_main)
     elif cfg.coarse_pass == "lazy":

@@ -16,7 +16,13 @@ from pathlib import Path
 import numba
 import numpy as np
 import torch
-from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
+from ffcv.fields.decoders import (
+    CenterCropRGBImageDecoder,
+    IntDecoder,
+    RandomResizedCropRGBImageDecoder,
+    SimpleRGBImageDecoder,
+)
+from ffcv.fields.rgb_image import ResizedCropRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
 from ffcv.reader import Reader
 from ffcv.transforms import ToTensor
@@ -40,6 +46,7 @@ class BetonFile:
     page_of_row: np.ndarray | None = field(default=None, compare=False, repr=False)
     page_size: int = 0
     row_bytes: int = 0
+    sizes: np.ndarray | None = field(default=None, compare=False, repr=False)  # int [n, 2]: (height, width) as stored
 
     @classmethod
     def open(cls, path: str | Path) -> BetonFile:
@@ -56,7 +63,9 @@ class BetonFile:
         table = reader.alloc_table
         page_of_row = np.zeros(manifest.n, np.int64)
         page_of_row[table["sample_id"]] = table["ptr"] // reader.page_size
-        return cls(path, manifest, page_of_row, int(reader.page_size), int(table["size"].max(initial=0)))
+        image = reader.metadata[reader.metadata.dtype.names[reader.field_names.index("image")]]
+        sizes = np.stack((image["height"], image["width"]), 1).astype(np.int64)
+        return cls(path, manifest, page_of_row, int(reader.page_size), int(table["size"].max(initial=0)), sizes)
 
     @property
     def n(self) -> int:
@@ -132,11 +141,47 @@ def _keep_torch_threads() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-PIPELINES = {
-    "rows": lambda: {"image": [SimpleRGBImageDecoder(), ToTensor()], "label": [IntDecoder(), ToTensor()],
-                     "index": [IntDecoder(), ToTensor()]},
-    "labels": lambda: {"image": None, "label": [IntDecoder(), ToTensor()], "index": [IntDecoder(), ToTensor()]},
-}
+def _whole_image(height, width, scale, ratio):  # numba-compiled by FFCV: the crop is the whole image
+    return 0, 0, height, width
+
+
+class WholeImageDecoder(ResizedCropRGBImageDecoder):
+    """Each image (any size, JPEG or raw) resized whole to output_size (cv2 INTER_AREA, FFCV's
+    resize): the resident form of a variable-size train image, cropped later on the device with
+    its stored size (augment.crop_boxes_sized)."""
+
+    def __init__(self, output_size: tuple[int, int]):
+        super().__init__(output_size)
+        self.scale, self.ratio = None, 1.0
+
+    @property
+    def get_crop_generator(self):
+        return _whole_image
+
+
+# Evaluation of variable-size images: the centre crop of a 256-side resize taken at 224 (torchvision's
+# Resize(256) + CenterCrop(224); FFCV's ImageNet example), i.e. the centre square of 7/8 the short side.
+CENTER_CROP_RATIO = 224 / 256
+
+
+def _image_decoders(decode: str, side: int) -> list:
+    """FFCV image decoders: `rows` fixed-size images as stored; for images of varying size resized to
+    side x side: `center` (evaluation), `whole` (the resident train form), `crop` (RandomResizedCrop,
+    the streamed train form)."""
+    if decode == "rows":
+        return [SimpleRGBImageDecoder(), ToTensor()]
+    if decode == "center":
+        return [CenterCropRGBImageDecoder((side, side), CENTER_CROP_RATIO), ToTensor()]
+    if decode == "whole":
+        return [WholeImageDecoder((side, side)), ToTensor()]
+    if decode == "crop":
+        return [RandomResizedCropRGBImageDecoder((side, side), DEFAULT_SCALE, DEFAULT_RATIO), ToTensor()]
+    raise ValueError(f"unknown decode {decode!r}")
+
+
+def _pipelines(fields: str, side: int) -> dict:
+    ints = {"label": [IntDecoder(), ToTensor()], "index": [IntDecoder(), ToTensor()]}
+    return {"image": None if fields == "labels" else _image_decoders(fields, side), **ints}
 
 
 class RowReader:
@@ -149,9 +194,10 @@ class RowReader:
     (for scattered rows, see scattered_rows). `fields` "labels" skips the image pipeline
     (no pixel decoded). Get one with `row_reader`, which keeps it for the life of the process."""
 
-    def __init__(self, beton: BetonFile, batch_size: int, workers: int, fields: str = "rows", os_cache: bool = False):
+    def __init__(self, beton: BetonFile, batch_size: int, workers: int, fields: str = "rows", os_cache: bool = False,
+                 side: int = 0):
         # FFCV sets numba's thread count to `workers`, which numba caps at the machine's threads.
-        self.beton, self.batch_size, self.fields, self.os_cache = beton, batch_size, fields, os_cache
+        self.beton, self.batch_size, self.fields, self.os_cache, self.side = beton, batch_size, fields, os_cache, side
         self.workers = max(1, min(workers, numba.config.NUMBA_NUM_THREADS))
         self._loader: Loader | None = None
         self.busy = False
@@ -160,7 +206,7 @@ class RowReader:
         if self._loader is None:
             self._loader = Loader(str(self.beton.path), batch_size=self.batch_size, num_workers=self.workers,
                                   order=OrderOption.SEQUENTIAL, indices=rows, drop_last=False, os_cache=self.os_cache,
-                                  pipelines=PIPELINES[self.fields]())
+                                  pipelines=_pipelines(self.fields, self.side))
         else:
             self._loader.indices = rows
             self._loader.traversal_order.indices = rows
@@ -197,17 +243,18 @@ _READERS: dict[tuple, list[RowReader]] = {}
 
 
 def row_reader(beton: BetonFile, batch_size: int, workers: int, fields: str = "rows",
-               os_cache: bool = False) -> RowReader:
-    """A free compiled reader for (file, batch size, threads, fields, cache kind), made on first use."""
+               os_cache: bool = False, side: int = 0) -> RowReader:
+    """A free compiled reader for (file, batch size, threads, fields, cache kind, output side), made
+    on first use. `fields`: "labels", or an image decode of _image_decoders."""
     stat = os.stat(beton.path)
     key = (str(beton.path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns, batch_size, workers, fields,
-           os_cache)
+           os_cache, side)
     readers = _READERS.setdefault(key, [])
     for reader in readers:
         if not reader.busy:
             reader.beton = beton
             return reader
-    readers.append(RowReader(beton, batch_size, workers, fields, os_cache))
+    readers.append(RowReader(beton, batch_size, workers, fields, os_cache, side))
     return readers[-1]
 
 
@@ -262,17 +309,44 @@ class IndexSpace:
     """One index space over the pool (rows 0..n_pool-1) and the distilled set (n_pool..n_total-1).
     `norm` normalises every image read through it (default: the pool's measured statistics)."""
 
-    def __init__(self, pool: BetonFile, distilled: BetonFile | None = None, norm: Normalization | None = None):
+    def __init__(self, pool: BetonFile, distilled: BetonFile | None = None, norm: Normalization | None = None,
+                 side: int | None = None):
+        """`side`: the side images are decoded at when the pool's images vary in size (JPEG pools,
+        `build imagenet`); fixed-size pools are read at their own side."""
         self.pool, self.distilled = pool, distilled
         self.norm = norm or Normalization(tuple(pool.manifest.mean), tuple(pool.manifest.std), "pool")
+        self.variable = pool.manifest.variable_size
+        pm = pool.manifest
+        if not self.variable and side not in (None, pm.side):
+            raise DataError(f"--train-side {side} applies to pools of varying image size (`ccfs-fast build imagenet`); "
+                            f"{pool.path} holds {pm.side}x{pm.side} images: drop --train-side")
+        self.side = int(side or (224 if self.variable else pm.side))
         if distilled is not None:
-            pm, dm = pool.manifest, distilled.manifest
-            if dm.side != pm.side:
+            dm = distilled.manifest
+            if not self.variable and (dm.variable_size or dm.side != pm.side):
                 raise DataError(f"distilled images are {dm.side}x{dm.side} but the pool's are "
                                 f"{pm.side}x{pm.side}; rebuild the distilled set with --side {pm.side}")
             if dm.num_classes != pm.num_classes:
                 raise DataError(f"distilled set has {dm.num_classes} classes ({distilled.path}), the pool "
                                 f"{pm.num_classes} ({pool.path}); every class needs a distilled folder")
+        self._sizes: torch.Tensor | None = None
+
+    def decode(self, purpose: str) -> str:
+        """The image decode (_image_decoders) for `purpose`: train (the resident form), eval, or
+        stream (RandomResizedCrop in the decoder)."""
+        if not self.variable:
+            return "rows"
+        return {"train": "whole", "eval": "center", "stream": "crop"}[purpose]
+
+    def crop_sizes(self, index: torch.Tensor) -> torch.Tensor | None:
+        """float32 [m, 2] (height, width) as stored of the images at global `index` [m], on its device;
+        None for a fixed-size pool (every image side x side, the resident form itself)."""
+        if not self.variable:
+            return None
+        if self._sizes is None:
+            parts = [self.pool.sizes] + ([self.distilled.sizes] if self.distilled is not None else [])
+            self._sizes = torch.from_numpy(np.concatenate(parts)).to(torch.float32)
+        return self._sizes.index_select(0, index.cpu()).to(index.device)
 
     @property
     def n_pool(self) -> int:
@@ -287,10 +361,12 @@ class IndexSpace:
         """The pool's manifest (side, classes, names)."""
         return self.pool.manifest
 
-    def reader(self, beton: BetonFile, batch_size: int, workers: int, rows: np.ndarray | None = None) -> RowReader:
-        """A compiled reader for one file and batch size (the process keeps it; see row_reader), the
-        OS page cache when `rows` lie scattered over the file (see scattered_rows)."""
-        return row_reader(beton, batch_size, workers, os_cache=rows is not None and scattered_rows(beton, rows))
+    def reader(self, beton: BetonFile, batch_size: int, workers: int, rows: np.ndarray | None = None,
+               purpose: str = "eval") -> RowReader:
+        """A compiled reader for one file, batch size and purpose (see decode; the process keeps it:
+        row_reader), the OS page cache when `rows` lie scattered over the file (see scattered_rows)."""
+        return row_reader(beton, batch_size, workers, self.decode(purpose),
+                          rows is not None and scattered_rows(beton, rows), self.side)
 
     def warm_readers(self, workers: int, eval_batch_size: int = 0) -> None:
         """Compiles, once per process, the pool readers a run uses (FFCV compiles each reader's
@@ -300,7 +376,8 @@ class IndexSpace:
         scatter_possible = self.pool.n * self.pool.row_bytes > SCATTER_MIN_BYTES
         for chunk in sorted({READ_CHUNK, eval_chunk(eval_batch_size)}):
             for os_cache in (False, True) if scatter_possible else (False,):
-                for _ in row_reader(self.pool, chunk, workers, os_cache=os_cache).read(np.arange(1)):
+                for _ in row_reader(self.pool, chunk, workers, self.decode("eval"), os_cache, self.side).read(
+                        np.arange(1)):
                     pass
 
     def distilled_indices(self) -> np.ndarray:
@@ -317,17 +394,17 @@ class IndexSpace:
             out.append((self.distilled, indices[~in_pool] - self.n_pool, np.flatnonzero(~in_pool), self.n_pool))
         return [part for part in out if len(part[1])]
 
-    def read_resident(self, indices: np.ndarray, device: torch.device, workers: int
+    def read_resident(self, indices: np.ndarray, device: torch.device, workers: int, purpose: str = "train"
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Reads `indices` once: (uint8 [m, 3, H, W] on `device`, labels int64 [m], global index
-        int64 [m]), row j being indices[j]."""
+        """Reads `indices` once: (uint8 [m, 3, S, S] on `device`, labels int64 [m], global index
+        int64 [m]), row j being indices[j]; images of varying size decoded for `purpose` (decode)."""
         indices = np.asarray(indices, dtype=np.int64)
-        side = self.manifest.side
+        side = self.side
         images = torch.empty((len(indices), 3, side, side), dtype=torch.uint8, device=device)
         labels = torch.empty(len(indices), dtype=torch.int64)
         for beton, rows, positions, _ in self.parts(indices):
             start = 0
-            for batch, batch_labels, batch_index in self.reader(beton, READ_CHUNK, workers, rows).read(rows):
+            for batch, batch_labels, batch_index in self.reader(beton, READ_CHUNK, workers, rows, purpose).read(rows):
                 pos = torch.from_numpy(positions[start:start + len(batch_index)])
                 images[pos.to(device)] = batch.permute(0, 3, 1, 2).to(device)
                 labels[pos] = batch_labels
@@ -372,6 +449,7 @@ class ResidentTrainLoader:
         if resident is None:
             resident = space.read_resident(indices, self.device, workers)
         self.images, self.labels, self.index = resident
+        self.sizes = space.crop_sizes(self.index)  # images of varying size: their stored (height, width)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.share = CpuShare()
 
@@ -385,8 +463,9 @@ class ResidentTrainLoader:
             rows = order[start:start + self.batch_size]
             u = draw_augmentation(len(rows), self.generator, self.dtype)
             with elementwise_threads(self.share, self.device):
+                sizes = None if self.sizes is None else self.sizes.index_select(0, rows)
                 images = augment_batch(self.images.index_select(0, rows), u, self.inv_std255, self.shift, self.scale,
-                                       self.ratio)
+                                       self.ratio, sizes)
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             yield images, self.labels.index_select(0, rows), self.index.index_select(0, rows)
@@ -436,7 +515,7 @@ class ResidentEvalLoader:
         self.batch_size, self.channels_last = batch_size, channels_last
         mean255, std255 = _stats_tensors(space.norm, self.device)
         self.inv_std255, self.shift = 1.0 / std255, -mean255 / std255
-        self.images, self.labels, self.index = space.read_resident(indices, self.device, workers)
+        self.images, self.labels, self.index = space.read_resident(indices, self.device, workers, "eval")
 
     def __len__(self) -> int:
         return -(-len(self.labels) // self.batch_size)
@@ -451,11 +530,12 @@ class ResidentEvalLoader:
 
 
 def make_test_loader(test: BetonFile, num_classes: int, norm: Normalization, batch_size: int,
-                     device: torch.device | str, workers: int = 2, channels_last: bool = False) -> ResidentEvalLoader:
+                     device: torch.device | str, workers: int = 2, channels_last: bool = False,
+                     side: int | None = None) -> ResidentEvalLoader:
     """The whole test set, resident, sequential, normalised with the run's `norm` (the same as the
-    pool's and the distilled images')."""
+    pool's and the distilled images'); images of varying size centre-cropped at `side`."""
     if test.manifest.num_classes != num_classes:
         raise DataError(f"the test set {test.path} has {test.manifest.num_classes} classes but the pool "
                         f"has {num_classes}; pass the test split of the same dataset")
-    return ResidentEvalLoader(IndexSpace(test, norm=norm), np.arange(test.n), batch_size, device, workers,
+    return ResidentEvalLoader(IndexSpace(test, norm=norm, side=side), np.arange(test.n), batch_size, device, workers,
                               channels_last)

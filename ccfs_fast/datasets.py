@@ -13,6 +13,9 @@ CIFAR_MEAN: Stats = (0.4914, 0.4822, 0.4465)
 CIFAR_STD: Stats = (0.2023, 0.1994, 0.2010)
 TINY_MEAN: Stats = (0.4802, 0.4481, 0.3975)
 TINY_STD: Stats = (0.2302, 0.2265, 0.2262)
+# ImageNet-1K: torchvision's constants (every torchvision ImageNet weights file expects them).
+IMAGENET_MEAN: Stats = (0.485, 0.456, 0.406)
+IMAGENET_STD: Stats = (0.229, 0.224, 0.225)
 
 
 def per_class_thresholds(small: int, medium: int) -> Callable[[int, int], int]:
@@ -46,6 +49,9 @@ DATASETS: dict[str, DatasetFacts] = {
     "cifar100": DatasetFacts("cifar100", CIFAR_MEAN, CIFAR_STD, per_class_thresholds(50, 100),
                              "|T| < 50 C -> 32, < 100 C -> 64, else 128"),
     "tiny-imagenet": DatasetFacts("tiny-imagenet", TINY_MEAN, TINY_STD, fixed_batch(64), "64 (the scripts' -b 64)"),
+    # not in the paper: its Tiny-ImageNet rule (batch 64) carried over, with torchvision's constants
+    "imagenet": DatasetFacts("imagenet", IMAGENET_MEAN, IMAGENET_STD, fixed_batch(64),
+                             "64 (the Tiny-ImageNet scripts' -b 64, extrapolated)"),
 }
 
 OTHER_DATA = DatasetFacts("other", None, None, per_class_thresholds(500, 1000),

@@ -62,7 +62,8 @@ def evaluate_selection_file(cfg: EvalConfig) -> dict:
     fast = cfg.fast.resolve(device)
     torch.backends.cudnn.benchmark = bool(fast.cudnn_benchmark)
     ws = open_workspace(cfg.pool, cfg.test, cfg.distilled, cfg.teacher, cfg.teacher_model, cpc, device,
-                        cfg.workers, cfg.eval_batch_size, dist_ctx, fast, cfg.normalize)
+                        cfg.workers, cfg.eval_batch_size, dist_ctx, fast, cfg.normalize, cfg.train_side,
+                        cfg.train_data)
     if len(selected) and (selected.min() < 0 or selected.max() >= ws.space.n_pool):
         raise ConfigError(f"{cfg.selection}: indices must lie in [0, {ws.space.n_pool}) for this pool, got "
                           f"[{selected.min()}, {selected.max()}]")

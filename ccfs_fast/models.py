@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import pickle
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +125,15 @@ class Checkpoint:
     def arch(self) -> str | None:
         arch = self.meta.get("arch")
         return arch if isinstance(arch, str) else None
+
+    @property
+    def torchvision_arch(self) -> str | None:
+        """`torchvision:NAME` for a torchvision weights file (a plain state dict named `NAME-<8 hex>.pth`,
+        e.g. resnet18-f37072fd.pth) whose NAME is a torchvision model; None otherwise."""
+        match = re.fullmatch(r"([a-z0-9_]+)-[0-9a-f]{8,}\.pth", self.path.name)
+        if self.meta or match is None or match[1] not in torchvision_names():
+            return None
+        return f"{TORCHVISION_PREFIX}{match[1]}"
 
     @property
     def normalize(self) -> dict | None:

@@ -11,7 +11,7 @@ import pandas as pd
 
 from .errors import ConfigError
 from .outputs import atomic_file, write_text
-from .scores import read_score_file, score_kind
+from .scores import pool_order_scores, score_kind
 
 CSV_COLUMNS = ("phase", "curpc", "train_size", "batch_size", "train_s", "train_img_per_s", "coarse_pass",
                "pool_eligible", "pool_evaluated", "coarse_rounds",
@@ -41,7 +41,7 @@ def _phase_audits(run_dir: Path, metrics: dict) -> list[dict]:
     settings = metrics["settings"]
     kind = score_kind(settings["score"])
     selected = np.asarray(json.loads((run_dir / "selected_indices.json").read_text())["idx_selected"], np.int64)
-    values = read_score_file(Path(settings["score_path"]))[0] if kind.from_file else None
+    values = pool_order_scores(Path(settings["score_path"]), Path(settings["pool"])) if kind.from_file else None
     out, start = [], 0
     for phase in metrics["phases"]:
         path = run_dir / f"phase{phase['phase']}_candidates.npz"

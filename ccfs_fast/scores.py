@@ -3,6 +3,7 @@ and validation against the pool, and the conversion to an easy-first key (lower 
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ class ScoreKind:
 SCORE_KINDS: dict[str, ScoreKind] = {
     "forgetting": ScoreKind("forgetting", "low", True, "forgetting events (Toneva et al. 2019)"),
     "cscore": ScoreKind("cscore", "high", True, "consistency score (Jiang et al. 2021)"),
+    "memorization": ScoreKind("memorization", "low", True, "memorization estimate (Feldman & Zhang 2020)"),
     "logits": ScoreKind("logits", "high", False, "the phase filter's logit of the true class"),
 }
 
@@ -41,32 +43,91 @@ def easy_first_key(scores: np.ndarray, kind: str) -> np.ndarray:
     return values if score_kind(kind).easy_end == "low" else -values
 
 
-def read_score_file(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """(scores, labels or None) as stored, unchecked; load_scores validates them against a pool."""
+# .npz layouts: (scores key, labels key, file-names key). The published ImageNet files are keyed by
+# file name: c-scores (Jiang et al. 2021) and memorization estimates (Feldman & Zhang 2020).
+NPZ_LAYOUTS = (("scores", "labels", "filenames"), ("tr_mem", "tr_labels", "tr_filenames"))
+
+
+@dataclass(frozen=True)
+class ScoreFile:
+    """A score file as stored: scores [m]; labels [m] or None; names [m] (train file base names) or
+    None, when the file is in pool order."""
+
+    scores: np.ndarray
+    labels: np.ndarray | None
+    names: np.ndarray | None
+
+
+def read_score_file(path: Path) -> ScoreFile:
+    """The file's arrays as stored, unchecked; load_scores validates them against a pool."""
     if not path.is_file():
         raise ScoreError(f"score file {path} does not exist; pass --score-path to a .npy or .npz file")
     try:
         if path.suffix == ".npy":
-            return np.load(path, allow_pickle=False), None
+            return ScoreFile(np.load(path, allow_pickle=False), None, None)
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as npz:
-                if "scores" not in npz:
-                    raise ScoreError(f"score file {path} has keys {sorted(npz.files)}; expected 'scores' "
-                                     "(and optionally 'labels')")
-                return npz["scores"], (npz["labels"] if "labels" in npz else None)
+                for scores, labels, names in NPZ_LAYOUTS:
+                    if scores in npz:
+                        return ScoreFile(npz[scores], npz[labels] if labels in npz else None,
+                                         npz[names] if names in npz else None)
+                raise ScoreError(f"score file {path} has keys {sorted(npz.files)}; expected 'scores' (optionally "
+                                 "'labels', 'filenames') or the memorization layout 'tr_mem', 'tr_labels', "
+                                 "'tr_filenames'")
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise ScoreError(f"score file {path} is truncated or corrupt ({exc})") from exc
     raise ScoreError(f"score file {path}: unsupported extension {path.suffix!r}; use .npy or .npz")
 
 
-def load_scores(path: str | Path, pool_labels: np.ndarray, notes: list[str] | None = None) -> np.ndarray:
-    """Reads a score file for a pool with labels int [n]: float64 [n] in canonical pool order.
+def base_names(names: np.ndarray) -> np.ndarray:
+    """str [m]: the file base names of `names` (bytes or str, with or without folders)."""
+    return np.asarray([(n.decode() if isinstance(n, bytes) else str(n)).rsplit("/", 1)[-1] for n in names.tolist()])
+
+
+def align_by_name(stored: ScoreFile, pool_names: np.ndarray | None, path: Path, notes: list[str]) -> ScoreFile:
+    """The file's scores and labels in pool order, matched by file base name to `pool_names` (the
+    pool's recorded file names). Every pool image needs a score; scores of other files are dropped
+    with a note."""
+    if pool_names is None:
+        raise ScoreError(f"score file {path} is keyed by file name, but the pool records no file names; build the "
+                         "pool with `ccfs-fast build imagenet` (it records them), or pass scores in pool order")
+    file_names, pool_base = base_names(stored.names), base_names(pool_names)
+    if stored.names.shape != stored.scores.shape:
+        raise ScoreError(f"score file {path}: {len(stored.names)} file names for {len(stored.scores)} scores")
+    order = np.argsort(file_names, kind="stable")
+    sorted_names = file_names[order]
+    if len(sorted_names) > 1 and np.any(sorted_names[1:] == sorted_names[:-1]):
+        twice = sorted_names[1:][sorted_names[1:] == sorted_names[:-1]][0]
+        raise ScoreError(f"score file {path} names {twice!r} more than once; one score per file")
+    at = np.minimum(np.searchsorted(sorted_names, pool_base), len(sorted_names) - 1)
+    found = sorted_names[at] == pool_base
+    if not found.all():
+        missing = np.flatnonzero(~found)
+        raise ScoreError(f"score file {path} has no score for {len(missing)} of the pool's {len(pool_base)} images "
+                         f"(first: {pool_names[missing[0]]}, pool index {missing[0]}); use the score file of this "
+                         "dataset's training split")
+    rows = order[at]
+    if len(file_names) > len(pool_base):
+        notes.append(f"note: score file {path} scores {len(file_names)} files; the {len(pool_base)} pool images were "
+                     f"matched by file name, {len(file_names) - len(pool_base)} other scores are not used")
+    labels = None if stored.labels is None else np.asarray(stored.labels)[rows]
+    return ScoreFile(np.asarray(stored.scores)[rows], labels, None)
+
+
+def load_scores(path: str | Path, pool_labels: np.ndarray, notes: list[str] | None = None,
+                pool_names: Callable[[], np.ndarray | None] | None = None) -> np.ndarray:
+    """Reads a score file for a pool with labels int [n]: float64 [n] in canonical pool order. A file
+    with file names is aligned to the pool by name (`pool_names()`: the pool's recorded names).
 
     Refuses a length other than n, NaNs, and (.npz) `labels` that differ from the pool's. What is
     accepted but worth knowing (integer or float16 values, infinite values) is appended to `notes`
     as one line each, saying what was done."""
     path = Path(path)
-    scores, labels = read_score_file(path)
+    said = [] if notes is None else notes
+    stored = read_score_file(path)
+    if stored.names is not None:
+        stored = align_by_name(stored, pool_names() if pool_names is not None else None, path, said)
+    scores, labels = stored.scores, stored.labels
     n = len(pool_labels)
     if scores.ndim != 1 or not np.issubdtype(scores.dtype, np.number):
         raise ScoreError(f"score file {path} holds {scores.dtype} {list(scores.shape)}; expected a "
@@ -76,7 +137,6 @@ def load_scores(path: str | Path, pool_labels: np.ndarray, notes: list[str] | No
                          "use the score file of this dataset's training split")
     stored = scores.dtype
     scores = scores.astype(np.float64)
-    said = [] if notes is None else notes
     if np.issubdtype(stored, np.integer) or np.issubdtype(stored, np.bool_):
         said.append(f"note: score file {path} holds {stored} values; read exactly as float64 (equal values tie, "
                     "ties broken by pool index)")
@@ -103,3 +163,14 @@ def load_scores(path: str | Path, pool_labels: np.ndarray, notes: list[str] | No
                              f"at index {i} (file {labels[i]}, pool {pool_labels[i]}); the file is for another "
                              "dataset or another image order")
     return scores
+
+
+def pool_order_scores(path: Path, pool: Path) -> np.ndarray:
+    """A run's score file as stored, in pool order (aligned by the pool's recorded file names when
+    the file is keyed by name), unvalidated: for reports of a run that validated it."""
+    from beton_builder.manifest import recorded_names
+
+    stored = read_score_file(path)
+    if stored.names is not None:
+        stored = align_by_name(stored, recorded_names(pool), path, [])
+    return stored.scores

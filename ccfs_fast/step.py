@@ -15,14 +15,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .augment import augment_batch, draw_augmentation
+from .augment import augment_batch, draw_augmentation, flips_from
 from .config import TrainRecipe
-from .data import elementwise_threads, epoch_order
+from .data import IndexSpace, elementwise_threads, epoch_order
 from .processes import CpuShare
 from .train import TrainResult, full_precision, make_optimizer, make_scheduler
 
@@ -111,13 +112,16 @@ class KDStep:
     """One KD step for the M students of `students` (called as `trained`, e.g. its DDP wrapper).
 
     images: the resident uint8 train set [N, 3, S, S] on the device; generators: one per student,
-    on the device, seeded as the student's seed; inv_std255 / shift: the normalisation ([1, 3, 1, 1]).
+    on the device, seeded as the student's seed; inv_std255 / shift: the normalisation ([1, 3, 1, 1]);
+    sizes: float [N, 2] the stored (height, width) of each image when `images` are whole images of
+    varying size resized to S x S (augment.crop_boxes_sized), None when they are S x S themselves.
     __call__(rows int64 [M, b]) -> KD loss per student [M] (a device tensor)."""
 
     def __init__(self, students: nn.Module, trained: nn.Module, teacher: nn.Module, images: torch.Tensor,
-                 generators: list[torch.Generator], inv_std255: torch.Tensor, shift: torch.Tensor, cfg: StepConfig):
+                 generators: list[torch.Generator], inv_std255: torch.Tensor, shift: torch.Tensor, cfg: StepConfig,
+                 sizes: torch.Tensor | None = None):
         self.students, self.trained, self.teacher, self.images = students, trained, teacher, images
-        self.generators, self.cfg = generators, cfg
+        self.generators, self.cfg, self.sizes = generators, cfg, sizes
         self.inv_std255, self.shift = inv_std255.to(cfg.dtype), shift.to(cfg.dtype)
         self.device = images.device
         self.tensor_lr = cfg.fused_optimizer and cfg.recipe.opt in GRAPH_OPTIMIZERS
@@ -159,10 +163,19 @@ class KDStep:
         images are bit for bit what its own pipeline gives, in far fewer kernels)."""
         count, batch = rows.shape
         draws = torch.cat([draw_augmentation(batch, g, self.cfg.dtype) for g in self.generators])
+        flat_rows = rows.reshape(-1)
+        sizes = None if self.sizes is None else self.sizes.index_select(0, flat_rows)
         with elementwise_threads(self.share, self.device):  # CPU: fewer threads on contended cores
-            out = augment_batch(self.images.index_select(0, rows.reshape(-1)), draws, self.inv_std255, self.shift,
-                                self.cfg.scale, self.cfg.ratio)
+            out = augment_batch(self.images.index_select(0, flat_rows), draws, self.inv_std255, self.shift,
+                                self.cfg.scale, self.cfg.ratio, sizes)
         return out.view(count, batch, *out.shape[1:])
+
+    streamed = False
+
+    @property
+    def size(self) -> int:
+        """Images in the train set."""
+        return self.images.shape[0]
 
     def teacher_logits(self, flat: torch.Tensor) -> torch.Tensor:
         """The teacher's logits of the augmented batch (no gradient)."""
@@ -211,6 +224,36 @@ class KDStep:
         for g, seed in zip(self.generators, seeds):
             g.manual_seed(seed)
 
+
+
+class StreamedKDStep(KDStep):
+    """KDStep over a train set too large to keep resident (Workspace.train_form): each step reads its
+    rows through FFCV's RandomResizedCrop decoder, which draws torchvision's crop distribution on the
+    stored image (from FFCV's own random state), then flips (each student's generator, as KDStep) and
+    normalises on the device. `index` int64 [N]: the train set's global indices in `space`."""
+
+    streamed = True
+
+    def __init__(self, students: nn.Module, trained: nn.Module, teacher: nn.Module, space: IndexSpace,
+                 index: np.ndarray, device: torch.device, generators: list[torch.Generator], inv_std255: torch.Tensor,
+                 shift: torch.Tensor, cfg: StepConfig, workers: int):
+        super().__init__(students, trained, teacher, torch.empty(0, dtype=torch.uint8, device=device), generators,
+                         inv_std255, shift, cfg)
+        self.space, self.index, self.workers = space, np.asarray(index, np.int64), workers
+
+    @property
+    def size(self) -> int:
+        return len(self.index)
+
+    def augment(self, rows: torch.Tensor) -> torch.Tensor:
+        count, batch = rows.shape
+        draws = torch.cat([draw_augmentation(batch, g, self.cfg.dtype) for g in self.generators])
+        chosen = self.index[rows.reshape(-1).cpu().numpy()]
+        images = self.space.read_resident(chosen, self.device, self.workers, "stream")[0]
+        images = torch.where(flips_from(draws)[:, None, None, None], images.flip(-1), images)
+        dtype = self.cfg.dtype
+        out = torch.addcmul(self.shift.to(dtype), images.to(dtype), self.inv_std255.to(dtype))
+        return out.view(count, batch, *out.shape[1:])
 
 class GraphedStep:
     """The step captured into one CUDA graph per batch shape and replayed: __call__(rows) copies the
@@ -289,17 +332,20 @@ class StepRun:
     cuda_graphs: bool
     note: str | None = None
     asked: bool = False
+    train_data: str | None = None  # how the train set was read: resident or streamed, and why (Workspace.train_form)
 
     def record(self) -> dict:
         """What metrics.json and state.json keep of it."""
         return {"cuda_graphs": self.cuda_graphs, "cuda_graphs_off": self.note, "fallback": self.asked
-                and not self.cuda_graphs}
+                and not self.cuda_graphs, "train_data": self.train_data}
 
 
 def graph_plan(step: KDStep, want: bool, distributed: bool, compiled: bool) -> StepRun:
     """Whether to capture CUDA graphs and, when not, the one-line reason (a fallback when asked for)."""
     if step.device.type != "cuda":
         return StepRun(False, f"cuda graphs: CUDA only (device {step.device.type}); running eagerly")
+    if step.streamed:
+        return StepRun(False, "cuda graphs: off while the train set streams through FFCV's decoders; running eagerly")
     if not want:
         return StepRun(False, "cuda graphs: off (--no-cuda-graphs); running eagerly")
     if distributed:
@@ -321,7 +367,7 @@ def train_students(step: KDStep, seeds: list[int], batch_size: int, recipe: Trai
     eval_epoch(epoch). Returns one TrainResult per student (seconds: the shared wall-clock; images:
     that student's) and how the step ran."""
     plan = plan or StepRun(False)
-    n = step.images.shape[0]
+    n = step.size
     per_rank = -(-n // world_size)
     shapes = [batch_size] + ([per_rank % batch_size] if per_rank % batch_size else [])
     runner: Callable[[torch.Tensor], torch.Tensor] = step

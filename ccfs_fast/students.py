@@ -23,7 +23,7 @@ from .errors import ModelError, UnknownNameError
 from .fused import FusedBank, check_fused
 from .kernels import swap_cpu_kernels
 from .models import create_model
-from .step import GraphedStep, KDStep, Separate, Single, StepConfig, StepRun, graph_plan, train_students
+from .step import GraphedStep, KDStep, Separate, Single, StepConfig, StepRun, StreamedKDStep, graph_plan, train_students
 from .train import TrainResult, last_fifth_epochs, sync
 from .workspace import Workspace
 
@@ -105,9 +105,12 @@ def train_together(ws: Workspace, indices: np.ndarray, model_name: str, recipe: 
         trained = DistributedDataParallel(students, device_ids=[ws.device.index] if ws.device.type == "cuda" else None)
     if ws.fast.compile:
         trained = torch.compile(trained)
-    images = (resident if resident is not None else ws.resident(indices))[0]
-    step = _make_step(ws, students, trained, images, seeds, recipe, temperature)
+    streamed, form = ws.train_form(len(indices))
+    if not streamed:
+        resident = resident if resident is not None else ws.resident(indices)
+    step = _make_step(ws, students, trained, None if streamed else resident, indices, seeds, recipe, temperature)
     plan = graph_plan(step, bool(ws.fast.cuda_graphs), ws.dist.enabled, bool(ws.fast.compile))
+    plan.train_data = form
     results, plan = train_students(step, seeds, max(1, batch_size // ws.dist.world_size), recipe, ws.test_loader(),
                                    eval_epoch, desc, ws.dist.rank, ws.dist.world_size, plan)
     if isinstance(students, FusedBank):
@@ -118,26 +121,33 @@ def train_together(ws: Workspace, indices: np.ndarray, model_name: str, recipe: 
     return Trained(models, results, batch_size, plan)
 
 
-def _make_step(ws: Workspace, students: nn.Module, trained: nn.Module, images: torch.Tensor, seeds: list[int],
-               recipe: TrainRecipe, temperature: float) -> KDStep:
-    """The KD step of `students` over the resident uint8 `images`, one generator per seed."""
+def _make_step(ws: Workspace, students: nn.Module, trained: nn.Module, resident: tuple | None, indices: np.ndarray,
+               seeds: list[int], recipe: TrainRecipe, temperature: float) -> KDStep:
+    """The KD step of `students` over the train set `indices`, one generator per seed: over its
+    resident (images, labels, index) when given, else streamed (StreamedKDStep)."""
     inv_std255, shift = norm_tensors(ws.norm, ws.device)
     generators = [torch.Generator(device=ws.device).manual_seed(s) for s in seeds]
     cfg = StepConfig(recipe, temperature, fused_optimizer=bool(ws.fast.fused_optimizer),
                      channels_last=bool(ws.fast.channels_last), bf16=bool(ws.fast.bf16),
                      teacher_channels_last=bool(ws.fast.infer_channels_last))
-    return KDStep(students, trained, ws.teacher, images, generators, inv_std255, shift, cfg)
+    if resident is None:
+        return StreamedKDStep(students, trained, ws.teacher, ws.space, indices, ws.device, generators, inv_std255,
+                              shift, cfg, ws.workers)
+    sizes = ws.space.crop_sizes(resident[2])
+    return KDStep(students, trained, ws.teacher, resident[0], generators, inv_std255, shift, cfg, sizes)
 
 
-def probe_layouts(ws: Workspace, images: torch.Tensor, model_name: str, recipe: TrainRecipe, temperature: float,
+def probe_layouts(ws: Workspace, resident: tuple, model_name: str, recipe: TrainRecipe, temperature: float,
                   seeds: list[int], batch_size: int, steps: int = 6) -> dict[str, dict]:
     """Times each of BANK_LAYOUTS for a few steps on throwaway students (the training that follows
-    starts afresh, so the probe changes no number): {layout: {"step_ms", "cuda_graphs"} or {"error"}}."""
+    starts afresh, so the probe changes no number): {layout: {"step_ms", "cuda_graphs"} or {"error"}}.
+    `resident`: the train set's (images, labels, index) (Workspace.resident)."""
     figures: dict[str, dict] = {}
+    images = resident[0]
     for layout in BANK_LAYOUTS:
         try:
             students, _ = _students(ws, model_name, seeds, layout)
-            step = _make_step(ws, students, students, images, seeds, recipe, temperature)
+            step = _make_step(ws, students, students, resident, resident[2].cpu().numpy(), seeds, recipe, temperature)
             graphs = graph_plan(step, bool(ws.fast.cuda_graphs), ws.dist.enabled, bool(ws.fast.compile)).cuda_graphs
             runner = GraphedStep(step, [batch_size], seeds) if graphs else step
             rows = torch.randint(0, images.shape[0], (steps + 2, len(seeds), batch_size), device=ws.device,
@@ -159,13 +169,13 @@ def probe_layouts(ws: Workspace, images: torch.Tensor, model_name: str, recipe: 
     return figures
 
 
-def pick_layout(ws: Workspace, images: torch.Tensor, model_name: str, recipe: TrainRecipe, temperature: float,
+def pick_layout(ws: Workspace, resident: tuple | None, model_name: str, recipe: TrainRecipe, temperature: float,
                 seeds: list[int], batch_size: int) -> tuple[str, dict | None]:
     """The bank's layout: on one CUDA device, the fastest of a short probe (probe_layouts, logged in
     one line); elsewhere default_layout without a probe. Returns (layout, the probe's figures)."""
-    if ws.device.type != "cuda" or ws.dist.enabled:
+    if ws.device.type != "cuda" or ws.dist.enabled or resident is None:  # None: a streamed train set
         return default_layout(ws), None
-    figures = probe_layouts(ws, images, model_name, recipe, temperature, seeds, batch_size)
+    figures = probe_layouts(ws, resident, model_name, recipe, temperature, seeds, batch_size)
     timed = {k: v["step_ms"] for k, v in figures.items() if "step_ms" in v}
     layout = min(timed, key=timed.get) if timed else default_layout(ws)
     shown = ", ".join(f"{k} {v:.1f} ms" for k, v in timed.items())
@@ -192,7 +202,8 @@ def evaluate_train_set(ws: Workspace, train_set: np.ndarray, eval_model: str, re
     another, with a printed note, when the architecture cannot be fused. `label` names the progress
     bars (what is being evaluated)."""
     seeds = [eval_seed(seed, run) for run in range(num_eval)]
-    resident = ws.resident(train_set) if num_eval else None  # one read for every evaluation run
+    streamed = ws.train_form(len(train_set))[0]
+    resident = ws.resident(train_set) if num_eval and not streamed else None  # one read for every evaluation run
     epochs = last_fifth_epochs(recipe.epochs)
     results: list[TrainResult] = []
     fused = fuse and num_eval > 1
@@ -203,7 +214,7 @@ def evaluate_train_set(ws: Workspace, train_set: np.ndarray, eval_model: str, re
     if fused:
         try:
             batch_size = recipe.batch_size or auto_batch_size(len(train_set), ws.num_classes, ws.dataset)
-            layout, probe = pick_layout(ws, resident[0], eval_model, recipe, temperature, seeds,
+            layout, probe = pick_layout(ws, resident, eval_model, recipe, temperature, seeds,
                                         max(1, batch_size // ws.dist.world_size))
             together = train_together(ws, train_set, eval_model, recipe, temperature, seeds, epochs,
                                       f"{label} ({num_eval} models, {layout})", resident, layout=layout)

@@ -12,6 +12,7 @@ from .data import BetonFile, IndexSpace, ResidentTrainLoader, make_test_loader
 from .datasets import auto_batch_size
 from .difficulty import ForgettingTracker
 from .distributed import barrier, gather_concat, init_distributed
+from .errors import ConfigError
 from .kernels import swap_cpu_kernels
 from .models import create_model, save_checkpoint, stem_warning
 from .normalization import parse_normalize, resolve_normalization
@@ -41,24 +42,30 @@ def train_teacher(cfg: TeacherConfig) -> dict:
     fast = cfg.fast.resolve(device_name)
     torch.backends.cudnn.benchmark = bool(fast.cudnn_benchmark)
     manifest = pool.manifest
-    warning = stem_warning(cfg.model, manifest.side)
+    space = IndexSpace(pool, norm=norm, side=cfg.train_side)
+    need = pool.n * 3 * space.side ** 2
+    if manifest.variable_size and need > 8 << 30:
+        raise ConfigError(f"`ccfs-fast teacher` holds the whole pool resident: {pool.n} images at {space.side}x"
+                          f"{space.side} need {need / 2**30:.1f} GiB; use a torchvision ImageNet weights file as the "
+                          "teacher (e.g. resnet18-f37072fd.pth) or lower --train-side")
+    warning = stem_warning(cfg.model, space.side)
     if warning and dist_ctx.is_main:
         print(warning, file=sys.stderr)
     torch.manual_seed(cfg.seed)
-    model = swap_cpu_kernels(create_model(cfg.model, manifest.num_classes, manifest.side)).to(device)
+    model = swap_cpu_kernels(create_model(cfg.model, manifest.num_classes, space.side)).to(device)
     if fast.channels_last:
         model = model.to(memory_format=torch.channels_last)
     trained = model
     if dist_ctx.enabled:
         trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     batch_size = cfg.recipe.batch_size or auto_batch_size(pool.n, manifest.num_classes, manifest.dataset)
-    loader = ResidentTrainLoader(IndexSpace(pool, norm=norm), np.arange(pool.n),
+    loader = ResidentTrainLoader(space, np.arange(pool.n),
                                  max(1, batch_size // dist_ctx.world_size), device, cfg.seed,
                                  cfg.workers, rank=dist_ctx.rank, world_size=dist_ctx.world_size,
                                  channels_last=bool(fast.channels_last))
     tracker = ForgettingTracker(pool.n) if cfg.forgetting_out else None
     test_loader = make_test_loader(test, manifest.num_classes, norm, 256, device, cfg.workers,
-                                   bool(fast.infer_channels_last))
+                                   bool(fast.infer_channels_last), space.side if space.variable else None)
     result = train_supervised(trained, loader, cfg.recipe, test_loader, tracker, cfg.label_smoothing, fast=fast,
                               evaluate_model=model, gather=lambda arrays: gather_concat(arrays, dist_ctx))
     summary = {"model": cfg.model, "epochs": cfg.recipe.epochs, "batch_size": batch_size, "normalize": norm.source,
@@ -68,7 +75,7 @@ def train_teacher(cfg: TeacherConfig) -> dict:
     if dist_ctx.is_main:
         save_checkpoint(model, cfg.output, arch=cfg.model, num_classes=manifest.num_classes, test_acc=result.last_acc,
                         epochs=cfg.recipe.epochs, pool_hash=manifest.content_hash, normalize=norm.to_json(),
-                        side=manifest.side, dataset=manifest.dataset)
+                        side=space.side, dataset=manifest.dataset)
         if tracker is not None:
             scores = tracker.scores()
             write_npy(cfg.forgetting_out, scores)

@@ -52,6 +52,7 @@ class Workspace:
     fast: FastPath = FastPath()
     teacher_arch: str = "resnet18"
     distilled_overlap: dict | None = None  # distilled images with a pool image's pixels (overlap.distilled_overlap)
+    train_data: str = "auto"  # auto | resident | streamed: how train sets are read (train_form)
     _test_loader: object = None
     _distilled: tuple | None = None
 
@@ -93,13 +94,34 @@ class Workspace:
 
     @property
     def side(self) -> int:
-        return self.space.manifest.side
+        """The side every image is trained and evaluated at."""
+        return self.space.side
+
+    def train_form(self, n: int) -> tuple[bool, str]:
+        """(streamed, why) for a train set of n images: resident (read once, uint8 n x 3 x S x S on the
+        device, augmented there a whole batch at a time) when it fits in half the device's free memory
+        (the CPU: half the available RAM), else streamed through FFCV's decoders every step. Both draw
+        torchvision's RandomResizedCrop + flip distribution. --train-data forces either."""
+        need = n * 3 * self.side * self.side
+        if self.device.type == "cuda":
+            free = torch.cuda.mem_get_info(self.device)[0]
+        else:
+            import psutil
+
+            free = psutil.virtual_memory().available
+        budget = free // 2
+        sizes = f"{n} images at {self.side}x{self.side} need {need / 2**30:.2f} GiB, budget {budget / 2**30:.2f} GiB"
+        if self.train_data == "auto":
+            streamed = need > budget
+            return streamed, f"{'streamed' if streamed else 'resident'} ({sizes} on {self.device.type})"
+        return self.train_data == "streamed", f"{self.train_data} (--train-data; {sizes})"
 
     def test_loader(self):
         """The resident test loader, read once per workspace and reused by every evaluation."""
         if self._test_loader is None:
             self._test_loader = make_test_loader(self.test, self.num_classes, self.norm, self.eval_batch_size,
-                                                 self.device, self.workers, bool(self.fast.infer_channels_last))
+                                                 self.device, self.workers, bool(self.fast.infer_channels_last),
+                                                 self.side if self.space.variable else None)
         return self._test_loader
 
     @property
@@ -143,9 +165,10 @@ def first_per_class(labels: np.ndarray, count: int, class_names: tuple[str, ...]
 
 
 def resolve_teacher_arch(requested: str | None, checkpoint: Checkpoint) -> str:
-    """The teacher's architecture: --teacher-model, else the arch the checkpoint records, else resnet18
+    """The teacher's architecture: --teacher-model, else the arch the checkpoint records (a torchvision
+    weights file, `resnet18-f37072fd.pth`: torchvision's unmodified network of its name), else resnet18
     (the paper's teacher). A --teacher-model that contradicts the recorded arch is refused."""
-    recorded = checkpoint.arch
+    recorded = checkpoint.arch or checkpoint.torchvision_arch
     if requested is None:
         return recorded or DEFAULT_TEACHER
     if recorded is not None and canonical_model_name(recorded) != canonical_model_name(requested):
@@ -163,10 +186,12 @@ def load_teacher(name: str, checkpoint: Checkpoint, num_classes: int, side: int,
 
 def open_workspace(pool: Path, test: Path, distilled: Path, teacher: Path, teacher_model: str | None, cpc: int,
                    device: str, workers: int, eval_batch_size: int, dist: DistContext | None = None,
-                   fast: FastPath | None = None, normalize: str | None = None) -> Workspace:
+                   fast: FastPath | None = None, normalize: str | None = None, side: int | None = None,
+                   train_data: str = "auto") -> Workspace:
     """Opens and checks every input of a run. `device` is this rank's device; `fast` a resolved
     FastPath (the teacher predicts in channels-last when infer_channels_last); `normalize` the --normalize value (None:
-    the teacher's recorded normalisation, else the paper's constants / the pool's statistics)."""
+    the teacher's recorded normalisation, else the paper's constants / the pool's statistics); `side`
+    the train / eval side of a pool of varying image size (default 224); `train_data` see train_form."""
     pool_file, test_file, distilled_file = BetonFile.open(pool), BetonFile.open(test), BetonFile.open(distilled)
     if test_file.manifest.num_classes != pool_file.manifest.num_classes:
         raise DataError(f"the pool has {pool_file.manifest.num_classes} classes but the test set "
@@ -174,7 +199,8 @@ def open_workspace(pool: Path, test: Path, distilled: Path, teacher: Path, teach
     check_distinct(pool_file, test_file, distilled_file)
     checkpoint = read_checkpoint(teacher)
     arch = resolve_teacher_arch(teacher_model, checkpoint)
-    warning = stem_warning(arch, pool_file.manifest.side)
+    space_side = side or (224 if pool_file.manifest.variable_size else pool_file.manifest.side)
+    warning = stem_warning(arch, space_side)
     if warning and (dist is None or dist.is_main):
         print(warning, file=sys.stderr)
     pm = pool_file.manifest
@@ -182,7 +208,7 @@ def open_workspace(pool: Path, test: Path, distilled: Path, teacher: Path, teach
                 if checkpoint.normalize else None)
     norm = resolve_normalization(parse_normalize(normalize), pm.dataset, tuple(pm.mean), tuple(pm.std),
                                  str(pool_file.path), recorded, str(teacher))
-    space = IndexSpace(pool_file, distilled_file, norm)
+    space = IndexSpace(pool_file, distilled_file, norm, side)
     distilled_labels = read_labels(distilled_file, workers)
     rows = first_per_class(distilled_labels, cpc, distilled_file.manifest.class_names, distilled_file.path)
     overlap = distilled_overlap(pool_file, distilled_file, rows, workers)
@@ -191,11 +217,11 @@ def open_workspace(pool: Path, test: Path, distilled: Path, teacher: Path, teach
         print(warning, file=sys.stderr)
     dev = resolve_device(device)
     fast = fast or FastPath().resolve(str(dev))
-    model = load_teacher(arch, checkpoint, pm.num_classes, pm.side, dev)
+    model = load_teacher(arch, checkpoint, pm.num_classes, space.side, dev)
     if fast.infer_channels_last:  # the teacher only predicts
         model = model.to(memory_format=torch.channels_last)
     return Workspace(space, test_file, read_labels(pool_file, workers), rows + space.n_pool, model, dev, workers,
-                     eval_batch_size, dist or DistContext(), fast, arch, overlap)
+                     eval_batch_size, dist or DistContext(), fast, arch, overlap, train_data)
 
 
 def teacher_pass_origin(ws: Workspace, teacher_digest: str) -> dict:
@@ -203,7 +229,7 @@ def teacher_pass_origin(ws: Workspace, teacher_digest: str) -> dict:
     normalisation, the precision and the layout. Its digest names the cache entry; the entry stores it."""
     return {"teacher_sha256": teacher_digest, "teacher_arch": canonical_model_name(ws.teacher_arch),
             "pool_content_hash": ws.space.manifest.content_hash, "pool_beton_sha256": ws.space.pool.digest(),
-            "pool_n": ws.space.n_pool, "normalize": [round(v, 8) for v in ws.norm.mean + ws.norm.std],
+            "pool_n": ws.space.n_pool, "side": ws.side, "normalize": [round(v, 8) for v in ws.norm.mean + ws.norm.std],
             "precision": "bf16" if ws.fast.bf16 else "fp32",
             "layout": "channels_last" if ws.fast.infer_channels_last else "nchw"}  # float rounding differs
 

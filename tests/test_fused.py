@@ -236,9 +236,9 @@ def test_layout_probe_times_every_layout(engine_data):
 
     ws = open_workspace(engine_data["pool"], engine_data["test"], engine_data["distilled"], engine_data["teacher"],
                         None, 4, "cpu", 2, 64, fast=FastPath().resolve("cpu"))
-    images = ws.resident(ws.distilled_rows)[0]
+    resident = ws.resident(ws.distilled_rows)
     recipe = TrainRecipe(epochs=1, lr_warmup_epochs=0)
-    figures = probe_layouts(ws, images, "convnet_small", recipe, 4.0, [1, 2, 3], 8, steps=2)
+    figures = probe_layouts(ws, resident, "convnet_small", recipe, 4.0, [1, 2, 3], 8, steps=2)
     assert set(figures) == set(BANK_LAYOUTS)
     assert all(f["step_ms"] > 0 and f["cuda_graphs"] is False for f in figures.values()), figures
-    assert pick_layout(ws, images, "convnet_small", recipe, 4.0, [1, 2, 3], 8) == (default_layout(ws), None)
+    assert pick_layout(ws, resident, "convnet_small", recipe, 4.0, [1, 2, 3], 8) == (default_layout(ws), None)
