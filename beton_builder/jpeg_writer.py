@@ -86,11 +86,11 @@ def _encode(job: tuple[int, list[str], JpegSettings]) -> tuple[int, list, np.nda
     return start, encoded, sizes, digests, sums
 
 
-def _header_bytes(n: int) -> tuple[bytes, int, int]:
+def _header_bytes(n: int, page_size: int) -> tuple[bytes, int, int]:
     """(header + field descriptors, metadata offset, first data page offset) for n rows."""
     header = np.zeros(1, dtype=HeaderType)[0]
     header["version"], header["num_fields"], header["page_size"], header["num_samples"] = \
-        CURRENT_VERSION, len(FIELDS), PAGE_SIZE, n
+        CURRENT_VERSION, len(FIELDS), page_size, n
     descriptors = np.zeros(len(FIELDS), dtype=FieldDescType)
     type_ids = {v: k for k, v in TYPE_ID_HANDLER.items()}
     for i, (name, field) in enumerate(FIELDS.items()):
@@ -98,12 +98,12 @@ def _header_bytes(n: int) -> tuple[bytes, int, int]:
         descriptors[i]["name"][:len(name)] = np.frombuffer(name.encode("ascii"), "<u1")
         descriptors[i]["arguments"][:] = field.to_binary()[0]
     head = header.tobytes() + descriptors.tobytes()
-    data_start = -(-(len(head) + n * METADATA_TYPE.itemsize) // PAGE_SIZE) * PAGE_SIZE
+    data_start = -(-(len(head) + n * METADATA_TYPE.itemsize) // page_size) * page_size
     return head, len(head), data_start
 
 
-def _key(files: FileList, settings: JpegSettings) -> str:
-    digest = hashlib.sha256(f"{BUILDER_VERSION} {settings} {PAGE_SIZE}".encode())
+def _key(files: FileList, settings: JpegSettings, page_size: int) -> str:
+    digest = hashlib.sha256(f"{BUILDER_VERSION} {settings} {page_size}".encode())
     digest.update("\n".join(files.names).encode())
     digest.update(np.ascontiguousarray(files.labels, "<i8").tobytes())
     return digest.hexdigest()
@@ -154,9 +154,10 @@ def _jobs(files: FileList, start: int, settings: JpegSettings):
         yield s, files.paths[s:s + CHUNK], settings
 
 
-def _append(fh, rows: _Rows, results, first: int, data_start: int, n: int, on_checkpoint, desc: str) -> int:
+def _append(fh, rows: _Rows, results, first: int, data_start: int, n: int, on_checkpoint, desc: str,
+            page_size: int, checkpoint_s: float) -> int:
     """Writes encoded chunks into whole pages from `first` on; returns the data end offset."""
-    page, used, page_offset = bytearray(PAGE_SIZE), 0, fh.tell()
+    page, used, page_offset = bytearray(page_size), 0, fh.tell()
     page_rows = first  # the first row whose bytes sit in the unwritten page
     last_checkpoint = time.monotonic()
     with tqdm(total=n, initial=first, desc=desc, unit="img", smoothing=0.05) as bar:
@@ -164,16 +165,19 @@ def _append(fh, rows: _Rows, results, first: int, data_start: int, n: int, on_ch
             if isinstance(result, str):
                 raise BuildError(result)
             start, encoded, sizes, digests, sums = result
+            stop = start + len(encoded)  # the chunk's columns first: a checkpoint below may cover part of it
+            rows.heights[start:stop], rows.widths[start:stop] = sizes[:, 0], sizes[:, 1]
+            rows.digests[start:stop], rows.sums[start:stop] = digests, sums
             for k, blob in enumerate(encoded):
                 row = start + k
-                if len(blob) > PAGE_SIZE:
-                    raise BuildError(f"row {row}: a {len(blob)}-byte JPEG exceeds the {PAGE_SIZE}-byte page; lower "
+                if len(blob) > page_size:
+                    raise BuildError(f"row {row}: a {len(blob)}-byte JPEG exceeds the {page_size}-byte page; lower "
                                      "--max-side or --jpeg-quality")
-                if used + len(blob) > PAGE_SIZE:
+                if used + len(blob) > page_size:
                     fh.write(page)
-                    page_offset, used, page_rows = page_offset + PAGE_SIZE, 0, row
-                    page[:] = bytes(PAGE_SIZE)
-                    if time.monotonic() - last_checkpoint > CHECKPOINT_S:
+                    page_offset, used, page_rows = page_offset + page_size, 0, row
+                    page[:] = bytes(page_size)
+                    if time.monotonic() - last_checkpoint >= checkpoint_s:
                         fh.flush()
                         os.fsync(fh.fileno())
                         on_checkpoint(page_rows, page_offset)
@@ -181,13 +185,10 @@ def _append(fh, rows: _Rows, results, first: int, data_start: int, n: int, on_ch
                 page[used:used + len(blob)] = blob
                 rows.ptrs[row], rows.nbytes[row] = page_offset + used, len(blob)
                 used += len(blob)
-            stop = start + len(encoded)
-            rows.heights[start:stop], rows.widths[start:stop] = sizes[:, 0], sizes[:, 1]
-            rows.digests[start:start + len(encoded)], rows.sums[start:start + len(encoded)] = digests, sums
             bar.update(len(encoded))
     if used or page_offset == data_start:
         fh.write(page)  # the last page whole, as FFCV writes it (its readers fetch whole pages)
-        page_offset += PAGE_SIZE
+        page_offset += page_size
     return page_offset
 
 
@@ -222,15 +223,18 @@ def _manifest(files: FileList, rows: _Rows, settings: JpegSettings, dataset: str
                     jpeg_quality=settings.quality)
 
 
-def write_jpeg_beton(files: FileList, out: Path, settings: JpegSettings, workers: int,
-                     dataset: str | None = None) -> Manifest:
+def write_jpeg_beton(files: FileList, out: Path, settings: JpegSettings, workers: int, dataset: str | None = None,
+                     page_size: int = PAGE_SIZE, checkpoint_s: float = CHECKPOINT_S) -> Manifest:
     """Writes `files` to `out` (.beton, JPEG images of varying size), `out`.json (manifest),
     `out`.files.npz (row file names) and `out`.rows.npz (pixel digests); resumes an interrupted build
-    of the same list and settings (see the module docstring)."""
+    of the same list and settings (see the module docstring). `page_size` (a power of two, bytes) and
+    `checkpoint_s` (seconds between progress records) are FFCV's page and the resume granularity."""
+    if page_size < 4096 or page_size & (page_size - 1):
+        raise BuildError(f"page size must be a power of two of at least 4096 bytes, got {page_size}")
     n = len(files.paths)
     partial, record = Path(f"{out}.partial"), Path(f"{out}.partial.npz")
-    head, meta_start, data_start = _header_bytes(n)
-    key, rows = _key(files, settings), _Rows(files)
+    head, meta_start, data_start = _header_bytes(n, page_size)
+    key, rows = _key(files, settings, page_size), _Rows(files)
     try:
         fh = os.fdopen(os.open(partial, os.O_RDWR | os.O_CREAT, 0o644), "r+b")
     except OSError as exc:
@@ -254,8 +258,8 @@ def write_jpeg_beton(files: FileList, out: Path, settings: JpegSettings, workers
             pool_size = max(1, min(workers, available_cpus()))
             with get_context("fork").Pool(pool_size, initializer=die_with_parent) as pool:
                 results = pool.imap(_encode, _jobs(files, first, settings))
-                _append(fh, rows, results, first, data_start, n,
-                        lambda r, at: rows.save(record, key, r, at), f"build {out.name}")
+                _append(fh, rows, results, first, data_start, n, lambda r, at: rows.save(record, key, r, at),
+                        f"build {out.name}", page_size, checkpoint_s)
             _finish(fh, rows, head, meta_start, n)
         except OSError as exc:
             raise output_error(out, exc) from exc

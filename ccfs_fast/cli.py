@@ -119,7 +119,8 @@ def _run_run(args: argparse.Namespace) -> Runner:
 
 # A run's settings that `eval --run-dir` reuses (its selection comes from the run's selected_indices.json).
 RUN_DIR_KEYS = ("pool", "test", "distilled", "teacher", "teacher_model", "normalize", "image_per_class", "alpha",
-                "temperature", "num_eval", "fuse_evals", "eval_model", "device", "seed", "workers", "eval_batch_size")
+                "temperature", "num_eval", "fuse_evals", "eval_model", "device", "seed", "workers", "eval_batch_size",
+                "train_side", "train_data")
 
 
 def run_dir_settings(run_dir: Path) -> dict:
@@ -220,11 +221,13 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "select": ("benchmarks.select_kernel", "one phase's selection: numba kernels against sets + sorted"),
     "phase": ("benchmarks.curriculum_wallclock", "wall-clock per curriculum against the paper's approach"),
     "train": ("benchmarks.train_throughput", "KD training images/s: eager, CUDA graphs, fused bank"),
+    "imagenet-scale": ("benchmarks.imagenet_scale", "ImageNet-1K's 1,281,167-image pool: build, teacher pass, "
+                       "one curriculum, memory; against the paper's approach"),
 }
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    listing = "\n".join(f"  {name:8s}{what}" for name, (_, what) in BENCHMARKS.items())
+    listing = "\n".join(f"  {name:16s}{what}" for name, (_, what) in BENCHMARKS.items())
     bench = sub.add_parser("bench", help=f"run a benchmark: {' | '.join(BENCHMARKS)}",
                            description=f"benchmarks (each prints a table; --json FILE writes the rows):\n{listing}\n\n"
                                        "`ccfs-fast bench NAME --help` lists a benchmark's own flags.",

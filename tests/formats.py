@@ -122,3 +122,57 @@ def write_image_folder(root: Path, images: np.ndarray, labels: np.ndarray, names
         d.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).save(d / f"img_{i:05d}.png")
     return root
+
+
+IMAGENET_WNIDS = ["n01440764", "n01443537", "n01484850", "n01491361"]
+
+
+def write_ilsvrc(root: Path, wnids: list[str], per_class: int, val_per_class: int, val_layout: str,
+                 seed: int = 0) -> dict:
+    """Writes an ILSVRC-2012 tree at root: train/<wnid>/<wnid>_<k>.JPEG (varying sizes; one grayscale
+    and one CMYK JPEG per class, as the real set has a few) and val in `val_layout`: `loc` (flat
+    ILSVRC2012_val_<8 digits>.JPEG + LOC_val_solution.csv, rows shuffled), `devkit` (flat +
+    ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt and meta.mat, whose
+    ILSVRC2012_IDs are NOT in sorted-wnid order) or `folders` (val/<wnid>/*.JPEG). Class colours
+    follow class_images. Returns {"val_wnids": wnid of each val image in sorted file order}."""
+    rng = np.random.default_rng(seed)
+    base = np.random.default_rng(12345).integers(96, 160, (len(wnids), 1, 1, 3))
+
+    def image(c: int) -> Image.Image:  # class colour, a smooth random gradient, mild noise
+        h, w = rng.integers(24, 72, 2)
+        ramp = np.linspace(-1, 1, h)[:, None, None] * rng.integers(-30, 31, 3) \
+            + np.linspace(-1, 1, w)[None, :, None] * rng.integers(-30, 31, 3)
+        noise = rng.integers(-6, 7, (h, w, 3))
+        return Image.fromarray(np.clip(base[c] + ramp + noise, 0, 255).astype(np.uint8))
+
+    for c, wnid in enumerate(wnids):
+        folder = root / "train" / wnid
+        folder.mkdir(parents=True)
+        for k in range(per_class):
+            # file numbers not in creation order: the reader must sort names (as strings)
+            img = image(c).convert("L" if k == 1 else "CMYK" if k == 2 else "RGB")
+            img.save(folder / f"{wnid}_{(k * 7919) % 10007}.JPEG", quality=95)
+    count = val_per_class * len(wnids)
+    val_wnids = [wnids[int(c)] for c in rng.permutation(np.repeat(np.arange(len(wnids)), val_per_class))]
+    names = [f"ILSVRC2012_val_{i + 1:08d}" for i in range(count)]
+    for name, wnid in zip(names, val_wnids):
+        folder = root / "val" / (wnid if val_layout == "folders" else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        image(wnids.index(wnid)).save(folder / f"{name}.JPEG", quality=95)
+    if val_layout == "loc":
+        rows = [f"{n},{w} 10 20 30 40 {w} 5 5 9 9" for n, w in zip(names, val_wnids)]
+        rng.shuffle(rows)
+        (root / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + "\n".join(rows) + "\n")
+    elif val_layout == "devkit":
+        from scipy.io import savemat
+
+        data = root / "ILSVRC2012_devkit_t12" / "data"
+        data.mkdir(parents=True)
+        ids = {w: i + 1 for i, w in enumerate(reversed(wnids))}  # the devkit's ids follow its own order
+        synsets = np.zeros(len(wnids) + 1, dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("num_children", "O")])
+        for i, w in enumerate(wnids):
+            synsets[i] = (ids[w], w, 0)
+        synsets[-1] = (len(wnids) + 1, "n00001740", 3)  # an inner node, as meta.mat lists them too
+        savemat(str(data / "meta.mat"), {"synsets": synsets})
+        (data / "ILSVRC2012_validation_ground_truth.txt").write_text("\n".join(str(ids[w]) for w in val_wnids) + "\n")
+    return {"val_wnids": val_wnids}

@@ -44,8 +44,10 @@ def test_run_writes_outputs_and_a_valid_selection(finished_run, engine_data):
     # evaluation models trained as one fused bank
     state = json.loads((out / "state.json").read_text())
     for record in (phases[0], state["phases"][0]):
+        train_data = record["execution"].pop("train_data")
         assert record["execution"] == {"cuda_graphs": False, "fallback": False,
                                        "cuda_graphs_off": "cuda graphs: CUDA only (device cpu); running eagerly"}
+        assert train_data.startswith("resident (40 images at 32x32 need 0.00 GiB, budget ")  # the phase's train set
     for final in (metrics["final"], state["final"]):
         assert final["execution"]["bank"] and final["execution"]["bank_off"] is None
         assert not final["execution"]["bank_fallback"] and not final["execution"]["cuda_graphs"]

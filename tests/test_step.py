@@ -159,7 +159,8 @@ def test_graph_plan_and_capture_fallback(small_space, capsys):
                   StepConfig(TrainRecipe(epochs=1, lr_warmup_epochs=0), 4.0, dtype=F64))
     on_cpu = graph_plan(step, True, False, False)  # the CPU runs the step eagerly: no fallback, a reason kept
     assert not on_cpu.cuda_graphs and not on_cpu.asked and on_cpu.note.startswith("cuda graphs: CUDA only")
-    assert on_cpu.record() == {"cuda_graphs": False, "cuda_graphs_off": on_cpu.note, "fallback": False}
+    assert on_cpu.record() == {"cuda_graphs": False, "cuda_graphs_off": on_cpu.note, "fallback": False,
+                               "train_data": None}  # set by the training that runs the step
     before = [p.clone() for p in student.parameters()]
     results, plan = train_students(step, [3], BATCH, TrainRecipe(epochs=1, lr_warmup_epochs=0),
                                    plan=StepRun(True, asked=True))  # asked to capture where no graph can exist

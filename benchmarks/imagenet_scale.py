@@ -1,0 +1,429 @@
+"""ImageNet-1K at full scale on this machine: a generated ILSVRC-2012 train tree of 1,281,167 images
+in 1,000 classes (small JPEGs of varying size, so the build takes minutes, not days), built once
+by `build imagenet` into a JPEG .beton, then the teacher pass and one curriculum with a small model,
+against the paper's approach measured in the same call.
+
+Stages (each in its own process: clean memory figures; JSON rewritten after every stage):
+  tree      the ILSVRC-format tree (train/<wnid>/<wnid>_<k>.JPEG, flat val + LOC_val_solution.csv),
+            written once and reused while its marker matches;
+  build     `ccfs-fast build imagenet` of it (reused when already built from the same files);
+  inputs    a CDA-style distilled folder (ipc x alpha per class), a teacher trained on a sample of the
+            pool, c-scores keyed by file name (shuffled rows, as the published file is matched);
+  ccfs      open the run (scores aligned by name), the teacher pass over the whole pool (streamed,
+            cached on disk) and curriculum 1 (filter trained on the distilled set, lazy coarse pass,
+            selection), as `ccfs-fast run` does;
+  paper     the paper's approach: torchvision ImageFolder over the train tree with PIL decoding and
+            per-image transforms in a DataLoader, the whole pool predicted for the teacher pass and by
+            every curriculum's filter; the filter trained on the distilled folder with per-sample
+            transforms; selection with Python sets and sorts. Its two pool passes are timed on a
+            stride sample of --baseline-fraction of the pool and scaled by its inverse (said in the
+            JSON); training and selection run at full scale (selection on predictions extrapolated
+            from the sample).
+
+Memory: the peak anonymous resident memory (RssAnon, sampled every 20 ms: the process's own memory,
+not the file pages FFCV maps) of each stage's main process, against the pool's size on disk.
+Run: `ccfs-fast bench imagenet-scale [--pool N] [--root DIR] [--json FILE]`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+from ccfs_fast.tables import format_table
+
+from .common import HelpFormatter, write_rows
+
+ILSVRC_TRAIN = 1_281_167
+TARGET_RSS_ANON_GB = 3.0
+TARGET_SPEEDUP = 5.0
+
+
+@dataclass(frozen=True)
+class ScaleSpec:
+    root: str
+    pool: int = ILSVRC_TRAIN
+    classes: int = 1000
+    val_per_class: int = 10
+    min_side: int = 12
+    max_side: int = 24
+    side: int = 16
+    model: str = "convnet_tiny"
+    ipc: int = 10
+    alpha: float = 0.2
+    epochs: int = 2
+    teacher_sample: int = 50_000
+    baseline_fraction: float = 0.1
+    workers: int = 2
+    seed: int = 0
+
+    @property
+    def tree(self) -> Path:
+        return Path(self.root) / "ilsvrc"
+
+    @property
+    def betons(self) -> Path:
+        return Path(self.root) / "betons"
+
+
+def wnids(classes: int) -> list[str]:
+    return [f"n{1440764 + 7 * c:08d}" for c in range(classes)]
+
+
+def _class_colours(classes: int) -> np.ndarray:
+    return np.random.default_rng(12345).integers(40, 216, (classes, 3))
+
+
+def _write_class(job: tuple[str, int, str, int, int, int, int, int]) -> int:
+    """Writes one class folder of `count` JPEGs: class colour, a random gradient, noise. Returns bytes."""
+    import cv2
+
+    root, c, wnid, count, classes, lo, hi, seed = job
+    rng = np.random.default_rng(seed * 100_003 + c)
+    colour = _class_colours(classes)[c]
+    folder = Path(root) / "train" / wnid
+    folder.mkdir(parents=True, exist_ok=True)
+    total = 0
+    for k in range(count):
+        h, w = rng.integers(lo, hi + 1, 2)
+        ramp = np.linspace(-1, 1, h)[:, None, None] * rng.integers(-40, 41, 3) \
+            + np.linspace(-1, 1, w)[None, :, None] * rng.integers(-40, 41, 3)
+        pixels = np.clip(colour + ramp + rng.integers(-20, 21, (h, w, 3)), 0, 255).astype(np.uint8)
+        blob = cv2.imencode(".JPEG", pixels[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+        (folder / f"{wnid}_{k + 1}.JPEG").write_bytes(blob)
+        total += len(blob)
+    return total
+
+
+def write_tree(spec: ScaleSpec) -> dict:
+    """The ILSVRC-format tree (reused when its marker records the same shape)."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    tree, marker = spec.tree, spec.tree / ".complete.json"
+    shape = {"pool": spec.pool, "classes": spec.classes, "sides": [spec.min_side, spec.max_side], "seed": spec.seed,
+             "val_per_class": spec.val_per_class}
+    if marker.is_file() and json.loads(marker.read_text()).get("shape") == shape:
+        return {**json.loads(marker.read_text()), "reused": True}
+    start = time.perf_counter()
+    names = wnids(spec.classes)
+    per_class = np.full(spec.classes, spec.pool // spec.classes)
+    per_class[: spec.pool % spec.classes] += 1
+    jobs = [(str(tree), c, w, int(per_class[c]), spec.classes, spec.min_side, spec.max_side, spec.seed)
+            for c, w in enumerate(names)]
+    with get_context("fork").Pool(spec.workers) as pool:
+        written = sum(tqdm(pool.imap_unordered(_write_class, jobs), total=len(jobs), desc="tree", unit="class"))
+    rng = np.random.default_rng(spec.seed)
+    (tree / "val").mkdir(parents=True, exist_ok=True)
+    rows = []
+    colours = _class_colours(spec.classes)
+    for i, c in enumerate(np.repeat(np.arange(spec.classes), spec.val_per_class)):
+        name = f"ILSVRC2012_val_{i + 1:08d}"
+        pixels = np.clip(colours[c] + rng.integers(-20, 21, (spec.max_side, spec.max_side, 3)), 0, 255)
+        Image.fromarray(pixels.astype(np.uint8)).save(tree / "val" / f"{name}.JPEG", quality=90)
+        rows.append(f"{name},{names[c]} 0 0 1 1")
+    (tree / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + "\n".join(rows) + "\n")
+    facts = {"shape": shape, "seconds": time.perf_counter() - start, "jpeg_bytes": int(written),
+             "disk_bytes": _disk_bytes(tree / "train")}
+    marker.write_text(json.dumps(facts))
+    return {**facts, "reused": False}
+
+
+def _disk_bytes(folder: Path) -> int:
+    """Bytes the folder takes on disk (allocated blocks, as `du`)."""
+    out = subprocess.run(["du", "-sb", "--apparent-size", str(folder)], capture_output=True, text=True)
+    blocks = subprocess.run(["du", "-sB1", str(folder)], capture_output=True, text=True)
+    return int(blocks.stdout.split()[0]) if blocks.returncode == 0 else int(out.stdout.split()[0])
+
+
+class AnonPeak:
+    """Samples this process's RssAnon (anonymous resident memory: heap, tensors, arrays; not mapped
+    file pages) every 20 ms in a thread; `peak_gb` is the largest seen."""
+
+    def __init__(self):
+        self.peak_kb = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def now_kb() -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1])
+        return 0
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak_kb = max(self.peak_kb, self.now_kb())
+
+    def __enter__(self) -> AnonPeak:
+        self.peak_kb = self.now_kb()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_kb = max(self.peak_kb, self.now_kb())
+
+    @property
+    def peak_gb(self) -> float:
+        return self.peak_kb / 2**20
+
+
+def stage_build(spec: ScaleSpec) -> dict:
+    from beton_builder.build import BuildConfig, build
+
+    with AnonPeak() as anon:
+        start = time.perf_counter()
+        results = build(BuildConfig("imagenet", spec.tree, spec.betons, workers=spec.workers, max_side=spec.max_side))
+        seconds = time.perf_counter() - start
+    train = results[0]
+    return {"seconds": seconds, "reused": train[2] == 0.0, "images": train[1].n,
+            "img_per_s": train[1].n / seconds if train[2] else None, "beton_bytes": train[1].beton_size,
+            "rss_anon_peak_gb": anon.peak_gb}
+
+
+def stage_inputs(spec: ScaleSpec) -> dict:
+    """Distilled folder, teacher (trained on a sample of the pool), shuffled name-keyed c-scores."""
+    import torch
+    from PIL import Image
+
+    from beton_builder.build import BuildConfig, build
+    from beton_builder.manifest import recorded_names
+    from ccfs_fast.config import TrainRecipe
+    from ccfs_fast.data import BetonFile, IndexSpace, ResidentTrainLoader, read_labels
+    from ccfs_fast.models import create_model, save_checkpoint
+    from ccfs_fast.train import train_supervised
+
+    root = Path(spec.root)
+    start = time.perf_counter()
+    cpc = int(spec.ipc * spec.alpha + 1e-9)
+    rng = np.random.default_rng(spec.seed + 1)
+    colours = _class_colours(spec.classes)
+    for c in range(spec.classes):
+        folder = root / "distilled" / f"new{c:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for k in range(cpc):
+            pixels = np.clip(colours[c] + rng.integers(-20, 21, (spec.side, spec.side, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"class{c:03d}_id{k:03d}.jpg", quality=95)
+    distilled = root / "distilled.beton"
+    build(BuildConfig("folder", root / "distilled", distilled, overwrite=True, workers=spec.workers))
+    pool_path = spec.betons / "imagenet_train.beton"
+    pool = BetonFile.open(pool_path)
+    labels = read_labels(pool, spec.workers)
+    sample = np.sort(rng.choice(pool.n, min(spec.teacher_sample, pool.n), replace=False))
+    space = IndexSpace(pool, side=spec.side)
+    loader = ResidentTrainLoader(space, sample, 256, "cpu", spec.seed, spec.workers)
+    torch.manual_seed(spec.seed)
+    teacher = create_model(spec.model, spec.classes, spec.side)
+    result = train_supervised(teacher, loader, TrainRecipe(epochs=3, lr=0.1, lr_warmup_epochs=0, batch_size=256))
+    save_checkpoint(teacher, root / "teacher.pt", arch=spec.model, num_classes=spec.classes)
+    names = recorded_names(pool_path)
+    perm = rng.permutation(pool.n)
+    base = np.char.rpartition(names.astype(str), "/")[:, 2]
+    np.savez(root / "cscores.npz", filenames=np.char.encode(base[perm]), labels=labels[perm],
+             scores=rng.random(pool.n)[perm])
+    return {"seconds": time.perf_counter() - start, "distilled_per_class": cpc, "teacher_sample": len(sample),
+            "teacher_train_s": result.seconds}
+
+
+def stage_ccfs(spec: ScaleSpec) -> dict:
+    from ccfs_fast.cli import process_settings
+
+    process_settings(spec.workers)
+    from ccfs_fast.config import RunConfig, TrainRecipe
+    from ccfs_fast.curriculum import run_phase
+    from ccfs_fast.digests import file_sha256
+    from ccfs_fast.scores import easy_first_key, load_scores
+    from ccfs_fast.select import curriculum_arrangement, warm_up_kernels
+    from ccfs_fast.workspace import open_workspace, teacher_correct
+
+    from beton_builder.manifest import recorded_names
+
+    root = Path(spec.root)
+    cfg = RunConfig(pool=spec.betons / "imagenet_train.beton", test=spec.betons / "imagenet_test.beton",
+                    distilled=root / "distilled.beton", teacher=root / "teacher.pt", output_dir=root / "unused",
+                    score_path=root / "cscores.npz", score="cscore", image_per_class=spec.ipc, alpha=spec.alpha,
+                    shortfall="short", recipe=TrainRecipe(epochs=spec.epochs, lr=0.05, lr_warmup_epochs=1),
+                    num_eval=0, filter_model=spec.model, eval_model=spec.model, seed=spec.seed, workers=spec.workers,
+                    train_side=spec.side)
+    with AnonPeak() as anon:
+        start = time.perf_counter()
+        ws = open_workspace(cfg.pool, cfg.test, cfg.distilled, cfg.teacher, None, cfg.cpc, "cpu", spec.workers, 1024,
+                            side=spec.side)
+        key = easy_first_key(load_scores(cfg.score_path, ws.pool_labels, [], lambda: recorded_names(cfg.pool)),
+                             "cscore")
+        warm_up_kernels()
+        ws.warm()
+        setup_s = time.perf_counter() - start
+        start = time.perf_counter()
+        _, ok, cached = teacher_correct(ws, file_sha256(cfg.teacher))
+        teacher_s = time.perf_counter() - start
+        curpc = curriculum_arrangement(cfg.spc, cfg.curriculum_num)[0]
+        start = time.perf_counter()
+        outcome = run_phase(ws, cfg, 1, curpc, np.zeros(0, np.int64), ok, key)
+        curriculum_s = time.perf_counter() - start
+    r = outcome.record
+    return {"setup_s": setup_s, "teacher_pass_s": teacher_s, "teacher_pass_cached": cached,
+            "teacher_pass_img_per_s": ws.space.n_pool / teacher_s, "teacher_correct": int(ok.sum()),
+            "curriculum_s": curriculum_s, "train_s": r["train_s"], "eval_s": r["eval_s"], "select_s": r["select_s"],
+            "pool_evaluated": r["pool_evaluated"], "pool_eligible": r["pool_eligible"],
+            "selected": len(outcome.picked), "train_data": r["execution"]["train_data"],
+            "rss_anon_peak_gb": anon.peak_gb}
+
+
+def stage_paper(spec: ScaleSpec) -> dict:
+    import torch
+    from torch.utils.data import DataLoader, Subset
+    from torchvision import datasets, transforms
+
+    from beton_builder.manifest import read_manifest
+    from ccfs_fast.datasets import IMAGENET_MEAN, IMAGENET_STD
+    from ccfs_fast.models import create_model, load_checkpoint
+    from ccfs_fast.select import curriculum_arrangement
+    from ccfs_fast.config import TrainRecipe
+    from ccfs_fast.train import train_kd
+
+    from .baseline_paper import FirstPerClass, _WithIndex
+    from .select_reference import reference_select
+
+    torch.set_num_threads(spec.workers)
+    root = Path(spec.root)
+    with AnonPeak() as anon:
+        start = time.perf_counter()
+        eval_tf = transforms.Compose([transforms.Resize(round(spec.side * 256 / 224)), transforms.CenterCrop(spec.side),
+                                      transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        folder = datasets.ImageFolder(str(spec.tree / "train"), transform=eval_tf)
+        labels = np.asarray(folder.targets, np.int64)
+        teacher = load_checkpoint(create_model(spec.model, spec.classes, spec.side), root / "teacher.pt", spec.model)
+        setup_s = time.perf_counter() - start
+        stride = max(1, round(1 / spec.baseline_fraction))
+        sample = np.arange(0, len(folder), stride)
+        scale = len(folder) / len(sample)
+
+        @torch.inference_mode()
+        def pool_pass(model) -> tuple[np.ndarray, float]:
+            model.eval()
+            loader = DataLoader(Subset(folder, sample.tolist()), batch_size=256, num_workers=spec.workers)
+            begin = time.perf_counter()
+            pred = torch.cat([model(x).argmax(1) for x, _ in loader]).numpy()
+            return pred, time.perf_counter() - begin
+
+        teacher_pred, teacher_sample_s = pool_pass(teacher)
+        full = lambda values: np.repeat(values, stride)[: len(folder)]  # noqa: E731  (the sample's, extrapolated)
+        teacher_ok = np.flatnonzero(full(teacher_pred) == labels).tolist()
+        cpc = int(spec.ipc * spec.alpha + 1e-9)
+        curpc = curriculum_arrangement(spec.ipc - cpc, 3)[0]
+        start = time.perf_counter()
+        train_tf = transforms.Compose([transforms.RandomResizedCrop(spec.side), transforms.RandomHorizontalFlip(),
+                                       transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        distilled = FirstPerClass(str(root / "distilled"), cpc, train_tf)
+        torch.manual_seed(spec.seed)
+        filt = create_model(spec.model, spec.classes, spec.side)
+        loader = DataLoader(distilled, batch_size=64, shuffle=True, num_workers=spec.workers)
+        train_kd(filt, teacher, _WithIndex(loader), TrainRecipe(epochs=spec.epochs, lr=0.05, lr_warmup_epochs=1), 20.0)
+        train_s = time.perf_counter() - start
+        filter_pred, filter_sample_s = pool_pass(filt)
+        start = time.perf_counter()
+        with np.load(root / "cscores.npz") as stored:  # the paper's code reads scores in pool order
+            order = np.argsort(np.char.decode(stored["filenames"]))
+            scores = stored["scores"][order]
+        reference_select(teacher_ok, [], full(filter_pred), labels, spec.classes, scores, "cscore", "simple", curpc,
+                         True, "short")
+        select_s = time.perf_counter() - start
+    eval_s = filter_sample_s * scale
+    return {"setup_s": setup_s, "teacher_pass_s": teacher_sample_s * scale, "train_s": train_s, "eval_s": eval_s,
+            "select_s": select_s, "curriculum_s": train_s + eval_s + select_s, "pool_evaluated": len(folder),
+            "pass_sample": len(sample), "pass_scale": scale,
+            "pass_img_per_s": len(sample) / filter_sample_s, "manifest_n": read_manifest(
+                spec.betons / "imagenet_train.beton").n, "rss_anon_peak_gb": anon.peak_gb}
+
+
+STAGES = {"tree": write_tree, "build": stage_build, "inputs": stage_inputs, "ccfs": stage_ccfs, "paper": stage_paper}
+
+
+def run_stage(name: str, spec: ScaleSpec) -> dict:
+    """One stage in a fresh process (its own memory figures; the ccfs stage its own empty cache)."""
+    out = Path(spec.root) / f"stage-{name}.json"
+    out.unlink(missing_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if name == "ccfs":
+        env["XDG_CACHE_HOME"] = str(Path(spec.root) / f"cache-{time.time_ns()}")
+    code = ("import json, sys; from benchmarks.imagenet_scale import STAGES, ScaleSpec; "
+            f"spec = ScaleSpec(**json.loads({json.dumps(json.dumps(asdict(spec)))})); "
+            f"open({str(out)!r}, 'w').write(json.dumps(STAGES[{name!r}](spec)))")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+    return json.loads(out.read_text())
+
+
+def summary_rows(results: dict, spec: ScaleSpec) -> list[dict]:
+    ccfs, paper = results.get("ccfs"), results.get("paper")
+    if not ccfs or not paper:
+        return []
+    return [{"what": "teacher pass", "ccfs_s": ccfs["teacher_pass_s"], "paper_s": paper["teacher_pass_s"],
+             "speedup": paper["teacher_pass_s"] / ccfs["teacher_pass_s"]},
+            {"what": "curriculum 1", "ccfs_s": ccfs["curriculum_s"], "paper_s": paper["curriculum_s"],
+             "speedup": paper["curriculum_s"] / ccfs["curriculum_s"]}]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="ccfs-fast bench imagenet-scale", description=__doc__,
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--root", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "ccfs-imagenet-scale",
+                        help="where the generated tree, .beton files and inputs live (reused between calls)")
+    parser.add_argument("--pool", type=int, default=ILSVRC_TRAIN, help="train images (ILSVRC-2012: 1,281,167)")
+    parser.add_argument("--classes", type=int, default=1000)
+    parser.add_argument("--side", type=int, default=16, help="train / eval side of the run")
+    parser.add_argument("--epochs", type=int, default=2, help="filter epochs")
+    parser.add_argument("--teacher-sample", type=int, default=50_000, help="pool images the teacher trains on")
+    parser.add_argument("--baseline-fraction", type=float, default=0.1,
+                        help="share of the pool the paper approach's passes are timed on (then scaled)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--json", default="benchmarks/results/imagenet_scale.json")
+    args = parser.parse_args(argv)
+    spec = ScaleSpec(str(args.root), args.pool, args.classes, side=args.side, epochs=args.epochs,
+                     teacher_sample=args.teacher_sample, baseline_fraction=args.baseline_fraction,
+                     workers=args.workers)
+    Path(spec.root).mkdir(parents=True, exist_ok=True)
+    results: dict = {}
+    config = {**asdict(spec), "targets": {"rss_anon_gb": TARGET_RSS_ANON_GB, "curriculum_speedup": TARGET_SPEEDUP}}
+    for name in STAGES:
+        start = time.perf_counter()
+        results[name] = run_stage(name, spec)
+        results[name]["stage_s"] = time.perf_counter() - start
+        write_rows(args.json, [results], config)  # after every stage: a cut-short run keeps what it measured
+    tree, build, ccfs, paper = results["tree"], results["build"], results["ccfs"], results["paper"]
+    results["summary"] = summary_rows(results, spec)
+    results["targets_met"] = {
+        "rss_anon": max(build["rss_anon_peak_gb"], ccfs["rss_anon_peak_gb"]) < TARGET_RSS_ANON_GB,
+        "curriculum_speedup": results["summary"][1]["speedup"] >= TARGET_SPEEDUP}
+    write_rows(args.json, [results], config)
+    print(format_table(["stage", "seconds", "images/s", "RssAnon peak GB", "note"], [
+        ["tree (generated)", tree["seconds"], "", "", f"{spec.pool} JPEGs, {tree['disk_bytes'] / 1e9:.2f} GB on disk"
+         + (" (reused)" if tree["reused"] else "")],
+        ["build imagenet", build["seconds"], build["img_per_s"] or "", build["rss_anon_peak_gb"],
+         f".beton {build['beton_bytes'] / 1e9:.2f} GB" + (" (reused)" if build["reused"] else "")],
+        ["ccfs teacher pass", ccfs["teacher_pass_s"], ccfs["teacher_pass_img_per_s"], "", "streamed, cached"],
+        ["ccfs curriculum 1", ccfs["curriculum_s"], "", ccfs["rss_anon_peak_gb"],
+         f"predicted {ccfs['pool_evaluated']} of {ccfs['pool_eligible']} eligible"],
+        ["paper teacher pass", paper["teacher_pass_s"], paper["pass_img_per_s"], "",
+         f"timed on {paper['pass_sample']} images, x{paper['pass_scale']:.1f}"],
+        ["paper curriculum 1", paper["curriculum_s"], "", paper["rss_anon_peak_gb"],
+         f"predicted {paper['pool_evaluated']} (scaled)"]]))
+    print(format_table(["what", "ccfs-fast s", "paper approach s", "speedup"],
+                       [[r["what"], r["ccfs_s"], r["paper_s"], f"{r['speedup']:.1f}x"] for r in results["summary"]]))
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
