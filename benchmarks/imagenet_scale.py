@@ -241,14 +241,13 @@ def stage_ccfs(spec: ScaleSpec) -> dict:
     from ccfs_fast.cli import process_settings
 
     process_settings(spec.workers)
+    from beton_builder.manifest import recorded_names
     from ccfs_fast.config import RunConfig, TrainRecipe
     from ccfs_fast.curriculum import run_phase
     from ccfs_fast.digests import file_sha256
     from ccfs_fast.scores import easy_first_key, load_scores
     from ccfs_fast.select import curriculum_arrangement, warm_up_kernels
     from ccfs_fast.workspace import open_workspace, teacher_correct
-
-    from beton_builder.manifest import recorded_names
 
     root = Path(spec.root)
     cfg = RunConfig(pool=spec.betons / "imagenet_train.beton", test=spec.betons / "imagenet_test.beton",
@@ -288,10 +287,10 @@ def stage_paper(spec: ScaleSpec) -> dict:
     from torchvision import datasets, transforms
 
     from beton_builder.manifest import read_manifest
+    from ccfs_fast.config import TrainRecipe
     from ccfs_fast.datasets import IMAGENET_MEAN, IMAGENET_STD
     from ccfs_fast.models import create_model, load_checkpoint
     from ccfs_fast.select import curriculum_arrangement
-    from ccfs_fast.config import TrainRecipe
     from ccfs_fast.train import train_kd
 
     from .baseline_paper import FirstPerClass, _WithIndex

@@ -74,7 +74,8 @@ def test_stored_images_are_the_source_images(ilsvrc):
         crop = cv2.resize(stored[top:top + c, left:left + c], (SIDE, SIDE), interpolation=cv2.INTER_AREA)
         diff = np.abs(images[row].permute(1, 2, 0).numpy().astype(int) - crop.astype(int))
         assert diff.mean() < 3, (row, diff.mean())
-    gray = images[names.tolist().index(f"{IMAGENET_WNIDS[0]}/{IMAGENET_WNIDS[0]}_7919.JPEG")].float()  # k == 1: grayscale
+    wnid = IMAGENET_WNIDS[0]
+    gray = images[names.tolist().index(f"{wnid}/{wnid}_7919.JPEG")].float()  # k == 1 was saved as grayscale
     assert (gray[0] - gray[1]).abs().max() <= 2 and (gray[1] - gray[2]).abs().max() <= 2
 
 
