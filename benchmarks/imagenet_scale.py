@@ -8,7 +8,7 @@ Stages (each in its own process: clean memory figures; JSON rewritten after ever
             written once and reused while its marker matches;
   build     `ccfs-fast build imagenet` of it (reused when already built from the same files);
   inputs    a CDA-style distilled folder (ipc x alpha per class), a teacher trained on a sample of the
-            pool, c-scores keyed by file name (shuffled rows, as the published file is matched);
+            pool (4 epochs), c-scores keyed by file name (shuffled rows, as the published file is matched);
   ccfs      open the run (scores aligned by name), the teacher pass over the whole pool (streamed,
             cached on disk) and curriculum 1 (filter trained on the distilled set, lazy coarse pass,
             selection), as `ccfs-fast run` does;
@@ -61,7 +61,7 @@ class ScaleSpec:
     ipc: int = 10
     alpha: float = 0.2
     epochs: int = 2
-    teacher_sample: int = 50_000
+    teacher_sample: int = 200_000
     baseline_fraction: float = 0.1
     workers: int = 2
     seed: int = 0
@@ -79,25 +79,36 @@ def wnids(classes: int) -> list[str]:
     return [f"n{1440764 + 7 * c:08d}" for c in range(classes)]
 
 
-def _class_colours(classes: int) -> np.ndarray:
-    return np.random.default_rng(12345).integers(40, 216, (classes, 3))
+GRID = 4  # class codes: a GRID x GRID layout of bright and dark cells
 
 
-def _write_class(job: tuple[str, int, str, int, int, int, int, int]) -> int:
-    """Writes one class folder of `count` JPEGs: class colour, a random gradient, noise. Returns bytes."""
+def class_pattern(c: int, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    """uint8 [h, w, 3]: class c's image: a 4 x 4 layout of bright and dark cells, the first 10 cells
+    c's bits (1,024 codes), the other 6 a fixed frame, in a random tint with noise. The layout
+    survives resizing, centre crops and the instance norm of the small ConvNets (which removes each
+    image's colour mean and contrast)."""
+    bits = [(c >> k) & 1 for k in range(10)] + [1, 0, 1, 0, 0, 1]
+    cells = np.asarray(bits, np.float64).reshape(GRID, GRID)
+    rows = np.minimum((np.arange(h) * GRID) // h, GRID - 1)
+    cols = np.minimum((np.arange(w) * GRID) // w, GRID - 1)
+    layout = cells[rows][:, cols]
+    tint = rng.uniform(0.6, 1.0, 3)
+    pixels = (50 + 150 * layout)[:, :, None] * tint + rng.integers(-15, 16, (h, w, 3))
+    return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+def _write_class(job: tuple[str, int, str, int, int, int, int]) -> int:
+    """Writes one class folder of `count` JPEGs (class_pattern, random sizes). Returns their bytes."""
     import cv2
 
-    root, c, wnid, count, classes, lo, hi, seed = job
+    root, c, wnid, count, lo, hi, seed = job
     rng = np.random.default_rng(seed * 100_003 + c)
-    colour = _class_colours(classes)[c]
     folder = Path(root) / "train" / wnid
     folder.mkdir(parents=True, exist_ok=True)
     total = 0
     for k in range(count):
         h, w = rng.integers(lo, hi + 1, 2)
-        ramp = np.linspace(-1, 1, h)[:, None, None] * rng.integers(-40, 41, 3) \
-            + np.linspace(-1, 1, w)[None, :, None] * rng.integers(-40, 41, 3)
-        pixels = np.clip(colour + ramp + rng.integers(-20, 21, (h, w, 3)), 0, 255).astype(np.uint8)
+        pixels = class_pattern(c, int(h), int(w), rng)
         blob = cv2.imencode(".JPEG", pixels[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
         (folder / f"{wnid}_{k + 1}.JPEG").write_bytes(blob)
         total += len(blob)
@@ -111,25 +122,24 @@ def write_tree(spec: ScaleSpec) -> dict:
 
     tree, marker = spec.tree, spec.tree / ".complete.json"
     shape = {"pool": spec.pool, "classes": spec.classes, "sides": [spec.min_side, spec.max_side], "seed": spec.seed,
-             "val_per_class": spec.val_per_class}
+             "val_per_class": spec.val_per_class, "images": "grid-codes"}
     if marker.is_file() and json.loads(marker.read_text()).get("shape") == shape:
         return {**json.loads(marker.read_text()), "reused": True}
     start = time.perf_counter()
     names = wnids(spec.classes)
     per_class = np.full(spec.classes, spec.pool // spec.classes)
     per_class[: spec.pool % spec.classes] += 1
-    jobs = [(str(tree), c, w, int(per_class[c]), spec.classes, spec.min_side, spec.max_side, spec.seed)
+    jobs = [(str(tree), c, w, int(per_class[c]), spec.min_side, spec.max_side, spec.seed)
             for c, w in enumerate(names)]
     with get_context("fork").Pool(spec.workers) as pool:
         written = sum(tqdm(pool.imap_unordered(_write_class, jobs), total=len(jobs), desc="tree", unit="class"))
     rng = np.random.default_rng(spec.seed)
     (tree / "val").mkdir(parents=True, exist_ok=True)
     rows = []
-    colours = _class_colours(spec.classes)
     for i, c in enumerate(np.repeat(np.arange(spec.classes), spec.val_per_class)):
         name = f"ILSVRC2012_val_{i + 1:08d}"
-        pixels = np.clip(colours[c] + rng.integers(-20, 21, (spec.max_side, spec.max_side, 3)), 0, 255)
-        Image.fromarray(pixels.astype(np.uint8)).save(tree / "val" / f"{name}.JPEG", quality=90)
+        Image.fromarray(class_pattern(int(c), spec.max_side, spec.max_side, rng)).save(tree / "val" / f"{name}.JPEG",
+                                                                                   quality=90)
         rows.append(f"{name},{names[c]} 0 0 1 1")
     (tree / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + "\n".join(rows) + "\n")
     facts = {"shape": shape, "seconds": time.perf_counter() - start, "jpeg_bytes": int(written),
@@ -209,13 +219,12 @@ def stage_inputs(spec: ScaleSpec) -> dict:
     start = time.perf_counter()
     cpc = int(spec.ipc * spec.alpha + 1e-9)
     rng = np.random.default_rng(spec.seed + 1)
-    colours = _class_colours(spec.classes)
     for c in range(spec.classes):
         folder = root / "distilled" / f"new{c:03d}"
         folder.mkdir(parents=True, exist_ok=True)
         for k in range(cpc):
-            pixels = np.clip(colours[c] + rng.integers(-20, 21, (spec.side, spec.side, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(folder / f"class{c:03d}_id{k:03d}.jpg", quality=95)
+            Image.fromarray(class_pattern(c, spec.side, spec.side, rng)).save(folder / f"class{c:03d}_id{k:03d}.jpg",
+                                                                               quality=95)
     distilled = root / "distilled.beton"
     build(BuildConfig("folder", root / "distilled", distilled, overwrite=True, workers=spec.workers))
     pool_path = spec.betons / "imagenet_train.beton"
@@ -223,10 +232,11 @@ def stage_inputs(spec: ScaleSpec) -> dict:
     labels = read_labels(pool, spec.workers)
     sample = np.sort(rng.choice(pool.n, min(spec.teacher_sample, pool.n), replace=False))
     space = IndexSpace(pool, side=spec.side)
-    loader = ResidentTrainLoader(space, sample, 256, "cpu", spec.seed, spec.workers)
+    # crops of half the image or more keep most of the class's cell layout
+    loader = ResidentTrainLoader(space, sample, 256, "cpu", spec.seed, spec.workers, scale=(0.5, 1.0))
     torch.manual_seed(spec.seed)
     teacher = create_model(spec.model, spec.classes, spec.side)
-    result = train_supervised(teacher, loader, TrainRecipe(epochs=3, lr=0.1, lr_warmup_epochs=0, batch_size=256))
+    result = train_supervised(teacher, loader, TrainRecipe(epochs=4, lr=0.1, lr_warmup_epochs=0, batch_size=256))
     save_checkpoint(teacher, root / "teacher.pt", arch=spec.model, num_classes=spec.classes)
     names = recorded_names(pool_path)
     perm = rng.permutation(pool.n)
@@ -384,7 +394,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--side", type=int, default=16, help="train / eval side of the run")
     parser.add_argument("--epochs", type=int, default=2, help="filter epochs")
-    parser.add_argument("--teacher-sample", type=int, default=50_000, help="pool images the teacher trains on")
+    parser.add_argument("--teacher-sample", type=int, default=200_000, help="pool images the teacher trains on")
     parser.add_argument("--baseline-fraction", type=float, default=0.1,
                         help="share of the pool the paper approach's passes are timed on (then scaled)")
     parser.add_argument("--workers", type=int, default=2)

@@ -24,6 +24,7 @@ from ffcv.fields.decoders import (
 )
 from ffcv.fields.rgb_image import ResizedCropRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
+from ffcv.memory_managers.base import MemoryManager
 from ffcv.reader import Reader
 from ffcv.transforms import ToTensor
 
@@ -184,6 +185,57 @@ def _pipelines(fields: str, side: int) -> dict:
     return {"image": None if fields == "labels" else _image_decoders(fields, side), **ints}
 
 
+class _OnePagePerSample:
+    """sample id -> (page,): FFCV's MemoryManager.sample_to_pages for files whose every row has one
+    allocation (all of this tool's), as one int array instead of a dict of Python sets."""
+
+    def __init__(self, page_of_sample: np.ndarray):
+        self.page_of_sample = page_of_sample
+
+    def __getitem__(self, sample_id: int) -> tuple[int]:
+        return (int(self.page_of_sample[sample_id]),)
+
+
+class _NoPageToSamples:
+    """FFCV builds page -> samples for its QUASI_RANDOM order only, which this tool never uses."""
+
+    def __getattr__(self, name: str):
+        raise NotImplementedError("page_to_samples (QUASI_RANDOM order) is not kept by ccfs-fast's readers")
+
+
+def _compact_memory_manager(self: MemoryManager, reader: Reader) -> None:
+    """MemoryManager.__init__ without its per-row Python objects. FFCV's keeps, per row, a dict entry
+    and a set in each of three tables (ptr_to_size, sample_to_pages, page_to_samples): about 0.7 GB
+    per compiled reader for ImageNet's 1,281,167 rows, and a run holds several readers. Here: the
+    sorted pointer and size arrays FFCV's readers search, and sample -> page as one array (FFCV's
+    own tables when a row has more than one allocation)."""
+    self.reader = reader
+    table = reader.alloc_table
+    order = np.argsort(table["ptr"])
+    self.ptrs, self.sizes = table["ptr"][order], table["size"][order]
+    page_bits = int(np.log2(reader.page_size))
+    if len(table) == reader.num_samples and np.array_equal(np.sort(table["sample_id"]), np.arange(len(table))):
+        page_of_sample = np.zeros(len(table), np.int64)
+        page_of_sample[table["sample_id"]] = table["ptr"] >> page_bits
+        self.sample_to_pages, self.page_to_samples = _OnePagePerSample(page_of_sample), _NoPageToSamples()
+    else:
+        _FFCV_MEMORY_MANAGER_INIT(self, reader)
+
+
+_FFCV_MEMORY_MANAGER_INIT = MemoryManager.__init__
+
+
+@contextmanager
+def _compact_page_tables() -> Iterator[None]:
+    # FFCV's Loader builds its memory manager inside its constructor: swap the table builder for the
+    # duration of that call only (readers are made on the main thread).
+    MemoryManager.__init__ = _compact_memory_manager
+    try:
+        yield
+    finally:
+        MemoryManager.__init__ = _FFCV_MEMORY_MANAGER_INIT
+
+
 class RowReader:
     """One compiled FFCV loader over a .beton (sequential order, drop_last=False), re-targeted to
     each new index subset by setting the indices of the loader and of its traversal order (ffcv
@@ -204,9 +256,10 @@ class RowReader:
 
     def _target(self, rows: np.ndarray) -> Loader:
         if self._loader is None:
-            self._loader = Loader(str(self.beton.path), batch_size=self.batch_size, num_workers=self.workers,
-                                  order=OrderOption.SEQUENTIAL, indices=rows, drop_last=False, os_cache=self.os_cache,
-                                  pipelines=_pipelines(self.fields, self.side))
+            with _compact_page_tables():
+                self._loader = Loader(str(self.beton.path), batch_size=self.batch_size, num_workers=self.workers,
+                                      order=OrderOption.SEQUENTIAL, indices=rows, drop_last=False,
+                                      os_cache=self.os_cache, pipelines=_pipelines(self.fields, self.side))
         else:
             self._loader.indices = rows
             self._loader.traversal_order.indices = rows
@@ -295,7 +348,8 @@ def iterate_rows(beton: BetonFile, rows: np.ndarray, batch_size: int, workers: i
 def read_labels(beton: BetonFile, workers: int = 2) -> np.ndarray:
     """All labels int64 [n] in canonical order, reading only the label and index fields (the image
     pipeline is disabled, so no pixels are decoded); checks that `index` is the row number."""
-    parts = list(row_reader(beton, 65536, workers, "labels").read(np.arange(beton.n)))
+    # through the OS cache: the label pipeline reads the metadata table only, no image pages
+    parts = list(row_reader(beton, 65536, workers, "labels", os_cache=True).read(np.arange(beton.n)))
     labels = torch.cat([p[0] for p in parts]).numpy()
     index = torch.cat([p[1] for p in parts]).numpy()
     if not np.array_equal(index, np.arange(beton.n)):

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from .datasets import dataset_facts
 from .errors import ConfigError, DataError
 
-NORMALIZE_HELP = ("paper (the paper's constants for cifar10 / cifar100 / tiny-imagenet), pool (the pool's "
-                  "measured mean/std) or six numbers M1,M2,M3,S1,S2,S3 (RGB mean then std, 0..1 units)")
+NORMALIZE_HELP = ("paper (the paper's constants for cifar10 / cifar100 / tiny-imagenet, torchvision's for imagenet), "
+                  "pool (the pool's measured mean/std) or six numbers M1,M2,M3,S1,S2,S3 (RGB mean then std, 0..1 "
+                  "units)")
 NORMALIZE_WORDS = ("paper", "pool")
 
 

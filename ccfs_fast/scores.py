@@ -99,6 +99,11 @@ def align_by_name(stored: ScoreFile, pool_names: np.ndarray | None, path: Path, 
     if len(sorted_names) > 1 and np.any(sorted_names[1:] == sorted_names[:-1]):
         twice = sorted_names[1:][sorted_names[1:] == sorted_names[:-1]][0]
         raise ScoreError(f"score file {path} names {twice!r} more than once; one score per file")
+    unique, counts = np.unique(pool_base, return_counts=True)
+    if len(unique) < len(pool_base):
+        raise ScoreError(f"score file {path} is keyed by file name, but the pool holds {len(pool_base) - len(unique)} "
+                         f"repeated base names (e.g. {unique[counts > 1][0]!r}), which cannot be told apart; pass "
+                         "scores in pool order")
     at = np.minimum(np.searchsorted(sorted_names, pool_base), len(sorted_names) - 1)
     found = sorted_names[at] == pool_base
     if not found.all():

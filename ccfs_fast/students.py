@@ -106,6 +106,8 @@ def train_together(ws: Workspace, indices: np.ndarray, model_name: str, recipe: 
     if ws.fast.compile:
         trained = torch.compile(trained)
     streamed, form = ws.train_form(len(indices))
+    if ws.space.variable and ws.dist.is_main:  # images of varying size: say how this train set is read
+        tqdm.write(f"{desc}: train set {form}", file=sys.stderr)
     if not streamed:
         resident = resident if resident is not None else ws.resident(indices)
     step = _make_step(ws, students, trained, None if streamed else resident, indices, seeds, recipe, temperature)

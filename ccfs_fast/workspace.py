@@ -97,11 +97,9 @@ class Workspace:
         """The side every image is trained and evaluated at."""
         return self.space.side
 
-    def train_form(self, n: int) -> tuple[bool, str]:
-        """(streamed, why) for a train set of n images: resident (read once, uint8 n x 3 x S x S on the
-        device, augmented there a whole batch at a time) when it fits in half the device's free memory
-        (the CPU: half the available RAM), else streamed through FFCV's decoders every step. Both draw
-        torchvision's RandomResizedCrop + flip distribution. --train-data forces either."""
+    def resident_fits(self, n: int) -> tuple[bool, str]:
+        """(whether n images as uint8 n x 3 x S x S fit in half the device's free memory (the CPU: half
+        the available RAM), the figures as text)."""
         need = n * 3 * self.side * self.side
         if self.device.type == "cuda":
             free = torch.cuda.mem_get_info(self.device)[0]
@@ -110,14 +108,27 @@ class Workspace:
 
             free = psutil.virtual_memory().available
         budget = free // 2
-        sizes = f"{n} images at {self.side}x{self.side} need {need / 2**30:.2f} GiB, budget {budget / 2**30:.2f} GiB"
+        return need <= budget, (f"{n} images at {self.side}x{self.side} need {need / 2**30:.2f} GiB, budget "
+                                f"{budget / 2**30:.2f} GiB")
+
+    def train_form(self, n: int) -> tuple[bool, str]:
+        """(streamed, why) for a train set of n images: resident (read once, uint8 on the device,
+        augmented there a whole batch at a time) when it fits (resident_fits), else streamed through
+        FFCV's decoders every step. Both draw torchvision's RandomResizedCrop + flip distribution.
+        --train-data forces either."""
+        fits, sizes = self.resident_fits(n)
         if self.train_data == "auto":
-            streamed = need > budget
-            return streamed, f"{'streamed' if streamed else 'resident'} ({sizes} on {self.device.type})"
+            return not fits, f"{'resident' if fits else 'streamed'} ({sizes} on {self.device.type})"
         return self.train_data == "streamed", f"{self.train_data} (--train-data; {sizes})"
 
     def test_loader(self):
-        """The resident test loader, read once per workspace and reused by every evaluation."""
+        """The test loader, made once per workspace and reused by every evaluation: resident (read
+        once); for a test set of varying image size that does not fit (resident_fits: ImageNet's
+        50,000 images at 224 are 7.5 GB), streamed through FFCV at every evaluation."""
+        if self._test_loader is None and self.space.variable and not self.resident_fits(self.test.n)[0]:
+            test_space = IndexSpace(self.test, norm=self.norm, side=self.side)
+            self._test_loader = EvalLoader(test_space, np.arange(self.test.n), self.eval_batch_size, self.device,
+                                           self.workers, bool(self.fast.infer_channels_last))
         if self._test_loader is None:
             self._test_loader = make_test_loader(self.test, self.num_classes, self.norm, self.eval_batch_size,
                                                  self.device, self.workers, bool(self.fast.infer_channels_last),

@@ -258,7 +258,7 @@ def _imagenet_run(ilsvrc, inputs, out, *extra: str) -> list[str]:
             "--output-dir", str(out), *extra]
 
 
-def test_a_whole_imagenet_run_on_cpu(ilsvrc, imagenet_run_inputs, tmp_path):
+def test_a_whole_imagenet_run_on_cpu(ilsvrc, imagenet_run_inputs, tmp_path, capsys):
     """`run --preset imagenet-ipc10 --smoke` on the JPEG pool with a torchvision weights file and a
     shuffled c-score file keyed by file name: it finishes, its train sets were resident (recorded per
     phase), and it selects exactly what the same scores in pool order select; a streamed run records
@@ -268,7 +268,10 @@ def test_a_whole_imagenet_run_on_cpu(ilsvrc, imagenet_run_inputs, tmp_path):
                               str(imagenet_run_inputs["scores"]))) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["settings"]["train_side"] == SIDE and metrics["settings"]["filter_model"] == "convnet_tiny"
+    normalize = json.loads((out / "state.json").read_text())["normalize"]
+    assert (normalize["mean"], normalize["std"]) == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])  # torchvision's
     assert all(p["execution"]["train_data"].startswith("resident (") for p in metrics["phases"])
+    assert "phase 1 filter: train set resident (" in capsys.readouterr().err  # the choice, printed
     selected = json.loads((out / "selected_indices.json").read_text())
     assert len(selected["idx_selected"]) > 0
     in_order = tmp_path / "in_order"
