@@ -15,7 +15,7 @@ from .arrays import read_arrays
 from .cifar import read_cifar
 from .image_folder import read_image_folder
 from .imagenet import FileList, read_imagenet
-from .jpeg_writer import JpegSettings, write_jpeg_beton
+from .jpeg_writer import JpegSettings, source_key, write_jpeg_beton
 from .manifest import Manifest, read_manifest
 from .table import ImageTable
 from .tiny_imagenet import read_tiny_imagenet
@@ -174,8 +174,9 @@ def _build_streamed(config: BuildConfig, outputs: dict[str, Path]) -> list[tuple
 
 
 def kept_stream(path: Path, files: FileList, settings: JpegSettings) -> Manifest | None:
-    """The manifest of an existing whole JPEG split built from `files` with `settings`, else None
-    (check_writable then refuses an existing output without --overwrite)."""
+    """The manifest of an existing whole JPEG split built from `files` (the same names, labels, sizes
+    and modification times) with `settings`, else None (check_writable then refuses an existing
+    output without --overwrite)."""
     from ccfs_fast.data import check_pair
     from ccfs_fast.errors import DataError
 
@@ -186,6 +187,4 @@ def kept_stream(path: Path, files: FileList, settings: JpegSettings) -> Manifest
         check_pair(path, manifest)
     except DataError:
         return None
-    same = (manifest.n == len(files.paths) and manifest.source_path == str(files.root) and manifest.variable_size
-            and manifest.side == settings.max_side and manifest.jpeg_quality == settings.quality)
-    return manifest if same else None
+    return manifest if manifest.source_key == source_key(files, settings) else None

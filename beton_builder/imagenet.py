@@ -41,6 +41,7 @@ class FileList:
     labels: np.ndarray
     class_names: tuple[str, ...]
     source_kind: str
+    stamps: np.ndarray | None = None  # int64 [n, 2]: each file's size and mtime_ns, as listed
 
     def __post_init__(self) -> None:
         if not self.paths:
@@ -55,10 +56,16 @@ def split_dir(root: Path, split: str) -> Path:
     raise BuildError(f"{root}: no {split} folder; {EXPECTED}")
 
 
-def _image_files(folder: Path) -> list[str]:
-    """Image files directly in `folder`, sorted by name (ImageFolder's order within a class)."""
+def _image_files(folder: Path, stamps: list | None = None) -> list[str]:
+    """Image files directly in `folder`, sorted by name (ImageFolder's order within a class); their
+    (size, mtime_ns) appended to `stamps` in that order."""
     with os.scandir(folder) as entries:
-        return sorted(e.name for e in entries if is_image_name(e.name) and e.is_file())
+        found = sorted((e.name, e) for e in entries if is_image_name(e.name) and e.is_file())
+    if stamps is not None:
+        for _, entry in found:
+            stat = entry.stat()
+            stamps.append((stat.st_size, stat.st_mtime_ns))
+    return [name for name, _ in found]
 
 
 def read_class_folders(folder: Path, wnids: tuple[str, ...] | None, source_kind: str) -> FileList:
@@ -68,15 +75,16 @@ def read_class_folders(folder: Path, wnids: tuple[str, ...] | None, source_kind:
         missing, extra = sorted(set(wnids) - set(classes)), sorted(set(classes) - set(wnids))
         raise BuildError(f"{folder}: its class folders differ from train's ({len(missing)} missing, e.g. "
                          f"{missing[:3]}; {len(extra)} extra, e.g. {extra[:3]}); every train wnid needs a val folder")
-    paths, names, labels = [], [], []
+    paths, names, labels, stamps = [], [], [], []
     for label, wnid in enumerate(classes):
-        files = _image_files(folder / wnid)
+        files = _image_files(folder / wnid, stamps)
         if not files:
             raise BuildError(f"{folder / wnid}: class folder holds no images; {EXPECTED}")
         paths += [str(folder / wnid / f) for f in files]
         names += [f"{wnid}/{f}" for f in files]
         labels += [label] * len(files)
-    return FileList(folder, paths, names, np.asarray(labels, np.int64), tuple(classes), source_kind)
+    return FileList(folder, paths, names, np.asarray(labels, np.int64), tuple(classes), source_kind,
+                    np.asarray(stamps, np.int64).reshape(-1, 2))
 
 
 def loc_val_labels(csv_path: Path) -> dict[str, str]:
@@ -124,7 +132,8 @@ def find_devkit(root: Path) -> Path | None:
 
 def read_flat_val(folder: Path, root: Path, wnids: tuple[str, ...]) -> FileList:
     """Flat val images labelled by LOC_val_solution.csv (preferred) or the devkit's ground truth."""
-    files = _image_files(folder)
+    stamps: list = []
+    files = _image_files(folder, stamps)
     csv_path = next((p for p in (root / "LOC_val_solution.csv", folder.parent / "LOC_val_solution.csv")
                      if p.is_file()), None)
     devkit = find_devkit(root)
@@ -144,7 +153,8 @@ def read_flat_val(folder: Path, root: Path, wnids: tuple[str, ...]) -> FileList:
     if unknown:
         raise BuildError(f"{source}: val labels name wnids with no train folder: {unknown[:5]}")
     labels = np.asarray([index[by_id[Path(f).stem]] for f in files], np.int64)
-    return FileList(folder, [str(folder / f) for f in files], files, labels, wnids, kind)
+    return FileList(folder, [str(folder / f) for f in files], files, labels, wnids, kind,
+                    np.asarray(stamps, np.int64).reshape(-1, 2))
 
 
 def read_imagenet(root: str | Path) -> dict[str, FileList]:

@@ -102,10 +102,14 @@ def _header_bytes(n: int, page_size: int) -> tuple[bytes, int, int]:
     return head, len(head), data_start
 
 
-def _key(files: FileList, settings: JpegSettings, page_size: int) -> str:
+def source_key(files: FileList, settings: JpegSettings, page_size: int = PAGE_SIZE) -> str:
+    """A digest of what a build writes from: the file names, labels, each file's size and mtime, the
+    settings. An unfinished build resumes, and a finished one is kept, only for the same key."""
     digest = hashlib.sha256(f"{BUILDER_VERSION} {settings} {page_size}".encode())
     digest.update("\n".join(files.names).encode())
     digest.update(np.ascontiguousarray(files.labels, "<i8").tobytes())
+    if files.stamps is not None:
+        digest.update(np.ascontiguousarray(files.stamps, "<i8").tobytes())
     return digest.hexdigest()
 
 
@@ -234,7 +238,7 @@ def write_jpeg_beton(files: FileList, out: Path, settings: JpegSettings, workers
     n = len(files.paths)
     partial, record = Path(f"{out}.partial"), Path(f"{out}.partial.npz")
     head, meta_start, data_start = _header_bytes(n, page_size)
-    key, rows = _key(files, settings, page_size), _Rows(files)
+    key, rows = source_key(files, settings, page_size), _Rows(files)
     try:
         fh = os.fdopen(os.open(partial, os.O_RDWR | os.O_CREAT, 0o644), "r+b")
     except OSError as exc:
@@ -265,7 +269,7 @@ def write_jpeg_beton(files: FileList, out: Path, settings: JpegSettings, workers
             raise output_error(out, exc) from exc
         manifest = _manifest(files, rows, settings, dataset)
         size, sha = partial.stat().st_size, file_sha256(partial)
-        manifest = Manifest(**{**manifest.__dict__, "beton_size": size, "beton_sha256": sha})
+        manifest = Manifest(**{**manifest.__dict__, "beton_size": size, "beton_sha256": sha, "source_key": key})
         os.replace(partial, out)
     with suppress(OSError):
         record.unlink()

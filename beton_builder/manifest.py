@@ -33,6 +33,7 @@ class Manifest:
     beton_sha256: str | None = None  # its content digest: a .beton and a manifest of two builds never pair
     class_counts: tuple[int, ...] | None = None  # images per class (builder version 3 and later)
     jpeg_quality: int | None = None  # image_storage jpeg: the JPEG quality the images were stored at
+    source_key: str | None = None  # build imagenet: digest of the source files and settings (jpeg_writer.source_key)
 
     @property
     def variable_size(self) -> bool:

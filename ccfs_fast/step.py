@@ -117,6 +117,8 @@ class KDStep:
     varying size resized to S x S (augment.crop_boxes_sized), None when they are S x S themselves.
     __call__(rows int64 [M, b]) -> KD loss per student [M] (a device tensor)."""
 
+    streamed = False  # the train set is resident (StreamedKDStep: read every step)
+
     def __init__(self, students: nn.Module, trained: nn.Module, teacher: nn.Module, images: torch.Tensor,
                  generators: list[torch.Generator], inv_std255: torch.Tensor, shift: torch.Tensor, cfg: StepConfig,
                  sizes: torch.Tensor | None = None):
@@ -169,8 +171,6 @@ class KDStep:
             out = augment_batch(self.images.index_select(0, flat_rows), draws, self.inv_std255, self.shift,
                                 self.cfg.scale, self.cfg.ratio, sizes)
         return out.view(count, batch, *out.shape[1:])
-
-    streamed = False
 
     @property
     def size(self) -> int:
@@ -225,7 +225,6 @@ class KDStep:
             g.manual_seed(seed)
 
 
-
 class StreamedKDStep(KDStep):
     """KDStep over a train set too large to keep resident (Workspace.train_form): each step reads its
     rows through FFCV's RandomResizedCrop decoder, which draws torchvision's crop distribution on the
@@ -254,6 +253,7 @@ class StreamedKDStep(KDStep):
         dtype = self.cfg.dtype
         out = torch.addcmul(self.shift.to(dtype), images.to(dtype), self.inv_std255.to(dtype))
         return out.view(count, batch, *out.shape[1:])
+
 
 class GraphedStep:
     """The step captured into one CUDA graph per batch shape and replayed: __call__(rows) copies the

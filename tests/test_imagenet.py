@@ -112,8 +112,9 @@ from pathlib import Path
 from beton_builder.imagenet import read_imagenet
 from beton_builder.jpeg_writer import JpegSettings, write_jpeg_beton
 files = read_imagenet(Path({src!r}))["train"]
-files = dataclasses.replace(files, paths=files.paths * 40, names=files.names * 40,
-                            labels=__import__("numpy").tile(files.labels, 40))
+np = __import__("numpy")
+files = dataclasses.replace(files, paths=files.paths * 40, names=files.names * 40, labels=np.tile(files.labels, 40),
+                            stamps=np.tile(files.stamps, (40, 1)))
 write_jpeg_beton(files, Path(sys.argv[1]), JpegSettings(48, 90), 1, page_size=4096, checkpoint_s=0)
 """
 
@@ -150,6 +151,15 @@ def test_a_finished_build_is_kept_and_other_settings_are_refused(ilsvrc, capsys)
     assert ilsvrc["pool"].stat().st_mtime_ns == before
     assert main(["build", "imagenet", "--src", str(ilsvrc["src"]), "--out", str(out), "--max-side", "40"]) == 2
     assert "already exists; pass --overwrite" in capsys.readouterr().err
+    changed = next((ilsvrc["src"] / "train" / IMAGENET_WNIDS[2]).iterdir())  # a source file rewritten since
+    stat = changed.stat()
+    os.utime(changed, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    try:
+        assert main(["build", "imagenet", "--src", str(ilsvrc["src"]), "--out", str(out), "--max-side", "48",
+                     "--jpeg-quality", "95"]) == 2
+        assert "already exists; pass --overwrite" in capsys.readouterr().err
+    finally:
+        os.utime(changed, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
 def _cscores(names: np.ndarray, labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
