@@ -104,7 +104,7 @@ def test_val_without_labels_or_with_missing_ones_is_a_clear_error(tmp_path):
 
 
 def _encoder_child(src: str, out: str) -> str:
-    """A child process that builds `out` from src's train list repeated 40 times (so it is still
+    """A child process that builds `out` from src's train list repeated 16 times (so it is still
     writing when killed), with 4 KiB pages and a progress record after every page."""
     return f"""
 import dataclasses, sys
@@ -113,8 +113,8 @@ from beton_builder.imagenet import read_imagenet
 from beton_builder.jpeg_writer import JpegSettings, write_jpeg_beton
 files = read_imagenet(Path({src!r}))["train"]
 np = __import__("numpy")
-files = dataclasses.replace(files, paths=files.paths * 40, names=files.names * 40, labels=np.tile(files.labels, 40),
-                            stamps=np.tile(files.stamps, (40, 1)))
+files = dataclasses.replace(files, paths=files.paths * 16, names=files.names * 16, labels=np.tile(files.labels, 16),
+                            stamps=np.tile(files.stamps, (16, 1)))
 write_jpeg_beton(files, Path(sys.argv[1]), JpegSettings(48, 90), 1, page_size=4096, checkpoint_s=0)
 """
 
@@ -139,7 +139,7 @@ def test_an_interrupted_build_resumes_and_gives_the_same_file(ilsvrc, tmp_path):
     assert killed.read_bytes() == clean.read_bytes()
     assert not record.exists() and not Path(f"{killed}.partial").exists()
     assert read_labels(BetonFile.open(killed)).tolist() == np.tile(read_labels(BetonFile.open(ilsvrc["pool"])),
-                                                                   40).tolist()
+                                                                   16).tolist()
 
 
 def test_a_finished_build_is_kept_and_other_settings_are_refused(ilsvrc, capsys):
