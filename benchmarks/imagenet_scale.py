@@ -34,7 +34,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -151,9 +151,8 @@ def write_tree(spec: ScaleSpec) -> dict:
 
 def _disk_bytes(folder: Path) -> int:
     """Bytes the folder takes on disk (allocated blocks, as `du`)."""
-    out = subprocess.run(["du", "-sb", "--apparent-size", str(folder)], capture_output=True, text=True)
-    blocks = subprocess.run(["du", "-sB1", str(folder)], capture_output=True, text=True)
-    return int(blocks.stdout.split()[0]) if blocks.returncode == 0 else int(out.stdout.split()[0])
+    usage = subprocess.run(["du", "-sB1", str(folder)], capture_output=True, text=True, check=True)
+    return int(usage.stdout.split()[0])
 
 
 class AnonPeak:
@@ -200,8 +199,7 @@ def stage_build(spec: ScaleSpec) -> dict:
     stale = train.exists() and kept_stream(train, read_imagenet(spec.tree)["train"], config.jpeg()) is None
     with AnonPeak() as anon:  # a build of other files (an older tree) is replaced, a build of these kept
         start = time.perf_counter()
-        results = build(BuildConfig("imagenet", spec.tree, spec.betons, workers=spec.workers, max_side=spec.max_side,
-                                    overwrite=stale))
+        results = build(replace(config, overwrite=stale))
         seconds = time.perf_counter() - start
     train = results[0]
     return {"seconds": seconds, "reused": train[2] == 0.0, "images": train[1].n,

@@ -23,7 +23,7 @@ import sys
 import time
 import zipfile
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -269,7 +269,7 @@ def write_jpeg_beton(files: FileList, out: Path, settings: JpegSettings, workers
             raise output_error(out, exc) from exc
         manifest = _manifest(files, rows, settings, dataset)
         size, sha = partial.stat().st_size, file_sha256(partial)
-        manifest = Manifest(**{**manifest.__dict__, "beton_size": size, "beton_sha256": sha, "source_key": key})
+        manifest = replace(manifest, beton_size=size, beton_sha256=sha, source_key=key)
         os.replace(partial, out)
     with suppress(OSError):
         record.unlink()

@@ -160,6 +160,8 @@ class WholeImageDecoder(ResizedCropRGBImageDecoder):
         return _whole_image
 
 
+DEFAULT_TRAIN_SIDE = 224  # images of varying size are trained and evaluated at this side unless --train-side
+
 # Evaluation of variable-size images: the centre crop of a 256-side resize taken at 224 (torchvision's
 # Resize(256) + CenterCrop(224); FFCV's ImageNet example), i.e. the centre square of 7/8 the short side.
 CENTER_CROP_RATIO = 224 / 256
@@ -374,7 +376,7 @@ class IndexSpace:
         if not self.variable and side not in (None, pm.side):
             raise DataError(f"--train-side {side} applies to pools of varying image size (`ccfs-fast build imagenet`); "
                             f"{pool.path} holds {pm.side}x{pm.side} images: drop --train-side")
-        self.side = int(side or (224 if self.variable else pm.side))
+        self.side = int(side or (DEFAULT_TRAIN_SIDE if self.variable else pm.side))
         if distilled is not None:
             dm = distilled.manifest
             if not self.variable and (dm.variable_size or dm.side != pm.side):

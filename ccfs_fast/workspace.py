@@ -210,16 +210,15 @@ def open_workspace(pool: Path, test: Path, distilled: Path, teacher: Path, teach
     check_distinct(pool_file, test_file, distilled_file)
     checkpoint = read_checkpoint(teacher)
     arch = resolve_teacher_arch(teacher_model, checkpoint)
-    space_side = side or (224 if pool_file.manifest.variable_size else pool_file.manifest.side)
-    warning = stem_warning(arch, space_side)
-    if warning and (dist is None or dist.is_main):
-        print(warning, file=sys.stderr)
     pm = pool_file.manifest
     recorded = (Normalization.from_json(checkpoint.normalize, str(checkpoint.normalize.get("source", "teacher")))
                 if checkpoint.normalize else None)
     norm = resolve_normalization(parse_normalize(normalize), pm.dataset, tuple(pm.mean), tuple(pm.std),
                                  str(pool_file.path), recorded, str(teacher))
     space = IndexSpace(pool_file, distilled_file, norm, side)
+    warning = stem_warning(arch, space.side)
+    if warning and (dist is None or dist.is_main):
+        print(warning, file=sys.stderr)
     distilled_labels = read_labels(distilled_file, workers)
     rows = first_per_class(distilled_labels, cpc, distilled_file.manifest.class_names, distilled_file.path)
     overlap = distilled_overlap(pool_file, distilled_file, rows, workers)
