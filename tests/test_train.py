@@ -3,6 +3,8 @@ forgetting events, checkpoint formats."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -118,3 +120,53 @@ def test_checkpoint_mismatches_fail_clearly(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ModelError, match="truncated or not a torch file"):
         load_checkpoint(ConvNet(10, 32, 8), tmp_path / "bad.pt", "convnet")
+
+
+PREDICT_MEMORY = """
+import sys
+from pathlib import Path
+import numpy as np, torch
+torch.set_num_threads(2)
+from ccfs_fast.models import create_model
+from ccfs_fast.processes import reuse_freed_memory
+from ccfs_fast.train import predict
+
+def anon_kb():
+    return next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+                if line.startswith("RssAnon:"))
+
+reuse_freed_memory()  # as the CLI sets it
+torch.manual_seed(0)
+model = create_model("convnet_tiny", 1000, 16).eval()
+batches, size = 100, 1024
+x, labels = torch.randn(size, 3, 16, 16), torch.randint(0, 1000, (size,))
+with torch.inference_mode():
+    out = model(x)
+
+class Loader:
+    indices = np.arange(batches * size)
+
+    def __iter__(self):
+        for b in range(batches):
+            yield x.clone(), labels, torch.arange(b * size, (b + 1) * size)
+
+before = anon_kb()
+index, pred, logit = predict(model, Loader())
+grown_mb = (anon_kb() - before) / 1024
+assert np.array_equal(index, np.arange(batches * size))
+assert np.array_equal(pred, np.tile(out.argmax(1).numpy(), batches))
+assert np.array_equal(logit, np.tile(out.gather(1, labels.view(-1, 1))[:, 0].numpy(), batches))
+print(grown_mb)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RssAnon of /proc/self/status; glibc's heap")
+def test_predict_memory_stays_flat_over_a_long_pass():
+    """A 102,400-row pass of the 16 px ConvNet with 1,000-class logits in a fresh process: the
+    results are exact and the anonymous resident size grows by less than 80 MB (measured: 28-34 MB,
+    the same after 200 batches; the results themselves are 2 MB). Kept per-batch result tensors
+    fragmented the heap around each batch's large temporaries: +139 to +301 MB here, and a resident
+    size that grew with the pass to 3.4-3.9 GB in the 1.28 M-image teacher pass of bench imagenet-scale."""
+    done = subprocess.run([sys.executable, "-c", PREDICT_MEMORY], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout.split()[-1]) < 80, done.stdout
