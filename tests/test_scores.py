@@ -7,7 +7,7 @@ from conftest import PUBLISHED_SCORES
 
 from benchmarks.select_reference import reference_select
 from ccfs_fast.errors import ScoreError, UnknownNameError
-from ccfs_fast.scores import easy_first_key, load_scores, score_kind
+from ccfs_fast.scores import base_names, easy_first_key, load_scores, score_kind
 from ccfs_fast.select import candidate_mask, curriculum_arrangement, order_key, select_per_class
 
 
@@ -146,3 +146,21 @@ def test_presets_use_the_published_scores():
     assert published_scores("cifar10-ipc500", mine) == (mine, [])  # an explicit file wins
     assert published_scores("cifar10-ipc500", {"score": "cscore"}) == ({"score": "cscore"}, [])
     assert published_scores(None, {}) == ({}, [])
+
+
+def test_base_names_of_str_and_bytes_with_and_without_folders(tmp_path):
+    """Base names as UTF-8 bytes, whatever the stored form: ASCII and non-ASCII str, bytes, with
+    folders or without, empty; and a score file whose names are str (not bytes) with non-ASCII
+    names aligns to a pool whose names carry folders."""
+    names = np.array(["n01440764/n01440764_10026.JPEG", "n0/ü_é.JPEG", "plain.jpg", "a/b/c.png", ""])
+    expected = [b"n01440764_10026.JPEG", "ü_é.JPEG".encode(), b"plain.jpg", b"c.png", b""]
+    assert base_names(names).tolist() == expected
+    assert base_names(names[[0, 2, 3]]).tolist() == [expected[0], expected[2], expected[3]]  # ASCII only
+    assert base_names(np.char.encode(names, "utf-8")).tolist() == expected
+    assert base_names(np.array([], str)).shape == (0,)
+    pool = np.array(["w1/ü1.JPEG", "w1/a2.JPEG", "w2/b3.JPEG"])
+    scores, labels = np.array([0.3, 0.1, 0.2]), np.array([0, 0, 1])
+    order = np.array([2, 0, 1])
+    path = tmp_path / "named.npz"
+    np.savez(path, filenames=np.array(["b3.JPEG", "ü1.JPEG", "a2.JPEG"]), labels=labels[order], scores=scores[order])
+    assert np.array_equal(load_scores(path, labels, None, lambda: pool), scores)
