@@ -11,7 +11,9 @@ Stages (each in its own process: clean memory figures; JSON rewritten after ever
             pool (4 epochs), c-scores keyed by file name (shuffled rows, as the published file is matched);
   ccfs      open the run (scores aligned by name), the teacher pass over the whole pool (streamed,
             cached on disk) and curriculum 1 (filter trained on the distilled set, lazy coarse pass,
-            selection), as `ccfs-fast run` does;
+            selection), as `ccfs-fast run` does; run --ccfs-repeats times, each in a fresh process
+            with an empty cache (the JSON keeps every run; the table shows the median times and the
+            largest memory peak);
   paper     the paper's approach: torchvision ImageFolder over the train tree with PIL decoding and
             per-image transforms in a DataLoader, the whole pool predicted for the teacher pass and by
             every curriculum's filter; the filter trained on the distilled folder with per-sample
@@ -381,6 +383,18 @@ def run_stage(name: str, spec: ScaleSpec) -> dict:
     return json.loads(out.read_text())
 
 
+def repeated(runs: list[dict]) -> dict:
+    """One stage's figures over its runs: the median of each time and rate (keys ending in _s), the
+    largest RssAnon peak, the rest from the first run; every run kept under "runs" (a single run is
+    returned as it is)."""
+    if len(runs) == 1:
+        return runs[0]
+    merged = {key: (max(r[key] for r in runs) if key == "rss_anon_peak_gb"
+                    else float(np.median([r[key] for r in runs])) if key.endswith("_s")
+                    else runs[0][key]) for key in runs[0]}
+    return {**merged, "runs": runs}
+
+
 def summary_rows(results: dict, spec: ScaleSpec) -> list[dict]:
     ccfs, paper = results.get("ccfs"), results.get("paper")
     if not ccfs or not paper:
@@ -403,20 +417,27 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--teacher-sample", type=int, default=200_000, help="pool images the teacher trains on")
     parser.add_argument("--baseline-fraction", type=float, default=0.1,
                         help="share of the pool the paper approach's passes are timed on (then scaled)")
+    parser.add_argument("--ccfs-repeats", type=int, default=3,
+                        help="runs of the ccfs stage (fresh processes): median times, largest memory peak")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--json", default="benchmarks/results/imagenet_scale.json")
     args = parser.parse_args(argv)
+    if args.ccfs_repeats < 1:
+        parser.error(f"--ccfs-repeats must be at least 1, got {args.ccfs_repeats}")
     spec = ScaleSpec(str(args.root), args.pool, args.classes, side=args.side, epochs=args.epochs,
                      teacher_sample=args.teacher_sample, baseline_fraction=args.baseline_fraction,
                      workers=args.workers)
     Path(spec.root).mkdir(parents=True, exist_ok=True)
     results: dict = {}
     config = {**asdict(spec), "targets": {"rss_anon_gb": TARGET_RSS_ANON_GB, "curriculum_speedup": TARGET_SPEEDUP}}
+    config["ccfs_repeats"] = args.ccfs_repeats
     for name in STAGES:
-        start = time.perf_counter()
-        results[name] = run_stage(name, spec)
-        results[name]["stage_s"] = time.perf_counter() - start
-        write_rows(args.json, [results], config)  # after every stage: a cut-short run keeps what it measured
+        runs = []
+        for _ in range(args.ccfs_repeats if name == "ccfs" else 1):
+            start = time.perf_counter()
+            runs.append({**run_stage(name, spec), "stage_s": time.perf_counter() - start})
+            results[name] = repeated(runs)
+            write_rows(args.json, [results], config)  # after every run: a cut-short call keeps what it measured
     tree, build, ccfs, paper = results["tree"], results["build"], results["ccfs"], results["paper"]
     results["summary"] = summary_rows(results, spec)
     results["targets_met"] = {
@@ -428,9 +449,11 @@ def main(argv: list[str] | None = None) -> dict:
          + (" (reused)" if tree["reused"] else "")],
         ["build imagenet", build["seconds"], build["img_per_s"] or "", build["rss_anon_peak_gb"],
          f".beton {build['beton_bytes'] / 1e9:.2f} GB" + (" (reused)" if build["reused"] else "")],
-        ["ccfs teacher pass", ccfs["teacher_pass_s"], ccfs["teacher_pass_img_per_s"], "", "streamed, cached"],
+        ["ccfs teacher pass", ccfs["teacher_pass_s"], ccfs["teacher_pass_img_per_s"], "",
+         "streamed, cached" + (f"; median of {len(ccfs['runs'])} runs" if "runs" in ccfs else "")],
         ["ccfs curriculum 1", ccfs["curriculum_s"], "", ccfs["rss_anon_peak_gb"],
-         f"predicted {ccfs['pool_evaluated']} of {ccfs['pool_eligible']} eligible"],
+         f"predicted {ccfs['pool_evaluated']} of {ccfs['pool_eligible']} eligible"
+         + (f"; peak: largest of {len(ccfs['runs'])} runs" if "runs" in ccfs else "")],
         ["paper teacher pass", paper["teacher_pass_s"], paper["pass_img_per_s"], "",
          f"timed on {paper['pass_sample']} images, x{paper['pass_scale']:.1f}"],
         ["paper curriculum 1", paper["curriculum_s"], "", paper["rss_anon_peak_gb"],

@@ -7,6 +7,8 @@ import pytest
 
 from benchmarks.curriculum_wallclock import main as bench_phase
 from benchmarks.curriculum_wallclock import median_run, run_sides
+from benchmarks.imagenet_scale import main as bench_imagenet_scale
+from benchmarks.imagenet_scale import repeated
 
 
 def test_repeats_interleave_in_alternating_order():
@@ -34,3 +36,16 @@ def test_repeats_below_one_is_refused(capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench_phase(["--repeats", "0"])
     assert exit_info.value.code == 2 and "--repeats must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_imagenet_scale_repeats_give_median_times_and_the_largest_peak(capsys):
+    runs = [{"teacher_pass_s": 50.0, "teacher_pass_img_per_s": 30.0, "rss_anon_peak_gb": 1.1, "pool_evaluated": 7},
+            {"teacher_pass_s": 70.0, "teacher_pass_img_per_s": 10.0, "rss_anon_peak_gb": 3.9, "pool_evaluated": 7},
+            {"teacher_pass_s": 60.0, "teacher_pass_img_per_s": 20.0, "rss_anon_peak_gb": 1.3, "pool_evaluated": 7}]
+    merged = repeated(runs)
+    assert merged["teacher_pass_s"] == 60.0 and merged["teacher_pass_img_per_s"] == 20.0
+    assert merged["rss_anon_peak_gb"] == 3.9 and merged["pool_evaluated"] == 7 and merged["runs"] == runs
+    assert repeated(runs[:1]) == runs[0]
+    with pytest.raises(SystemExit) as exit_info:
+        bench_imagenet_scale(["--ccfs-repeats", "0"])
+    assert exit_info.value.code == 2 and "--ccfs-repeats must be at least 1, got 0" in capsys.readouterr().err
