@@ -306,10 +306,10 @@ def current_rss_mb() -> float:
 
 
 def main_worker(kind: str, spec_path: str, out_path: str) -> None:
-    import ffcv  # noqa: F401  (its import resets thread counts; set ours after it)
     import numba
     import torch
 
+    import beton_builder.ffcv_import  # noqa: F401  (FFCV's import resets thread counts; set ours after it)
     from ccfs_fast.models import create_model
 
     spec = BenchSpec(**json.loads(Path(spec_path).read_text()))

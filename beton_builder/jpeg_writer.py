@@ -28,9 +28,6 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
-from ffcv.fields import IntField, RGBImageField
-from ffcv.fields.rgb_image import encode_jpeg, resizer
-from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, TYPE_ID_HANDLER, FieldDescType, HeaderType, get_metadata_type
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
@@ -40,6 +37,18 @@ from ccfs_fast.outputs import output_error, write_npz, write_text
 from ccfs_fast.processes import available_cpus, die_with_parent
 
 from . import BUILDER_VERSION
+from .ffcv_import import (
+    ALLOC_TABLE_TYPE,
+    CURRENT_VERSION,
+    TYPE_ID_HANDLER,
+    FieldDescType,
+    HeaderType,
+    IntField,
+    RGBImageField,
+    encode_jpeg,
+    get_metadata_type,
+    resizer,
+)
 from .imagenet import FileList
 from .manifest import Manifest, files_path, manifest_path
 

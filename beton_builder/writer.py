@@ -9,8 +9,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from ffcv.fields import IntField, RGBImageField
-from ffcv.writer import DatasetWriter
 
 from ccfs_fast.digests import file_sha256, row_digest_path, row_digests
 from ccfs_fast.errors import BuildError
@@ -18,6 +16,7 @@ from ccfs_fast.outputs import atomic_file, output_error, remove_stale_temps, wri
 from ccfs_fast.processes import run_isolated
 
 from . import BUILDER_VERSION
+from .ffcv_import import DatasetWriter, IntField, RGBImageField
 from .manifest import Manifest, manifest_path
 from .table import ImageTable
 

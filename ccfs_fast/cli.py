@@ -275,9 +275,10 @@ def _set_threads(threads: int | None) -> None:
     # Thread counts are set once, here, for the whole process. Importing FFCV calls
     # torch.set_num_threads(1) and numba.set_num_threads(1) (ffcv/pipeline/compiler.py), so import
     # it before setting ours.
-    import ffcv  # noqa: F401
     import numba
     import torch
+
+    import beton_builder.ffcv_import  # noqa: F401
 
     # Under torchrun the cores are shared by the ranks on this node.
     from .processes import available_cpus

@@ -16,18 +16,19 @@ from pathlib import Path
 import numba
 import numpy as np
 import torch
-from ffcv.fields.decoders import (
+
+from beton_builder.ffcv_import import (
     CenterCropRGBImageDecoder,
     IntDecoder,
+    Loader,
+    MemoryManager,
+    OrderOption,
     RandomResizedCropRGBImageDecoder,
+    Reader,
+    ResizedCropRGBImageDecoder,
     SimpleRGBImageDecoder,
+    ToTensor,
 )
-from ffcv.fields.rgb_image import ResizedCropRGBImageDecoder
-from ffcv.loader import Loader, OrderOption
-from ffcv.memory_managers.base import MemoryManager
-from ffcv.reader import Reader
-from ffcv.transforms import ToTensor
-
 from beton_builder.manifest import Manifest, manifest_path, read_manifest
 
 from .augment import DEFAULT_RATIO, DEFAULT_SCALE, augment_batch, draw_augmentation, normalise_nhwc
