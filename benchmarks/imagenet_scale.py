@@ -429,8 +429,8 @@ def main(argv: list[str] | None = None) -> dict:
                      workers=args.workers)
     Path(spec.root).mkdir(parents=True, exist_ok=True)
     results: dict = {}
-    config = {**asdict(spec), "targets": {"rss_anon_gb": TARGET_RSS_ANON_GB, "curriculum_speedup": TARGET_SPEEDUP}}
-    config["ccfs_repeats"] = args.ccfs_repeats
+    config = {**asdict(spec), "ccfs_repeats": args.ccfs_repeats,
+              "targets": {"rss_anon_gb": TARGET_RSS_ANON_GB, "curriculum_speedup": TARGET_SPEEDUP}}
     for name in STAGES:
         runs = []
         for _ in range(args.ccfs_repeats if name == "ccfs" else 1):
