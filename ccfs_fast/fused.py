@@ -195,22 +195,25 @@ def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
 
 class FusedBank(nn.Module):
     """M models of one architecture as one fused network. forward(images [M, b, 3, S, S], each
-    model's own batch) -> logits [M, b, C]. `channels_last` puts the merged input in that layout."""
+    model's own batch) -> logits [M, b, C].
+
+    The bank runs the layout it names, whatever layout its models arrive in: `channels_last` puts
+    every 4-D weight and the merged input in channels-last, else both in NCHW (contiguous). cuDNN picks
+    NHWC kernels whenever a convolution's weight is channels-last, and `torch.cat` keeps the layout of
+    the stacked weights, so models built channels-last (as CUDA runs build them) would otherwise give
+    an "NCHW" bank that runs NHWC grouped convolutions (pytorch#34977: slow on some GPUs)."""
 
     def __init__(self, models: list[nn.Module], channels_last: bool = False):
         super().__init__()
         self.count, self.channels_last = len(models), channels_last
-        self.net = fuse(models)
-        if channels_last:  # stacked weights come out contiguous; match the input's layout for cuDNN
-            self.net = self.net.to(memory_format=torch.channels_last)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.net = fuse(models).to(memory_format=self.memory_format)
         self._template = [copy.deepcopy(models[0]).cpu()]  # a list: not a registered submodule
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         count, batch = images.shape[:2]
         merged = images.transpose(0, 1).reshape(batch, count * images.shape[2], *images.shape[3:])
-        if self.channels_last:
-            merged = merged.contiguous(memory_format=torch.channels_last)
-        logits = self.net(merged)
+        logits = self.net(merged.contiguous(memory_format=self.memory_format))
         return logits.view(batch, count, -1).transpose(0, 1)
 
     def state_of(self, m: int) -> dict[str, torch.Tensor]:

@@ -112,6 +112,32 @@ def test_bank_forward_and_unstack(name):
             assert torch.equal(unstacked.state_dict()[key], value), key
 
 
+def test_bank_runs_the_layout_it_names_whatever_its_models_arrive_in():
+    """CUDA runs build models channels-last: a `bank_nchw` must still hold NCHW weights and feed NCHW
+    input (cuDNN runs NHWC kernels whenever the weight is channels-last), and `bank_channels_last` the
+    reverse, for models arriving in either layout; both compute what the models compute."""
+    from ccfs_fast.students import BANK_LAYOUTS
+
+    images = torch.randn(M, 2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    for arrive in (torch.channels_last, torch.contiguous_format):
+        models = []
+        for seed in range(M):
+            torch.manual_seed(seed)
+            models.append(create_model("resnet18_cifar", 10, 32).to(memory_format=arrive).eval())
+        expected = torch.stack([m(images[i]) for i, m in enumerate(models)])
+        for layout, wanted in (("bank_nchw", torch.contiguous_format), ("bank_channels_last", torch.channels_last)):
+            bank = BANK_LAYOUTS[layout](models, 32, arrive == torch.channels_last)
+            convs = [w for w in bank.parameters() if w.dim() == 4]
+            assert len(convs) == 20
+            wrong = [w.shape for w in convs if not w.is_contiguous(memory_format=wanted)]
+            assert not wrong, f"{layout} from {arrive}: {len(wrong)} of 20 conv weights in the other layout"
+            seen: list[torch.Tensor] = []
+            hook = bank.net.conv1.register_forward_pre_hook(lambda mod, args, seen=seen: seen.append(args[0]))
+            torch.testing.assert_close(bank.eval()(images), expected, rtol=1e-4, atol=1e-4)
+            hook.remove()
+            assert seen[0].is_contiguous(memory_format=wanted), layout
+
+
 class _Tf32Noise(nn.Module):
     """Wraps a network; float32 outputs get relative noise of 7e-4, the size TF32 convolutions give
     a correct ResNet-18 bank on a GPU (float64 computes exactly, as on any device)."""
@@ -182,7 +208,8 @@ def _bank_and_separate(name: str, side: int, steps_per_epoch: int, epochs: int, 
 @pytest.mark.parametrize("name,side", [("resnet18", 8), ("convnet_small", 16)])
 def test_bank_trains_like_separate_models(name, side):
     """K = 20 steps (2 epochs of 10, the last batch of each partial): parameters, BatchNorm running
-    statistics, momentum buffers and per-step losses of every model agree within 1e-9."""
+    statistics, momentum buffers and per-step losses of every model agree within 1e-9 (relative for
+    the state, whose running variances grow large)."""
     bank, bank_step, singles, single_steps, bank_losses, single_losses = _bank_and_separate(name, side, 10, 2, 4)
     assert bank_losses.shape == (20, M)
     torch.testing.assert_close(bank_losses, single_losses, rtol=0, atol=1e-9)
@@ -190,7 +217,9 @@ def test_bank_trains_like_separate_models(name, side):
         state, ref = bank.state_of(m), single.state_dict()
         assert state.keys() == ref.keys()
         for key in ref:
-            torch.testing.assert_close(state[key].double(), ref[key].double(), rtol=0, atol=1e-9, msg=key)
+            # relative too: float64 grouped and plain convolutions sum in different orders (CPU-dependent),
+            # and BatchNorm running variances of this small-batch training reach 1e5
+            torch.testing.assert_close(state[key].double(), ref[key].double(), rtol=1e-9, atol=1e-9, msg=key)
     for m, (single, step) in enumerate(zip(singles, single_steps)):
         buffers = _momentum_of(bank, bank_step, m)
         for key, p in single.named_parameters():
