@@ -9,8 +9,8 @@ setup(
     packages=find_packages(include=["ccfs_fast", "ccfs_fast.*", "beton_builder", "beton_builder.*",
                                     "benchmarks", "benchmarks.*"]),
     install_requires=[
-        "torch>=2.1,<2.15",
-        "torchvision>=0.16,<0.30",
+        "torch>=2.5,<2.15",  # CUDAGraph.register_generator_state, fused SGD with a tensor lr
+        "torchvision>=0.20,<0.30",
         "ffcv==1.0.2",
         "numpy>=1.24,<3",
         "numba>=0.58,<0.70",

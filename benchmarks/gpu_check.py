@@ -1,213 +1,137 @@
-"""GPU device check. `--graphs` (the current check; `benchmarks/gpu_check.sh --graphs` on a lent GPU
-machine): stages, each under its own time limit and try/except, the JSON (a `stages` list) rewritten
-after every stage, the whole under --budget seconds by its own clock, a table last:
+"""The staged GPU device check (`benchmarks/gpu_check.sh --graphs` on a lent GPU machine). Each stage
+runs in its own child process under its own limit (benchmarks/stages.py); the parent only orchestrates
+and writes the JSON after every stage; the whole stays under --budget seconds by its own clock. The
+headline figures come first, bf16 after:
 
-  data         CIFAR-shaped pool / test / distilled .beton files and scores, before CUDA starts
+  data         CIFAR-shaped pool / test / distilled .beton files and scores (no CUDA)
   teacher      a resnet18 teacher, 2 epochs
   exactness    CUDA graphs against eager steps with TF32 off and deterministic cuDNN
-  kd_steps     KD steps at batch 32 / 64, fp32 (PyTorch's defaults: TF32 convolutions) and bf16:
-               eager, graphs, and 5 models together (fused NCHW, fused channels-last, 5 streams)
-  preset_fp32  the complete `run --preset cifar10-ipc500` at --preset-epochs (50), projected to 500
-  preset_bf16  the same with --bf16
+  kd_fp32      KD steps in the paper's precision (TF32 convolutions): eager and graphs at batch 32 and
+               64, then 5 models together at 64 (fused NCHW, fused channels-last, 5 streams), then at 32
+  preset_fp32  the complete `run --preset cifar10-ipc500` at --preset-epochs, projected to 500
+  kd_bf16      kd_fp32 in bf16
+  preset_bf16  preset_fp32 with --bf16
 
-`--quick` is the CPU form the tests run (small data, tiny models, 1 epoch). Without --graphs: the
-earlier check (loader, training and prediction rates with the fast path on and off, a small run)."""
+Every stage keeps what it measured when it fails or runs out of time (rows streamed to the parent).
+`--quick` is the CPU form the tests run (small data, tiny models, 1 epoch, fp32 only)."""
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from beton_builder.table import ImageTable
-from beton_builder.writer import write_beton
-from ccfs_fast.config import FastPath, RunConfig, TeacherConfig, TrainRecipe
-from ccfs_fast.curriculum import run_curriculum
-from ccfs_fast.data import BetonFile, EvalLoader, IndexSpace, ResidentTrainLoader
-from ccfs_fast.models import create_model
-from ccfs_fast.outputs import environment, write_json
-from ccfs_fast.processes import available_cpus
-from ccfs_fast.tables import format_table
-from ccfs_fast.teacher import train_teacher
-from ccfs_fast.train import kd_loss, make_optimizer, predict, sync
+from .stages import RowSink, Stage, Stages, result_path
 
-from .curriculum_wallclock import class_images
-from .stages import Stages
-
-WORKERS = min(8, available_cpus())
-FAST_ON = FastPath(channels_last=True, bf16=True, cudnn_benchmark=True, fused_optimizer=True)
-FAST_OFF = FastPath(channels_last=False, bf16=False, cudnn_benchmark=False, fused_optimizer=False)
-
-
-def make_data(root: Path, pool: int, test: int, workers: int) -> dict:
-    names = tuple(str(c) for c in range(10))
-    px, py = class_images(pool, 10, 32, 1)
-    tx, ty = class_images(test, 10, 32, 2)
-    dx, dy = class_images(400, 10, 32, 3)
-    order = np.argsort(dy, kind="stable")
-    write_beton(ImageTable(px, py, names, "arrays", "gpu_check"), root / "pool.beton", True, workers)
-    write_beton(ImageTable(tx, ty, names, "arrays", "gpu_check"), root / "test.beton", True, workers)
-    write_beton(ImageTable(dx[order], dy[order], names, "arrays", "gpu_check"), root / "distilled.beton", True, workers)
-    np.save(root / "scores.npy", (np.random.default_rng(0).integers(0, 20, pool) * 0.2).astype(np.float32))
-    return {"pool": root / "pool.beton", "test": root / "test.beton", "distilled": root / "distilled.beton"}
-
-
-def loader_rate(space: IndexSpace, n: int, batch: int, device: torch.device, epochs: int) -> float:
-    loader = ResidentTrainLoader(space, np.arange(n), batch, device, seed=0, workers=WORKERS)
-    for _ in loader:
-        pass
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(epochs):
-        for _batch in loader:
-            pass
-    sync(device)
-    return n * epochs / (time.perf_counter() - start)
-
-
-def train_rate(space: IndexSpace, device: torch.device, fast: FastPath, batch: int, steps: int) -> float:
-    """KD training images/s of resnet18_cifar (student fwd + bwd + teacher fwd on the same batch)."""
-    torch.backends.cudnn.benchmark = fast.cudnn_benchmark
-    torch.manual_seed(0)
-    layout = torch.channels_last if fast.channels_last else torch.contiguous_format
-    student = create_model("resnet18_cifar", 10, 32).to(device, memory_format=layout)
-    teacher = create_model("resnet18_cifar", 10, 32).to(device, memory_format=layout).eval()
-    optimizer = make_optimizer(student, TrainRecipe(), fused=fast.fused_optimizer)
-    loader = ResidentTrainLoader(space, np.arange(min(space.n_pool, batch * 64)), batch, device, seed=0,
-                                 workers=WORKERS, channels_last=fast.channels_last)
-    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=fast.bf16)
-
-    def step(images):
-        with torch.inference_mode(), torch.autocast(**amp):
-            target = teacher(images)
-        with torch.autocast(**amp):
-            out = student(images)
-        loss = kd_loss(out.float(), target.float().clone(), 20.0)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    batches = iter([])
-    done = timed = 0
-    start = None
-    while done < steps + 10:
-        try:
-            images, _, _ = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            continue
-        if done == 10:  # warm-up steps (cudnn autotuning, allocator) are not timed
-            sync(device)
-            start = time.perf_counter()
-        step(images)
-        done += 1
-        timed += len(images) if done > 10 else 0
-    sync(device)
-    return timed / (time.perf_counter() - start)
-
-
-def predict_rate(space: IndexSpace, device: torch.device, fast: FastPath, batch: int) -> float:
-    layout = torch.channels_last if fast.channels_last else torch.contiguous_format
-    model = create_model("resnet18_cifar", 10, 32).to(device, memory_format=layout).eval()
-    loader = EvalLoader(space, np.arange(space.n_pool), batch, device, WORKERS, fast.channels_last)
-    predict(model, EvalLoader(space, np.arange(batch * 2), batch, device, WORKERS, fast.channels_last), fast)
-    sync(device)
-    start = time.perf_counter()
-    predict(model, loader, fast)
-    sync(device)
-    return space.n_pool / (time.perf_counter() - start)
-
-
-def ccfs_run(files: dict, root: Path, device: str, epochs: int, model: str) -> dict:
-    warmup = min(1, epochs - 1)
-    recipe = TrainRecipe(epochs=epochs, lr=0.1, lr_warmup_epochs=warmup, weight_decay=5e-4, batch_size=512)
-    start = time.perf_counter()
-    teacher = train_teacher(TeacherConfig(pool=files["pool"], test=files["test"], output=root / "teacher.pt",
-                                          model=model, recipe=recipe, device=device, workers=WORKERS, overwrite=True))
-    teacher_s = time.perf_counter() - start
-    cfg = RunConfig(pool=files["pool"], test=files["test"], distilled=files["distilled"], teacher=root / "teacher.pt",
-                    output_dir=root / "run", score_path=root / "scores.npy", image_per_class=250, alpha=0.1,
-                    curriculum_num=2, recipe=TrainRecipe(epochs=epochs, lr=0.2, lr_warmup_epochs=warmup), num_eval=1,
-                    filter_model=model, teacher_model=model, eval_model=model, device=device, workers=WORKERS,
-                    eval_batch_size=1024)
-    start = time.perf_counter()
-    state = run_curriculum(cfg)
-    return {"teacher_train_s": teacher_s, "teacher_acc": teacher["test_acc"], "run_s": time.perf_counter() - start,
-            "phases": [{k: p[k] for k in ("phase", "train_size", "train_s", "train_img_per_s", "pool_evaluated",
-                                          "eval_s", "eval_img_per_s", "select_s", "filter_acc")}
-                       for p in state["phases"]],
-            "final_acc": state["final"]["acc_mean"], "fast_path": state["fast_path"]}
-
-
-# --- the staged device check (--graphs): every stage guarded, the JSON written after each -------------
-
+BUDGET_S = 480.0  # within the device tool's 600 s per call, with margin for the shell and the machine
 PRESET = "cifar10-ipc500"
+PRESET_EPOCHS = 20  # enough for the loop's rate: the projection scales the loop alone (set-up counted once)
+TARGET_EPOCHS = 500
 QUICK_RUN = ["--image-per-class", "20", "--alpha", "0.2", "--filter-model", "convnet_tiny", "--eval-model",
              "convnet_tiny", "--num-eval", "2", "--lr-warmup-epochs", "0"]  # CPU-sized, same algorithm
 
+STAGES = {s.name: s for s in (
+    Stage("data", cap_s=90, min_s=20),
+    Stage("teacher", cap_s=60, min_s=20, needs=("data",)),
+    Stage("exactness", cap_s=60, min_s=20, cuda_only=True),
+    Stage("kd_fp32", cap_s=100, min_s=30),
+    Stage("preset_fp32", cap_s=180, min_s=60, needs=("teacher",)),
+    Stage("kd_bf16", cap_s=80, min_s=30, cuda_only=True),
+    Stage("preset_bf16", cap_s=150, min_s=60, needs=("teacher",), cuda_only=True),
+)}
 
-def stage_data(root: Path, quick: bool, files: dict) -> dict:
+
+def workers() -> int:
+    from ccfs_fast.processes import available_cpus
+
+    return min(8, available_cpus())
+
+
+def files(root: Path) -> dict[str, Path]:
+    """The inputs the stages share, by convention under the check's folder."""
+    return {"pool": root / "pool.beton", "test": root / "test.beton", "distilled": root / "d.beton",
+            "scores": root / "scores.npy", "teacher": root / "teacher.pt"}
+
+
+# --- the stages (each runs in its own child process) -----------------------------------------------
+
+def stage_data(args: argparse.Namespace, sink: RowSink) -> dict:
     """CIFAR-shaped pool / test .beton files, a distilled folder of 50 images per class (5 with
-    --quick) built with `build folder`, and a score file; before CUDA starts (the writer forks)."""
+    --quick) built with `build folder`, and a score file."""
     from PIL import Image
 
     from beton_builder.build import BuildConfig, build
+    from beton_builder.table import ImageTable
+    from beton_builder.writer import write_beton
+    from ccfs_fast.outputs import environment
 
-    pool, test, per_class = (1000, 200, 5) if quick else (50_000, 10_000, 50)
-    files.update(make_data(root, pool, test, min(16, available_cpus())))
+    from .curriculum_wallclock import class_images
+
+    root, paths = args.root, files(args.root)
+    pool, test, per_class = (1000, 200, 5) if args.quick else (50_000, 10_000, 50)
+    names = tuple(str(c) for c in range(10))
+    for path, (n, seed) in ((paths["pool"], (pool, 1)), (paths["test"], (test, 2))):
+        x, y = class_images(n, 10, 32, seed)
+        write_beton(ImageTable(x, y, names, "arrays", "gpu_check"), path, True, workers())
+    np.save(paths["scores"], (np.random.default_rng(0).integers(0, 20, pool) * 0.2).astype(np.float32))
     dx, _ = class_images(per_class * 10, 10, 32, 5)
     for c in range(10):
         (root / "distilled" / f"{c:02d}").mkdir(parents=True, exist_ok=True)
         for k in range(per_class):
             Image.fromarray(dx[c * per_class + k]).save(root / "distilled" / f"{c:02d}" / f"{k:03d}.png")
-    build(BuildConfig("folder", root / "distilled", root / "d.beton", overwrite=True))
-    files.update(distilled=root / "d.beton", scores=root / "scores.npy")
-    return {"pool": pool, "test": test, "distilled_per_class": per_class}
+    build(BuildConfig("folder", root / "distilled", paths["distilled"], overwrite=True))
+    return {"pool": pool, "test": test, "distilled_per_class": per_class, "environment": environment("cpu")}
 
 
-def stage_teacher(files: dict, root: Path, device: str, quick: bool) -> dict:
+def stage_teacher(args: argparse.Namespace, sink: RowSink) -> dict:
+    from ccfs_fast.config import TeacherConfig, TrainRecipe
+    from ccfs_fast.outputs import environment
+    from ccfs_fast.teacher import train_teacher
+
+    device = _device()
     start = time.perf_counter()
-    model = "convnet_tiny" if quick else "resnet18"
-    out = train_teacher(TeacherConfig(pool=files["pool"], test=files["test"], output=root / "teacher.pt", model=model,
-                                      recipe=TrainRecipe(epochs=1 if quick else 2, lr=0.1, lr_warmup_epochs=0,
+    model = "convnet_tiny" if args.quick else "resnet18"
+    paths = files(args.root)
+    out = train_teacher(TeacherConfig(pool=paths["pool"], test=paths["test"], output=paths["teacher"], model=model,
+                                      recipe=TrainRecipe(epochs=1 if args.quick else 2, lr=0.1, lr_warmup_epochs=0,
                                                          batch_size=512),
-                                      device=device, workers=WORKERS, overwrite=True))
-    files["teacher"] = root / "teacher.pt"
-    return {"model": model, "test_acc": out["test_acc"], "seconds": time.perf_counter() - start}
+                                      device=device.type, workers=workers(), overwrite=True))
+    return {"model": model, "test_acc": out["test_acc"], "seconds": time.perf_counter() - start,
+            "environment": environment(device.type)}
 
 
-def stage_exactness(device: torch.device, steps: int = 12) -> dict:
+def stage_exactness(args: argparse.Namespace, sink: RowSink, steps: int = 12) -> dict:
     """Graph replay against eager steps with TF32 off and deterministic cuDNN: the same resnet18 KD
     training (batch 64 and a partial batch of 40) eagerly twice and once through CUDA graphs. Passes
     when graphs differ from eager by 0 or by no more than eager differs from eager."""
+    import torch
+
     from ccfs_fast.step import GraphedStep
+    from ccfs_fast.train import sync
 
     from .train_throughput import make_step
 
-    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.deterministic,
-             torch.backends.cudnn.benchmark)
+    device = _device()
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    try:
-        params, ms = {}, {}
-        for mode in ("eager_a", "eager_b", "graphs"):
-            step = make_step(device, 1, seed=7)
-            runner = GraphedStep(step, [64, 40], [7]) if mode == "graphs" else step
-            step.students.train()
-            rows = torch.randint(0, 4096, (steps, 1, 64), generator=torch.Generator().manual_seed(1)).to(device)
-            sync(device)
-            start = time.perf_counter()
-            for k in range(steps):
-                runner(rows[k] if k % 4 else rows[k][:, :40])
-            sync(device)
-            ms[mode] = (time.perf_counter() - start) / steps * 1000
-            params[mode] = [p.detach().double().clone() for p in step.students.parameters()]
-    finally:
-        (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.deterministic,
-         torch.backends.cudnn.benchmark) = saved
+    params, ms = {}, {}
+    for mode in ("eager_a", "eager_b", "graphs"):
+        step = make_step(device, 1, seed=7)
+        runner = GraphedStep(step, [64, 40], [7]) if mode == "graphs" else step
+        step.students.train()
+        rows = torch.randint(0, 4096, (steps, 1, 64), generator=torch.Generator().manual_seed(1)).to(device)
+        sync(device)
+        start = time.perf_counter()
+        for k in range(steps):
+            runner(rows[k] if k % 4 else rows[k][:, :40])
+        sync(device)
+        ms[mode] = (time.perf_counter() - start) / steps * 1000
+        params[mode] = [p.detach().double().clone() for p in step.students.parameters()]
+        sink({"mode": mode, "step_ms": ms[mode]})
 
     def gap(a: str, b: str) -> float:
         return max(float((x - y).abs().max()) for x, y in zip(params[a], params[b]))
@@ -217,89 +141,197 @@ def stage_exactness(device: torch.device, steps: int = 12) -> dict:
             "step_ms": ms}
 
 
-def stage_kd_steps(device: torch.device, quick: bool) -> dict:
-    """bench train at the preset's batches (32, 64) in the paper's precision and bf16: eager, graphs,
-    the three ways of training 5 models together, with cudnn.benchmark on as real runs have it."""
-    from .train_throughput import LAYOUT_MODES, measure, preset_trainings, project, targets
+def kd_order(quick: bool, cuda: bool) -> list[tuple[str, int]]:
+    """The (mode, batch) rows of a KD stage, headline ratios first: graphs / eager at 32 and 64, then
+    the 5 models together at 64, then at 32."""
+    from .train_throughput import LAYOUT_MODES
 
-    cuda = device.type == "cuda"
-    torch.backends.cudnn.benchmark = cuda
-    precisions = ("fp32", "bf16") if cuda else ("fp32",)
-    modes = ["eager", "graphs", *LAYOUT_MODES] if cuda else ["eager", *LAYOUT_MODES]
-    kwargs = {"model": "convnet_tiny", "side": 16} if quick else {}
-    rows = measure(device, [8] if quick else [32, 64], modes, 1 if quick else 3, 2 if quick else 15, precisions,
-                   **kwargs)
-    return {"rows": rows, "targets": [targets(rows, p) for p in precisions],
-            "projection": project(rows, preset_trainings())}
+    if quick:
+        return [("eager", 8), *((m, 8) for m in LAYOUT_MODES)]
+    singles = ["eager", "graphs"] if cuda else ["eager"]
+    return [(m, b) for b in (32, 64) for m in singles] + [(m, b) for b in (64, 32) for m in LAYOUT_MODES]
 
 
-def stage_preset(files: dict, root: Path, device: str, epochs: int, bf16: bool, limit: float, quick: bool) -> dict:
-    """The complete `run --preset cifar10-ipc500` (all filters and the final evaluation) at `epochs`
-    in a child process; per training its seconds, rate and how it ran (graphs, layout, fallbacks);
-    and the 500-epoch projection: the fixed costs measured here (teacher pass, coarse passes,
-    selection, warm-ups) plus the trainings' seconds scaled by 500 / epochs."""
+def stage_kd(args: argparse.Namespace, sink: RowSink, precision: str) -> dict:
+    """bench train at the preset's batches (32, 64) with cudnn.benchmark on as real runs have it; rows
+    streamed to the parent as they are measured."""
+    import torch
+
+    from .train_throughput import measure, preset_trainings, project, targets
+
+    device = _device()
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    order = kd_order(args.quick, device.type == "cuda")
+    kwargs = {"model": "convnet_tiny", "side": 16} if args.quick else {}
+    rows = measure(device, [], [], 1 if args.quick else 3, 2 if args.quick else 15, (precision,), on_row=sink,
+                   order=order, **kwargs)
+    return {"rows": rows, "targets": targets(rows, precision), "projection": project(rows, preset_trainings())}
+
+
+def stage_preset(args: argparse.Namespace, sink: RowSink, bf16: bool) -> dict:
+    """The complete `run --preset cifar10-ipc500` (every filter and the final evaluation) at
+    --preset-epochs, in this process; per training how it ran and its parts, and the projection to
+    500 epochs (preset_projection)."""
     import json
-    import subprocess
-    import sys
 
-    out = root / f"preset_{'bf16' if bf16 else 'fp32'}"
-    cmd = [sys.executable, "-m", "ccfs_fast.cli", "run", "--preset", PRESET, "--pool", str(files["pool"]),
-           "--test", str(files["test"]), "--distilled", str(files["distilled"]), "--teacher", str(files["teacher"]),
-           "--score-path", str(files["scores"]), "--device", device, "--eval-batch-size", "1024",
-           "--workers", str(WORKERS), "--output-dir", str(out), "--overwrite", "--epochs", str(epochs),
-           *(QUICK_RUN if quick else []), *(["--bf16"] if bf16 else [])]
+    from ccfs_fast.cli import main
+
+    paths, out = files(args.root), preset_dir(args.root, bf16)
+    argv = ["run", "--preset", PRESET, "--pool", str(paths["pool"]), "--test", str(paths["test"]),
+            "--distilled", str(paths["distilled"]), "--teacher", str(paths["teacher"]), "--score-path",
+            str(paths["scores"]), "--device", _device().type, "--eval-batch-size", "1024", "--workers", str(workers()),
+            "--output-dir", str(out), "--overwrite", "--epochs", str(args.preset_epochs),
+            *(QUICK_RUN if args.quick else []), *(["--bf16"] if bf16 else [])]
     start = time.perf_counter()
-    try:
-        done = subprocess.run(cmd, timeout=max(5.0, limit - 5), capture_output=True, text=True)
-        code, err = done.returncode, done.stderr
-    except subprocess.TimeoutExpired as exc:
-        code, err = None, (exc.stderr or b"").decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
+    code = main(argv)
     wall = time.perf_counter() - start
     state = json.loads((out / "state.json").read_text()) if (out / "state.json").is_file() else {"phases": []}
+    return {"bf16": bf16, "exit_code": code, "wall_s": wall, **preset_projection(state, wall, args.preset_epochs),
+            "final_execution": (state.get("final") or {}).get("execution"),
+            "final_acc": (state.get("final") or {}).get("acc_mean")}
+
+
+def preset_dir(root: Path, bf16: bool) -> Path:
+    return root / f"preset_{'bf16' if bf16 else 'fp32'}"
+
+
+def evaluated_epochs(epochs: int, rule: str) -> int:
+    """How many epochs a training of `epochs` evaluates test accuracy on: the final evaluation's rule
+    (the last fifth, train.last_fifth_epochs) or a filter's ('end': once; 'best_last_20': as the final)."""
+    from ccfs_fast.train import last_fifth_epochs
+
+    return 1 if rule == "end" else sum(map(last_fifth_epochs(epochs), range(epochs)))
+
+
+def preset_projection(state: dict, wall_s: float, epochs: int, target: int = TARGET_EPOCHS) -> dict:
+    """Per training (each filter, the final evaluation) its set-up seconds (model builds, fusion check,
+    resident read, capture and warm-up: paid once), loop seconds (its epochs' steps: scaled by
+    target / epochs) and test-evaluation seconds (scaled by the evaluated epochs' ratio); the run's
+    fixed costs (teacher pass, coarse passes, selection, reading the inputs) are wall_s less the
+    trainings. Projected = fixed + sum of set-up + scaled loops + scaled evaluations; every part is
+    returned. Complete only when every training finished."""
+    trainings = [{"what": f"filter {p['phase']}", "seconds": p["train_s"], "setup_s": p.get("train_setup_s"),
+                  "loop_s": p.get("train_loop_s"), "eval_s": p.get("train_eval_s"),
+                  "evals": (evaluated_epochs(epochs, p.get("filter_acc_rule", "end")),
+                            evaluated_epochs(target, p.get("filter_acc_rule", "end"))),
+                  "batch_size": p.get("batch_size"), "train_size": p.get("train_size"),
+                  "execution": p.get("execution")} for p in state.get("phases", [])]
     final = state.get("final") or {}
-    phases = [{k: p.get(k) for k in ("phase", "train_size", "batch_size", "train_s", "train_img_per_s", "eval_s",
-                                      "select_s", "execution")} for p in state["phases"]]
-    trainings_s = sum(p["train_s"] for p in phases)
     if final.get("seconds"):
-        trainings_s += final["seconds"][0] if final.get("fused") else sum(final["seconds"])
-    complete = bool(final.get("accs")) and code == 0
-    fixed = wall - trainings_s
-    return {"epochs": epochs, "bf16": bf16, "exit_code": code, "complete": complete, "wall_s": wall,
-            "phases": phases, "final_execution": final.get("execution"), "final_acc": final.get("acc_mean"),
-            "trainings_s": trainings_s, "fixed_s": fixed,
-            "projected_500_epochs_s": fixed + trainings_s * 500 / epochs if complete else None,
-            "stderr_tail": [ln for ln in err.replace("\r", "\n").splitlines() if ln.strip()][-8:]}
+        together = final.get("fused")
+        for m in range(1 if together else len(final["seconds"])):
+            part = {k: (final.get(k) or [None] * (m + 1))[m] for k in ("setup_s", "loop_s", "eval_s")}
+            trainings.append({"what": "final evaluation" + ("" if together else f" {m + 1}"),
+                              "seconds": final["seconds"][m], **part,
+                              "evals": (evaluated_epochs(epochs, "last_fifth"), evaluated_epochs(target, "last_fifth")),
+                              "batch_size": final.get("batch_size"), "train_size": final.get("train_size"),
+                              "execution": final.get("execution")})
+    for t in trainings:
+        parts = (t["setup_s"], t["loop_s"], t["eval_s"])
+        t["projected_s"] = None if None in parts else \
+            t["setup_s"] + t["loop_s"] * target / epochs + t["eval_s"] * t["evals"][1] / max(1, t["evals"][0])
+    fixed = wall_s - sum(t["seconds"] for t in trainings)
+    complete = bool(final.get("accs")) and all(t["projected_s"] is not None for t in trainings)
+    projected = fixed + sum(t["projected_s"] for t in trainings) if complete else None
+    return {"epochs": epochs, "target_epochs": target, "complete": complete, "trainings": trainings,
+            "trainings_s": sum(t["seconds"] for t in trainings), "fixed_s": fixed,
+            "projected_s": projected, "projected_min": None if projected is None else projected / 60}
 
 
-def main_graphs(args: argparse.Namespace) -> dict:
-    """The staged device check: data (before CUDA), teacher, exactness, KD steps, the complete preset
-    in fp32 and in bf16; a table last. Targets on an H200: graphs >= 4x eager at batch 32; 5 models
-    together >= 3x five sequential eager models at batch 64; the preset projected under 10 minutes in
-    fp32 and under 6 with --bf16."""
-    stages = Stages(args.json, args.budget, {"config": {k: str(v) for k, v in vars(args).items()}}, args.fail_stage)
+STAGE_FNS: dict[str, Callable[[argparse.Namespace, RowSink], dict]] = {
+    "data": stage_data,
+    "teacher": stage_teacher,
+    "exactness": stage_exactness,
+    "kd_fp32": lambda args, sink: stage_kd(args, sink, "fp32"),
+    "preset_fp32": lambda args, sink: stage_preset(args, sink, False),
+    "kd_bf16": lambda args, sink: stage_kd(args, sink, "bf16"),
+    "preset_bf16": lambda args, sink: stage_preset(args, sink, True),
+}
+
+
+def _device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class HangAfterFirstRow:
+    """--hang-stage: the stage stops answering after its first row, as a hung CUDA call would (tests
+    that a stage stopped by its limit keeps its rows)."""
+
+    def __init__(self, sink: RowSink):
+        self.sink = sink
+
+    def __call__(self, row: dict) -> None:
+        self.sink(row)
+        while True:
+            time.sleep(60)
+
+
+def child_main(args: argparse.Namespace) -> int:
+    """One stage, in this (child) process: its figures to result_path, its rows as it goes."""
+    import numba
+    import torch
+
+    import beton_builder.ffcv_import  # noqa: F401  (sets torch's / numba's threads to 1: set ours after)
+    from ccfs_fast.outputs import write_json
+
+    torch.set_num_threads(workers())
+    numba.set_num_threads(min(workers(), numba.config.NUMBA_NUM_THREADS))
+    sink: RowSink | HangAfterFirstRow = RowSink(args.root, args.stage)
+    if args.hang_stage == args.stage:
+        sink = HangAfterFirstRow(sink)
+    if args.fail_stage == args.stage:
+        raise RuntimeError(f"forced failure of stage {args.stage!r} (--fail-stage)")
+    figures = STAGE_FNS[args.stage](args, sink)
+    write_json(result_path(args.root, args.stage), figures)
+    return 0
+
+
+# --- the parent: orchestrates, records, prints -----------------------------------------------------
+
+def salvage_preset(bf16: bool) -> Callable[[Path], dict]:
+    """What a preset stage stopped part-way leaves: the curricula its run finished (state.json)."""
+    def salvage(root: Path) -> dict:
+        import json
+
+        path = preset_dir(root, bf16) / "state.json"
+        state = json.loads(path.read_text()) if path.is_file() else {"phases": []}
+        return {"phases_finished": len(state.get("phases", [])),
+                "trainings": preset_projection(state, 0.0, 1)["trainings"]}
+    return salvage
+
+
+def parent_main(args: argparse.Namespace) -> dict:
+    """Runs the stages in order, each in a child; JSON after each; the table and the headline lines last."""
+    cuda = _cuda_visible()
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
-        root, files = Path(tmp), {}
-        stages.run("data", lambda limit: stage_data(root, args.quick, files), 90)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CUDA starts after the data
-        stages.meta["device"] = str(device)
-        stages.run("teacher", lambda limit: stage_teacher(files, root, device.type, args.quick), 60)
-        if device.type == "cuda":
-            stages.run("exactness", lambda limit: stage_exactness(device), 45)
-        else:
-            stages.skip("exactness", "CUDA only (graphs against eager)")
-        stages.run("kd_steps", lambda limit: stage_kd_steps(device, args.quick), 100)
-        for bf16 in (False, True):
-            name = "preset_bf16" if bf16 else "preset_fp32"
-            if "teacher" not in files:
-                stages.skip(name, "no teacher (its stage failed)")
+        root = Path(tmp)
+        stages = Stages(args.json, args.budget, root, {"config": {k: str(v) for k, v in vars(args).items()},
+                                                       "device": "cuda" if cuda else "cpu"})
+        limits = dict(item.split("=", 1) for item in args.stage_limit)
+        for name, stage in STAGES.items():
+            if stage.cuda_only and not cuda:
+                stages.skip(name, "CUDA only")
                 continue
-            if bf16 and args.quick:
-                stages.skip(name, "--quick runs the preset in fp32 only")
-                continue
-            stages.run(name, lambda limit, bf16=bf16: stage_preset(files, root, device.type, args.preset_epochs, bf16,
-                                                                    limit, args.quick), 170 if not bf16 else 150)
+            argv = [sys.executable, "-m", "benchmarks.gpu_check", "--stage", name, "--root", str(root),
+                    "--preset-epochs", str(args.preset_epochs), *(["--quick"] if args.quick else []),
+                    *(["--fail-stage", args.fail_stage] if args.fail_stage else []),
+                    *(["--hang-stage", args.hang_stage] if args.hang_stage else [])]
+            salvage = salvage_preset(name.endswith("bf16")) if name.startswith("preset_") else None
+            stages.run(stage, argv, float(limits[name]) if name in limits else None, salvage)
+            print(f"{name}: {stages.records[-1]['status']} ({stages.records[-1]['seconds']:.0f} s)", flush=True)
     print(summary(stages))
     return {"stages": stages.records}
+
+
+def _cuda_visible() -> bool:
+    """Whether a CUDA device is there, asked in a child so that this process never starts CUDA."""
+    import subprocess
+
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+                           capture_output=True, text=True, timeout=120)
+    return probe.stdout.strip().endswith("True")
 
 
 def summary(stages: Stages) -> str:
@@ -307,86 +339,51 @@ def summary(stages: Stages) -> str:
     lines = [stages.table()]
     for record in stages.records:
         figures = record.get("figures") or {}
-        if record["stage"] == "kd_steps":
-            for t in figures.get("targets", []):
-                lines.append(f"{t['precision']}: graphs / eager at batch 32 {t['graphs_over_eager_b32']} (target 4x); "
-                             f"5 together / sequential at batch 64 {t['bank_over_sequential_b64']} (target 3x, "
-                             f"{t['bank_best_layout']})")
+        if record["stage"].startswith("kd_") and figures:
+            t = figures["targets"]
+            lines.append(f"{t['precision']}: graphs / eager at batch 32 {_ratio(t['graphs_over_eager_b32'])} (target "
+                         f"4x); 5 together / sequential at batch 64 {_ratio(t['bank_over_sequential_b64'])} (target "
+                         f"3x, {t['bank_best_layout']})")
         if record["stage"].startswith("preset_") and figures:
-            projected = figures["projected_500_epochs_s"]
+            projected = figures["projected_min"]
             lines.append(f"{record['stage']}: {figures['epochs']} epochs in {figures['wall_s']:.0f} s, complete "
-                         f"{figures['complete']}; 500 epochs projected "
-                         f"{'n/a' if projected is None else f'{projected / 60:.1f} min'}")
+                         f"{figures['complete']}; {figures['target_epochs']} epochs projected "
+                         f"{'n/a' if projected is None else f'{projected:.1f} min'} (fixed {figures['fixed_s']:.0f} s)")
         if record["stage"] == "exactness" and figures:
             lines.append(f"exactness: graphs vs eager {figures['graphs_vs_eager']:.3g}, eager vs eager "
                          f"{figures['eager_vs_eager']:.3g}: {'pass' if figures['passed'] else 'FAIL'}")
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="benchmarks.gpu_check", description=__doc__)
-    parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--pool", type=int, default=50_000)
-    parser.add_argument("--test", type=int, default=10_000)
-    parser.add_argument("--steps", type=int, default=150, help="timed KD training steps per setting")
-    parser.add_argument("--epochs", type=int, default=4, help="epochs of the teacher and of each CCFS model")
-    parser.add_argument("--model", default="resnet18_cifar", help="the CCFS run's models")
-    parser.add_argument("--skip-rates", action="store_true", help="only the CCFS run")
-    parser.add_argument("--quick", action="store_true", help="CPU smoke test: 3,000 images, few steps")
-    parser.add_argument("--graphs", action="store_true",
-                        help="bench train, graphs vs eager, and the cifar10-ipc500 preset run (issue 10's check)")
-    parser.add_argument("--budget", type=float, default=360.0, help="seconds for the whole --graphs check")
-    parser.add_argument("--fail-stage", default=None, help="make this stage fail on purpose (tests the check)")
+def _ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+def main(argv: list[str] | None = None) -> dict | int:
+    parser = argparse.ArgumentParser(prog="benchmarks.gpu_check", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path, default=None, help="write the stages here (after every stage)")
+    parser.add_argument("--graphs", action="store_true", help="(the staged check; accepted for older commands)")
+    parser.add_argument("--quick", action="store_true", help="the CPU form the tests run: small data, 1 epoch")
+    parser.add_argument("--budget", type=float, default=BUDGET_S,
+                        help=f"seconds for the whole check by its own clock (default: {BUDGET_S:.0f})")
     parser.add_argument("--preset-epochs", type=int, default=None,
-                        help="--graphs: epochs of the preset runs (default: 50; 1 with --quick)")
+                        help=f"epochs of the preset runs (default: {PRESET_EPOCHS}; 1 with --quick)")
+    parser.add_argument("--stage-limit", action="append", default=[], metavar="STAGE=SECONDS",
+                        help="override a stage's own limit (repeatable)")
+    parser.add_argument("--fail-stage", default=None, help="make this stage fail on purpose (tests the check)")
+    parser.add_argument("--hang-stage", default=None,
+                        help="make this stage hang after its first row (tests the check's limits)")
+    parser.add_argument("--stage", default=None, help=argparse.SUPPRESS)  # a child: run this one stage
+    parser.add_argument("--root", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--limit", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.graphs:
-        import numba
-
-        args.preset_epochs = args.preset_epochs or (1 if args.quick else 50)
-        torch.set_num_threads(WORKERS)
-        numba.set_num_threads(min(WORKERS, numba.config.NUMBA_NUM_THREADS))
-        return main_graphs(args)
-    if args.quick:
-        args.pool, args.test, args.steps, args.epochs = 3000, 500, 4, 1
-    import numba
-
-    torch.set_num_threads(WORKERS)  # importing FFCV set both to 1 (ffcv/pipeline/compiler.py)
-    numba.set_num_threads(min(WORKERS, numba.config.NUMBA_NUM_THREADS))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    results: dict = {"environment": environment(), "config": {k: str(v) for k, v in vars(args).items()}}
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
-        root = Path(tmp)
-        start = time.perf_counter()
-        files = make_data(root, args.pool, args.test, min(16, available_cpus()))
-        results["data_s"] = time.perf_counter() - start
-        space = IndexSpace(BetonFile.open(files["pool"]))
-        for batch in () if args.skip_rates else (128, 512):
-            rate = loader_rate(space, min(args.pool, 20_000), batch, device, 3)
-            rows.append(("train loader (resident, crop+flip+normalise)", f"batch {batch}", rate))
-        settings = () if args.skip_rates else (("on", FAST_ON if device.type == "cuda" else FAST_ON.resolve("cpu")),
-                                               ("off", FAST_OFF))
-        for name, fast in settings:
-            for batch in (128, 512):
-                rows.append((f"KD training resnet18_cifar, fast path {name}", f"batch {batch}",
-                             train_rate(space, device, fast, batch, args.steps)))
-            rows.append((f"pool prediction resnet18_cifar, fast path {name}", "batch 1024",
-                         predict_rate(space, device, fast, 1024)))
-        results["rates"] = [{"what": w, "setting": s, "img_per_s": r} for w, s, r in rows]
-        results["ccfs_run"] = ccfs_run(files, root, device.type, args.epochs, args.model)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        write_json(args.json, results)
-    if rows:
-        print(format_table(["measure", "setting", "images/s"], rows))
-    print(format_table(["phase", "train set", "train s", "train img/s", "evaluated", "eval s", "eval img/s",
-                        "select s", "filter acc"],
-                       [list(p.values()) for p in results["ccfs_run"]["phases"]]))
-    print(f"device: {results['environment']['cuda'] or 'cpu'}; teacher acc {results['ccfs_run']['teacher_acc']}, "
-          f"final acc {results['ccfs_run']['final_acc']}")
-    return results
+    args.preset_epochs = args.preset_epochs or (1 if args.quick else PRESET_EPOCHS)
+    if args.stage:
+        return child_main(args)
+    return parent_main(args)
 
 
 if __name__ == "__main__":
-    main()
+    result = main()
+    sys.exit(result if isinstance(result, int) else 0)

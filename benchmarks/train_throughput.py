@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 
 import torch
@@ -85,32 +87,49 @@ def step_seconds(step: KDStep, batch: int, graphs: bool, warmup: int, repeats: i
 
 
 def measure(device: torch.device, batch_sizes: list[int], modes: list[str], warmup: int, repeats: int,
-            precisions: tuple[str, ...] = ("fp32",), model: str = "resnet18", side: int = SIDE) -> list[dict]:
+            precisions: tuple[str, ...] = ("fp32",), model: str = "resnet18", side: int = SIDE,
+            on_row: Callable[[dict], None] | None = None, order: list[tuple[str, int]] | None = None) -> list[dict]:
     """One row per mode x precision x batch: `eager` / `graphs` (one model), `bank_nchw`,
     `bank_channels_last`, `streams` (BANK models together; graphs on CUDA), each row saying what
-    actually ran (graphs used or why not, the layout) or why it was skipped."""
+    actually ran (graphs used or why not, the layout) or why it was skipped. `order`: the (mode, batch)
+    pairs in the order to measure them (default: mode by mode); `on_row(row)` gets each row as soon as
+    it is measured (a caller that may be stopped keeps what was done). Every row frees its memory,
+    whatever happened, before the next."""
+    order = order or [(mode, batch) for mode in modes for batch in batch_sizes]
     rows = []
     for precision in precisions:
-        for mode in modes:
-            models = BANK if mode in LAYOUT_MODES else 1
-            want_graphs = mode == "graphs" or (mode in LAYOUT_MODES and device.type == "cuda")
-            for batch in batch_sizes:
-                row = {"mode": mode, "precision": precision, "batch_size": batch, "models": models,
-                       "model": model, "side": side, "device": str(device)}
-                try:
-                    step = make_step(device, models, layout=mode if models > 1 else None, bf16=precision == "bf16",
-                                     model=model, side=side)
-                    seconds, off = step_seconds(step, batch, want_graphs, warmup, repeats)
-                except (RuntimeError, CCFSError) as exc:  # e.g. out of memory, or a layout that cannot hold the models
-                    rows.append({**row, "skipped": " ".join(str(exc).split())[:160]})
-                    print(f"{mode} {precision} batch {batch}: skipped ({rows[-1]['skipped']})")
-                    continue
-                rows.append({**row, "graphs": want_graphs and off is None, "graphs_off": off,
-                             "step_ms": seconds * 1000, "img_per_s": models * batch / seconds})
-                del step
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+        for mode, batch in order:
+            row = measure_one(device, mode, batch, precision, warmup, repeats, model, side)
+            rows.append(row)
+            if "skipped" in row:
+                print(f"{mode} {precision} batch {batch}: skipped ({row['skipped']})")
+            if on_row is not None:
+                on_row(row)
     return rows
+
+
+def measure_one(device: torch.device, mode: str, batch: int, precision: str, warmup: int, repeats: int,
+                model: str = "resnet18", side: int = SIDE) -> dict:
+    """One row of `measure`; an error (out of memory, a layout that cannot hold the models, a failed
+    CUDA call) is the row's `skipped` reason, and the memory is freed in every case."""
+    models = BANK if mode in LAYOUT_MODES else 1
+    want_graphs = mode == "graphs" or (mode in LAYOUT_MODES and device.type == "cuda")
+    row = {"mode": mode, "precision": precision, "batch_size": batch, "models": models, "model": model, "side": side,
+           "device": str(device)}
+    step = None
+    try:
+        step = make_step(device, models, layout=mode if models > 1 else None, bf16=precision == "bf16", model=model,
+                         side=side)
+        seconds, off = step_seconds(step, batch, want_graphs, warmup, repeats)
+        return {**row, "graphs": want_graphs and off is None, "graphs_off": off, "step_ms": seconds * 1000,
+                "img_per_s": models * batch / seconds}
+    except (RuntimeError, CCFSError) as exc:
+        return {**row, "skipped": " ".join(str(exc).split())[:160]}
+    finally:
+        del step
+        if device.type == "cuda":
+            with suppress(RuntimeError):  # a sticky CUDA error: the row says what failed
+                torch.cuda.empty_cache()
 
 
 def preset_trainings(name: str = "cifar10-ipc500", classes: int = CLASSES) -> list[dict]:

@@ -8,6 +8,10 @@ their compiled closures; the writer stores one into the row's metadata), so it i
 while FFCV is imported, and numba's Dict is restored straight after. Where FFCV was already imported
 (by other code in the process), it is used as it is.
 
+FFCV 1.0.2's `ffcv/pipeline/graph.py` does `from distutils.log import warn`. Python 3.12 has no
+distutils (setuptools brings a shim when installed): where it cannot be imported, a `distutils.log`
+whose `warn` goes to Python's warnings stands in for it.
+
 Importing FFCV sets torch's and numba's thread counts to 1 (ffcv/pipeline/compiler.py): the CLI sets
 ours after importing this module.
 """
@@ -15,13 +19,27 @@ ours after importing this module.
 from __future__ import annotations
 
 import sys
+import types
+import warnings
 
 import numba.typed
+
+
+def _ensure_distutils_log() -> None:
+    try:
+        from distutils.log import warn  # noqa: F401
+    except ImportError:
+        log = types.ModuleType("distutils.log")
+        log.warn = lambda msg, *args: warnings.warn(msg % args if args else msg, stacklevel=2)
+        package = sys.modules.get("distutils") or types.ModuleType("distutils")
+        package.log = log
+        sys.modules["distutils"], sys.modules["distutils.log"] = package, log
 
 
 def _import_ffcv_without_typed_dict_compile() -> None:
     if "ffcv.fields.rgb_image" in sys.modules:
         return
+    _ensure_distutils_log()
     typed_dict = numba.typed.Dict
     numba.typed.Dict = dict
     try:

@@ -102,7 +102,8 @@ def run_phase(ws: Workspace, cfg: RunConfig, phase: int, curpc: int, selected: n
     short = short_classes(chosen, curpc, cfg.balance)
     record = {
         "phase": phase, "curpc": curpc, "train_size": len(train_set), "batch_size": batch_size,
-        "train_s": trained.seconds, "train_img_per_s": trained.img_per_s, "execution": step_run.record(),
+        "train_s": trained.seconds, "train_loop_s": trained.loop_s, "train_eval_s": trained.eval_s,
+        "train_setup_s": trained.setup_s, "train_img_per_s": trained.img_per_s, "execution": step_run.record(),
         "coarse_pass": passed.mode,
         "pool_eligible": passed.eligible, "pool_evaluated": passed.predicted, "coarse_rounds": passed.rounds,
         "eval_s": eval_s, "eval_img_per_s": passed.predicted / eval_s if eval_s else 0.0, "select_s": select_s,

@@ -4,6 +4,7 @@ path, inode, size and modification time, so a rebuilt file is checked again)."""
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 import sys
 from contextlib import suppress
@@ -22,6 +23,56 @@ def file_sha256(path: Path) -> str:
 
 def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ccfs-fast"
+
+
+KEY_BYTES = 32
+
+
+def cache_key() -> bytes | None:
+    """This user's secret key for signing cache entries (`key` in the cache folder, mode 0600, made
+    at first use and published with a hard link, so no process ever reads half a key; a damaged key
+    is replaced, which only invalidates the entries it signed). None when no key can be read or made:
+    the cache is then not trusted."""
+    path = cache_dir() / "key"
+    for _ in range(3):
+        try:
+            key = path.read_bytes()
+        except FileNotFoundError:
+            key = None
+        except OSError:
+            return None
+        if key is not None and len(key) == KEY_BYTES:
+            return key
+        try:
+            if key is not None:
+                path.unlink()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".key.tmp-{os.getpid()}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(os.urandom(KEY_BYTES))
+            try:
+                os.link(tmp, path)
+            except FileExistsError:  # another process published one first: read theirs
+                pass
+            finally:
+                tmp.unlink()
+        except OSError:
+            return None
+    return None
+
+
+def keyed_digest(*parts: bytes) -> str | None:
+    """HMAC-SHA256 of `parts` under cache_key(): a cache entry's signature. An entry edited by hand
+    with its plain checksum recomputed no longer matches it. None without a key."""
+    key = cache_key()
+    if key is None:
+        return None
+    mac = hmac.new(key, digestmod=hashlib.sha256)
+    for part in parts:
+        mac.update(len(part).to_bytes(8, "little"))
+        mac.update(part)
+    return mac.hexdigest()
 
 
 def _identity(path: Path) -> str:

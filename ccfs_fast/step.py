@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 
 import numpy as np
@@ -213,14 +214,19 @@ class KDStep:
         """(tensor, copy) of every parameter and buffer of the students."""
         return [(t, t.detach().clone()) for t in [*self.students.parameters(), *self.students.buffers()]]
 
-    def restore(self, snapshot: list[tuple[torch.Tensor, torch.Tensor]], seeds: list[int]) -> None:
-        """Undoes warm-up steps in place (tensor addresses kept): parameters and buffers, zero
-        momentum, and each generator back to its seed."""
+    def restore(self, snapshot: list[tuple[torch.Tensor, torch.Tensor]], seeds: list[int],
+                renew_generators: bool = False) -> None:
+        """Undoes warm-up (and failed capture) steps in place (tensor addresses kept): parameters and
+        buffers, zero momentum and no gradients, and each generator back to its seed; `renew_generators`
+        replaces them with new ones (a failed capture may leave registered generators capturing)."""
         with torch.no_grad():
             for tensor, saved in snapshot:
                 tensor.copy_(saved)
             for buf in self.momentum_buffers:
                 buf.zero_()
+        self.optimizer.zero_grad(set_to_none=True)
+        if renew_generators:
+            self.generators = [torch.Generator(device=g.device) for g in self.generators]
         for g, seed in zip(self.generators, seeds):
             g.manual_seed(seed)
 
@@ -255,40 +261,112 @@ class StreamedKDStep(KDStep):
         return out.view(count, batch, *out.shape[1:])
 
 
+class CaptureFailed(RuntimeError):
+    """A CUDA graph could not be captured; the capture was ended and its memory pool released."""
+
+
+class CudaCapture:
+    """How GraphedStep captures on CUDA. Every path out of a capture ends it (`finally`-style), so a
+    failed capture leaves the process as an eager run needs it: the caller's stream current again (the
+    capture runs inside `torch.cuda.stream`, whose exit restores it whatever happens), the stream out of
+    capture mode, the caching allocator no longer routing to the graph's pool (torch's `capture_end`
+    raises before `endAllocateToPool` when the capture was invalidated, and `torch.cuda.graph.__exit__`
+    then never restores the stream), the pool released. Generators registered with the graph are
+    replaced by GraphedStep, as some torch versions leave them in capture mode."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+
+    def warm_up(self, fn: Callable[[], object], times: int) -> None:
+        """fn() `times` times on a side stream (cuDNN / cuBLAS set themselves up off the capture)."""
+        main = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(main)
+        with torch.cuda.stream(self.stream):
+            for _ in range(times):
+                fn()
+        main.wait_stream(self.stream)
+
+    def capture(self, fn: Callable[[], torch.Tensor], generators: list[torch.Generator]
+                ) -> tuple[Callable[[], None], torch.Tensor]:
+        """(replay, fn's output tensor) of fn captured into a new graph; CaptureFailed after cleaning up."""
+        graph = torch.cuda.CUDAGraph()
+        for g in generators:
+            graph.register_generator_state(g)
+        torch.cuda.synchronize(self.device)
+        with torch.cuda.stream(self.stream):
+            graph.capture_begin()
+            try:
+                out = fn()
+            except BaseException as exc:
+                self._abandon(graph)
+                if isinstance(exc, Exception):
+                    raise CaptureFailed(_one_line(exc)) from exc
+                raise
+            try:
+                graph.capture_end()
+            except Exception as exc:  # an invalidated capture raises here
+                self._abandon(graph)
+                raise CaptureFailed(_one_line(exc)) from exc
+        return graph.replay, out
+
+    def _abandon(self, graph: torch.cuda.CUDAGraph) -> None:
+        with suppress(Exception):
+            graph.capture_end()  # ends the stream's capture when it is still open
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        with suppress(Exception):
+            pool = graph.pool()
+            for name in ("_cuda_endAllocateToPool", "_cuda_endAllocateCurrentStreamToPool"):  # by torch version
+                end = getattr(torch._C, name, None)
+                if end is not None:
+                    with suppress(Exception):  # raises when capture_end already ended the pool
+                        end(index, pool)
+                    break
+            with suppress(Exception):
+                torch._C._cuda_releasePool(index, pool)
+        with suppress(Exception):
+            graph.reset()
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:160] or type(exc).__name__
+
+
 class GraphedStep:
     """The step captured into one CUDA graph per batch shape and replayed: __call__(rows) copies the
-    rows into the shape's static buffer and replays its graph."""
+    rows into the shape's static buffer and replays its graph. `capture`: how graphs are captured
+    (CudaCapture on the step's device; the tests give one that fails). A capture that fails raises
+    CaptureFailed and leaves the step as it was before (parameters, buffers, momentum, fresh
+    generators at their seeds), so it then trains exactly as an eager-only step."""
 
-    def __init__(self, step: KDStep, batch_sizes: list[int], seeds: list[int]):
+    def __init__(self, step: KDStep, batch_sizes: list[int], seeds: list[int], capture: CudaCapture | None = None):
         self.step = step
         self.rows: dict[int, torch.Tensor] = {}
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.replays: dict[int, Callable[[], None]] = {}
         self.losses: dict[int, torch.Tensor] = {}
+        try:
+            capture = capture or CudaCapture(step.device)
+        except (RuntimeError, ValueError, AssertionError) as exc:  # no CUDA stream on this device
+            raise CaptureFailed(_one_line(exc)) from exc
         count = len(step.generators)
         saved = step.snapshot()
+        ok = False
         try:
             for batch in sorted(set(batch_sizes), reverse=True):
                 rows = torch.zeros((count, batch), dtype=torch.int64, device=step.device)
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    for _ in range(WARMUP_STEPS):
-                        step(rows)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                for g in step.generators:
-                    graph.register_generator_state(g)
+                capture.warm_up(lambda rows=rows: step(rows), WARMUP_STEPS)
                 step.optimizer.zero_grad(set_to_none=True)
-                with torch.cuda.graph(graph):
-                    self.losses[batch] = step(rows)
-                self.rows[batch], self.graphs[batch] = rows, graph
+                self.replays[batch], self.losses[batch] = capture.capture(lambda rows=rows: step(rows),
+                                                                          step.generators)
+                self.rows[batch] = rows
+            ok = True
         finally:
-            step.restore(saved, seeds)
+            step.restore(saved, seeds, renew_generators=not ok)
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
         batch = rows.shape[1]
         self.rows[batch].copy_(rows)
-        self.graphs[batch].replay()
+        self.replays[batch]()
         return self.losses[batch]
 
 
@@ -333,11 +411,12 @@ class StepRun:
     note: str | None = None
     asked: bool = False
     train_data: str | None = None  # how the train set was read: resident or streamed, and why (Workspace.train_form)
+    capture_s: float = 0.0  # capturing the graphs, their warm-up steps included (0 when eager)
 
     def record(self) -> dict:
         """What metrics.json and state.json keep of it."""
         return {"cuda_graphs": self.cuda_graphs, "cuda_graphs_off": self.note, "fallback": self.asked
-                and not self.cuda_graphs, "train_data": self.train_data}
+                and not self.cuda_graphs, "train_data": self.train_data, "capture_s": self.capture_s}
 
 
 def graph_plan(step: KDStep, want: bool, distributed: bool, compiled: bool) -> StepRun:
@@ -353,6 +432,9 @@ def graph_plan(step: KDStep, want: bool, distributed: bool, compiled: bool) -> S
                        True)
     if compiled:
         return StepRun(False, "cuda graphs: off with --compile; running eagerly", True)
+    if not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):  # each student's generator in the graph
+        return StepRun(False, f"cuda graphs: torch {torch.__version__} cannot register generators with a graph "
+                              "(torch >= 2.5 can); running eagerly", True)
     if not step.tensor_lr:
         return StepRun(False, f"cuda graphs: need fused SGD (--opt sgd / sgd_nesterov with --fused-optimizer), "
                               f"got --opt {step.cfg.recipe.opt}; running eagerly", True)
@@ -361,40 +443,62 @@ def graph_plan(step: KDStep, want: bool, distributed: bool, compiled: bool) -> S
 
 def train_students(step: KDStep, seeds: list[int], batch_size: int, recipe: TrainRecipe, test_loader=None,
                    eval_epoch: Callable[[int], bool] = lambda e: False, desc: str = "train", rank: int = 0,
-                   world_size: int = 1, plan: StepRun | None = None) -> tuple[list[TrainResult], StepRun]:
+                   world_size: int = 1, plan: StepRun | None = None,
+                   make_graphed: Callable[..., GraphedStep] = GraphedStep,
+                   on_epoch: Callable[[int, dict], None] | None = None) -> tuple[list[TrainResult], StepRun]:
     """The epoch loop around a step: per epoch the learning rate, each student's sample order (its
     generator), the steps over this rank's share, then test top-1 of every student where
-    eval_epoch(epoch). Returns one TrainResult per student (seconds: the shared wall-clock; images:
-    that student's) and how the step ran."""
+    eval_epoch(epoch). Returns one TrainResult per student (seconds: the shared wall-clock; loop_s /
+    eval_s: the steps alone / the test evaluations; images: that student's; one record per epoch) and
+    how the step ran. `make_graphed(step, shapes, seeds)` captures the step (GraphedStep); a capture
+    that fails falls back to the eager step, which then trains exactly as an eager-only run.
+    `on_epoch(m, record)` receives student m's record after each epoch (curves, as training goes)."""
     plan = plan or StepRun(False)
     n = step.size
     per_rank = -(-n // world_size)
     shapes = [batch_size] + ([per_rank % batch_size] if per_rank % batch_size else [])
     runner: Callable[[torch.Tensor], torch.Tensor] = step
+    start = time.perf_counter()
     if plan.cuda_graphs:
         try:
-            runner = GraphedStep(step, shapes, seeds)
-        except (RuntimeError, AssertionError) as exc:  # torch raises these when a capture cannot happen
-            reason = " ".join(str(exc).split())[:160] or type(exc).__name__
-            plan = StepRun(False, f"cuda graphs: capture failed ({reason}); running eagerly", True)
+            runner = make_graphed(step, shapes, seeds)
+        except (RuntimeError, AssertionError) as exc:  # CaptureFailed, or torch refusing to capture
+            plan = StepRun(False, f"cuda graphs: capture failed ({_one_line(exc)}); running eagerly", True,
+                           plan.train_data)
+        plan.capture_s = time.perf_counter() - start
     if plan.asked and plan.note:
         tqdm.write(plan.note, file=sys.stderr)
     results = [TrainResult() for _ in seeds]
     lrs = lr_schedule(recipe)
-    start = time.perf_counter()
     bar = tqdm(range(recipe.epochs), desc=desc, leave=False, dynamic_ncols=True)
     for epoch in bar:
+        began = time.perf_counter()
         step.set_lr(lrs[epoch])
         step.students.train()
         orders = torch.stack([epoch_order(n, g, rank, world_size) for g in step.generators])
+        loss_sum = torch.zeros(len(seeds), dtype=torch.float64, device=step.device)
         for begin in range(0, orders.shape[1], batch_size):
-            runner(orders[:, begin:begin + batch_size])
-        for result in results:
-            result.images += orders.shape[1]
+            rows = orders[:, begin:begin + batch_size]
+            loss_sum += runner(rows).double() * rows.shape[1]  # read before the next replay overwrites it
+        losses = (loss_sum / max(1, orders.shape[1])).tolist()  # one wait for the device per epoch
+        loop_s = time.perf_counter() - began
+        accs: list[float | None] = [None] * len(seeds)
         if test_loader is not None and eval_epoch(epoch):
-            for result, acc in zip(results, evaluate_students(step.students, test_loader, step.cfg.bf16)):
+            evaluated = time.perf_counter()
+            accs = evaluate_students(step.students, test_loader, step.cfg.bf16)
+            eval_s = time.perf_counter() - evaluated
+            for result, acc in zip(results, accs):
                 result.accs.append((epoch, acc))
-            bar.set_postfix(acc=f"{max(r.accs[-1][1] for r in results):.2f}")
+                result.eval_s += eval_s
+            bar.set_postfix(acc=f"{max(accs):.2f}")
+        for m, (result, loss, acc) in enumerate(zip(results, losses, accs)):
+            result.images += orders.shape[1]
+            result.loop_s += loop_s
+            record = {"epoch": epoch, "loss": loss, "lr": lrs[epoch], "seconds": loop_s,
+                      "img_per_s": orders.shape[1] / loop_s if loop_s else 0.0, "test_acc": acc}
+            result.epochs.append(record)
+            if on_epoch is not None:
+                on_epoch(m, record)
     seconds = time.perf_counter() - start
     for result in results:
         result.seconds = seconds

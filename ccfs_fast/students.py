@@ -237,7 +237,9 @@ def evaluate_train_set(ws: Workspace, train_set: np.ndarray, eval_model: str, re
                  **(runs[0].record() if runs else {"cuda_graphs": False, "cuda_graphs_off": None, "fallback": False})}
     return {"accs": best, "last_accs": [r.last_acc for r in results],
             "acc_mean": float(np.mean(best)) if best else None, "acc_std": float(np.std(best)) if best else None,
-            "train_size": len(train_set), "seconds": [r.seconds for r in results], "fused": fused,
+            "train_size": len(train_set), "seconds": [r.seconds for r in results],
+            "loop_s": [r.loop_s for r in results], "eval_s": [r.eval_s for r in results],
+            "setup_s": [r.setup_s for r in results], "fused": fused,
             "batch_size": recipe.batch_size or auto_batch_size(len(train_set), ws.num_classes, ws.dataset),
             "execution": execution}
 

@@ -76,11 +76,22 @@ def last_fifth_epochs(epochs: int) -> Callable[[int], bool]:
 
 @dataclass
 class TrainResult:
-    """Test top-1 (%) per evaluated epoch, best and last; wall-clock and images processed."""
+    """Test top-1 (%) per evaluated epoch, best and last; wall-clock and images processed. For the
+    capturable step's trainings (ccfs_fast.step.train_students) also: `loop_s`, the epochs' steps
+    alone; `eval_s`, the test evaluations; `setup_s`, everything else of `seconds` (model builds,
+    fusion check, reading the train set, graph capture and warm-up); one record per epoch (`epochs`:
+    epoch, loss, lr, seconds, img_per_s, test_acc or None)."""
 
     accs: list[tuple[int, float]] = field(default_factory=list)
     seconds: float = 0.0
     images: int = 0
+    loop_s: float = 0.0
+    eval_s: float = 0.0
+    epochs: list[dict] = field(default_factory=list)
+
+    @property
+    def setup_s(self) -> float:
+        return max(0.0, self.seconds - self.loop_s - self.eval_s) if self.loop_s else 0.0
 
     @property
     def best_acc(self) -> float | None:
@@ -199,10 +210,31 @@ class PredictionColumns:
         return self.index[:self.filled], self.pred[:self.filled], self.logit[:self.filled]
 
 
+def _true_class_logit(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return logits.gather(1, labels.view(-1, 1))[:, 0]
+
+
+def _top2_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:  # noqa: ARG001 - a column's signature
+    """(top-1 - top-2 logit) / max(1, |top-1|): how clear the argmax is, relative to the logits' size."""
+    top = logits.topk(min(2, logits.shape[1]), dim=1).values
+    gap = top[:, 0] - top[:, -1] if top.shape[1] > 1 else torch.full_like(top[:, 0], float("inf"))
+    return gap / top[:, 0].abs().clamp_min(1.0)
+
+
+# What predict's third column holds: name -> fn(logits float32 [b, C], labels [b]) -> [b].
+PREDICTION_COLUMNS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "logit": _true_class_logit,   # the coarse pass's audit and the `logits` score kind
+    "margin": _top2_margin,       # the teacher-pass cache check (near-ties are not compared)
+}
+
+
 @torch.inference_mode()
-def predict(model: nn.Module, loader, fast: FastPath | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Over an index subset: (index int64 [m], argmax int64 [m], true-class logit float32 [m]),
-    in the loader's order. A row with a non-finite logit gets argmax -1 (the callers refuse it)."""
+def predict(model: nn.Module, loader, fast: FastPath | None = None, column: str = "logit"
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Over an index subset: (index int64 [m], argmax int64 [m], float32 [m]: the true-class logit,
+    or with column="margin" the relative top-2 margin, PREDICTION_COLUMNS), in the loader's order. A
+    row with a non-finite logit gets argmax -1 (the callers refuse it)."""
+    third = PREDICTION_COLUMNS[column]
     model.eval()
     found = PredictionColumns(len(getattr(loader, "indices", ())))
     for images, labels, idx in loader:
@@ -210,7 +242,7 @@ def predict(model: nn.Module, loader, fast: FastPath | None = None) -> tuple[np.
             out = model(images)
         out = out.float()
         pred = torch.where(torch.isfinite(out).all(1), out.argmax(1), -1)
-        found.put(idx, pred, out.gather(1, labels.view(-1, 1))[:, 0])
+        found.put(idx, pred, third(out, labels))
     return found.columns()
 
 

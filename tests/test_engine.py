@@ -45,7 +45,7 @@ def test_run_writes_outputs_and_a_valid_selection(finished_run, engine_data):
     state = json.loads((out / "state.json").read_text())
     for record in (phases[0], state["phases"][0]):
         train_data = record["execution"].pop("train_data")
-        assert record["execution"] == {"cuda_graphs": False, "fallback": False,
+        assert record["execution"] == {"cuda_graphs": False, "fallback": False, "capture_s": 0.0,
                                        "cuda_graphs_off": "cuda graphs: CUDA only (device cpu); running eagerly"}
         assert train_data.startswith("resident (40 images at 32x32 need 0.00 GiB, budget ")  # the phase's train set
     for final in (metrics["final"], state["final"]):

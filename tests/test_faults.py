@@ -3,6 +3,7 @@ inputs changed under --resume, corrupt state and caches, interrupted builds, unf
 unwritable places and a full disk."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -25,6 +26,8 @@ from ccfs_fast.digests import cache_dir, file_sha256
 from ccfs_fast.errors import ConfigError, DataError
 from ccfs_fast.outputs import RunLock, probe_lock
 from ccfs_fast.workspace import (
+    NEAR_TIE,
+    disagreement,
     open_workspace,
     pred_checksum,
     teacher_correct,
@@ -155,8 +158,25 @@ def test_corrupt_state_json_is_one_clear_line(interrupted_run, capsys, damage, n
 
 # --- the teacher-pass cache -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage", "altered", "forged"])
+def _plain_sha256(pred: np.ndarray) -> np.ndarray:
+    """The checksum a hand edit would recompute (what cache entries held before they were signed)."""
+    return np.array(hashlib.sha256(np.ascontiguousarray(pred, "<i8").tobytes()).hexdigest())
+
+
+def _rewrite_entry(entry: Path, **changes) -> None:
+    with np.load(entry) as cached:
+        fields = {**dict(cached), **changes}
+    np.savez(entry.with_suffix(".tmp.npz"), **fields)
+    entry.with_suffix(".tmp.npz").replace(entry)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage", "altered", "forged", "forged_3_rows",
+                                    "signed_forgery"])
 def test_damaged_teacher_pass_cache_is_replaced(engine_data, capsys, damage):
+    """Every damage is reported once, deleted and recomputed: unreadable entries; predictions edited
+    (a whole class, or 3 of 800 rows) with the plain checksum recomputed, caught by the entry's keyed
+    signature every time; a forgery signed with this user's key (a whole class), caught by the
+    teacher's own predictions on a sample."""
     ws = open_workspace(engine_data["pool"], engine_data["test"], engine_data["distilled"], engine_data["teacher"],
                         None, 4, "cpu", 2, 256)
     digest = file_sha256(engine_data["teacher"])
@@ -170,20 +190,53 @@ def test_damaged_teacher_pass_cache_is_replaced(engine_data, capsys, damage):
         entry.write_bytes(b"")
     elif damage == "garbage":
         entry.write_bytes(os.urandom(500))
-    else:  # a valid file whose predictions were edited (forged: with a checksum that matches the edit)
-        with np.load(entry) as cached:
-            fields = dict(cached)
-        fields["pred"] = (fields["pred"] + 1) % 10
-        if damage == "forged":
-            fields["checksum"] = np.array(pred_checksum(fields["pred"]))
-        np.savez(entry.with_suffix(".tmp.npz"), **fields)
-        entry.with_suffix(".tmp.npz").replace(entry)
+    else:  # a valid file whose predictions were edited
+        forged = pred.copy()
+        if damage == "forged_3_rows":
+            forged[[5, 400, 777]] = (forged[[5, 400, 777]] + 1) % 10
+        elif damage == "signed_forgery":
+            forged[forged == 3] = 4
+        else:
+            forged = (forged + 1) % 10
+        checksum = {"forged": _plain_sha256(forged), "forged_3_rows": _plain_sha256(forged),
+                    "signed_forgery": np.array(pred_checksum(forged, teacher_pass_origin(ws, digest)))}
+        _rewrite_entry(entry, pred=forged, **({"checksum": checksum[damage]} if damage in checksum else {}))
     capsys.readouterr()
     again, _, from_cache = teacher_correct(ws, digest)
     err = capsys.readouterr().err
     assert not from_cache and again.tolist() == pred.tolist()
     assert err.count("is damaged") == 1 and str(entry) in err
+    why = {"signed_forgery": "disagrees with the teacher", "altered": "signature", "forged": "signature",
+           "forged_3_rows": "signature"}.get(damage, "unreadable")
+    assert why in err, err
     assert teacher_correct(ws, digest)[2]  # rewritten, and sound again
+
+
+def test_cached_pass_differing_only_on_near_ties_is_accepted(engine_data):
+    """A sound entry computed on another device (TF32, bf16, other cuDNN algorithms) may differ from a
+    fresh prediction where the top two logits nearly tie: such rows are not compared, so the entry is
+    kept; a row with a clear margin that differs is still a disagreement. (An untrained teacher: its
+    logits are small, so many of its predictions are near-ties.)"""
+    from ccfs_fast.models import create_model
+
+    ws = open_workspace(engine_data["pool"], engine_data["test"], engine_data["distilled"], engine_data["teacher"],
+                        None, 4, "cpu", 2, 256)
+    torch.manual_seed(0)
+    ws.teacher = create_model("convnet_small", 10, 32).eval()
+    rows = np.arange(ws.space.n_pool)
+    index, pred, margin = ws.predict_pool(ws.teacher, rows, "margin")
+    assert np.array_equal(index, rows)
+    with torch.inference_mode():
+        logits = torch.cat([ws.teacher(images).float() for images, _, _ in ws.pool_loader(rows)]).numpy()
+    assert np.array_equal(logits.argmax(1), pred)
+    ties = np.flatnonzero(margin < NEAR_TIE)
+    assert len(ties) >= 10, len(ties)
+    entry = pred.copy()
+    entry[ties] = np.argsort(logits[ties], axis=1)[:, -2]  # the runner-up, as another device may give
+    assert disagreement(ws, entry, sample=len(entry)) is None
+    entry[np.argmax(margin)] = (entry[np.argmax(margin)] + 1) % 10  # the clearest prediction changed
+    why = disagreement(ws, entry, sample=len(entry))
+    assert why is not None and why.startswith(f"it disagrees with the teacher on 1 of the {len(rows) - len(ties)} ")
 
 
 def _damage_record(record, damage: str, other_digest: str) -> None:
@@ -222,16 +275,14 @@ def test_run_with_damaged_caches_equals_a_clean_run(engine_data, tmp_path, capsy
     entries = list((tmp_path / "cache" / "ccfs-fast").glob("teacher_pass-*.npz"))
     assert len(entries) == 1
     with np.load(entries[0]) as cached:
-        fields = dict(cached)
-    fields["pred"][fields["pred"] == 3] = 4  # a whole class made teacher-wrong
-    fields["checksum"] = np.array(pred_checksum(fields["pred"]))
-    np.savez(tmp_path / "forged.npz", **fields)
-    (tmp_path / "forged.npz").replace(entries[0])
+        forged = cached["pred"].copy()
+    forged[[10, 20, 30]] = (forged[[10, 20, 30]] + 1) % 10  # 3 rows of 800, the plain checksum recomputed
+    _rewrite_entry(entries[0], pred=forged, checksum=_plain_sha256(forged))
     capsys.readouterr()
     assert main(run_args(engine_data, tmp_path / "damaged", *quick)) == 0
     warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
     assert len(warnings) == 2, warnings
-    assert "disagrees with the teacher" in warnings[1] and str(entries[0]) in warnings[1]
+    assert "do not match their signature" in warnings[1] and str(entries[0]) in warnings[1]
     for name in ("selected_indices.json", "teacher_pass.npz"):
         clean, damaged = (tmp_path / "clean" / name).read_bytes(), (tmp_path / "damaged" / name).read_bytes()
         assert clean == damaged if name.endswith(".npz") else \

@@ -17,7 +17,7 @@ from ccfs_fast.config import TrainRecipe
 from ccfs_fast.data import BetonFile, IndexSpace, ResidentTrainLoader, epoch_order, norm_tensors
 from ccfs_fast.fused import FusedBank
 from ccfs_fast.models import create_model
-from ccfs_fast.step import KDStep, Single, StepConfig, StepRun, graph_plan, train_students
+from ccfs_fast.step import CaptureFailed, GraphedStep, KDStep, Single, StepConfig, StepRun, graph_plan, train_students
 from ccfs_fast.train import train_kd
 
 F64 = torch.float64
@@ -160,7 +160,7 @@ def test_graph_plan_and_capture_fallback(small_space, capsys):
     on_cpu = graph_plan(step, True, False, False)  # the CPU runs the step eagerly: no fallback, a reason kept
     assert not on_cpu.cuda_graphs and not on_cpu.asked and on_cpu.note.startswith("cuda graphs: CUDA only")
     assert on_cpu.record() == {"cuda_graphs": False, "cuda_graphs_off": on_cpu.note, "fallback": False,
-                               "train_data": None}  # set by the training that runs the step
+                               "train_data": None, "capture_s": 0.0}  # set by the training that runs the step
     before = [p.clone() for p in student.parameters()]
     results, plan = train_students(step, [3], BATCH, TrainRecipe(epochs=1, lr_warmup_epochs=0),
                                    plan=StepRun(True, asked=True))  # asked to capture where no graph can exist
@@ -169,6 +169,98 @@ def test_graph_plan_and_capture_fallback(small_space, capsys):
     console = capsys.readouterr()
     assert plan.note in console.err.splitlines() and results[0].images == N  # one line, on stderr
     assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))  # it trained eagerly
+
+
+class FailingCapture:
+    """Captures as the CPU can: the step runs for real (parameters, momentum, BatchNorm statistics and
+    generators all move, which a CUDA capture does not even do), and the `fail_on`-th capture fails as
+    an invalidated CUDA capture does; earlier ones 'succeed' and replay by running the step."""
+
+    def __init__(self, fail_on: int):
+        self.fail_on, self.captures = fail_on, 0
+
+    def warm_up(self, fn, times):
+        for _ in range(times):
+            fn()
+
+    def capture(self, fn, generators):
+        self.captures += 1
+        out = fn()
+        if self.captures == self.fail_on:
+            raise CaptureFailed("operation not permitted when stream is capturing (made to fail)")
+        return fn, out
+
+
+@pytest.mark.parametrize("fail_on", [1, 2])  # the full batch's capture, or the partial batch's after it
+@pytest.mark.parametrize("bank", [False, True])
+def test_a_failed_capture_trains_exactly_like_an_eager_only_run(small_space, fail_on, bank, capsys):
+    """A capture that fails after warm-up steps (and, fail_on=2, after another shape was captured) falls
+    back to the eager step, which trains bit for bit as a run that never tried: parameters, BatchNorm
+    statistics, per-epoch losses; the generators are new objects (never registered with a graph)."""
+    images = ResidentTrainLoader(small_space, np.arange(N), BATCH, "cpu", seed=3, dtype=F64).images
+    inv, shift = norm_tensors(small_space.norm, torch.device("cpu"))
+    seeds = [3, 4] if bank else [3]
+
+    def training(plan, make_graphed=GraphedStep):
+        models = [_models(s)[0] for s in seeds]
+        students = FusedBank(models) if bank else Single(models[0])
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        step = KDStep(students, students, _models(0)[1], images, gens, inv, shift,
+                      StepConfig(RECIPE, 4.0, fused_optimizer=False, dtype=F64))
+        results, ran = train_students(step, seeds, BATCH, RECIPE, plan=plan, make_graphed=make_graphed)
+        return students, step, gens, results, ran
+
+    eager, _, _, eager_results, _ = training(StepRun(False))
+    failing = FailingCapture(fail_on)
+    fell_back, step, gens, results, ran = training(
+        StepRun(True, asked=True), lambda step, shapes, seeds: GraphedStep(step, shapes, seeds, failing))
+    assert failing.captures == fail_on and not ran.cuda_graphs and ran.record()["fallback"]
+    assert "capture failed (operation not permitted" in ran.note and ran.note in capsys.readouterr().err
+    assert all(a is not b for a, b in zip(step.generators, gens))
+    for key, value in eager.state_dict().items():
+        assert torch.equal(fell_back.state_dict()[key], value), key
+    assert [r.epochs for r in results] != [] and [[e["loss"] for e in r.epochs] for r in results] == \
+        [[e["loss"] for e in r.epochs] for r in eager_results]
+
+
+def test_epoch_records_and_timing(small_space):
+    """Each training keeps one record per epoch (the mean KD loss the steps returned, the learning
+    rate, seconds, images/s, test top-1 on evaluated epochs) and splits its seconds into the loop, the
+    test evaluations and the rest."""
+    from ccfs_fast.data import ResidentEvalLoader
+    from ccfs_fast.step import lr_schedule
+
+    student, teacher = (m.float() for m in _models(3))
+    images = ResidentTrainLoader(small_space, np.arange(N), BATCH, "cpu", seed=3).images
+    inv, shift = norm_tensors(small_space.norm, torch.device("cpu"))
+    step = RecordingLossStep(Single(student), Single(student), teacher, images, [torch.Generator().manual_seed(3)],
+                             inv, shift, StepConfig(RECIPE, 4.0, fused_optimizer=False))
+    seen = []
+    test = ResidentEvalLoader(small_space, np.arange(N), 16, "cpu")
+    (result,), _ = train_students(step, [3], BATCH, RECIPE, test, lambda e: e == 1,
+                                  on_epoch=lambda m, r: seen.append((m, r)))
+    assert [r["epoch"] for r in result.epochs] == [0, 1] and [m for m, _ in seen] == [0, 0]
+    assert [r["lr"] for r in result.epochs] == lr_schedule(RECIPE)
+    for epoch, record in enumerate(result.epochs):
+        losses = step.losses[epoch * 6:(epoch + 1) * 6]
+        expected = sum(loss * b for loss, b in losses) / N
+        assert record["loss"] == pytest.approx(expected, rel=1e-9)
+        assert record["seconds"] > 0 and record["img_per_s"] == pytest.approx(N / record["seconds"])
+    assert result.epochs[0]["test_acc"] is None and result.epochs[1]["test_acc"] == result.accs[0][1]
+    assert 0 < result.loop_s and 0 < result.eval_s and result.loop_s + result.eval_s <= result.seconds
+
+
+class RecordingLossStep(KDStep):
+    """A KDStep that remembers (loss, batch size) of every call."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.losses: list[tuple[float, int]] = []
+
+    def __call__(self, rows):
+        out = super().__call__(rows)
+        self.losses.append((float(out[0]), rows.shape[1]))
+        return out
 
 
 def test_eval_fused_and_unfused_agree(finished_run, engine_data, tmp_path, capsys):
