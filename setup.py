@@ -21,6 +21,7 @@ setup(
         "psutil>=5.9",
         "scikit-learn>=1.3",  # the demo's real data (handwritten digits) and its k-means stand-in
         "scipy>=1.10",  # the ImageNet devkit's meta.mat
+        "pyarrow>=14",  # build parquet: Hugging Face Hub shards
     ],
     extras_require={
         "dev": ["pytest>=7", "ruff>=0.4", "hypothesis>=6.80"],

@@ -14,17 +14,22 @@ from ccfs_fast.outputs import missing_top, output_error
 from .arrays import read_arrays
 from .cifar import read_cifar
 from .image_folder import read_image_folder
-from .imagenet import FileList, read_imagenet
+from .imagenet import read_imagenet
 from .jpeg_writer import JpegSettings, source_key, write_jpeg_beton
 from .manifest import Manifest, read_manifest
+from .parquet import read_parquet
+from .sources import ImageSource
 from .table import ImageTable
+from .tensors import check_tensor_args, read_tensors
 from .tiny_imagenet import read_tiny_imagenet
 from .writer import check_writable, content_hash, write_beton
 
 
 @dataclass(frozen=True)
 class BuildConfig:
-    """Settings of one `ccfs-fast build` call, checked on construction."""
+    """Settings of one `ccfs-fast build` call, checked on construction. `src`: a folder or file (for
+    `build tensors` the images .pt, for `build parquet` a folder of shards or one shard; `sources` more
+    shards in order)."""
 
     kind: str
     src: Path
@@ -33,27 +38,35 @@ class BuildConfig:
     side: int | None = None
     overwrite: bool = False
     workers: int = 2
-    class_order: str | None = None  # build folder: sorted | numeric (needed when integer names sort otherwise)
-    max_side: int | None = None  # build imagenet: longer side stored (FFCV's ImageNet example: 500)
-    jpeg_quality: int | None = None  # build imagenet: JPEG quality (FFCV's ImageNet example: 90)
+    class_order: str | None = None  # folder / parquet: sorted | numeric (needed when integer names sort otherwise)
+    max_side: int | None = None  # JPEG storage: longer side stored (FFCV's ImageNet example: 500)
+    jpeg_quality: int | None = None  # JPEG storage: quality (FFCV's ImageNet example: 90)
+    labels: Path | None = None  # tensors: labels .pt (else in the images file)
+    normalized_with: str | None = None  # tensors: the constants the distilled tensors were normalised with
+    classes: int | None = None  # tensors: the class count (else the largest label + 1, or the soft labels' width)
+    image_column: str = "image"  # parquet
+    label_column: str | None = None  # parquet: None finds it by the usual names
+    split: str | None = None  # parquet: the split's shards when a folder holds several (train-*, test-*)
+    sources: tuple[Path, ...] = ()  # parquet: further shards after src
 
     def __post_init__(self) -> None:
         entry = BUILD_KINDS.get(self.kind)
         if entry is None:
             raise UnknownNameError("dataset kind", self.kind, list(BUILD_KINDS))
-        if entry.list_files is None and (self.max_side is not None or self.jpeg_quality is not None):
-            raise BuildError(f"--max-side and --jpeg-quality apply to `build imagenet`, not `build {self.kind}`")
+        defaults = BuildConfig.__dataclass_fields__
+        for flag, kinds in KIND_FLAGS.items():
+            if self.kind not in kinds and getattr(self, flag) != defaults[flag].default:
+                names = " / ".join(f"`build {k}`" for k in kinds)
+                raise BuildError(f"--{flag.replace('_', '-')} applies to {names}, not `build {self.kind}`")
         self.jpeg()  # checks the values
-        if self.kind != "folder" and (self.per_class is not None or self.side is not None
-                                      or self.class_order is not None):
-            raise BuildError(f"--per-class, --side and --class-order apply to `build folder`, not `build {self.kind}`")
         if self.side is not None and not 1 <= self.side <= 4096:
             raise BuildError(f"--side must be between 1 and 4096 pixels, got {self.side}")
         if entry.single_file and self.out.suffix != ".beton":
             raise BuildError(f"--out must be a FILE.beton for `build {self.kind}`, got {self.out}")
         if self.workers < 1:
             raise BuildError(f"--workers must be at least 1, got {self.workers}")
-
+        if self.kind == "tensors":
+            check_tensor_args(self.normalized_with, self.classes)
 
     def jpeg(self) -> JpegSettings:
         """The JPEG storage settings (defaults: FFCV's ImageNet example)."""
@@ -63,14 +76,14 @@ class BuildConfig:
 
 @dataclass(frozen=True)
 class BuildKind:
-    """A dataset kind: `read` returns {split: table} decoded in memory; or, for datasets too large for
-    that, `list_files` returns {split: FileList}, streamed into JPEG .beton files. Single-file kinds
-    write `--out` itself."""
+    """A dataset kind: `read` returns {split: what to write}: an ImageTable (decoded in memory,
+    written raw) or an ImageSource (streamed into a JPEG .beton: sets too large to decode into memory,
+    or of varying image size). Single-file kinds write `--out` itself; `jpeg` kinds may stream."""
 
-    read: Callable[[BuildConfig], dict[str, ImageTable]] | None
+    read: Callable[[BuildConfig], dict[str, ImageTable | ImageSource]]
     single_file: bool
-    list_files: Callable[[BuildConfig], dict[str, FileList]] | None = None
     dataset: str | None = None
+    resumable: bool = False  # keeps a finished output of the same source, resumes an interrupted one
 
 
 BUILD_KINDS: dict[str, BuildKind] = {
@@ -79,8 +92,17 @@ BUILD_KINDS: dict[str, BuildKind] = {
     "tiny-imagenet": BuildKind(lambda c: read_tiny_imagenet(c.src, c.workers), False),
     "folder": BuildKind(lambda c: {"": read_image_folder(c.src, c.per_class, c.side, c.workers, c.class_order)}, True),
     "arrays": BuildKind(lambda c: {"": read_arrays(c.src)}, True),
-    "imagenet": BuildKind(None, False, lambda c: read_imagenet(c.src), "imagenet"),
+    "tensors": BuildKind(lambda c: {"": read_tensors(c.src, c.labels, c.normalized_with, c.classes)}, True),
+    "parquet": BuildKind(lambda c: {"": read_parquet((c.src, *c.sources), c.image_column, c.label_column,
+                                                     c.class_order, c.workers, c.split)}, True),
+    "imagenet": BuildKind(lambda c: read_imagenet(c.src), False, "imagenet", resumable=True),
 }
+JPEG_KINDS = ("folder", "parquet", "imagenet")  # may store JPEG (images of varying size)
+# Flags that apply to some kinds only: a value other than the default for another kind is refused.
+KIND_FLAGS = {"per_class": ("folder",), "side": ("folder",), "class_order": ("folder", "parquet"),
+              "max_side": JPEG_KINDS, "jpeg_quality": JPEG_KINDS, "labels": ("tensors",),
+              "normalized_with": ("tensors",), "classes": ("tensors",), "image_column": ("parquet",),
+              "label_column": ("parquet",), "split": ("parquet",), "sources": ("parquet",)}
 
 
 def output_paths(config: BuildConfig) -> dict[str, Path]:
@@ -112,26 +134,29 @@ def _build(config: BuildConfig, outputs: dict[str, Path]) -> list[tuple[Path, Ma
             config.out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise output_error(config.out, exc) from exc
-    if BUILD_KINDS[config.kind].list_files is not None:
-        return _build_streamed(config, outputs)
     built = {split for split, path in outputs.items() if path.exists()}
     partial = bool(built) and len(built) < len(outputs) and not config.overwrite
-    for split, path in outputs.items():
-        if not (partial and split in built):  # a kept split is checked against the source once it is read
-            check_writable(path, config.overwrite or partial)
     start = time.perf_counter()
-    tables = BUILD_KINDS[config.kind].read(config)
+    if not BUILD_KINDS[config.kind].resumable:  # a resumable kind keeps a finished output of the same source
+        for split, path in outputs.items():
+            if not (partial and split in built):  # a kept split is checked against the source once it is read
+                check_writable(path, config.overwrite or partial)
+    contents = BUILD_KINDS[config.kind].read(config)
     read_s = time.perf_counter() - start
     results = []
     for split, path in outputs.items():
         start = time.perf_counter()
+        content = contents[split]
+        if not isinstance(content, ImageTable):
+            results.append(_write_streamed(config, path, content))
+            continue
         if partial and split in built:
-            manifest = kept_split(path, tables[split])
+            manifest = kept_split(path, content)
             missing = ", ".join(sorted(set(outputs) - built))
             print(f"{path} was already built from the same source; building the missing split: {missing}",
                   file=sys.stderr)
         else:
-            manifest = write_beton(tables[split], path, config.overwrite or partial, config.workers)
+            manifest = write_beton(content, path, config.overwrite or partial, config.workers)
         results.append((path, manifest, read_s / len(outputs) + time.perf_counter() - start))
     return results
 
@@ -153,27 +178,21 @@ def kept_split(path: Path, table: ImageTable) -> Manifest:
     return manifest
 
 
-def _build_streamed(config: BuildConfig, outputs: dict[str, Path]) -> list[tuple[Path, Manifest, float]]:
-    """Lists the source and streams each split into a JPEG .beton; a split already built whole from
-    the same files and settings is kept, an interrupted one resumes (jpeg_writer)."""
-    entry = BUILD_KINDS[config.kind]
-    lists = entry.list_files(config)
+def _write_streamed(config: BuildConfig, path: Path, files: ImageSource) -> tuple[Path, Manifest, float]:
+    """Streams one split into a JPEG .beton; one already built whole from the same source and
+    settings is kept, an interrupted one resumes (jpeg_writer)."""
+    start = time.perf_counter()
     settings = config.jpeg()
-    results = []
-    for split, path in outputs.items():
-        start = time.perf_counter()
-        kept = None if config.overwrite else kept_stream(path, lists[split], settings)
-        if kept is not None:
-            print(f"{path} was already built from the same files and settings; kept", file=sys.stderr)
-            results.append((path, kept, 0.0))
-            continue
-        check_writable(path, config.overwrite)
-        manifest = write_jpeg_beton(lists[split], path, settings, config.workers, entry.dataset)
-        results.append((path, manifest, time.perf_counter() - start))
-    return results
+    kept = None if config.overwrite else kept_stream(path, files, settings)
+    if kept is not None:
+        print(f"{path} was already built from the same files and settings; kept", file=sys.stderr)
+        return path, kept, 0.0
+    check_writable(path, config.overwrite)
+    manifest = write_jpeg_beton(files, path, settings, config.workers, BUILD_KINDS[config.kind].dataset)
+    return path, manifest, time.perf_counter() - start
 
 
-def kept_stream(path: Path, files: FileList, settings: JpegSettings) -> Manifest | None:
+def kept_stream(path: Path, files: ImageSource, settings: JpegSettings) -> Manifest | None:
     """The manifest of an existing whole JPEG split built from `files` (the same names, labels, sizes
     and modification times) with `settings`, else None (check_writable then refuses an existing
     output without --overwrite)."""

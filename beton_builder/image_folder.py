@@ -1,13 +1,16 @@
 """Image-folder reader (one sub-folder per class, torchvision ImageFolder order): distilled sets."""
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from ccfs_fast.errors import BuildError
 
-from .images import FileTree, decode_images
+from .imagenet import FileList
+from .images import FileTree, decode_images, image_sizes, uniform_square, varying_note
 from .table import ImageTable
 
 EXPECTED = "expected a folder with one sub-folder per class holding image files (ImageFolder layout)"
@@ -37,10 +40,11 @@ def class_order(names: list[str], order: str | None, src: Path) -> list[str]:
 
 
 def read_image_folder(src: str | Path, per_class: int | None, side: int | None, workers: int,
-                      order: str | None = None) -> ImageTable:
+                      order: str | None = None) -> ImageTable | FileList:
     """Reads `src`; `per_class` keeps the first K files of each class in sorted order (a class with
     fewer than K images is an error naming it); `side` resizes every image to side x side; `order`
-    the class order (see class_order)."""
+    the class order (see class_order). Images of one square size (or resized by `side`) come back
+    decoded (stored raw); images of varying size as a FileList, streamed into a JPEG .beton."""
     src = Path(src)
     if not src.is_dir():
         raise BuildError(f"{src}: not a folder; {EXPECTED}")
@@ -63,5 +67,13 @@ def read_image_folder(src: str | Path, per_class: int | None, side: int | None, 
             raise BuildError(f"{src}: class folder {name!r} holds no images; {EXPECTED}")
         files += class_files
         labels += [label] * len(class_files)
-    images = decode_images([tree.ref(f) for f in files], side, workers, f"folder {src.name}")
+    refs = [tree.ref(f) for f in files]
+    if side is None:
+        sizes = image_sizes(refs, workers)
+        if not uniform_square(sizes):
+            print(varying_note(sizes, f"folder {src}", resize_flag=True), file=sys.stderr)
+            stamps = [(st.st_size, st.st_mtime_ns) for st in (os.stat(r.name) for r in refs)]
+            return FileList(src, [r.name for r in refs], files, np.asarray(labels, np.int64), tuple(classes),
+                            "image-folder", np.asarray(stamps, np.int64).reshape(-1, 2))
+    images = decode_images(refs, side, workers, f"folder {src.name}")
     return ImageTable(images, np.asarray(labels, dtype=np.int64), tuple(classes), "image-folder", str(src))

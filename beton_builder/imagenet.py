@@ -47,6 +47,16 @@ class FileList:
         if not self.paths:
             raise BuildError(f"{self.root}: no image files found; {EXPECTED}")
 
+    @property
+    def n(self) -> int:
+        return len(self.paths)
+
+    def chunks(self, start: int, size: int):
+        """(first row, [file path per row]) of `size` rows at a time from row `start` on: what the JPEG
+        writer's workers decode (an image source: a path or the encoded bytes)."""
+        for first in range(start, self.n, size):
+            yield first, self.paths[first:first + size]
+
 
 def split_dir(root: Path, split: str) -> Path:
     for pattern in SPLIT_DIRS:

@@ -1,6 +1,7 @@
 """Decoding image files (from a folder or a zip) in parallel into one uint8 array."""
 from __future__ import annotations
 
+import io
 import os
 import zipfile
 from dataclasses import dataclass
@@ -24,10 +25,12 @@ def is_image_name(name: str) -> bool:
 
 @dataclass(frozen=True)
 class ImageRef:
-    """One image file: `name` is a filesystem path, or a member of the zip `archive`."""
+    """One image: `name` is a filesystem path, or a member of the zip `archive`, or (with `data`) what
+    the encoded bytes are called (a parquet shard and row)."""
 
     name: str
     archive: str | None = None
+    data: bytes | None = None
 
     def describe(self) -> str:
         return f"{self.archive}:{self.name}" if self.archive else self.name
@@ -37,6 +40,8 @@ _OPEN_ZIPS: dict[str, zipfile.ZipFile] = {}  # per worker process; zip handles c
 
 
 def _open_bytes(ref: ImageRef):
+    if ref.data is not None:
+        return io.BytesIO(ref.data)
     if ref.archive is None:
         return open(ref.name, "rb")
     archive = _OPEN_ZIPS.get(ref.archive)
@@ -55,6 +60,40 @@ def _decode(args: tuple[ImageRef, int | None]) -> np.ndarray | str:
             return np.asarray(img, dtype=np.uint8).copy()
     except (OSError, SyntaxError, ValueError, UnidentifiedImageError, zipfile.BadZipFile, KeyError) as exc:
         return f"{ref.describe()}: cannot decode image ({exc}); replace or remove the file"
+
+
+def image_size(ref: ImageRef) -> tuple[int, int] | str:
+    """(width, height) from the image's header (nothing decoded); a message when it is no image."""
+    try:
+        with _open_bytes(ref) as fh, Image.open(fh) as img:
+            return img.size
+    except (OSError, SyntaxError, ValueError, UnidentifiedImageError, zipfile.BadZipFile, KeyError) as exc:
+        return f"{ref.describe()}: cannot decode image ({exc}); replace or remove the file"
+
+
+def image_sizes(refs: list[ImageRef], workers: int) -> list[tuple[int, int]]:
+    """Every image's (width, height), read from the headers in parallel; BuildError on a bad file."""
+    workers = max(1, min(workers, available_cpus()))
+    with get_context("fork").Pool(workers, initializer=die_with_parent) as pool:
+        sizes = pool.map(image_size, refs, chunksize=256)
+    bad = next((s for s in sizes if isinstance(s, str)), None)
+    if bad is not None:
+        raise BuildError(bad)
+    return sizes
+
+
+def uniform_square(sizes: list[tuple[int, int]]) -> bool:
+    """Whether every image has one square size (stored raw); otherwise they are stored as JPEG."""
+    return len(set(sizes)) == 1 and sizes[0][0] == sizes[0][1]
+
+
+def varying_note(sizes: list[tuple[int, int]], what: str, resize_flag: bool) -> str:
+    """The note a build prints when it stores images of varying (or non-square) size as JPEG."""
+    shapes = sorted(set(sizes))
+    shown = ", ".join(f"{w}x{h}" for w, h in shapes[:3]) + (", ..." if len(shapes) > 3 else "")
+    return (f"note: {what}: images of {len(shapes)} size{'s' if len(shapes) > 1 else ''} ({shown}): stored as JPEG, "
+            "each at its own size (longer side <= --max-side), as `build imagenet` does; runs train them at "
+            "--train-side (default 224)" + ("; `--side S` resizes every image to SxS instead" if resize_flag else ""))
 
 
 def decode_images(refs: list[ImageRef], side: int | None, workers: int, desc: str) -> np.ndarray:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import os
 import sys
 import time
@@ -34,7 +35,7 @@ from tqdm import tqdm
 from ccfs_fast.digests import file_sha256, row_digest_path
 from ccfs_fast.errors import BuildError
 from ccfs_fast.outputs import output_error, write_npz, write_text
-from ccfs_fast.processes import available_cpus, die_with_parent
+from ccfs_fast.processes import available_cpus, bounded_imap, die_with_parent
 
 from . import BUILDER_VERSION
 from .ffcv_import import (
@@ -49,8 +50,8 @@ from .ffcv_import import (
     get_metadata_type,
     resizer,
 )
-from .imagenet import FileList
 from .manifest import Manifest, files_path, manifest_path
+from .sources import ImageSource
 
 PAGE_SIZE = 1 << 23  # FFCV DatasetWriter's default (4 x 2 MiB)
 CHUNK = 64  # images per worker task
@@ -74,18 +75,20 @@ class JpegSettings:
             raise BuildError(f"--jpeg-quality must be between 1 and 100, got {self.quality}")
 
 
-def _encode(job: tuple[int, list[str], JpegSettings]) -> tuple[int, list, np.ndarray, np.ndarray, np.ndarray] | str:
-    """Encodes one chunk: (start, [jpeg bytes], sizes int [k, 2] (h, w), digests uint64 [k],
-    pixel sums float64 [k, 6] (per-channel sum, sum of squares, 0..255 units)); a message on a bad file."""
-    start, paths, settings = job
-    encoded, sizes = [], np.zeros((len(paths), 2), np.int64)
-    digests, sums = np.zeros(len(paths), np.uint64), np.zeros((len(paths), 6))
-    for k, path in enumerate(paths):
+def _encode(job: tuple[int, list[str | bytes], list[str], JpegSettings]
+            ) -> tuple[int, list, np.ndarray, np.ndarray, np.ndarray] | str:
+    """Encodes one chunk of images (file paths or encoded bytes; `names` say which in errors): (start,
+    [jpeg bytes], sizes int [k, 2] (h, w), digests uint64 [k], pixel sums float64 [k, 6] (per-channel
+    sum, sum of squares, 0..255 units)); a message on a bad image."""
+    start, sources, names, settings = job
+    encoded, sizes = [], np.zeros((len(sources), 2), np.int64)
+    digests, sums = np.zeros(len(sources), np.uint64), np.zeros((len(sources), 6))
+    for k, source in enumerate(sources):
         try:
-            with Image.open(path) as img:
+            with Image.open(source if isinstance(source, str) else io.BytesIO(source)) as img:
                 pixels = np.asarray(img.convert("RGB"), dtype=np.uint8)
         except (OSError, SyntaxError, ValueError, UnidentifiedImageError, zipfile.BadZipFile) as exc:
-            return f"{path}: cannot decode image ({exc}); replace or remove the file"
+            return f"{names[k]}: cannot decode image ({exc}); replace or remove it"
         pixels = np.ascontiguousarray(resizer(pixels, settings.max_side))
         encoded.append(encode_jpeg(pixels, settings.quality).tobytes())
         sizes[k] = pixels.shape[:2]
@@ -111,7 +114,7 @@ def _header_bytes(n: int, page_size: int) -> tuple[bytes, int, int]:
     return head, len(head), data_start
 
 
-def source_key(files: FileList, settings: JpegSettings, page_size: int = PAGE_SIZE) -> str:
+def source_key(files: ImageSource, settings: JpegSettings, page_size: int = PAGE_SIZE) -> str:
     """A digest of what a build writes from: the file names, labels, each file's size and mtime, the
     settings. An unfinished build resumes, and a finished one is kept, only for the same key."""
     digest = hashlib.sha256(f"{BUILDER_VERSION} {settings} {page_size}".encode())
@@ -128,8 +131,8 @@ class _Rows:
 
     COLUMNS = ("heights", "widths", "ptrs", "nbytes", "digests", "sums")
 
-    def __init__(self, files: FileList):
-        n = len(files.paths)
+    def __init__(self, files: ImageSource):
+        n = files.n
         self.labels = files.labels
         self.heights, self.widths = np.zeros(n, np.uint16), np.zeros(n, np.uint16)
         self.ptrs, self.nbytes, self.digests = np.zeros(n, np.uint64), np.zeros(n, np.uint64), np.zeros(n, np.uint64)
@@ -162,9 +165,10 @@ class _Rows:
             return 0, 0
 
 
-def _jobs(files: FileList, start: int, settings: JpegSettings):
-    for s in range(start, len(files.paths), CHUNK):
-        yield s, files.paths[s:s + CHUNK], settings
+def _jobs(files: ImageSource, start: int, settings: JpegSettings):
+    for first, sources in files.chunks(start, CHUNK):
+        names = files.names[first:first + len(sources)]
+        yield first, sources, names, settings
 
 
 def _append(fh, rows: _Rows, results, first: int, data_start: int, n: int, on_checkpoint, desc: str,
@@ -220,7 +224,7 @@ def _finish(fh, rows: _Rows, head: bytes, meta_start: int, n: int) -> None:
     os.fsync(fh.fileno())
 
 
-def _manifest(files: FileList, rows: _Rows, settings: JpegSettings, dataset: str | None) -> Manifest:
+def _manifest(files: ImageSource, rows: _Rows, settings: JpegSettings, dataset: str | None) -> Manifest:
     pixels = float((rows.heights.astype(np.float64) * rows.widths).sum())
     mean = rows.sums[:, :3].sum(0) / pixels
     std = np.sqrt(np.maximum(rows.sums[:, 3:].sum(0) / pixels - mean * mean, 0.0))
@@ -228,7 +232,7 @@ def _manifest(files: FileList, rows: _Rows, settings: JpegSettings, dataset: str
     digest.update(np.ascontiguousarray(files.labels, "<i8").tobytes())
     digest.update(rows.digests.tobytes())
     classes = len(files.class_names)
-    return Manifest(n=len(files.paths), num_classes=classes, class_names=files.class_names, side=settings.max_side,
+    return Manifest(n=files.n, num_classes=classes, class_names=files.class_names, side=settings.max_side,
                     source_kind=files.source_kind, source_path=str(files.root),
                     mean=tuple(float(v) for v in mean / 255), std=tuple(float(v) for v in std / 255),
                     content_hash=digest.hexdigest(), builder_version=BUILDER_VERSION, image_storage="jpeg",
@@ -236,7 +240,7 @@ def _manifest(files: FileList, rows: _Rows, settings: JpegSettings, dataset: str
                     jpeg_quality=settings.quality)
 
 
-def write_jpeg_beton(files: FileList, out: Path, settings: JpegSettings, workers: int, dataset: str | None = None,
+def write_jpeg_beton(files: ImageSource, out: Path, settings: JpegSettings, workers: int, dataset: str | None = None,
                      page_size: int = PAGE_SIZE, checkpoint_s: float = CHECKPOINT_S) -> Manifest:
     """Writes `files` to `out` (.beton, JPEG images of varying size), `out`.json (manifest),
     `out`.files.npz (row file names) and `out`.rows.npz (pixel digests); resumes an interrupted build
@@ -244,7 +248,7 @@ def write_jpeg_beton(files: FileList, out: Path, settings: JpegSettings, workers
     `checkpoint_s` (seconds between progress records) are FFCV's page and the resume granularity."""
     if page_size < 4096 or page_size & (page_size - 1):
         raise BuildError(f"page size must be a power of two of at least 4096 bytes, got {page_size}")
-    n = len(files.paths)
+    n = files.n
     partial, record = Path(f"{out}.partial"), Path(f"{out}.partial.npz")
     head, meta_start, data_start = _header_bytes(n, page_size)
     key, rows = source_key(files, settings, page_size), _Rows(files)
@@ -270,7 +274,7 @@ def write_jpeg_beton(files: FileList, out: Path, settings: JpegSettings, workers
             fh.seek(length if first else data_start)
             pool_size = max(1, min(workers, available_cpus()))
             with get_context("fork").Pool(pool_size, initializer=die_with_parent) as pool:
-                results = pool.imap(_encode, _jobs(files, first, settings))
+                results = bounded_imap(pool, _encode, _jobs(files, first, settings), 4 * pool_size)
                 _append(fh, rows, results, first, data_start, n, lambda r, at: rows.save(record, key, r, at),
                         f"build {out.name}", page_size, checkpoint_s)
             _finish(fh, rows, head, meta_start, n)

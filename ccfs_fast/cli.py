@@ -54,13 +54,14 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
                           help="ROOT holding train/<wnid>/*.JPEG and val/ (wnid folders, or flat with "
                                "LOC_val_solution.csv or the devkit ILSVRC2012_devkit_t12/)")
     imagenet.add_argument("--out", type=Path, required=True, help="output folder")
-    imagenet.add_argument("--max-side", type=int, default=None,
-                          help="shrink images whose longer side exceeds this many pixels (default: 500, as FFCV's "
-                               "ImageNet example)")
-    imagenet.add_argument("--jpeg-quality", type=int, default=None, help="JPEG quality 1-100 (default: 90)")
+    _add_jpeg_flags(imagenet)
     arrays = kinds.add_parser("arrays", help="an .npz with x uint8 [n,h,w,3] and y int [n]")
     arrays.add_argument("--src", type=Path, required=True, help="FILE.npz")
     arrays.add_argument("--out", type=Path, required=True, help="FILE.beton")
+    _add_tensors(kinds)
+    _add_parquet(kinds)
+    for name in ("folder", "parquet"):
+        _add_jpeg_flags(kinds.choices[name])
     for p in kinds.choices.values():
         p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: refuse)")
         p.add_argument("--workers", type=int, default=default_workers(),
@@ -68,23 +69,64 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     build.set_defaults(handler=_run_build)
 
 
+def _add_jpeg_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-side", type=int, default=None,
+                   help="images stored as JPEG (of varying size): shrink those whose longer side exceeds this many "
+                        "pixels (default: 500, as FFCV's ImageNet example)")
+    p.add_argument("--jpeg-quality", type=int, default=None, help="JPEG quality 1-100 (default: 90)")
+
+
+def _add_tensors(kinds: argparse._SubParsersAction) -> None:
+    from beton_builder.tensors import NORMALIZATIONS
+
+    p = kinds.add_parser("tensors", help="a distilled set saved with torch.save (MTT / FTD / TESLA / DATM / "
+                         "DD-Ranking: images_best.pt, labels_best.pt)")
+    p.add_argument("--images", dest="src", type=Path, required=True,
+                   help="float images [N, 3, H, W] (or a dict / tuple holding images and labels)")
+    p.add_argument("--labels", type=Path, default=None,
+                   help="labels [N] (integers) or [N, C] (soft labels: their argmax) (default: in --images)")
+    p.add_argument("--out", type=Path, required=True, help="FILE.beton")
+    p.add_argument("--normalized-with", required=True, choices=list(NORMALIZATIONS),
+                   help="the mean / std the images were normalised with, as the distillation code's get_dataset "
+                        "has them (cifar100: 0.5071/0.2673..., tiny-imagenet and imagenet: ImageNet's); none: "
+                        "pixels in [0, 1]. ZCA-whitened sets cannot be undone")
+    p.add_argument("--classes", type=int, default=None,
+                   help="the class count (default: the largest label + 1, or the soft labels' width)")
+
+
+def _add_parquet(kinds: argparse._SubParsersAction) -> None:
+    p = kinds.add_parser("parquet", help="Hugging Face Hub parquet shards (an image column and a label column)")
+    p.add_argument("--src", type=Path, nargs="+", required=True,
+                   help="a folder of shards (data/train-*.parquet) or the shard files, in order")
+    p.add_argument("--out", type=Path, required=True, help="FILE.beton")
+    p.add_argument("--image-column", default="image", help="(default: image)")
+    p.add_argument("--label-column", default=None,
+                   help="(default: the ClassLabel column, else label, labels, fine_label, class_id, ...)")
+    p.add_argument("--split", default=None,
+                   help="the split's shards when the folder holds several, e.g. test (default: train)")
+    p.add_argument("--class-order", choices=("sorted", "numeric"), default=None,
+                   help="labels given as class-name strings: their label order (default: sorted)")
+
+
 def _run_build(args: argparse.Namespace) -> Runner:
-    if not args.src.exists():  # before the heavy imports
+    sources = args.src if isinstance(args.src, list) else [args.src]
+    args.src = sources[0]
+    missing = next((src for src in sources if not src.exists()), None)
+    if missing is not None:  # before the heavy imports
         from beton_builder.cifar import CIFAR_LAYOUTS, expected_layout
 
         from .errors import BuildError
 
         hint = (expected_layout(CIFAR_LAYOUTS[args.kind]) if args.kind in CIFAR_LAYOUTS
                 else "pass the dataset's folder or its downloaded archive")
-        raise BuildError(f"--src {args.src}: no such file or folder; {hint}")
+        flag = "--images" if args.kind == "tensors" else "--src"
+        raise BuildError(f"{flag} {missing}: no such file or folder; {hint}")
     from beton_builder.build import BuildConfig, build
 
     from .tables import format_table
 
-    config = BuildConfig(kind=args.kind, src=args.src, out=args.out, per_class=getattr(args, "per_class", None),
-                         side=getattr(args, "side", None), overwrite=args.overwrite, workers=args.workers,
-                         class_order=getattr(args, "class_order", None), max_side=getattr(args, "max_side", None),
-                         jpeg_quality=getattr(args, "jpeg_quality", None))
+    own = {k: v for k, v in vars(args).items() if k in BuildConfig.__dataclass_fields__ and k not in ("src",)}
+    config = BuildConfig(src=args.src, sources=tuple(sources[1:]), **own)
 
     def run() -> None:
         results = build(config)

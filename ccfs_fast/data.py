@@ -381,8 +381,9 @@ class IndexSpace:
         if distilled is not None:
             dm = distilled.manifest
             if not self.variable and (dm.variable_size or dm.side != pm.side):
-                raise DataError(f"distilled images are {dm.side}x{dm.side} but the pool's are "
-                                f"{pm.side}x{pm.side}; rebuild the distilled set with --side {pm.side}")
+                held = "vary in size (stored as JPEG)" if dm.variable_size else f"are {dm.side}x{dm.side}"
+                raise DataError(f"distilled images {held} but the pool's are {pm.side}x{pm.side} ({distilled.path}); "
+                                f"rebuild the distilled set with --side {pm.side}")
             if dm.num_classes != pm.num_classes:
                 raise DataError(f"distilled set has {dm.num_classes} classes ({distilled.path}), the pool "
                                 f"{pm.num_classes} ({pool.path}); every class needs a distilled folder")

@@ -118,6 +118,21 @@ def run_isolated(fn: Callable, *args: object) -> tuple[str, int | None, str] | N
     return None if outcome is None else outcome[:3]
 
 
+def bounded_imap(pool, fn: Callable, jobs, ahead: int):
+    """pool.imap(fn, jobs) in order, with at most `ahead` jobs submitted and not yet taken: Pool.imap
+    feeds every job to its workers' queue as fast as it can, so jobs that carry data (image bytes
+    read from a file) would all sit in memory at once."""
+    from collections import deque
+
+    pending: deque = deque()
+    for job in jobs:
+        pending.append(pool.apply_async(fn, (job,)))
+        if len(pending) >= ahead:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
 def available_cpus() -> int:
     """The CPUs this process may really use: its affinity mask (taskset, a batch scheduler's
     cpuset) capped by a cgroup CPU quota (containers: cpu.max in cgroup v2, cfs_quota_us in v1),

@@ -176,3 +176,55 @@ def write_ilsvrc(root: Path, wnids: list[str], per_class: int, val_per_class: in
         savemat(str(data / "meta.mat"), {"synsets": synsets})
         (data / "ILSVRC2012_validation_ground_truth.txt").write_text("\n".join(str(ids[w]) for w in val_wnids) + "\n")
     return {"val_wnids": val_wnids}
+
+
+# The normalisation MTT's get_dataset applies to CIFAR-10 (what images_best.pt files of that family hold).
+MTT_CIFAR10 = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
+
+
+def write_tensor_pair(root: Path, images: np.ndarray, labels: np.ndarray, norm: tuple = MTT_CIFAR10,
+                      soft_classes: int | None = None) -> tuple[Path, Path]:
+    """images_best.pt (float32 [N, 3, H, W], normalised with `norm`) and labels_best.pt (int64 [N], or
+    soft labels float32 [N, soft_classes] whose argmax is the label), as trajectory-matching code saves them."""
+    import torch
+
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in norm)
+    x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - mean) / std
+    y = torch.from_numpy(np.asarray(labels, np.int64))
+    if soft_classes is not None:
+        y = torch.nn.functional.one_hot(y, soft_classes).float() * 4 + torch.rand(len(y), soft_classes)
+    root.mkdir(parents=True, exist_ok=True)
+    torch.save(x, root / "images_best.pt")
+    torch.save(y, root / "labels_best.pt")
+    return root / "images_best.pt", root / "labels_best.pt"
+
+
+def write_hub_parquet(root: Path, images: list[np.ndarray], labels: np.ndarray, class_names: list[str] | None,
+                      shards: int = 2, image_format: str = "PNG", label_column: str = "label",
+                      split: str = "train") -> Path:
+    """A Hugging Face Hub dataset's local layout: root/data/<split>-0000k-of-0000N.parquet, an `image`
+    column (struct of the encoded `bytes` and a `path`), an integer label column and, with class names,
+    the Hub's features metadata (a ClassLabel); small row groups, so readers cross them."""
+    import io
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = root / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    label_feature = {"names": class_names, "_type": "ClassLabel"} if class_names else {"dtype": "int64",
+                                                                                         "_type": "Value"}
+    meta = {"info": {"features": {"image": {"_type": "Image"}, label_column: label_feature}}}
+    for k, rows in enumerate(np.array_split(np.arange(len(images)), shards)):
+        blobs = []
+        for i in rows:
+            buf = io.BytesIO()
+            Image.fromarray(images[i]).save(buf, format=image_format)
+            blobs.append({"bytes": buf.getvalue(), "path": f"img_{i:05d}.{image_format.lower()}"})
+        table = pa.table({"image": pa.array(blobs, type=image_type),
+                          label_column: pa.array(np.asarray(labels)[rows].astype(np.int64))})
+        table = table.replace_schema_metadata({b"huggingface": json.dumps(meta).encode()})
+        pq.write_table(table, folder / f"{split}-{k:05d}-of-{shards:05d}.parquet", row_group_size=3)
+    return root

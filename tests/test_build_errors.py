@@ -96,12 +96,22 @@ def test_class_with_fewer_than_k_images_named(capsys, tmp_path):
                               "--per-class", "5"], "'b_short'", "3 images", "--per-class 5")
 
 
-def test_mixed_sizes_without_side(capsys, tmp_path):
+def test_mixed_sizes_without_side(capsys, tmp_path, cifar10_betons):
+    """Images of mixed sizes are stored as JPEG of their own sizes (a note says so and names --side);
+    a run with a pool of one fixed size then refuses them, naming the --side to rebuild with."""
+    from ccfs_fast.data import BetonFile, IndexSpace
+    from ccfs_fast.errors import DataError
+
     x, y = class_images(6, 2, 8, 0)
     write_image_folder(tmp_path / "d", x, y, ["a", "b"])
     Image.fromarray(np.zeros((12, 12, 3), np.uint8)).save(tmp_path / "d" / "a" / "zz_big.png")
-    _fails(capsys, tmp_path, ["folder", "--src", str(tmp_path / "d"), "--out", str(tmp_path / "d.beton")],
-           "mixed sizes", "--side")
+    assert main(["build", "folder", "--src", str(tmp_path / "d"), "--out", str(tmp_path / "d.beton")]) == 0
+    err = capsys.readouterr().err
+    assert "images of 2 sizes (8x8, 12x12): stored as JPEG" in err and "--side S" in err
+    distilled = BetonFile.open(tmp_path / "d.beton")
+    assert distilled.manifest.image_storage == "jpeg"
+    with pytest.raises(DataError, match="distilled images vary in size .* rebuild the distilled set with --side 32"):
+        IndexSpace(BetonFile.open(cifar10_betons[0]), distilled)
 
 
 def test_folder_without_class_subfolders(capsys, tmp_path):
