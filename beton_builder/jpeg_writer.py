@@ -59,6 +59,7 @@ CHECKPOINT_S = 30.0
 FIELDS = {"image": RGBImageField(write_mode="jpg"), "label": IntField(), "index": IntField()}
 METADATA_TYPE = get_metadata_type(list(FIELDS.values()))
 JPG_MODE = 0  # ffcv.fields.rgb_image.IMAGE_MODES["jpg"]
+JPEG_START = b"\xff\xd8"  # every JPEG file starts with the SOI marker
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class JpegSettings:
 
     max_side: int = 500
     quality: int = 90
+    keep_jpeg: bool = False  # a source already JPEG and within max_side is stored as it is (no re-encoding)
 
     def __post_init__(self) -> None:
         if not 8 <= self.max_side <= 65535:
@@ -89,8 +91,10 @@ def _encode(job: tuple[int, list[str | bytes], list[str], JpegSettings]
                 pixels = np.asarray(img.convert("RGB"), dtype=np.uint8)
         except (OSError, SyntaxError, ValueError, UnidentifiedImageError, zipfile.BadZipFile) as exc:
             return f"{names[k]}: cannot decode image ({exc}); replace or remove it"
+        keep = (settings.keep_jpeg and isinstance(source, bytes) and source[:2] == JPEG_START
+                and max(pixels.shape[:2]) <= settings.max_side)
         pixels = np.ascontiguousarray(resizer(pixels, settings.max_side))
-        encoded.append(encode_jpeg(pixels, settings.quality).tobytes())
+        encoded.append(source if keep else encode_jpeg(pixels, settings.quality).tobytes())
         sizes[k] = pixels.shape[:2]
         digests[k] = int.from_bytes(hashlib.blake2b(pixels.data, digest_size=8).digest(), "little")
         flat = pixels.reshape(-1, 3).astype(np.float64)

@@ -28,3 +28,23 @@ class ImageSource(Protocol):
     def chunks(self, start: int, size: int) -> Iterator[tuple[int, list[str | bytes]]]:
         """(first row, [a file path or the encoded bytes per row]) of `size` rows at a time from `start`."""
         ...
+
+
+class EncodedImages:
+    """Images already encoded (JPEG or PNG bytes) and held in memory, as an ImageSource: what an export
+    of a run's set writes (its JPEG images' stored bytes kept as they are)."""
+
+    source_kind = "ccfs-export"
+    stamps = None
+
+    def __init__(self, root: Path, names: list[str], labels: np.ndarray, class_names: tuple[str, ...],
+                 encoded: list[bytes]):
+        self.root, self.names, self.labels, self.class_names, self.encoded = root, names, labels, class_names, encoded
+
+    @property
+    def n(self) -> int:
+        return len(self.encoded)
+
+    def chunks(self, start: int, size: int) -> Iterator[tuple[int, list[str | bytes]]]:
+        for first in range(start, self.n, size):
+            yield first, list(self.encoded[first:first + size])

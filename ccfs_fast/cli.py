@@ -146,7 +146,7 @@ def _run_run(args: argparse.Namespace) -> Runner:
 
     smoke = SMOKE if args.smoke else {}
     values, notes = published_scores(args.preset, {**preset_settings(args.preset), **smoke,
-                                                   **_split_args(args, ("resume", "overwrite", "smoke"))})
+                                                   **_split_args(args, ("resume", "overwrite"))})
     recipe, rest = split_recipe(values)
     rest["notes"] = tuple(notes) + rest["notes"]
     cfg = RunConfig(recipe=recipe, **rest)
@@ -189,11 +189,16 @@ def _run_eval(args: argparse.Namespace) -> Runner:
 
     explicit = _split_args(args, ("run_dir",))
     base = run_dir_settings(args.run_dir) if "run_dir" in args else {}
+    if "train_set" in explicit:  # an exported set is the whole train set: no distilled set, no selection
+        base = {k: v for k, v in base.items() if k not in ("distilled", "selection")}
+        explicit.update(distilled=explicit["train_set"], selection=None)
     recipe, rest = split_recipe({**base, **preset_settings(args.preset, EvalConfig), **explicit})
     missing = [f"--{k}" for k in ("pool", "test", "distilled", "teacher", "selection") if k not in rest]
     if missing:
         raise ConfigError(f"eval needs {', '.join(missing)} (or --run-dir RUN to take them from a run)")
-    rest.setdefault("output", Path(rest["selection"]).parent / "eval.json")  # beside the selection (the run's)
+    if "output" not in rest:  # beside the selection (the run's); beside an exported set, never over the run's
+        rest["output"] = (Path(rest["train_set"]).with_suffix(".eval.json") if rest.get("train_set") is not None
+                          else Path(rest["selection"]).parent / "eval.json")
     if "run_dir" in args:
         rest["run_dir"] = args.run_dir
     cfg = EvalConfig(recipe=recipe, **rest)
@@ -240,8 +245,10 @@ def _run_demo(args: argparse.Namespace) -> Runner:
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="rebuild metrics.csv and report.png of a run directory")
+    p = sub.add_parser("report", help="rebuild metrics.csv, report.png and selection.png of a run directory")
     p.add_argument("run_dir", type=Path, help="a `ccfs-fast run` output directory")
+    p.add_argument("--classes", nargs="+", default=None, metavar="CLASS",
+                   help="selection.png: the classes to show, by name or label (default: the first 10)")
     p.set_defaults(handler=_run_report)
 
 
@@ -252,8 +259,40 @@ def _run_report(args: argparse.Namespace) -> Runner:
     def run() -> None:
         from .report import write_report
 
-        for path in write_report(args.run_dir):
+        for path in write_report(args.run_dir, args.classes):
             print(path)
+    return run
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    from .config import EXPORT_FORMATS
+
+    p = sub.add_parser("export", help="a run's final set (distilled + selected) as an image folder and a .beton",
+                       description="Writes the run's final synthetic set, the distilled images it used and then the "
+                                   "real images it selected, as an image folder (one sub-folder per class; PNG, or "
+                                   "the stored JPEG bytes of a JPEG pool), a .beton in the run's order "
+                                   "(ccfs_set.beton, for `run`, `eval --train-set` and FFCV) and manifest.csv (file, "
+                                   "label, class, source, pool index, curriculum, score).")
+    p.add_argument("run_dir", type=Path, help="a `ccfs-fast run` output directory")
+    p.add_argument("--out", type=Path, required=True, help="the folder to write (created; refused if it exists)")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="both", help="(default: both)")
+    p.add_argument("--allow-incomplete", action="store_true",
+                   help="export an unfinished run's set as it is (refused otherwise)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (default: refuse)")
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help=f"writing processes (default: {default_workers()})")
+    p.set_defaults(handler=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> Runner:
+    from .config import ExportConfig
+
+    cfg = ExportConfig(args.run_dir, args.out, args.format, args.allow_incomplete, args.overwrite, args.workers)
+
+    def run() -> None:
+        from .export import export_run
+
+        export_run(cfg)
     return run
 
 
@@ -297,6 +336,7 @@ def make_parser() -> argparse.ArgumentParser:
     add_run(sub, _run_run)
     add_eval(sub, _run_eval)
     _add_report(sub)
+    _add_export(sub)
     _add_demo(sub)
     _add_bench(sub)
     return parser

@@ -191,6 +191,9 @@ def add_run(sub: argparse._SubParsersAction, handler: Callable) -> None:
         "(the paper's logging)", default_of(RunConfig, "filter_acc")))
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir after its last curriculum")
     p.add_argument("--overwrite", action="store_true", help="replace a previous run in --output-dir")
+    p.add_argument("--tensorboard", action="store_true", default=S,
+                   help="per-epoch curves as TensorBoard event files too, under OUTPUT_DIR/tb/ (curves.csv is always "
+                        "written); needs pip install 'ccfs-fast[tb]' (default: off)")
     add_recipe_args(p, RunConfig, TrainRecipe())
     p.set_defaults(handler=handler)
 
@@ -206,6 +209,10 @@ def add_eval(sub: argparse._SubParsersAction, handler: Callable) -> None:
     add_data_args(p, EvalConfig, required=False)
     p.add_argument("--selection", type=Path, default=S,
                    help="selected_indices.json, this tool's or the paper's (default with --run-dir: the run's)")
+    p.add_argument("--train-set", type=Path, default=S,
+                   help="train on every image of this .beton in its order instead of distilled ∪ a selection: an "
+                        "exported set (`ccfs-fast export`); with --run-dir, the run's final evaluation repeated on it "
+                        "(default: none)")
     p.add_argument("--preset", default=None, help=PRESET_HELP)
     p.add_argument("--image-per-class", type=int, default=S, help="default: the selection file's ipc")
     p.add_argument("--alpha", type=float, default=S, help="default: the selection file's alpha")
@@ -232,6 +239,10 @@ def add_teacher(sub: argparse._SubParsersAction, handler: Callable) -> None:
     p.add_argument("--label-smoothing", type=float, default=S,
                    help=with_default("cross-entropy label smoothing", default_of(TeacherConfig, "label_smoothing")))
     p.add_argument("--overwrite", action="store_true", default=S, help="replace existing output files")
+    p.add_argument("--tensorboard", action="store_true", default=S,
+                   help="per-epoch curves as TensorBoard event files too, in OUTPUT.tb/ (teacher.pt: teacher.tb/; the "
+                        "curves CSV, teacher.curves.csv, is always written); needs pip install 'ccfs-fast[tb]' "
+                        "(default: off)")
     add_recipe_args(p, TeacherConfig, teacher_recipe(), kd=False,
                     title="training recipe (a standard supervised recipe; every flag overrides it)")
     p.set_defaults(handler=handler)

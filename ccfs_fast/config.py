@@ -159,10 +159,14 @@ class RunConfig:
     preset: str | None = None
     train_side: int | None = None  # pools of varying image size (build imagenet): train / eval side, default 224
     train_data: str = "auto"  # auto | resident | streamed (Workspace.train_form)
+    tensorboard: bool = False  # per-epoch curves as TensorBoard event files too (RUN/tb/), besides curves.csv
+    smoke: bool = False  # --smoke: a CPU-sized run (its accuracies are not meaningful, and say so)
 
     def __post_init__(self) -> None:
+        from .curves import check_tensorboard
         from .scores import score_kind
 
+        check_tensorboard(self.tensorboard)
         check_image_args(self.train_side, self.train_data)
         from .select import SELECTION_METHODS, SHORTFALL_POLICIES
 
@@ -233,7 +237,7 @@ def check_image_args(train_side: int | None, train_data: str) -> None:
 
 # Settings that may change between a run and its --resume without changing results.
 RESUME_FREE = frozenset({"output_dir", "workers", "device", "eval_batch_size", "preset", "fuse_evals", "cuda_graphs",
-                         "coarse_pass"})
+                         "coarse_pass", "tensorboard"})
 
 
 @dataclass(frozen=True)
@@ -244,7 +248,7 @@ class EvalConfig:
     test: Path
     distilled: Path
     teacher: Path
-    selection: Path
+    selection: Path | None
     image_per_class: int | None = None
     alpha: float | None = None
     temperature: float = 20.0
@@ -266,17 +270,45 @@ class EvalConfig:
     notes: tuple[str, ...] = ()
     train_side: int | None = None  # as RunConfig
     train_data: str = "auto"
+    train_set: Path | None = None  # train on all of this .beton in its order (an export), not distilled ∪ selection
 
     def __post_init__(self) -> None:
         check_image_args(self.train_side, self.train_data)
         require_betons(pool=self.pool, test=self.test, distilled=self.distilled)
         require_file(self.teacher, "--teacher", "pass the teacher checkpoint (.pt / .pth)")
-        require_file(self.selection, "--selection", "pass a selected_indices.json (or --run-dir RUN)")
+        if self.train_set is None:
+            require_file(self.selection, "--selection", "pass a selected_indices.json (or --run-dir RUN)")
+        elif self.train_set != self.distilled:
+            raise ConfigError("--train-set trains on that .beton alone; it takes the place of --distilled")
         if self.num_eval < 0 or self.temperature <= 0 or self.workers < 1:
             raise ConfigError(f"need --num-eval >= 0, -T > 0 and --workers >= 1; got {self.num_eval}, "
                               f"{self.temperature}, {self.workers}")
         parse_normalize(self.normalize)
         check_device(self.device)
+
+
+EXPORT_FORMATS = ("folder", "beton", "both")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """`ccfs-fast export RUN_DIR --out DIR`."""
+
+    run_dir: Path
+    out: Path
+    format: str = "both"
+    allow_incomplete: bool = False
+    overwrite: bool = False
+    workers: int = 2
+
+    def __post_init__(self) -> None:
+        _check_choice("export format", self.format, EXPORT_FORMATS)
+        if not (self.run_dir / "state.json").is_file():
+            raise ConfigError(f"{self.run_dir} has no state.json; pass the --output-dir of a `ccfs-fast run`")
+        if self.out.exists() and not self.overwrite:
+            raise ConfigError(f"{self.out} already exists; pass --overwrite to replace it, or choose another --out")
+        if self.out.resolve() == self.run_dir.resolve() or self.run_dir.resolve() in self.out.resolve().parents:
+            raise ConfigError(f"--out {self.out} lies inside the run directory; export next to it instead")
 
 
 def teacher_recipe() -> TrainRecipe:
@@ -303,8 +335,12 @@ class TeacherConfig:
     normalize: str | None = None  # None: paper constants for cifar10/cifar100/tiny-imagenet, else pool stats
     notes: tuple[str, ...] = ()
     train_side: int | None = None  # pools of varying image size: the train / eval side (default 224)
+    tensorboard: bool = False  # per-epoch curves as TensorBoard event files too (OUTPUT.tb/ beside the output)
 
     def __post_init__(self) -> None:
+        from .curves import check_tensorboard
+
+        check_tensorboard(self.tensorboard)
         check_image_args(self.train_side, "auto")
         parse_normalize(self.normalize)
         require_betons(pool=self.pool, test=self.test)
@@ -314,6 +350,11 @@ class TeacherConfig:
         for path in (self.output, self.forgetting_out):
             if path is not None and path.exists() and not self.overwrite:
                 raise ConfigError(f"{path} already exists; pass --overwrite to replace it")
+
+    @property
+    def curves_path(self) -> Path:
+        """The teacher's per-epoch curves: `teacher.pt` -> `teacher.curves.csv`."""
+        return self.output.with_suffix(".curves.csv")
 
 
 # The paper's published script settings (github_scripts/*.sh of the CCFS repository) per dataset and

@@ -17,6 +17,7 @@ from beton_builder.manifest import recorded_names
 
 from .coarse import PassResult, coarse_pass
 from .config import RESUME_FREE, RunConfig
+from .curves import CurveLog
 from .digests import file_sha256
 from .distributed import DistContext, barrier, broadcast, init_distributed
 from .errors import ConfigError, ModelError
@@ -32,7 +33,7 @@ from .outputs import (
     write_text,
 )
 from .reach import reach_text, real_reach
-from .report import write_report
+from .report import SMOKE_NOTE, write_report
 from .scores import easy_first_key, load_scores, score_kind
 from .select import (
     Selection,
@@ -42,7 +43,7 @@ from .select import (
     select_per_class,
     warm_up_kernels,
 )
-from .students import evaluate_selection, phase_seed, train_model
+from .students import FINAL_CURVE, evaluate_selection, filter_curve, phase_seed, train_model
 from .tables import format_table
 from .train import last_fifth_epochs
 from .workspace import Workspace, open_workspace, teacher_correct
@@ -68,7 +69,8 @@ def run_phase(ws: Workspace, cfg: RunConfig, phase: int, curpc: int, selected: n
     acc_epochs = (last_fifth_epochs(cfg.recipe.epochs) if cfg.filter_acc == "best_last_20"
                   else (lambda e: e == cfg.recipe.epochs - 1))
     filt, trained, batch_size, step_run = train_model(ws, train_set, cfg.filter_model, cfg.recipe, cfg.temperature,
-                                                      seed, acc_epochs, f"phase {phase} filter")
+                                                      seed, acc_epochs, f"phase {phase} filter",
+                                                      curve=filter_curve(phase))
     n = ws.space.n_pool
     is_selected = np.zeros(n, bool)
     is_selected[selected] = True
@@ -171,6 +173,9 @@ def _load_state(out: Path, cfg: RunConfig) -> dict:
     if problem:
         raise ConfigError(f"--resume: {path} {problem}; {fix}")
     before, now = state["settings"], cfg.settings()
+    # a setting a run's version did not record yet had its default then
+    defaults = RunConfig.__dataclass_fields__
+    before = {**{k: defaults[k].default for k in set(now) - set(before) if k in defaults}, **before}
     differ = sorted(k for k in set(before) | set(now) if k not in RESUME_FREE and before.get(k) != now.get(k))
     if differ:
         detail = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in differ[:6])
@@ -236,7 +241,8 @@ def _write_outputs(out: Path, cfg: RunConfig, state: dict) -> None:
                                       "normalize": state.get("normalize"), "teacher_model": state.get("teacher_model"),
                                       "notes": state.get("notes", []),
                                       "distilled_overlap": state.get("distilled_overlap"),
-                                      "dataset": state.get("dataset"), "environment": environment(cfg.device),
+                                      "dataset": state.get("dataset"), "class_names": state.get("class_names"),
+                                      "environment": environment(cfg.device),
                                       "settings": state["settings"]})
     lines = log_settings(state, cfg.device)
     lines += [f"cpc (distilled per class): {cfg.cpc}", f"spc (selected per class): {cfg.spc}",
@@ -257,6 +263,8 @@ def _write_outputs(out: Path, cfg: RunConfig, state: dict) -> None:
     if phases:
         done = "" if len(phases) == cfg.curriculum_num else f" (after {len(phases)} of {cfg.curriculum_num} curricula)"
         lines.append(f"trained on: {reach_text(reach, cfg.cpc)}{done}")
+    if cfg.smoke:
+        lines.append(f"note: {SMOKE_NOTE}")
     write_text(out / "exp_log.txt", "\n".join(lines) + "\n")
 
 
@@ -331,6 +339,16 @@ def _check_models(cfg: RunConfig, side: int) -> None:
             tqdm.write(warning)
 
 
+def run_curves(out: Path, cfg: RunConfig, state: dict) -> CurveLog:
+    """The run's curves (curves.csv, and tb/ with --tensorboard): a resumed run keeps the rows of the
+    trainings it keeps (its finished curricula's filters, a finished final evaluation) and drops the
+    rest, which it trains again."""
+    keep = {filter_curve(p["phase"]) for p in state["phases"]}
+    if state.get("final") is not None:
+        keep |= {FINAL_CURVE} | {f"{FINAL_CURVE} model {m + 1}" for m in range(cfg.num_eval)}
+    return CurveLog(out / "curves.csv", out / "tb", keep, cfg.tensorboard)
+
+
 def _run(cfg: RunConfig, dist_ctx: DistContext, device: str, resume: bool, overwrite: bool) -> dict:
     out = cfg.output_dir
     if dist_ctx.is_main:
@@ -346,6 +364,7 @@ def _run(cfg: RunConfig, dist_ctx: DistContext, device: str, resume: bool, overw
                         cfg.train_data)
     if dist_ctx.is_main:
         _check_models(cfg, ws.side)
+        ws.curves = run_curves(out, cfg, state)
     teacher_digest = file_sha256(cfg.teacher)
     digests = input_digests(ws, cfg, teacher_digest)
     if resume and dist_ctx.is_main:
@@ -358,6 +377,7 @@ def _run(cfg: RunConfig, dist_ctx: DistContext, device: str, resume: bool, overw
     state["teacher_model"] = ws.teacher_arch
     state["distilled_overlap"] = ws.distilled_overlap
     state["dataset"] = ws.dataset
+    state["class_names"] = list(ws.space.manifest.class_names)
     state["world_size"] = dist_ctx.world_size
     file_key = None
     if score_kind(cfg.score).from_file:
@@ -404,6 +424,7 @@ def _run(cfg: RunConfig, dist_ctx: DistContext, device: str, resume: bool, overw
     if main:
         _write_outputs(out, cfg, state)
         write_report(out)
+        ws.curves.close()
         print(summary_table(state, reach_text(run_reach(cfg, state["phases"]), cfg.cpc)))
     barrier(dist_ctx)
     return state
@@ -443,4 +464,7 @@ def summary_table(state: dict, reached: str | None = None) -> str:
         last.append(f"{_fmt(final['acc_mean'])} ± {_fmt(final['acc_std'])} % top-1 over {len(final['accs'])} runs")
     if reached:
         last.append(f"trained on {reached}" if last else reached)
-    return table + (f"\nfinal: {', '.join(last)}" if last else "")
+    text = table + (f"\nfinal: {', '.join(last)}" if last else "")
+    if state["settings"].get("smoke"):  # the last line: a smoke run's numbers must not be read as results
+        text += f"\nnote: {SMOKE_NOTE}"
+    return text

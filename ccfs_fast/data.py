@@ -348,6 +348,27 @@ def iterate_rows(beton: BetonFile, rows: np.ndarray, batch_size: int, workers: i
     yield from row_reader(beton, batch_size, workers).read(rows)
 
 
+def stored_bytes(beton: BetonFile, rows: np.ndarray) -> Iterator[bytes]:
+    """Each row's image as stored in the file, rows in the order given: the encoded JPEG of a JPEG
+    .beton (build imagenet / folder / parquet), never decoded or re-encoded (FFCV's allocation at the
+    row's data_ptr, its size from the allocation table)."""
+    if not beton.manifest.variable_size:
+        raise DataError(f"{beton.path}: holds raw pixels, not encoded images; read them with iterate_rows")
+    reader = Reader(str(beton.path))
+    image = reader.metadata[reader.metadata.dtype.names[reader.field_names.index("image")]]
+    table = reader.alloc_table
+    order = np.argsort(table["ptr"])
+    ptrs, sizes = table["ptr"][order], table["size"][order]
+    with open(beton.path, "rb") as fh:
+        for row in np.asarray(rows, np.int64):
+            ptr = int(image["data_ptr"][row])
+            at = int(np.searchsorted(ptrs, ptr))
+            if at >= len(ptrs) or ptrs[at] != ptr:
+                raise DataError(f"{beton.path}: row {row}'s image is not in the allocation table; rebuild it")
+            fh.seek(ptr)
+            yield fh.read(int(sizes[at]))
+
+
 def read_labels(beton: BetonFile, workers: int = 2) -> np.ndarray:
     """All labels int64 [n] in canonical order, reading only the label and index fields (the image
     pipeline is disabled, so no pixels are decoded); checks that `index` is the row number."""

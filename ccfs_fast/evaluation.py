@@ -8,11 +8,12 @@ import numpy as np
 import torch
 
 from .config import EvalConfig
+from .data import read_labels
 from .distributed import init_distributed
 from .errors import ConfigError
 from .outputs import ensure_writable, write_json
 from .reach import reach_text, real_reach
-from .students import evaluate_selection
+from .students import evaluate_selection, evaluate_train_set
 from .tables import format_table
 from .workspace import open_workspace
 
@@ -48,7 +49,49 @@ def run_accuracies(run_dir) -> list[float] | None:
     return list(final.get("accs") or [])
 
 
+def evaluate_train_set_file(cfg: EvalConfig) -> dict:
+    """`eval --train-set`: num_eval models trained on every image of cfg.train_set in its order (an
+    exported set), with the run's recipe and seeds: a complete run's export gives its final accuracies."""
+    if cfg.output is not None:
+        ensure_writable(cfg.output, "--output")
+    dist_ctx, device = init_distributed(cfg.device)
+    fast = cfg.fast.resolve(device)
+    torch.backends.cudnn.benchmark = bool(fast.cudnn_benchmark)
+    ws = open_workspace(cfg.pool, cfg.test, cfg.train_set, cfg.teacher, cfg.teacher_model, 0, device, cfg.workers,
+                        cfg.eval_batch_size, dist_ctx, fast, cfg.normalize, cfg.train_side, cfg.train_data,
+                        check_overlap=False)
+    train_set = ws.space.distilled_indices()
+    result = evaluate_train_set(ws, train_set, cfg.eval_model, cfg.recipe, cfg.temperature, cfg.num_eval, cfg.seed,
+                                cfg.fuse_evals, f"evaluation of {cfg.train_set.name}")
+    per_class = np.bincount(read_labels(ws.space.distilled), minlength=ws.num_classes)
+    result.update({"train_set": str(cfg.train_set), "images_per_class_min": int(per_class.min()),
+                   "images_per_class_max": int(per_class.max()), "normalize": ws.norm.to_json(),
+                   "teacher_model": ws.teacher_arch, "notes": list(cfg.notes)})
+    if dist_ctx.is_main:
+        _print_result(cfg, result)
+    return result
+
+
+def _print_result(cfg: EvalConfig, result: dict) -> None:
+    if cfg.output is not None:
+        write_json(cfg.output, result)
+    before = run_accuracies(cfg.run_dir)
+    rows = [(i + 1, b, last, s) + ((before[i] if i < len(before) else "-",) if before is not None else ())
+            for i, (b, last, s) in enumerate(zip(result["accs"], result["last_accs"], result["seconds"]))]
+    print(format_table(["run", "best acc", "last acc", "seconds"] + (["the run's best acc"] if before is not None
+                                                                      else []), rows))
+    if result["accs"]:
+        line = f"Acc@1(mean): {result['acc_mean']:.2f}%, std: {result['acc_std']:.2f}"
+        if before:
+            line += f" (the run's: {np.mean(before):.2f}%, std {np.std(before):.2f})"
+        print(line)
+    if cfg.output is not None:
+        print(f"written: {cfg.output}")
+
+
 def evaluate_selection_file(cfg: EvalConfig) -> dict:
+    if cfg.train_set is not None:
+        return evaluate_train_set_file(cfg)
     selected, ipc, alpha = read_selection(cfg)
     if cfg.output is not None:
         ensure_writable(cfg.output, "--output")
@@ -79,19 +122,6 @@ def evaluate_selection_file(cfg: EvalConfig) -> dict:
                    "normalize": ws.norm.to_json(), "teacher_model": ws.teacher_arch, "notes": list(cfg.notes)})
     if not dist_ctx.is_main:
         return result
-    if cfg.output is not None:
-        write_json(cfg.output, result)
-    before = run_accuracies(cfg.run_dir)
-    rows = [(i + 1, b, last, s) + ((before[i] if i < len(before) else "-",) if before is not None else ())
-            for i, (b, last, s) in enumerate(zip(result["accs"], result["last_accs"], result["seconds"]))]
-    print(format_table(["run", "best acc", "last acc", "seconds"] + (["the run's best acc"] if before is not None
-                                                                      else []), rows))
-    if result["accs"]:
-        line = f"Acc@1(mean): {result['acc_mean']:.2f}%, std: {result['acc_std']:.2f}"
-        if before:
-            line += f" (the run's: {np.mean(before):.2f}%, std {np.std(before):.2f})"
-        print(line)
-    if cfg.output is not None:
-        print(f"written: {cfg.output}")
+    _print_result(cfg, result)
     print(f"trained on: {reach_text(reach, cpc)}")
     return result

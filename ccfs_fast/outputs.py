@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import re
+import shutil
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -16,7 +17,8 @@ from .errors import ConfigError, OutputError
 from .processes import available_cpus
 
 RUN_FILES = ("selected_indices.json", "metrics.json", "exp_log.txt", "state.json", "teacher_pass.npz",
-             "metrics.csv", "report.png")
+             "metrics.csv", "report.png", "selection.png", "curves.csv", "eval.json")
+RUN_FOLDERS = ("tb",)  # TensorBoard event files (--tensorboard)
 LOCK_NAME = ".ccfs-fast.lock"
 TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)(?P<suffix>\.[A-Za-z0-9]+)?$")
 
@@ -205,6 +207,9 @@ def prepare_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
             path.unlink()
         except OSError as exc:
             raise output_error(path, exc) from exc
+    for name in RUN_FOLDERS:
+        if (output_dir / name).is_dir():
+            shutil.rmtree(output_dir / name)
 
 
 def cpu_model() -> str:

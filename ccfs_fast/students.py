@@ -27,6 +27,13 @@ from .step import GraphedStep, KDStep, Separate, Single, StepConfig, StepRun, St
 from .train import TrainResult, last_fifth_epochs, sync
 from .workspace import Workspace
 
+FINAL_CURVE = "final evaluation"  # the final evaluation's name in the run's curves
+
+
+def filter_curve(phase: int) -> str:
+    """A curriculum's filter's name in the run's curves."""
+    return f"filter {phase}"
+
 
 def phase_seed(seed: int, phase: int) -> int:
     """Each phase draws from its own seed, so a resumed run repeats the phases it redoes exactly."""
@@ -91,12 +98,13 @@ def _students(ws: Workspace, model_name: str, seeds: list[int], layout: str | No
 
 def train_together(ws: Workspace, indices: np.ndarray, model_name: str, recipe: TrainRecipe, temperature: float,
                    seeds: list[int], eval_epoch: Callable[[int], bool], desc: str, resident: tuple | None = None,
-                   layout: str | None = None) -> Trained:
+                   layout: str | None = None, curve: str | None = None) -> Trained:
     """len(seeds) fresh `model_name` students (together in `layout`, one of BANK_LAYOUTS, else exactly
     one seed) trained by KD
     on the index subset `indices`; each starts from torch.manual_seed(seed) and draws its data order
     and augmentation from a generator seeded with it. Seconds include reading the train set (pass
-    `resident` to reuse one read)."""
+    `resident` to reuse one read). `curve`: the training's name in the run's curves (ws.curves), one
+    row per epoch per model as it trains (default: `desc`)."""
     start = time.perf_counter()
     batch_size = recipe.batch_size or auto_batch_size(len(indices), ws.num_classes, ws.dataset)
     students, models = _students(ws, model_name, seeds, layout)
@@ -113,8 +121,9 @@ def train_together(ws: Workspace, indices: np.ndarray, model_name: str, recipe: 
     step = _make_step(ws, students, trained, None if streamed else resident, indices, seeds, recipe, temperature)
     plan = graph_plan(step, bool(ws.fast.cuda_graphs), ws.dist.enabled, bool(ws.fast.compile))
     plan.train_data = form
+    on_epoch = ws.curves.training(curve or desc, len(seeds)) if ws.curves is not None else None
     results, plan = train_students(step, seeds, max(1, batch_size // ws.dist.world_size), recipe, ws.test_loader(),
-                                   eval_epoch, desc, ws.dist.rank, ws.dist.world_size, plan)
+                                   eval_epoch, desc, ws.dist.rank, ws.dist.world_size, plan, on_epoch=on_epoch)
     if isinstance(students, FusedBank):
         models = [students.model(m) for m in range(students.count)]
     seconds = time.perf_counter() - start
@@ -187,11 +196,12 @@ def pick_layout(ws: Workspace, resident: tuple | None, model_name: str, recipe: 
 
 
 def train_model(ws: Workspace, indices: np.ndarray, model_name: str, recipe: TrainRecipe, temperature: float,
-                seed: int, eval_epoch: Callable[[int], bool], desc: str,
-                resident: tuple | None = None) -> tuple[nn.Module, TrainResult, int, StepRun]:
+                seed: int, eval_epoch: Callable[[int], bool], desc: str, resident: tuple | None = None,
+                curve: str | None = None) -> tuple[nn.Module, TrainResult, int, StepRun]:
     """One fresh `model_name` trained by KD on `indices` (a phase's filter): (model, result, batch size,
     how its step ran)."""
-    out = train_together(ws, indices, model_name, recipe, temperature, [seed], eval_epoch, desc, resident)
+    out = train_together(ws, indices, model_name, recipe, temperature, [seed], eval_epoch, desc, resident,
+                         curve=curve)
     return out.models[0], out.results[0], out.batch_size, out.run
 
 
@@ -219,7 +229,8 @@ def evaluate_train_set(ws: Workspace, train_set: np.ndarray, eval_model: str, re
             layout, probe = pick_layout(ws, resident, eval_model, recipe, temperature, seeds,
                                         max(1, batch_size // ws.dist.world_size))
             together = train_together(ws, train_set, eval_model, recipe, temperature, seeds, epochs,
-                                      f"{label} ({num_eval} models, {layout})", resident, layout=layout)
+                                      f"{label} ({num_eval} models, {layout})", resident, layout=layout,
+                                      curve=FINAL_CURVE)
             results, runs = together.results, [together.run]
         except ModelError as exc:
             bank_off = f"bank: {exc}; training the {num_eval} evaluation models one after another"
@@ -228,7 +239,8 @@ def evaluate_train_set(ws: Workspace, train_set: np.ndarray, eval_model: str, re
     if not fused:
         for run in tqdm(range(num_eval), desc=label, dynamic_ncols=True, leave=False):
             alone = train_together(ws, train_set, eval_model, recipe, temperature, [seeds[run]], epochs,
-                                   f"{label}: model {run + 1}/{num_eval}", resident)
+                                   f"{label}: model {run + 1}/{num_eval}", resident,
+                                   curve=f"{FINAL_CURVE} model {run + 1}")
             results += alone.results
             runs.append(alone.run)
     best = [r.best_acc for r in results]

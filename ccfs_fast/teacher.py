@@ -8,6 +8,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from .config import TeacherConfig
+from .curves import CurveLog
 from .data import BetonFile, IndexSpace, ResidentTrainLoader, make_test_loader
 from .datasets import auto_batch_size
 from .difficulty import ForgettingTracker
@@ -66,8 +67,14 @@ def train_teacher(cfg: TeacherConfig) -> dict:
     tracker = ForgettingTracker(pool.n) if cfg.forgetting_out else None
     test_loader = make_test_loader(test, manifest.num_classes, norm, 256, device, cfg.workers,
                                    bool(fast.infer_channels_last), space.side if space.variable else None)
+    curves = None
+    if dist_ctx.is_main:
+        curves = CurveLog(cfg.curves_path, cfg.output.with_suffix(".tb"), set(), cfg.tensorboard)
     result = train_supervised(trained, loader, cfg.recipe, test_loader, tracker, cfg.label_smoothing, fast=fast,
-                              evaluate_model=model, gather=lambda arrays: gather_concat(arrays, dist_ctx))
+                              evaluate_model=model, gather=lambda arrays: gather_concat(arrays, dist_ctx),
+                              on_epoch=curves.training("teacher", 1) if curves is not None else None)
+    if curves is not None:
+        curves.close()
     summary = {"model": cfg.model, "epochs": cfg.recipe.epochs, "batch_size": batch_size, "normalize": norm.source,
                "test_acc": result.last_acc,
                "best_acc": result.best_acc, "train_s": result.seconds,

@@ -124,30 +124,48 @@ def autocast(images: torch.Tensor, fast: FastPath | None):
 
 def fit(model: nn.Module, loader, recipe: TrainRecipe, loss_of: Callable, test_loader=None,
         eval_epoch: Callable[[int], bool] = lambda e: False, desc: str = "train", fast: FastPath | None = None,
-        evaluate_model: nn.Module | None = None, end_of_epoch: Callable[[], None] | None = None) -> TrainResult:
+        evaluate_model: nn.Module | None = None, end_of_epoch: Callable[[], None] | None = None,
+        on_epoch: Callable[[int, dict], None] | None = None) -> TrainResult:
     """The epoch loop shared by every training: the recipe's optimiser (fused when the fast path
     says so) and per-epoch schedule, loss_of(batch) -> loss per batch, end_of_epoch() after each
     epoch, and test top-1 of `evaluate_model` (default `model`; the unwrapped module under DDP)
-    after each epoch where eval_epoch(epoch)."""
+    after each epoch where eval_epoch(epoch). One record per epoch (result.epochs: the mean loss, the
+    learning rate, seconds, images/s, test top-1), also given to on_epoch(0, record)."""
     optimizer = make_optimizer(model, recipe, fused=bool(fast and fast.fused_optimizer))
     scheduler = make_scheduler(optimizer, recipe)
     result = TrainResult()
     start = time.perf_counter()
     bar = tqdm(range(recipe.epochs), desc=desc, leave=False, dynamic_ncols=True)
     for epoch in bar:
+        began, lr = time.perf_counter(), float(optimizer.param_groups[0]["lr"])
         model.train()
+        loss_sum, seen = None, 0
         for batch in loader:
             loss = loss_of(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            result.images += len(batch[0])
+            part = loss.detach().double() * len(batch[0])  # summed on the device: read once an epoch
+            loss_sum = part if loss_sum is None else loss_sum + part
+            seen += len(batch[0])
+        result.images += seen
+        loop_s = time.perf_counter() - began
+        result.loop_s += loop_s
         if end_of_epoch is not None:
             end_of_epoch()
         scheduler.step()
+        acc = None
         if test_loader is not None and eval_epoch(epoch):
-            result.accs.append((epoch, evaluate(evaluate_model or model, test_loader, fast)))
-            bar.set_postfix(acc=f"{result.accs[-1][1]:.2f}", best=f"{result.best_acc:.2f}")
+            evaluated = time.perf_counter()
+            acc = evaluate(evaluate_model or model, test_loader, fast)
+            result.eval_s += time.perf_counter() - evaluated
+            result.accs.append((epoch, acc))
+            bar.set_postfix(acc=f"{acc:.2f}", best=f"{result.best_acc:.2f}")
+        record = {"epoch": epoch, "loss": float(loss_sum) / max(1, seen) if loss_sum is not None else None, "lr": lr,
+                  "seconds": loop_s, "img_per_s": seen / loop_s if loop_s else 0.0, "test_acc": acc}
+        result.epochs.append(record)
+        if on_epoch is not None:
+            on_epoch(0, record)
     result.seconds = time.perf_counter() - start
     return result
 
@@ -249,7 +267,8 @@ def predict(model: nn.Module, loader, fast: FastPath | None = None, column: str 
 def train_supervised(model: nn.Module, loader, recipe: TrainRecipe, test_loader=None,
                      tracker: ForgettingTracker | None = None, label_smoothing: float = 0.0,
                      desc: str = "teacher", fast: FastPath | None = None, evaluate_model: nn.Module | None = None,
-                     gather: Callable | None = None) -> TrainResult:
+                     gather: Callable | None = None, on_epoch: Callable[[int, dict], None] | None = None
+                     ) -> TrainResult:
     """Cross-entropy training (a teacher). Forgetting events are recorded on the augmented
     presentations, once per epoch; `gather` merges every rank's (index, correct) under DDP."""
     seen_index: list[np.ndarray] = []
@@ -272,4 +291,4 @@ def train_supervised(model: nn.Module, loader, recipe: TrainRecipe, test_loader=
         seen_correct.clear()
 
     return fit(model, loader, recipe, loss_of, test_loader, last_fifth_epochs(recipe.epochs), desc, fast,
-               evaluate_model, record_presentations)
+               evaluate_model, record_presentations, on_epoch)

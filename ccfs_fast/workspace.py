@@ -16,6 +16,7 @@ from torch import nn
 
 from .coarse import CPU_MIN_CHUNK
 from .config import FastPath, distilled_shortage
+from .curves import CurveLog
 from .data import BetonFile, EvalLoader, IndexSpace, make_test_loader, read_labels
 from .digests import cache_dir, keyed_digest
 from .distributed import DistContext, broadcast, gather_concat, shard
@@ -54,6 +55,7 @@ class Workspace:
     teacher_arch: str = "resnet18"
     distilled_overlap: dict | None = None  # distilled images with a pool image's pixels (overlap.distilled_overlap)
     train_data: str = "auto"  # auto | resident | streamed: how train sets are read (train_form)
+    curves: CurveLog | None = None  # where trainings record their per-epoch curves (rank 0 of a run)
     _test_loader: object = None
     _distilled: tuple | None = None
 
@@ -200,11 +202,12 @@ def load_teacher(name: str, checkpoint: Checkpoint, num_classes: int, side: int,
 def open_workspace(pool: Path, test: Path, distilled: Path, teacher: Path, teacher_model: str | None, cpc: int,
                    device: str, workers: int, eval_batch_size: int, dist: DistContext | None = None,
                    fast: FastPath | None = None, normalize: str | None = None, side: int | None = None,
-                   train_data: str = "auto") -> Workspace:
+                   train_data: str = "auto", check_overlap: bool = True) -> Workspace:
     """Opens and checks every input of a run. `device` is this rank's device; `fast` a resolved
     FastPath (the teacher predicts in channels-last when infer_channels_last); `normalize` the --normalize value (None:
     the teacher's recorded normalisation, else the paper's constants / the pool's statistics); `side`
-    the train / eval side of a pool of varying image size (default 224); `train_data` see train_form."""
+    the train / eval side of a pool of varying image size (default 224); `train_data` see train_form;
+    `check_overlap` False skips the distilled-overlap check (a set meant to hold pool images)."""
     pool_file, test_file, distilled_file = BetonFile.open(pool), BetonFile.open(test), BetonFile.open(distilled)
     if test_file.manifest.num_classes != pool_file.manifest.num_classes:
         raise DataError(f"the pool has {pool_file.manifest.num_classes} classes but the test set "
@@ -223,8 +226,9 @@ def open_workspace(pool: Path, test: Path, distilled: Path, teacher: Path, teach
         print(warning, file=sys.stderr)
     distilled_labels = read_labels(distilled_file, workers)
     rows = first_per_class(distilled_labels, cpc, distilled_file.manifest.class_names, distilled_file.path)
-    overlap = distilled_overlap(pool_file, distilled_file, rows, workers)
-    warning = overlap_warning(overlap, len(rows))
+    # an exported set (eval --train-set) holds pool images by design: no overlap to warn of
+    overlap = distilled_overlap(pool_file, distilled_file, rows, workers) if check_overlap else None
+    warning = overlap_warning(overlap, len(rows)) if overlap is not None else None
     if warning and (dist is None or dist.is_main):
         print(warning, file=sys.stderr)
     dev = resolve_device(device)

@@ -2,6 +2,7 @@
 the engine, scores keyed by file name, torchvision weights files as teachers, a whole run on CPU."""
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -296,3 +297,25 @@ def test_a_whole_imagenet_run_on_cpu(ilsvrc, imagenet_run_inputs, tmp_path, caps
     phases = json.loads((streamed / "metrics.json").read_text())["phases"]
     assert phases[0]["execution"]["train_data"].startswith("streamed (--train-data")
     assert read_manifest(ilsvrc["pool"]).n == 64
+
+
+def test_jpeg_pool_export_keeps_the_stored_jpeg_bytes(ilsvrc, imagenet_run_inputs, tmp_path):
+    """An ImageNet-format run (JPEG pool): the exported files of pool images are the stored JPEG bytes
+    (no re-encoding), and so are the exported .beton's rows."""
+    from ccfs_fast.data import stored_bytes
+
+    inputs = imagenet_run_inputs
+    run = tmp_path / "run"
+    assert main(_imagenet_run(ilsvrc, inputs, run, "--score-path", str(inputs["scores"]), "--num-eval", "1")) == 0
+    assert (run / "selection.png").is_file() and (run / "report.png").is_file()
+    assert main(["export", str(run), "--out", str(tmp_path / "e")]) == 0
+    with open(tmp_path / "e" / "manifest.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    real = [r for r in rows if r["source"] == "pool"]
+    pool = BetonFile.open(ilsvrc["pool"])
+    stored = list(stored_bytes(pool, [int(r["pool_index"]) for r in real]))
+    assert [(tmp_path / "e" / r["file"]).read_bytes() for r in real] == stored
+    assert all(r["file"].endswith(".jpg") and r["file"].split("/")[0].startswith("n0") for r in real)
+    exported = BetonFile.open(tmp_path / "e" / "ccfs_set.beton")
+    assert list(stored_bytes(exported, np.arange(len(rows) - len(real), len(rows)))) == stored
+    assert read_labels(exported).tolist() == [int(r["label"]) for r in rows]
