@@ -118,6 +118,9 @@ def test_curves_and_tensorboard_hold_what_training_returned(engine_data, tmp_pat
     out = train_together(ws, ws.distilled_rows, "convnet_tiny", recipe, 4.0, [1, 2], last_fifth_epochs(3),
                          "final evaluation", layout="bank_nchw", curve="final evaluation")
     ws.curves.close()
+    teacher = read_curves(engine_data["teacher"].with_suffix(".curves.csv"))  # `ccfs-fast teacher` writes its own
+    assert [(r["training"], int(r["epoch"])) for r in teacher] == [("teacher", e) for e in range(6)]
+    assert all(float(r["loss"]) > 0 for r in teacher) and teacher[-1]["test_acc"]
     rows = read_curves(tmp_path / "curves.csv")
     assert len(rows) == 3 * 2 and {r["training"] for r in rows} == {"final evaluation"}
     for m, result in enumerate(out.results):
