@@ -24,7 +24,7 @@ lint: install
 	$(BIN)/ruff check .
 
 demo: install
-	$(BIN)/ccfs-fast demo
+	$(BIN)/ccfs-fast demo $(ARGS)
 
 bench: install
 	$(BIN)/ccfs-fast bench loader --json benchmarks/results/loader_throughput.json

@@ -6,6 +6,7 @@ setup(
     version="0.1.0",
     description="Curriculum Coarse-to-Fine Selection (CCFS, CVPR 2025) on FFCV loaders and numba kernels",
     python_requires=">=3.10",
+    license="Apache-2.0",
     packages=find_packages(include=["ccfs_fast", "ccfs_fast.*", "beton_builder", "beton_builder.*",
                                     "benchmarks", "benchmarks.*"]),
     install_requires=[

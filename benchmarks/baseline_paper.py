@@ -1,4 +1,4 @@
-"""The paper's implementation approach, re-implemented (our code) as the baseline for ccfs-fast.
+"""The paper's implementation approach, re-implemented as the baseline for ccfs-fast.
 
 What it keeps from the CCFS reference code: the whole pool decoded once, image by image, through
 PIL -> ToTensor -> Normalize into one float32 tensor; distilled images read from a PNG image folder

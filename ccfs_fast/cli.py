@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,11 +21,12 @@ EPILOG = """a whole run, step by step (README: "Run CCFS on CIFAR-10 / CIFAR-100
   ccfs-fast run --preset cifar10-ipc500 --pool data/cifar10_train.beton --test data/cifar10_test.beton \\
       --distilled data/distilled.beton --teacher teacher.pt --device cuda --output-dir runs/cifar10-ipc500
   ccfs-fast eval --run-dir runs/cifar10-ipc500          # reproduce the run's final evaluation
-  ccfs-fast report runs/cifar10-ipc500                  # metrics.csv and report.png
+  ccfs-fast report runs/cifar10-ipc500                  # metrics.csv, report.png, selection.png
+  ccfs-fast export runs/cifar10-ipc500 --out set/       # the final set as an image folder and a .beton
 
 The preset uses the published scores in the repository's scores/ folder; --smoke --device cpu makes a
-first run CPU-sized. `ccfs-fast COMMAND --help` lists every flag with its default; `ccfs-fast demo`
-runs it all on real digits in a few minutes."""
+first run CPU-sized and fits it to the inputs at hand. `ccfs-fast COMMAND --help` lists every flag with
+its default; `ccfs-fast demo` runs it all on real digits in a few minutes."""
 
 Runner = Callable[[], None]
 
@@ -141,15 +141,10 @@ def _split_args(args: argparse.Namespace, drop: tuple[str, ...] = ()) -> dict:
 
 
 def _run_run(args: argparse.Namespace) -> Runner:
-    from .config import SMOKE, RunConfig, preset_settings, published_scores, split_recipe
+    from .config import make_run_config
     from .outputs import probe_lock
 
-    smoke = SMOKE if args.smoke else {}
-    values, notes = published_scores(args.preset, {**preset_settings(args.preset), **smoke,
-                                                   **_split_args(args, ("resume", "overwrite"))})
-    recipe, rest = split_recipe(values)
-    rest["notes"] = tuple(notes) + rest["notes"]
-    cfg = RunConfig(recipe=recipe, **rest)
+    cfg = make_run_config(args.preset, args.smoke, **_split_args(args, ("resume", "overwrite", "preset", "smoke")))
     probe_lock(cfg.output_dir)
 
     def run() -> None:
@@ -354,20 +349,9 @@ def process_settings(threads: int | None) -> None:
 
 
 def _set_threads(threads: int | None) -> None:
-    # Thread counts are set once, here, for the whole process. Importing FFCV calls
-    # torch.set_num_threads(1) and numba.set_num_threads(1) (ffcv/pipeline/compiler.py), so import
-    # it before setting ours.
-    import numba
-    import torch
+    from .processes import configure_threads
 
-    import beton_builder.ffcv_import  # noqa: F401
-
-    # Under torchrun the cores are shared by the ranks on this node.
-    from .processes import available_cpus
-
-    count = threads or max(1, available_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    torch.set_num_threads(count)
-    numba.set_num_threads(min(count, numba.config.NUMBA_NUM_THREADS))
+    configure_threads(threads)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -421,6 +421,65 @@ SMOKE = {"epochs": 2, "lr_warmup_epochs": 1, "filter_model": "convnet_tiny", "ev
          "num_eval": 2}
 
 
+def smoke_fit(values: dict, published: bool) -> tuple[dict, list[str]]:
+    """--smoke fits the run to the inputs at hand instead of refusing them, and says what it changed:
+    an ipc whose floor(ipc x alpha) distilled images per class the distilled set cannot give is lowered
+    to what its smallest class holds (alpha kept); a published score file (chosen by the preset) whose
+    length is not the pool's is replaced by --score logits (the filter's own logits: no file)."""
+    from beton_builder.manifest import read_manifest
+
+    from .errors import CCFSError
+
+    notes: list[str] = []
+    try:
+        distilled, pool = read_manifest(values["distilled"]), read_manifest(values["pool"])
+    except (CCFSError, KeyError, TypeError):
+        return values, notes  # RunConfig names what is missing
+    alpha = values.get("alpha", RunConfig.__dataclass_fields__["alpha"].default)
+    ipc = values.get("image_per_class", RunConfig.__dataclass_fields__["image_per_class"].default)
+    curricula = values.get("curriculum_num", RunConfig.__dataclass_fields__["curriculum_num"].default)
+    fewest = min(distilled.class_counts or (0,))
+    if fewest and int(ipc * alpha + 1e-9) > fewest:
+        fitted = int((fewest + 1) / alpha - 1e-9)  # the largest ipc with floor(ipc x alpha) <= fewest
+        while fitted > 1 and int(fitted * alpha + 1e-9) > fewest:
+            fitted -= 1
+        fitted = max(fitted, int(1 / alpha - 1e-9) + 1 + curricula)
+        values = {**values, "image_per_class": fitted}
+        cpc = int(fitted * alpha + 1e-9)
+        notes.append(f"note: --smoke: the distilled set's smallest class holds {fewest} images; ipc {ipc} -> {fitted} "
+                     f"(alpha {alpha}: {cpc} distilled + {fitted - cpc} real images per class)")
+    path = values.get("score_path")
+    if published and path is not None:
+        import numpy as np
+
+        count = len(np.load(path, mmap_mode="r"))
+        if count != pool.n:
+            values = {**values, "score": "logits", "score_path": None}
+            notes.append(f"note: --smoke: the published score file {Path(path).name} holds {count:,} scores but the "
+                         f"pool {pool.n:,} images; ranking by the filter's logits instead (--score logits); pass "
+                         "--score-path FILE (e.g. from `ccfs-fast teacher --forgetting-out`) to use your own")
+    return values, notes
+
+
+RUN_PATHS = ("pool", "test", "distilled", "teacher", "output_dir", "score_path")
+
+
+def make_run_config(preset: str | None = None, smoke: bool = False, **settings: object) -> RunConfig:
+    """A RunConfig as `ccfs-fast run` makes it: the preset's settings (or the defaults), --smoke's CPU
+    size and fitting (smoke_fit), the preset's published scores when no --score-path is given, then
+    `settings` (flat: RunConfig's fields, TrainRecipe's and FastPath's) over them; every adjustment is
+    in the config's notes."""
+    paths = {k: Path(v) for k, v in settings.items() if k in RUN_PATHS and v is not None}  # str or Path
+    values, notes = published_scores(preset, {**preset_settings(preset), **(SMOKE if smoke else {}), **settings,
+                                              **paths})
+    if smoke:
+        values, fitted = smoke_fit(values, published=bool(notes))
+        notes += fitted
+    recipe, rest = split_recipe({**values, "preset": preset, "smoke": smoke})
+    rest["notes"] = tuple(notes) + rest["notes"]
+    return RunConfig(recipe=recipe, **rest)
+
+
 SETTINGS_SOURCE = {False: "the paper's script", True: "extrapolated, not the paper's"}
 
 

@@ -118,6 +118,22 @@ def run_isolated(fn: Callable, *args: object) -> tuple[str, int | None, str] | N
     return None if outcome is None else outcome[:3]
 
 
+def configure_threads(threads: int | None = None) -> int:
+    """Sets torch's and numba's thread counts for the whole process (default: the CPUs this process
+    may use, shared by torchrun's ranks on a node) and returns the count. Importing FFCV sets both to
+    1 (ffcv/pipeline/compiler.py), so FFCV is imported first. The CLI calls this once; a notebook
+    calls it through `ccfs_fast.run` or itself."""
+    import numba
+    import torch
+
+    import beton_builder.ffcv_import  # noqa: F401
+
+    count = threads or max(1, available_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    torch.set_num_threads(count)
+    numba.set_num_threads(min(count, numba.config.NUMBA_NUM_THREADS))
+    return count
+
+
 def bounded_imap(pool, fn: Callable, jobs, ahead: int):
     """pool.imap(fn, jobs) in order, with at most `ahead` jobs submitted and not yet taken: Pool.imap
     feeds every job to its workers' queue as fast as it can, so jobs that carry data (image bytes

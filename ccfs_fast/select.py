@@ -206,6 +206,8 @@ SHORTFALL_POLICIES = ("fill", "strict", "short")
 
 
 def order_key(method: str, easy_key: np.ndarray, seed: int) -> np.ndarray:
+    """float64 [n]: the order the fine stage picks in, lower first: `simple` the easy-first key itself
+    (easy_first_key of the scores), `hard` its reverse, `random` a uniform key drawn from `seed`."""
     if method not in SELECTION_METHODS:
         raise UnknownNameError("selection method", method, list(SELECTION_METHODS))
     return np.ascontiguousarray(SELECTION_METHODS[method](np.asarray(easy_key, np.float64), seed), np.float64)

@@ -20,9 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
-def commands_block() -> list[list[str]]:
-    """The commands of the README's "### The commands" block, continuation lines joined, comments off."""
-    block = README.split("### The commands", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+def commands_block(heading: str = "### The commands") -> list[list[str]]:
+    """The commands of the README's first bash block after `heading`, continuation lines joined, comments off."""
+    block = README.split(heading, 1)[1].split("```bash", 1)[1].split("```", 1)[0]
     joined = re.sub(r"\\\n\s*", " ", block)
     return [shlex.split(line, comments=True) for line in joined.splitlines() if line.strip()]
 
@@ -52,19 +52,19 @@ def test_nothing_user_facing_points_outside_the_repository():
     for name, sub in parser._subparsers._group_actions[0].choices.items():  # every sub-command's help
         texts[f"ccfs-fast {name} --help"] = sub.format_help()
     for name, text in texts.items():
-        assert "../" not in text and "shared/" not in text, name
+        assert "../shared" not in text and "shared/" not in text, name  # links inside: test_docs.py
 
 
-def _write_cifar10_archive(root: Path) -> Path:
+def _write_cifar10_archive(root: Path, train: int = 50_000, test: int = 10_000) -> Path:
     """cifar-10-python.tar.gz as published (cifar-10-batches-py/ with 5 train batches and a test
-    batch), 50,000 + 10,000 generated images, so the published score file lines up (random pixels:
-    only the format matters here; gzip stores them uncompressed, as they would not compress)."""
+    batch), by default 50,000 + 10,000 generated images, so the published score file lines up (random
+    pixels: only the format matters here; gzip stores them uncompressed, as they would not compress)."""
     rng = np.random.default_rng(1)
 
     def split(n: int) -> tuple[np.ndarray, np.ndarray]:
         return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), np.arange(n) % 10
 
-    write_cifar10(root / "src", split(50_000), split(10_000))
+    write_cifar10(root / "src", split(train), split(test))
     archive = root / "cifar-10-python.tar.gz"
     with tarfile.open(archive, "w:gz", compresslevel=0) as tar:
         tar.add(root / "src" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
@@ -93,5 +93,33 @@ def test_readme_commands_run_as_written(tmp_path):
     assert selection["complete"] and selection["ipc"] == 500 and selection["alpha"] == 0.1
     assert "published forgetting scores" in (run / "exp_log.txt").read_text()
     assert "forgetting_CIFAR10.npy" in json.loads((run / "metrics.json").read_text())["settings"]["score_path"]
-    assert run_console.strip().splitlines()[-1].startswith("final:")
-    assert (run / "report.png").is_file() and (run / "eval.json").is_file()
+    last = run_console.strip().splitlines()
+    assert last[-2].startswith("final:") and last[-1].startswith("note: --smoke:")  # the CPU-sized run says so
+    for name in ("report.png", "selection.png", "curves.csv", "eval.json"):
+        assert (run / name).is_file(), name
+
+
+def test_first_run_on_a_cpu_runs_as_written(tmp_path):
+    """The README's CPU block, as written, on a CIFAR-10-format archive smaller than CIFAR-10 (5,000 +
+    1,000 images) and a distilled folder of 10 images per class: --smoke fits the preset to them and
+    says what it changed; the run finishes and its last line says its accuracies mean nothing."""
+    from formats import class_images, write_image_folder
+
+    _write_cifar10_archive(tmp_path, 5_000, 1_000)
+    x, _ = class_images(100, 10, 32, seed=3, separation=40)
+    write_image_folder(tmp_path / "distilled", x, np.repeat(np.arange(10), 10), [f"{c:05d}" for c in range(10)])
+    commands = commands_block("## A first run on a CPU")
+    assert [c[1] for c in commands] == ["build", "build", "teacher", "run"]
+    for argv in commands:
+        done = subprocess.run([sys.executable, "-m", "ccfs_fast.cli", *argv[1:]], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, (argv, done.stderr[-3000:])
+    console = done.stdout.strip().splitlines()
+    assert console[-1] == "note: --smoke: a CPU-sized run; its accuracies are not meaningful"
+    assert "ipc 500 -> 109 (alpha 0.1: 10 distilled + 99 real images per class)" in done.stdout
+    selection = json.loads((tmp_path / "runs" / "first" / "selected_indices.json").read_text())
+    assert selection["complete"] and selection["ipc"] == 109
+
+
+def test_readme_is_short():
+    assert len(README.splitlines()) <= 250
