@@ -136,5 +136,6 @@ def run_demo(cfg: DemoConfig) -> list[tuple]:
     write_text(out / "demo_table.txt", table + "\n")
     print(table)
     print(f"outputs: {out}/ (demo_table.txt, teacher.pt, forgetting.npy, data/ with the .beton files)")
-    print(f"the CCFS run: {out / 'ccfs_run'}/ (report.png, selection.png, metrics.json, selected_indices.json, curves.csv)")
+    print(f"the CCFS run: {out / 'ccfs_run'}/ (report.png, selection.png, metrics.json, selected_indices.json, "
+          "curves.csv)")
     return rows
