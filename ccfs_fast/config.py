@@ -164,7 +164,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         from .curves import check_tensorboard
-        from .scores import score_kind
+        from .scores import check_score_kind, score_kind
 
         check_tensorboard(self.tensorboard)
         check_image_args(self.train_side, self.train_data)
@@ -190,6 +190,7 @@ class RunConfig:
             raise ConfigError(f"--score {self.score} needs --score-path FILE (.npy or .npz)")
         if kind.from_file:
             require_file(self.score_path, "--score-path", "pass the score file (.npy, or .npz with 'scores')")
+            check_score_kind(self.score, self.score_path)
         _check_choice("selection method", self.select_method, tuple(SELECTION_METHODS))
         _check_choice("shortfall policy", self.shortfall, SHORTFALL_POLICIES)
         _check_choice("filter accuracy logging", self.filter_acc, FILTER_ACC_LOGGING)

@@ -2,6 +2,7 @@
 and validation against the pool, and the conversion to an easy-first key (lower = easier)."""
 from __future__ import annotations
 
+import pickle
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,19 +44,89 @@ def easy_first_key(scores: np.ndarray, kind: str) -> np.ndarray:
     return values if score_kind(kind).easy_end == "low" else -values
 
 
-# .npz layouts: (scores key, labels key, file-names key). The published ImageNet files are keyed by
-# file name: c-scores (Jiang et al. 2021) and memorization estimates (Feldman & Zhang 2020).
-NPZ_LAYOUTS = (("scores", "labels", "filenames"), ("tr_mem", "tr_labels", "tr_filenames"))
+@dataclass(frozen=True)
+class NpzLayout:
+    """A published .npz layout: its scores, labels and file-names keys, and the score kind its scores
+    are."""
+
+    scores: str
+    labels: str
+    names: str
+    kind: str
+
+
+# The published layouts name their kind: c-scores (Jiang et al. 2021: `scores`, the CIFAR files and the
+# ImageNet file keyed by file name) and memorization estimates (Feldman & Zhang 2020: `tr_mem`); an
+# .npz whose key is a kind's own name holds that kind; a bare .npy (the paper's forgetting files) may
+# be any kind.
+NPZ_LAYOUTS = (NpzLayout("scores", "labels", "filenames", "cscore"),
+               NpzLayout("tr_mem", "tr_labels", "tr_filenames", "memorization"),
+               *(NpzLayout(k, "labels", "filenames", k) for k in ("forgetting", "memorization", "cscore")))
 
 
 @dataclass(frozen=True)
 class ScoreFile:
     """A score file as stored: scores [m]; labels [m] or None; names [m] (train file base names) or
-    None, when the file is in pool order."""
+    None, when the file is in pool order; `kind` the score kind its layout names (None: any)."""
 
     scores: np.ndarray
     labels: np.ndarray | None
     names: np.ndarray | None
+    kind: str | None = None
+
+
+# What an object array in a score file may be rebuilt from: numpy arrays of names (bytes or str) and
+# nothing else (the published ImageNet files store their file names as object arrays of bytes).
+ARRAY_GLOBALS = frozenset({(f"numpy{core}.multiarray", name) for core in ("._core", ".core")
+                           for name in ("_reconstruct", "scalar")}  # scalar: numpy's own str / bytes values
+                          | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")})
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Rebuilds numpy arrays only: any other global a pickle names is refused before it is loaded, so a
+    file cannot run code."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in ARRAY_GLOBALS:
+            raise pickle.UnpicklingError(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+def object_array(npz_path: Path, key: str) -> np.ndarray:
+    """An object array member of an .npz, read through _ArrayUnpickler: names as bytes ("S") or str
+    ("U"), numbers as float64. ScoreError for anything else."""
+    with zipfile.ZipFile(npz_path) as archive, archive.open(f"{key}.npy") as fh:
+        version = np.lib.format.read_magic(fh)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+            np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(fh)
+        if not dtype.hasobject:
+            raise ScoreError(f"score file {npz_path}: {key!r} is not an object array")
+        try:
+            array = _ArrayUnpickler(fh).load()
+        except pickle.UnpicklingError as exc:
+            raise ScoreError(f"score file {npz_path}: {key!r} holds a pickled object other than an array of names "
+                             f"({exc}); it is not loaded (a pickle can run code); save the names as a bytes or str "
+                             "array") from exc
+    if not isinstance(array, np.ndarray) or array.shape != shape:
+        raise ScoreError(f"score file {npz_path}: {key!r} does not hold the array its header describes")
+    values = array.ravel().tolist()
+    for kind, as_type in ((bytes, bytes), (str, str), ((int, float, np.number), np.float64)):
+        if all(isinstance(v, kind) for v in values):
+            return array.astype(as_type)
+    found = sorted({type(v).__name__ for v in values})
+    raise ScoreError(f"score file {npz_path}: {key!r} holds {', '.join(found)} values; expected file names (bytes or "
+                     "str) or numbers")
+
+
+def _member(npz, path: Path, key: str) -> np.ndarray:
+    """An .npz member; an object array (of names) through the restricted reader."""
+    try:
+        return npz[key]
+    except ValueError as exc:
+        if "allow_pickle" not in str(exc):
+            raise
+        return object_array(path, key)
 
 
 def read_score_file(path: Path) -> ScoreFile:
@@ -67,16 +138,38 @@ def read_score_file(path: Path) -> ScoreFile:
             return ScoreFile(np.load(path, allow_pickle=False), None, None)
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as npz:
-                for scores, labels, names in NPZ_LAYOUTS:
-                    if scores in npz:
-                        return ScoreFile(npz[scores], npz[labels] if labels in npz else None,
-                                         npz[names] if names in npz else None)
+                for layout in NPZ_LAYOUTS:
+                    if layout.scores in npz:
+                        return ScoreFile(*(_member(npz, path, k) if k in npz else None
+                                           for k in (layout.scores, layout.labels, layout.names)), layout.kind)
                 raise ScoreError(f"score file {path} has keys {sorted(npz.files)}; expected 'scores' (optionally "
                                  "'labels', 'filenames') or the memorization layout 'tr_mem', 'tr_labels', "
                                  "'tr_filenames'")
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise ScoreError(f"score file {path} is truncated or corrupt ({exc})") from exc
     raise ScoreError(f"score file {path}: unsupported extension {path.suffix!r}; use .npy or .npz")
+
+
+def score_file_kind(path: Path) -> str | None:
+    """The score kind a file's layout names (NPZ_LAYOUTS), None for a bare array (any kind): read
+    from the .npz's key names alone."""
+    if path.suffix != ".npz" or not path.is_file():
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            keys = {n.removesuffix(".npy") for n in archive.namelist()}
+    except (OSError, zipfile.BadZipFile):
+        return None  # read_score_file says what is wrong with it
+    return next((layout.kind for layout in NPZ_LAYOUTS if layout.scores in keys), None)
+
+
+def check_score_kind(kind: str, path: Path | None) -> None:
+    """A score file whose layout names another kind than --score is refused: the kinds' easy ends may
+    differ (memorization: low = easy; c-score: high = easy), so the selection would be reversed."""
+    held = score_file_kind(Path(path)) if path is not None else None
+    if held is not None and held != kind:
+        raise ScoreError(f"score file {path} holds {SCORE_KINDS[held].description} (the published {held} layout), "
+                         f"but --score is {kind}; pass --score {held}, or a score file of {kind}")
 
 
 def base_names(names: np.ndarray) -> np.ndarray:

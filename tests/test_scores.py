@@ -1,6 +1,11 @@
 """Score files: loading and validation; selection on the real published CCFS score files."""
 from __future__ import annotations
 
+import io
+import os
+import pickle
+import zipfile
+
 import numpy as np
 import pytest
 from conftest import PUBLISHED_SCORES
@@ -164,3 +169,65 @@ def test_base_names_of_str_and_bytes_with_and_without_folders(tmp_path):
     path = tmp_path / "named.npz"
     np.savez(path, filenames=np.array(["b3.JPEG", "ü1.JPEG", "a2.JPEG"]), labels=labels[order], scores=scores[order])
     assert np.array_equal(load_scores(path, labels, None, lambda: pool), scores)
+
+
+POOL_NAMES = np.array([f"n0144{c}/n0144{c}_{k}.JPEG" for c in range(3) for k in range(4)])
+
+
+@pytest.mark.parametrize("dtype", ["S", "U", "object-bytes", "object-str"])
+def test_name_keyed_files_load_whatever_dtype_holds_the_names(tmp_path, dtype):
+    """The published ImageNet files store their names as object arrays of bytes (np.savez of
+    np.array(names, dtype=object)); fixed-width bytes and unicode and object arrays of str load too,
+    all to the same aligned scores, without a general unpickle."""
+    labels = np.repeat(np.arange(3), 4)
+    base = np.array([n.split("/")[-1] for n in POOL_NAMES])
+    perm = np.random.default_rng(0).permutation(12)
+    names = {"S": base.astype(bytes), "U": base, "object-bytes": np.array([n.encode() for n in base], dtype=object),
+             "object-str": np.array(list(base), dtype=object)}[dtype][perm]
+    scores = np.linspace(0, 1, 12)
+    np.savez(tmp_path / "c.npz", filenames=names, labels=labels[perm], scores=scores[perm])
+    aligned = load_scores(tmp_path / "c.npz", labels, [], lambda: POOL_NAMES)
+    np.testing.assert_array_equal(aligned, scores)
+
+
+class _Payload:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_pickle_that_would_run_code_is_refused_without_running_it(tmp_path):
+    """An .npz whose `filenames` member is a pickle calling os.system: one ScoreError naming the
+    refused global; the command never runs."""
+    marker = tmp_path / "ran"
+    with zipfile.ZipFile(tmp_path / "evil.npz", "w") as archive:
+        for key, array in (("scores", np.zeros(12)), ("labels", np.repeat(np.arange(3), 4))):
+            buf = io.BytesIO()
+            np.save(buf, array)
+            archive.writestr(f"{key}.npy", buf.getvalue())
+        buf = io.BytesIO()
+        np.lib.format.write_array_header_1_0(buf, {"descr": "|O", "fortran_order": False, "shape": (12,)})
+        pickle.dump(_Payload(str(marker)), buf, protocol=3)
+        archive.writestr("filenames.npy", buf.getvalue())
+    with pytest.raises(ScoreError, match=r"holds a pickled object other than an array of names \(posix.system\)"):
+        load_scores(tmp_path / "evil.npz", np.repeat(np.arange(3), 4), [], lambda: POOL_NAMES)
+    assert not marker.exists()
+
+
+def test_a_score_file_of_another_kind_is_refused(tmp_path):
+    """The published layouts name their kind: a c-score file under --score memorization (opposite easy
+    ends) is refused in one line naming what the file holds; a bare array is any kind."""
+    from ccfs_fast.scores import check_score_kind
+
+    np.savez(tmp_path / "c.npz", filenames=np.array([b"a"]), labels=np.zeros(1, int), scores=np.zeros(1))
+    np.savez(tmp_path / "m.npz", tr_filenames=np.array([b"a"]), tr_labels=np.zeros(1, int), tr_mem=np.zeros(1))
+    np.save(tmp_path / "f.npy", np.zeros(1))
+    with pytest.raises(ScoreError, match="holds consistency score .* but --score is memorization; pass --score cscore"):
+        check_score_kind("memorization", tmp_path / "c.npz")
+    with pytest.raises(ScoreError, match="holds memorization estimate .* but --score is cscore"):
+        check_score_kind("cscore", tmp_path / "m.npz")
+    for kind in ("forgetting", "cscore", "memorization"):
+        check_score_kind(kind, tmp_path / "f.npy")
+    check_score_kind("cscore", tmp_path / "c.npz")
