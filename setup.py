@@ -28,5 +28,5 @@ setup(
         "dev": ["pytest>=7", "ruff>=0.4", "hypothesis>=6.80", "tensorboard>=2.14"],
         "tb": ["tensorboard>=2.14"],  # --tensorboard: per-epoch curves as TensorBoard event files
     },
-    entry_points={"console_scripts": ["ccfs-fast=ccfs_fast.cli:main"]},
+    entry_points={"console_scripts": ["ccfs-fast=ccfs_fast.cli:entry"]},
 )

@@ -1,22 +1,24 @@
 """`ccfs-fast build`: one registry of dataset kinds, each a reader plus its output naming."""
 from __future__ import annotations
 
+import hashlib
 import shutil
 import sys
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 from ccfs_fast.errors import BuildError, UnknownNameError
-from ccfs_fast.outputs import missing_top, output_error
+from ccfs_fast.outputs import BUILD_HOLDER, RunLock, build_lock, missing_top, output_error
 
 from .arrays import read_arrays
 from .cifar import read_cifar
 from .image_folder import read_image_folder
 from .imagenet import read_imagenet
 from .jpeg_writer import JpegSettings, source_key, write_jpeg_beton
-from .manifest import Manifest, read_manifest
+from .manifest import Manifest, manifest_path, read_manifest
 from .parquet import read_parquet
 from .sources import ImageSource
 from .table import ImageTable
@@ -118,9 +120,16 @@ def build(config: BuildConfig) -> list[tuple[Path, Manifest, float]]:
     interrupted multi-split build: splits already built from the same source are kept (and said so),
     the missing ones are written."""
     outputs = output_paths(config)
-    created = missing_top(config.out) if not BUILD_KINDS[config.kind].single_file else None
+    single = BUILD_KINDS[config.kind].single_file
+    created = missing_top(config.out) if not single else None
     try:
-        return _build(config, outputs)
+        if not single:
+            try:
+                config.out.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise output_error(config.out, exc) from exc
+        with RunLock(config.out, build_lock(config.out, single), BUILD_HOLDER):  # one build per output
+            return _build(config, outputs)
     except BaseException:
         if created is not None and not any(path.exists() or Path(f"{path}.partial").exists()
                                            for path in outputs.values()):  # a partial one resumes
@@ -129,26 +138,23 @@ def build(config: BuildConfig) -> list[tuple[Path, Manifest, float]]:
 
 
 def _build(config: BuildConfig, outputs: dict[str, Path]) -> list[tuple[Path, Manifest, float]]:
-    if not BUILD_KINDS[config.kind].single_file:
-        try:
-            config.out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise output_error(config.out, exc) from exc
-    built = {split for split, path in outputs.items() if path.exists()}
+    built = {split for split, path in outputs.items() if whole_output(path)}
     partial = bool(built) and len(built) < len(outputs) and not config.overwrite
     start = time.perf_counter()
     if not BUILD_KINDS[config.kind].resumable:  # a resumable kind keeps a finished output of the same source
         for split, path in outputs.items():
             if not (partial and split in built):  # a kept split is checked against the source once it is read
+                whole_output(path)  # a partial output is removed, not refused
                 check_writable(path, config.overwrite or partial)
     contents = BUILD_KINDS[config.kind].read(config)
+    digest = build_digest(contents, config) if len(outputs) > 1 else None
     read_s = time.perf_counter() - start
     results = []
     for split, path in outputs.items():
         start = time.perf_counter()
         content = contents[split]
         if not isinstance(content, ImageTable):
-            results.append(_write_streamed(config, path, content))
+            results.append(_write_streamed(config, path, content, digest))
             continue
         if partial and split in built:
             manifest = kept_split(path, content)
@@ -156,7 +162,7 @@ def _build(config: BuildConfig, outputs: dict[str, Path]) -> list[tuple[Path, Ma
             print(f"{path} was already built from the same source; building the missing split: {missing}",
                   file=sys.stderr)
         else:
-            manifest = write_beton(content, path, config.overwrite or partial, config.workers)
+            manifest = write_beton(content, path, config.overwrite or partial, config.workers, digest)
         results.append((path, manifest, read_s / len(outputs) + time.perf_counter() - start))
     return results
 
@@ -178,7 +184,42 @@ def kept_split(path: Path, table: ImageTable) -> Manifest:
     return manifest
 
 
-def _write_streamed(config: BuildConfig, path: Path, files: ImageSource) -> tuple[Path, Manifest, float]:
+def build_digest(contents: dict[str, ImageTable | ImageSource], config: BuildConfig) -> str:
+    """One digest over every split's content (a table's content hash, a stream's source key), recorded
+    in each split's manifest: a folder holding splits of two sources (two builds raced, or one was
+    copied over) is refused by `run` instead of mixing datasets."""
+    digest = hashlib.sha256()
+    for split in sorted(contents):
+        content = contents[split]
+        part = content_hash(content) if isinstance(content, ImageTable) else source_key(content, config.jpeg())
+        digest.update(f"{split}:{part}\n".encode())
+    return digest.hexdigest()
+
+
+def whole_output(path: Path) -> bool:
+    """Whether `path` is a finished output: its .beton and its manifest, paired. A .beton without its
+    manifest, or a manifest without its .beton (an interrupted build), is a partial output: removed
+    with a note, then built again."""
+    from ccfs_fast.data import check_pair
+    from ccfs_fast.errors import DataError
+
+    beton, manifest = path, manifest_path(path)
+    if not beton.exists() and not manifest.exists():
+        return False
+    try:
+        check_pair(beton, read_manifest(beton))
+        return True
+    except DataError:
+        print(f"note: {path} is the partial output of an interrupted build (its .beton and manifest do not pair); "
+              "removed, building it again", file=sys.stderr)
+        for leftover in (beton, manifest):
+            with suppress(FileNotFoundError):
+                leftover.unlink()
+        return False
+
+
+def _write_streamed(config: BuildConfig, path: Path, files: ImageSource, digest: str | None = None
+                    ) -> tuple[Path, Manifest, float]:
     """Streams one split into a JPEG .beton; one already built whole from the same source and
     settings is kept, an interrupted one resumes (jpeg_writer)."""
     start = time.perf_counter()
@@ -188,7 +229,7 @@ def _write_streamed(config: BuildConfig, path: Path, files: ImageSource) -> tupl
         print(f"{path} was already built from the same files and settings; kept", file=sys.stderr)
         return path, kept, 0.0
     check_writable(path, config.overwrite)
-    manifest = write_jpeg_beton(files, path, settings, config.workers, BUILD_KINDS[config.kind].dataset)
+    manifest = write_jpeg_beton(files, path, settings, config.workers, BUILD_KINDS[config.kind].dataset, digest=digest)
     return path, manifest, time.perf_counter() - start
 
 
@@ -196,14 +237,8 @@ def kept_stream(path: Path, files: ImageSource, settings: JpegSettings) -> Manif
     """The manifest of an existing whole JPEG split built from `files` (the same names, labels, sizes
     and modification times) with `settings`, else None (check_writable then refuses an existing
     output without --overwrite)."""
-    from ccfs_fast.data import check_pair
-    from ccfs_fast.errors import DataError
 
-    if not path.exists():
+    if not whole_output(path):
         return None
-    try:
-        manifest = read_manifest(path)
-        check_pair(path, manifest)
-    except DataError:
-        return None
+    manifest = read_manifest(path)
     return manifest if manifest.source_key == source_key(files, settings) else None

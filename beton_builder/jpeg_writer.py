@@ -245,7 +245,8 @@ def _manifest(files: ImageSource, rows: _Rows, settings: JpegSettings, dataset: 
 
 
 def write_jpeg_beton(files: ImageSource, out: Path, settings: JpegSettings, workers: int, dataset: str | None = None,
-                     page_size: int = PAGE_SIZE, checkpoint_s: float = CHECKPOINT_S) -> Manifest:
+                     page_size: int = PAGE_SIZE, checkpoint_s: float = CHECKPOINT_S,
+                     digest: str | None = None) -> Manifest:
     """Writes `files` to `out` (.beton, JPEG images of varying size), `out`.json (manifest),
     `out`.files.npz (row file names) and `out`.rows.npz (pixel digests); resumes an interrupted build
     of the same list and settings (see the module docstring). `page_size` (a power of two, bytes) and
@@ -286,11 +287,13 @@ def write_jpeg_beton(files: ImageSource, out: Path, settings: JpegSettings, work
             raise output_error(out, exc) from exc
         manifest = _manifest(files, rows, settings, dataset)
         size, sha = partial.stat().st_size, file_sha256(partial)
-        manifest = replace(manifest, beton_size=size, beton_sha256=sha, source_key=key)
+        manifest = replace(manifest, beton_size=size, beton_sha256=sha, source_key=key, build_digest=digest)
+        # the sidecars and the manifest first, the .beton renamed into place last: a .beton never stands
+        # without its manifest (a full disk or a kill in between leaves a partial output, built again)
+        write_npz(files_path(out), names=np.asarray(files.names), beton_sha256=np.array(sha))
+        write_npz(row_digest_path(out), digests=rows.digests, beton_sha256=np.array(sha))
+        write_text(manifest_path(out), manifest.to_json())
         os.replace(partial, out)
     with suppress(OSError):
         record.unlink()
-    write_npz(files_path(out), names=np.asarray(files.names), beton_sha256=np.array(sha))
-    write_npz(row_digest_path(out), digests=rows.digests, beton_sha256=np.array(sha))
-    write_text(manifest_path(out), manifest.to_json())
     return manifest

@@ -34,6 +34,7 @@ class Manifest:
     class_counts: tuple[int, ...] | None = None  # images per class (builder version 3 and later)
     jpeg_quality: int | None = None  # image_storage jpeg: the JPEG quality the images were stored at
     source_key: str | None = None  # build imagenet: digest of the source files and settings (jpeg_writer.source_key)
+    build_digest: str | None = None  # one digest for every split of one build: splits of two sources never pair
 
     @property
     def variable_size(self) -> bool:

@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import multiprocessing
 import os
+import signal
 import sys
+import threading
+from contextlib import suppress
 from dataclasses import replace
 from pathlib import Path
 
@@ -69,10 +73,81 @@ def check_writable(out: Path, overwrite: bool) -> None:
         raise BuildError(f"{out.parent}: output folder is not writable; choose a writable place")
 
 
+class WorkerDied(Exception):
+    """A writing worker of FFCV's DatasetWriter ended abnormally (raised by the watchdog's signal)."""
+
+
 def _write_ffcv(tmp: str, table: ImageTable, workers: int) -> None:
+    """FFCV's DatasetWriter, run in the isolated child (processes.run_isolated), with a watchdog: FFCV's
+    main loop waits for its workers' progress forever, so a worker that dies (a full disk, out of
+    memory, a signal) would hang the build and leak FFCV's /dev/shm segment. Each worker's exception
+    is reported (one line, its errno kept), the others are killed, the segment is unlinked, and the
+    build fails within a fraction of a second."""
+    import ffcv.writer as ffcv_writer
+
+    failures = multiprocessing.get_context("fork").SimpleQueue()
+    job = ffcv_writer.worker_job_indexed_dataset
+
+    def guarded_job(*args: object) -> None:  # runs in each forked worker
+        try:
+            job(*args)
+        except BaseException as exc:
+            failures.put((type(exc).__name__, getattr(exc, "errno", None), " ".join(str(exc).split())[:200]))
+            os._exit(1)
+
+    def died(signum: int, frame: object) -> None:  # noqa: ARG001 - signal handler signature
+        raise WorkerDied
+
+    def stopped(signum: int, frame: object) -> None:  # noqa: ARG001 - the parent was interrupted: clean up, then go
+        raise SystemExit(128 + signum)
+
+    ffcv_writer.worker_job_indexed_dataset = guarded_job  # the writer looks it up when it starts its workers
+    signal.signal(signal.SIGUSR1, died)
+    signal.signal(signal.SIGTERM, stopped)
     writer = DatasetWriter(tmp, {"image": RGBImageField(write_mode="raw"), "label": IntField(), "index": IntField()},
                            num_workers=max(1, workers))
-    writer.from_indexed_dataset(_Rows(table), chunksize=1000)
+    stop = threading.Event()
+    threading.Thread(target=_watch_workers, args=(stop,), daemon=True).start()
+    try:
+        writer.from_indexed_dataset(_Rows(table), chunksize=1000)
+    except WorkerDied:
+        _end_workers(writer)
+        name, err, message = failures.get() if not failures.empty() else _death()
+        raise OSError(err, message) if err else BuildError(f"a writing worker failed ({name}: {message})") from None
+    except BaseException:
+        _end_workers(writer)
+        raise
+    finally:
+        stop.set()
+
+
+def _watch_workers(stop: threading.Event) -> None:
+    """Signals the main thread (SIGUSR1) when a child process ends with a non-zero exit code."""
+    while not stop.wait(0.1):
+        if any(p.exitcode not in (None, 0) for p in list(multiprocessing.process._children)):
+            os.kill(os.getpid(), signal.SIGUSR1)
+            return
+
+
+def _death() -> tuple[str, int | None, str]:
+    """What ended a worker that reported nothing itself: the signal that killed it."""
+    codes = [p.exitcode for p in list(multiprocessing.process._children) if p.exitcode not in (None, 0)]
+    code = codes[0] if codes else None
+    if code is not None and code < 0:
+        return "WorkerDied", None, f"killed by signal {signal.Signals(-code).name} (out of memory, or killed)"
+    return "WorkerDied", None, f"exit code {code}"
+
+
+def _end_workers(writer: DatasetWriter) -> None:
+    """Kills the writer's other workers (they wait for their turn forever) and unlinks its /dev/shm segment."""
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join(5)
+    segment = getattr(writer, "metadata_sm", None)
+    if segment is not None and not isinstance(segment, int):
+        with suppress(OSError):
+            segment.close()
+            segment.unlink()
 
 
 def table_manifest(table: ImageTable) -> Manifest:
@@ -84,17 +159,20 @@ def table_manifest(table: ImageTable) -> Manifest:
                     class_counts=tuple(int(v) for v in np.bincount(table.labels, minlength=len(table.class_names))))
 
 
-def write_beton(table: ImageTable, out: str | Path, overwrite: bool = False, workers: int = 2) -> Manifest:
+def write_beton(table: ImageTable, out: str | Path, overwrite: bool = False, workers: int = 2,
+                build_digest: str | None = None) -> Manifest:
     """Writes `table` to `out` (.beton), `out`.json (the manifest) and `out`.rows.npz (each row's
-    pixel digest, for the distilled-set overlap check). The .beton is written to a temp file by FFCV
-    in a child process group (an interrupt kills it with its workers) and renamed at the end; the
-    manifest records the file's size and digest, so a .beton and a manifest of different builds never
-    pass as a pair. A failure leaves no temp file and keeps any earlier output intact."""
+    pixel digest, for the distilled-set overlap check); `build_digest` (one for every split of a
+    build) goes into the manifest. The .beton is written to a temp file by FFCV in a child process
+    group (an interrupt kills it with its workers; a writing worker that dies fails it at once) and
+    renamed into place last, after its sidecars and manifest: a .beton never stands without the
+    manifest that records its size and digest. A failure leaves no temp file and keeps any earlier
+    output intact."""
     out = Path(out)
     check_writable(out, overwrite)
     for stale in remove_stale_temps(out.parent):
         print(f"removed {stale}, left by an interrupted build", file=sys.stderr)
-    manifest = table_manifest(table)
+    manifest = replace(table_manifest(table), build_digest=build_digest)
     with atomic_file(out) as tmp:
         failure = run_isolated(_write_ffcv, str(tmp), table, workers)
         if failure is not None:
@@ -103,6 +181,7 @@ def write_beton(table: ImageTable, out: str | Path, overwrite: bool = False, wor
                 raise output_error(out, OSError(err, os.strerror(err)))
             raise BuildError(f"writing {out} failed ({name}: {' '.join(message.split())[:200]})")
         manifest = replace(manifest, beton_size=tmp.stat().st_size, beton_sha256=file_sha256(tmp))
-    write_npz(row_digest_path(out), digests=row_digests(table.images), beton_sha256=np.array(manifest.beton_sha256))
-    write_text(manifest_path(out), manifest.to_json())
+        write_npz(row_digest_path(out), digests=row_digests(table.images),
+                  beton_sha256=np.array(manifest.beton_sha256))
+        write_text(manifest_path(out), manifest.to_json())
     return manifest

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -121,6 +122,10 @@ def _run_build(args: argparse.Namespace) -> Runner:
                 else "pass the dataset's folder or its downloaded archive")
         flag = "--images" if args.kind == "tensors" else "--src"
         raise BuildError(f"{flag} {missing}: no such file or folder; {hint}")
+    from .outputs import BUILD_HOLDER, build_lock, probe_lock
+
+    for single in (True, False):  # a build writing this output already: refused before the heavy imports
+        probe_lock(args.out, build_lock(args.out, single), BUILD_HOLDER)
     from beton_builder.build import BuildConfig, build
 
     from .tables import format_table
@@ -137,15 +142,21 @@ def _run_build(args: argparse.Namespace) -> Runner:
 
 
 def _split_args(args: argparse.Namespace, drop: tuple[str, ...] = ()) -> dict:
-    return {k: v for k, v in vars(args).items() if k not in ("handler", "command", "threads", *drop)}
+    return {k: v for k, v in vars(args).items() if k not in ("handler", "command", "threads", "version", *drop)}
 
 
 def _run_run(args: argparse.Namespace) -> Runner:
     from .config import make_run_config
-    from .outputs import probe_lock
+    from .outputs import output_dir_problem, probe_lock
 
+    # refusals that need no data come first, before any input is read or anything heavy imported
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume continues the run in --output-dir and --overwrite starts it over; pass one of them")
+    problem = output_dir_problem(args.output_dir, args.resume, args.overwrite)
+    if problem:
+        raise ConfigError(problem)
+    probe_lock(args.output_dir)
     cfg = make_run_config(args.preset, args.smoke, **_split_args(args, ("resume", "overwrite", "preset", "smoke")))
-    probe_lock(cfg.output_dir)
 
     def run() -> None:
         from .curriculum import run_curriculum
@@ -323,6 +334,8 @@ def _run_bench(args: argparse.Namespace) -> Runner:
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ccfs-fast", description=__doc__, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="store_true",
+                        help="print the versions of ccfs-fast, torch, torchvision, ffcv, numba, numpy and CUDA")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch / numba CPU threads (default: the cores, shared by torchrun's ranks)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -354,15 +367,49 @@ def _set_threads(threads: int | None) -> None:
     configure_threads(threads)
 
 
+def versions() -> str:
+    """`ccfs-fast --version`: the package and the versions of what it runs on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    parts = [f"ccfs-fast {__import__('ccfs_fast').__version__}"]
+    for dist in ("torch", "torchvision", "ffcv", "numba", "numpy"):
+        try:
+            parts.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
+            parts.append(f"{dist} (not installed)")
+    import torch
+
+    cuda = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA build"
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device visible"
+    return ", ".join(parts) + f"; {cuda}, {device}; Python {sys.version.split()[0]}"
+
+
+def resume_command(argv: Sequence[str]) -> str:
+    """The command that continues an interrupted `run`: the same arguments with --resume (and without
+    --overwrite, which would start over)."""
+    import shlex
+
+    kept = [a for a in argv if a not in ("--overwrite", "--resume")]
+    return shlex.join(["ccfs-fast", *kept, "--resume"])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser()
     if argv is None:
         argv = sys.argv[1:]
+    if not argv:  # no command: say what there is
+        parser.print_help()
+        return 0
+    if list(argv[:1]) == ["--version"]:
+        print(versions())
+        return 0
     if list(argv[:1]) == ["bench"] and (len(argv) == 1 or argv[1] in ("-h", "--help")):
         parser.parse_args(["bench", "--help"])  # lists the benchmarks and exits 0
     args = parser.parse_args(argv)
     from .processes import Terminated
 
+    # what an interrupted run prints last: the exact command that continues it
+    after = f"; continue with: {resume_command(argv)}" if args.command == "run" else ""
     try:
         runner = args.handler(args)  # checks arguments and paths before the heavy imports
         process_settings(args.threads)
@@ -371,13 +418,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ccfs-fast: error: {' '.join(str(exc).split())}", file=sys.stderr)  # always one line
         return 2
     except KeyboardInterrupt:
-        print("ccfs-fast: interrupted", file=sys.stderr)
+        print(f"ccfs-fast: interrupted{after}", file=sys.stderr)
         return 130
     except Terminated:
-        print("ccfs-fast: terminated", file=sys.stderr)
+        print(f"ccfs-fast: terminated{after}", file=sys.stderr)
         return 143
     return 0
 
 
+def entry() -> None:
+    """The console script (and `python -m ccfs_fast.cli`): main(), then the process ends at once. On a
+    machine or cgroup of one CPU, numba's TBB threading layer hangs the interpreter's shutdown once its
+    threads have started (a build printed its table and never exited); every output is written and
+    closed when main() returns, so nothing of that shutdown is needed."""
+    code = main()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -23,9 +23,11 @@ from .config import (
 )
 from .models import MODEL_NAMES_HELP
 from .normalization import NORMALIZE_HELP
+from .scores import SCORE_KINDS
 
 S = argparse.SUPPRESS  # defaults are filled later: preset (or run directory), then the config's own
-SCORE_HELP = "forgetting (low = easy) | cscore (high = easy) | logits (high true-class logit = easy)"
+SCORE_HELP = " | ".join(f"{k.name} ({'high true-class logit' if k.name == 'logits' else k.easy_end} = easy)"
+                       for k in SCORE_KINDS.values())
 METHOD_HELP = "simple (easiest first) | hard (hardest first) | random (seeded)"
 SHORTFALL_HELP = ("fill (top a short class up from its other teacher-correct images) | strict (stop with an error) "
                   "| short (leave it short, as the paper's code)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import zipfile
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -152,13 +153,14 @@ def survivor_rate(record: dict) -> float | None:
     return min(1.0, record["candidates"] / record["pool_evaluated"])  # state.json of older runs overcounted
 
 
-def write_audit(path: Path, passed: PassResult, labels: np.ndarray) -> None:
-    """phase{k}_candidates.npz: every predicted image (index, pred, logit, label) and how the pass
-    ran (pass_mode; per class stop_key / stop_index, the last predicted image in key order, and
-    exhausted, every eligible image predicted)."""
+def write_audit(path: Path, passed: PassResult, labels: np.ndarray, picked: np.ndarray) -> None:
+    """phase{k}_candidates.npz: every predicted image (index, pred, logit, label), how the pass ran
+    (pass_mode; per class stop_key / stop_index, the last predicted image in key order, and
+    exhausted, every eligible image predicted) and the curriculum's selection (`selected`, in order:
+    what --resume checks state.json against)."""
     write_npz(path, index=passed.index, pred=passed.pred, logit=passed.logit, label=labels[passed.index],
               pass_mode=np.array(passed.mode), stop_key=passed.stop_key, stop_index=passed.stop_index,
-              exhausted=passed.exhausted)
+              exhausted=passed.exhausted, selected=np.asarray(picked, np.int64))
 
 
 def _load_state(out: Path, cfg: RunConfig) -> dict:
@@ -205,6 +207,30 @@ def state_problem(state: object, cfg: RunConfig, out: Path) -> str | None:
                 f"selected {sum(p['selected'] for p in phases)}")
     if state.get("final") is not None and len(phases) != cfg.curriculum_num:
         return "has a final evaluation before its last curriculum"
+    return audit_mismatch(out, phases, selected)
+
+
+def audit_mismatch(out: Path, phases: list[dict], selected: list[int]) -> str | None:
+    """Whether state.json's selection is what each curriculum's audit file records it selected (an
+    edited or damaged state.json would otherwise resume into another selection)."""
+    start = 0
+    for phase in phases:
+        k, count = phase["phase"], phase["selected"]
+        mine = np.asarray(selected[start:start + count], np.int64)
+        start += count
+        try:
+            with np.load(out / f"phase{k}_candidates.npz") as audit:
+                recorded = audit["selected"] if "selected" in audit.files else None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            return f"cannot be checked: phase{k}_candidates.npz is unreadable ({type(exc).__name__})"
+        if recorded is None:  # audit files of older runs do not record the selection
+            continue
+        if not np.array_equal(recorded, mine):
+            at = next((i for i, (a, b) in enumerate(zip(mine, recorded)) if a != b), min(len(mine), len(recorded)))
+            shown = f"{mine[at]} where the audit has {recorded[at]}" if at < min(len(mine), len(recorded)) else \
+                f"{len(mine)} images where the audit has {len(recorded)}"
+            return (f"does not match phase{k}_candidates.npz: curriculum {k}'s selection differs at position {at} "
+                    f"({shown})")
     return None
 
 
@@ -286,8 +312,21 @@ def log_settings(state: dict, device: str) -> list[str]:
             used = [p["batch_size"] for p in state["phases"]]
             final = (state.get("final") or {}).get("batch_size")
             value = f"auto (curricula {used}" + (f", evaluation {final})" if final else ")")
+        value = resolved(key, value, state)
         lines.append(f"{key}: {value}")
     return lines
+
+
+def resolved(key: str, value: object, state: dict) -> object:
+    """A setting as the run resolved it, where the command line left it open: the teacher's
+    architecture (from its checkpoint) and the normalisation (the constants used)."""
+    if key == "teacher_model" and state.get("teacher_model"):
+        return state["teacher_model"] if value is None else value
+    norm = state.get("normalize")
+    if key == "normalize" and norm:
+        constants = f"mean {norm.get('mean')}, std {norm.get('std')}"
+        return f"{value or norm.get('source', 'resolved')} ({constants})"
+    return value
 
 
 def tf32_switches() -> dict:
@@ -339,6 +378,19 @@ def _check_models(cfg: RunConfig, side: int) -> None:
             tqdm.write(warning)
 
 
+def resume_line(state: dict, cfg: RunConfig) -> str:
+    """What a resumed run keeps and what it does next, in one line."""
+    done = len(state["phases"])
+    kept = "no curriculum" if not done else "curriculum 1" if done == 1 else f"curricula 1-{done}"
+    if done < cfg.curriculum_num:
+        following = f"continuing with curriculum {done + 1} of {cfg.curriculum_num}"
+    elif state.get("final") is None:
+        following = "continuing with the final evaluation"
+    else:
+        following = "the run had finished: rewriting its outputs"
+    return f"resuming {cfg.output_dir}: {kept} kept ({len(state['selected'])} images selected); {following}"
+
+
 def run_curves(out: Path, cfg: RunConfig, state: dict) -> CurveLog:
     """The run's curves (curves.csv, and tb/ with --tensorboard): a resumed run keeps the rows of the
     trainings it keeps (its finished curricula's filters, a finished final evaluation) and drops the
@@ -352,9 +404,11 @@ def run_curves(out: Path, cfg: RunConfig, state: dict) -> CurveLog:
 def _run(cfg: RunConfig, dist_ctx: DistContext, device: str, resume: bool, overwrite: bool) -> dict:
     out = cfg.output_dir
     if dist_ctx.is_main:
-        prepare_output_dir(out, resume, overwrite)
-        state = _load_state(out, cfg) if resume else {"version": STATE_VERSION, "settings": cfg.settings(),
-                                                       "phases": [], "selected": [], "final": None}
+        resuming = prepare_output_dir(out, resume, overwrite)
+        state = _load_state(out, cfg) if resuming else {"version": STATE_VERSION, "settings": cfg.settings(),
+                                                         "phases": [], "selected": [], "final": None}
+        if resuming:
+            print(resume_line(state, cfg), flush=True)
     barrier(dist_ctx)
     state = broadcast(state if dist_ctx.is_main else None, dist_ctx)
     fast = cfg.fast.resolve(device)
@@ -413,7 +467,7 @@ def _run(cfg: RunConfig, dist_ctx: DistContext, device: str, resume: bool, overw
         if main and line:
             tqdm.write(line)
         if main:
-            write_audit(out / f"phase{phase}_candidates.npz", outcome.passed, ws.pool_labels)
+            write_audit(out / f"phase{phase}_candidates.npz", outcome.passed, ws.pool_labels, outcome.picked)
             write_json(out / "state.json", state)
             _write_outputs(out, cfg, state)
     if state.get("final") is None:

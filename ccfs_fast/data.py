@@ -7,6 +7,7 @@ normalised on the device.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -383,6 +384,36 @@ def read_labels(beton: BetonFile, workers: int = 2) -> np.ndarray:
     return labels
 
 
+POSITIONAL = re.compile(r"^(?P<prefix>\D*)(?P<number>\d+)$")
+
+
+def positional(names: tuple[str, ...]) -> bool:
+    """Whether class names only count classes (`00000`.., `0`.., `new000`.., `c0`..: one prefix and the
+    numbers of a contiguous range), so that they map to classes by order, not by name."""
+    found = [POSITIONAL.match(n) for n in names]
+    if not all(found) or len({m["prefix"] for m in found}) != 1:
+        return False
+    numbers = sorted(int(m["number"]) for m in found)
+    return numbers == list(range(numbers[0], numbers[0] + len(numbers)))
+
+
+def check_class_names(pool: BetonFile, distilled: BetonFile) -> None:
+    """A distilled set names the pool's classes (wnids, CIFAR names) in the pool's order, or only counts
+    them (positional names, mapped by order). Names that differ would give classes another class's
+    label silently: refused, naming the first differences."""
+    theirs, ours = distilled.manifest.class_names, pool.manifest.class_names
+    if theirs == ours or positional(theirs) or positional(ours):
+        return
+    differ = [c for c, (a, b) in enumerate(zip(theirs, ours)) if a != b]
+    missing = sorted(set(ours) - set(theirs))
+    shown = "; ".join(f"label {c}: {theirs[c]!r} in the distilled set, {ours[c]!r} in the pool" for c in differ[:3])
+    hint = f" (the pool's {', '.join(map(repr, missing[:3]))} {'has' if len(missing) == 1 else 'have'} no folder)" \
+        if missing else " (the same names in another order)"
+    raise DataError(f"the distilled set {distilled.path} names its classes differently from the pool at "
+                    f"{len(differ)} of {len(ours)} labels{hint}: {shown}; rename its class folders to the pool's class "
+                    "names (or to numbers in class order) and rebuild it")
+
+
 class IndexSpace:
     """One index space over the pool (rows 0..n_pool-1) and the distilled set (n_pool..n_total-1).
     `norm` normalises every image read through it (default: the pool's measured statistics)."""
@@ -408,6 +439,7 @@ class IndexSpace:
             if dm.num_classes != pm.num_classes:
                 raise DataError(f"distilled set has {dm.num_classes} classes ({distilled.path}), the pool "
                                 f"{pm.num_classes} ({pool.path}); every class needs a distilled folder")
+            check_class_names(pool, distilled)
         self._sizes: torch.Tensor | None = None
 
     def decode(self, purpose: str) -> str:

@@ -38,5 +38,12 @@ class UnknownNameError(ConfigError):
     """A registry lookup failed; the message lists the valid names."""
 
     def __init__(self, kind: str, name: str, valid: list[str]):
-        super().__init__(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(sorted(valid))}")
+        super().__init__(f"unknown {kind} {name!r}; valid {plural(kind)}: {', '.join(sorted(valid))}")
         self.kind, self.name, self.valid = kind, name, valid
+
+
+def plural(noun: str) -> str:
+    """'policy' -> 'policies', 'kind' -> 'kinds' (the last word of a phrase)."""
+    if noun.endswith("y") and noun[-2:-1] not in "aeiou":
+        return noun[:-1] + "ies"
+    return noun + ("es" if noun.endswith(("s", "sh", "ch", "x")) else "s")

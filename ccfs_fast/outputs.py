@@ -8,6 +8,7 @@ import os
 import platform
 import re
 import shutil
+import sys
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -121,10 +122,15 @@ def ensure_writable(path: Path, what: str) -> None:
             from exc
 
 
-def probe_lock(folder: Path) -> None:
-    """Fails at once (before any heavy work) when another process holds `folder`'s run lock; the real
-    lock is taken by RunLock. Does nothing when there is no lock file yet."""
-    path = folder / LOCK_NAME
+RUN_HOLDER = "{place} is in use by another ccfs-fast run (pid {pid}); wait for it to finish or use another --output-dir"
+BUILD_HOLDER = ("{place} is being written by another ccfs-fast build (pid {pid}); wait for it to finish or choose "
+                "another --out")
+
+
+def probe_lock(folder: Path, lock: Path | None = None, holder: str = RUN_HOLDER) -> None:
+    """Fails at once (before any heavy work) when another process holds the lock (`lock`, default the
+    run lock of `folder`); the real lock is taken by RunLock. Does nothing when there is no lock file."""
+    path = lock or folder / LOCK_NAME
     try:
         fd = os.open(path, os.O_RDWR)
     except OSError:
@@ -132,35 +138,33 @@ def probe_lock(folder: Path) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        raise ConfigError(f"{folder} is in use by another ccfs-fast run (pid {holder}); wait for it to finish or "
-                          "use another --output-dir") from None
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        raise ConfigError(holder.format(place=folder, pid=pid)) from None
     finally:
         os.close(fd)
 
 
 class RunLock:
-    """An exclusive lock on a run directory for the life of the process (flock, so the kernel
-    releases it when the process dies, even by SIGKILL). The holder's PID is written into the lock
-    file, so a second run can name it."""
+    """An exclusive lock on a run directory (or, with `lock` and `holder`, on any output) for the life
+    of the process (flock, so the kernel releases it when the process dies, even by SIGKILL). The
+    holder's PID is written into the lock file, so a second process can name it."""
 
-    def __init__(self, folder: Path):
-        self.path = folder / LOCK_NAME
+    def __init__(self, folder: Path, lock: Path | None = None, holder: str = RUN_HOLDER):
+        self.folder, self.path, self.holder = folder, lock or folder / LOCK_NAME, holder
         self.fd: int | None = None
 
     def __enter__(self) -> RunLock:
         try:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise output_error(self.path, exc) from exc
+            raise output_error(self.folder, exc) from exc  # the place the user named, not the lock file
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            pid = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(self.fd)
             self.fd = None
-            raise ConfigError(f"{self.path.parent} is in use by another ccfs-fast run (pid {holder}); wait for it "
-                              "to finish or use another --output-dir") from None
+            raise ConfigError(self.holder.format(place=self.folder, pid=pid)) from None
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
         return self
@@ -169,6 +173,12 @@ class RunLock:
         if self.fd is not None:
             os.close(self.fd)  # releases the flock
             self.fd = None
+
+
+def build_lock(out: Path, single_file: bool) -> Path:
+    """The lock file of a build's output: beside a single .beton (`.distilled.beton.lock`), inside a
+    folder of splits (`.ccfs-fast-build.lock`)."""
+    return out.parent / f".{out.name}.lock" if single_file else out / ".ccfs-fast-build.lock"
 
 
 def _jsonable(value: object) -> object:
@@ -189,27 +199,55 @@ def run_files(output_dir: Path) -> list[Path]:
     return found + sorted(output_dir.glob("phase*_candidates.npz"))
 
 
-def prepare_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Checks a (locked) run directory: a non-empty one is refused unless resume (keeps it) or
-    overwrite (removes the run's own files, nothing else); temp files of dead runs are removed."""
+def leftovers(output_dir: Path) -> list[Path]:
+    """The run files in `output_dir` of a run that never finished a curriculum (no state.json): what a
+    run that failed early (a full disk, an interrupt) left; nothing to resume from."""
+    if (output_dir / "state.json").exists():
+        return []
+    return run_files(output_dir) + [output_dir / n for n in RUN_FOLDERS if (output_dir / n).is_dir()]
+
+
+def output_dir_problem(output_dir: Path, resume: bool, overwrite: bool) -> str | None:
+    """Why a run cannot use `output_dir` as asked (None when it can): a folder holding another run or
+    other files needs --resume or --overwrite. Cheap (a directory listing): checked before any import."""
+    if resume or overwrite or not output_dir.is_dir():
+        return None
+    existing = sorted(p for p in output_dir.iterdir() if p.name != LOCK_NAME and not TEMP_NAME.match(p.name))
+    foreign = [p for p in existing if p not in leftovers(output_dir)]
+    if not foreign:
+        return None
+    names = ", ".join(p.name for p in foreign[:3])
+    if (output_dir / "state.json").exists():
+        return (f"output directory {output_dir} holds a run ({names}...); pass --resume to continue it or --overwrite "
+                "to start over")
+    return f"output directory {output_dir} is not empty ({names}...); choose another --output-dir or pass --overwrite"
+
+
+def prepare_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> bool:
+    """Checks a (locked) run directory: a folder holding a run or other files is refused unless
+    resume (keeps it) or overwrite (removes the run's own files, nothing else); temp files of dead
+    runs, and the files of a run that never finished a curriculum, are removed (with a note). Returns
+    whether there is a run to resume (--resume with nothing to resume starts the run, saying so)."""
     remove_stale_temps(output_dir)
-    existing = sorted(p for p in output_dir.iterdir() if p.name != LOCK_NAME)
+    problem = output_dir_problem(output_dir, resume, overwrite)
+    if problem:
+        raise ConfigError(problem)
+    if resume and (output_dir / "state.json").is_file():
+        return True
     if resume:
-        if not (output_dir / "state.json").is_file():
-            raise ConfigError(f"--resume: {output_dir} has no state.json; nothing to resume (drop --resume)")
-        return
-    if existing and not overwrite:
-        names = ", ".join(p.name for p in existing[:3])
-        raise ConfigError(f"output directory {output_dir} is not empty ({names}...); pass --resume to continue "
-                          "that run or --overwrite to start over")
-    for path in run_files(output_dir):
+        print(f"note: --resume: {output_dir} holds no finished curriculum (no state.json); starting the run",
+              file=sys.stderr)
+    found = leftovers(output_dir) if not overwrite else run_files(output_dir) + \
+        [output_dir / n for n in RUN_FOLDERS if (output_dir / n).is_dir()]
+    if found and not overwrite:
+        print(f"note: removed {', '.join(p.name for p in found)}: the files of a run in {output_dir} that never "
+              "finished a curriculum", file=sys.stderr)
+    for path in found:
         try:
-            path.unlink()
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
         except OSError as exc:
             raise output_error(path, exc) from exc
-    for name in RUN_FOLDERS:
-        if (output_dir / name).is_dir():
-            shutil.rmtree(output_dir / name)
+    return False
 
 
 def cpu_model() -> str:

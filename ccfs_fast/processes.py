@@ -10,6 +10,7 @@ import math
 import multiprocessing
 import os
 import signal
+import sys
 import traceback
 from collections.abc import Callable
 from contextlib import suppress
@@ -110,11 +111,20 @@ def run_isolated(fn: Callable, *args: object) -> tuple[str, int | None, str] | N
         while proc.is_alive():
             proc.join(0.2)
     except BaseException:
+        # SIGTERM first: the child cleans up what outlives it (FFCV's /dev/shm segment), then SIGKILL
+        for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, None)):
+            with suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, sig)
+            proc.join(wait)
+            if not proc.is_alive():
+                break
         with suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.join()
+            os.killpg(proc.pid, signal.SIGKILL)  # its workers too
         raise
     outcome = errors.get() if not errors.empty() else ("ChildDied", None, f"exit code {proc.exitcode}", "")
+    if outcome is not None:
+        sys.stderr.write("\n")  # the child's progress bar may have stopped mid-line: the error starts on its own
+        sys.stderr.flush()
     return None if outcome is None else outcome[:3]
 
 

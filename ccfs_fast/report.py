@@ -36,9 +36,9 @@ def survivor_percent(frame: pd.DataFrame) -> pd.Series:
 
 
 def _phase_audits(run_dir: Path, metrics: dict) -> list[dict]:
-    """Per curriculum, from phase{k}_candidates.npz and the selection: the labels of the images it
-    selected, and the scores (in the score kind's own units) of its coarse candidates and of its
-    selection. Empty when an audit file is missing."""
+    """Per curriculum, from phase{k}_candidates.npz, the selection and metrics.json: the images it
+    selected per class, and the scores (in the score kind's own units) of its coarse candidates and of
+    its selection. Empty when an audit file is missing."""
     settings = metrics["settings"]
     kind = score_kind(settings["score"])
     selected = np.asarray(json.loads((run_dir / "selected_indices.json").read_text())["idx_selected"], np.int64)
@@ -53,9 +53,10 @@ def _phase_audits(run_dir: Path, metrics: dict) -> list[dict]:
         picked = selected[start:start + phase["selected"]]
         start += phase["selected"]
         position = {i: k for k, i in enumerate(index.tolist())}
-        rows = np.array([position[i] for i in picked.tolist()], np.int64)
+        # images `fill` added may not have been predicted: no audit row, so no logit of theirs
+        rows = np.array([position[i] for i in picked.tolist() if i in position], np.int64)
         coarse = (pred != label) if settings["select_misclassified"] else (pred == label)
-        out.append({"selected_labels": label[rows],
+        out.append({"selected_per_class": np.asarray(phase["selected_per_class"], np.int64),
                     "candidate_scores": values[index[coarse]] if values is not None else logit[coarse],
                     "selected_scores": values[picked] if values is not None else logit[rows]})
     return out
@@ -159,7 +160,7 @@ def _curves_panel(ax, run_dir: Path) -> None:
 def _per_class_panel(ax, audits: list[dict], frame: pd.DataFrame, names: list[str]) -> None:
     bottom = np.zeros(len(names))
     for k, audit in enumerate(audits, 1):
-        counts = np.bincount(audit["selected_labels"], minlength=len(names))
+        counts = audit["selected_per_class"]
         ax.bar(np.arange(len(names)), counts, bottom=bottom, width=0.85, label=f"curriculum {k}")
         bottom += counts
     due = np.cumsum(frame["curpc"].to_numpy())

@@ -18,7 +18,7 @@ from .coarse import CPU_MIN_CHUNK
 from .config import FastPath, distilled_shortage
 from .curves import CurveLog
 from .data import BetonFile, EvalLoader, IndexSpace, make_test_loader, read_labels
-from .digests import cache_dir, keyed_digest
+from .digests import cache_dir, fresh_digest, keyed_digest
 from .distributed import DistContext, broadcast, gather_concat, shard
 from .errors import ConfigError, DataError, ModelError, OutputError
 from .kernels import swap_cpu_kernels
@@ -161,6 +161,26 @@ class Workspace:
                           channels_last=bool(self.fast.infer_channels_last))
 
 
+def check_splits(pool: BetonFile, test: BetonFile) -> None:
+    """The pool and the test set are the two splits of one dataset, from one build: the same classes
+    (count and names), and, where the manifests record it, the same build digest (two builds into
+    one folder, racing or from different sources, would otherwise mix datasets silently)."""
+    pm, tm = pool.manifest, test.manifest
+    if tm.num_classes != pm.num_classes:
+        raise DataError(f"the pool has {pm.num_classes} classes but the test set {tm.num_classes}; use the two splits "
+                        "of one dataset")
+    if pm.build_digest and tm.build_digest and pm.build_digest != tm.build_digest:
+        raise DataError(f"the pool {pool.path} and the test set {test.path} come from two different builds (their "
+                        "manifests record different build digests: two builds wrote into one folder, or a split was "
+                        "copied from another build); rebuild both with one `ccfs-fast build ... --overwrite`")
+    differ = [c for c, (a, b) in enumerate(zip(pm.class_names, tm.class_names)) if a != b]
+    if differ:
+        c = differ[0]
+        raise DataError(f"the pool and the test set name their classes differently ({len(differ)} of {pm.num_classes}, "
+                        f"first class {c}: {pm.class_names[c]!r} / {tm.class_names[c]!r}); use the two splits of one "
+                        "dataset")
+
+
 def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {device} asked for, but torch sees no CUDA device; use --device cpu")
@@ -209,9 +229,7 @@ def open_workspace(pool: Path, test: Path, distilled: Path, teacher: Path, teach
     the train / eval side of a pool of varying image size (default 224); `train_data` see train_form;
     `check_overlap` False skips the distilled-overlap check (a set meant to hold pool images)."""
     pool_file, test_file, distilled_file = BetonFile.open(pool), BetonFile.open(test), BetonFile.open(distilled)
-    if test_file.manifest.num_classes != pool_file.manifest.num_classes:
-        raise DataError(f"the pool has {pool_file.manifest.num_classes} classes but the test set "
-                        f"{test_file.manifest.num_classes}; use the two splits of one dataset")
+    check_splits(pool_file, test_file)
     check_distinct(pool_file, test_file, distilled_file)
     checkpoint = read_checkpoint(teacher)
     arch = resolve_teacher_arch(teacher_model, checkpoint)
@@ -221,21 +239,19 @@ def open_workspace(pool: Path, test: Path, distilled: Path, teacher: Path, teach
     norm = resolve_normalization(parse_normalize(normalize), pm.dataset, tuple(pm.mean), tuple(pm.std),
                                  str(pool_file.path), recorded, str(teacher))
     space = IndexSpace(pool_file, distilled_file, norm, side)
-    warning = stem_warning(arch, space.side)
-    if warning and (dist is None or dist.is_main):
-        print(warning, file=sys.stderr)
     distilled_labels = read_labels(distilled_file, workers)
     rows = first_per_class(distilled_labels, cpc, distilled_file.manifest.class_names, distilled_file.path)
     # an exported set (eval --train-set) holds pool images by design: no overlap to warn of
     overlap = distilled_overlap(pool_file, distilled_file, rows, workers) if check_overlap else None
-    warning = overlap_warning(overlap, len(rows)) if overlap is not None else None
-    if warning and (dist is None or dist.is_main):
-        print(warning, file=sys.stderr)
     dev = resolve_device(device)
     fast = fast or FastPath().resolve(str(dev))
     model = load_teacher(arch, checkpoint, pm.num_classes, space.side, dev)
     if fast.infer_channels_last:  # the teacher only predicts
         model = model.to(memory_format=torch.channels_last)
+    # warnings about inputs once every input is accepted (never before an error about another one)
+    for warning in (stem_warning(arch, space.side), overlap_warning(overlap, len(rows)) if overlap else None):
+        if warning and (dist is None or dist.is_main):
+            print(warning, file=sys.stderr)
     return Workspace(space, test_file, read_labels(pool_file, workers), rows + space.n_pool, model, dev, workers,
                      eval_batch_size, dist or DistContext(), fast, arch, overlap, train_data)
 
@@ -304,6 +320,21 @@ def disagreement(ws: Workspace, pred: np.ndarray, sample: int = VERIFY_SAMPLE) -
                                     f"images whose prediction is clear (of {len(rows)} sampled)")
 
 
+def check_pool_unchanged(ws: Workspace) -> None:
+    """The pool file hashed now (not its remembered digest) against its manifest's record: a pool changed
+    in place with its modification time kept passes the cheap checks, and the teacher then disagrees
+    with a sound cache entry; the pool is named as the stale file instead of the cache being blamed."""
+    pool = ws.space.pool
+    recorded = pool.manifest.beton_sha256
+    if recorded is None:
+        return
+    actual = fresh_digest(pool.path)
+    if actual != recorded:
+        raise DataError(f"{pool.path}: its content (sha256 {actual[:12]}...) no longer matches its manifest's record "
+                        f"({recorded[:12]}...): the file changed after it was built, its modification time kept; "
+                        "rebuild it with `ccfs-fast build ... --overwrite`")
+
+
 def teacher_correct(ws: Workspace, teacher_digest: str) -> tuple[np.ndarray, np.ndarray, bool]:
     """The teacher pass (once): argmax on every pool image, unaugmented. Cached on disk under the
     digest of what it is computed from (teacher_pass_origin); a damaged entry is reported in one line,
@@ -316,6 +347,7 @@ def teacher_correct(ws: Workspace, teacher_digest: str) -> tuple[np.ndarray, np.
         damage = disagreement(ws, pred)
         if damage is None:
             return pred, pred == ws.pool_labels, True
+        check_pool_unchanged(ws)  # a signed entry the teacher disagrees with: is it the pool that changed?
     if damage and ws.dist.is_main:
         print(f"warning: teacher-pass cache {path} is damaged ({damage}); deleted, recomputing", file=sys.stderr)
         with suppress(OSError):

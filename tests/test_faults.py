@@ -142,11 +142,19 @@ def test_resume_with_unchanged_inputs_completes(interrupted_run, finished_run):
         (finished_run / "selected_indices.json").read_text())["idx_selected"]
 
 
+def _swapped(selected: list[int]) -> list[int]:
+    """One selected index replaced by a pool image the run did not select."""
+    other = next(i for i in range(800) if i not in set(selected))
+    return selected[:3] + [other] + selected[4:]
+
+
 @pytest.mark.parametrize("damage,needle", [
     (lambda s: s[: len(s) // 2], "is unreadable"),
     (lambda s: "not json at all", "is unreadable"),
     (lambda s: "{}", "is not a ccfs-fast run state"),
     (lambda s: json.dumps({**json.loads(s), "selected": json.loads(s)["selected"][:-30]}), "is inconsistent"),
+    (lambda s: json.dumps({**json.loads(s), "selected": _swapped(json.loads(s)["selected"])}),
+     "does not match phase1_candidates.npz: curriculum 1's selection differs at position 3"),
 ])
 def test_corrupt_state_json_is_one_clear_line(interrupted_run, capsys, damage, needle):
     out, data = interrupted_run
@@ -493,7 +501,7 @@ def test_read_only_places_give_one_line(engine_data, small_mount, capsys, big_ar
                  "--output", str(ro / "t.pt")]) == 2
     _one_line_error(capsys.readouterr().err, "cannot write there")
     assert main(["build", "arrays", "--src", str(big_arrays), "--out", str(ro / "b.beton")]) == 2
-    _one_line_error(capsys.readouterr().err, "not writable")
+    _one_line_error(capsys.readouterr().err, f"cannot write {ro / 'b.beton'}: Read-only file system")
 
 
 def test_disk_full_then_resume(engine_data, finished_run, small_mount, capsys):

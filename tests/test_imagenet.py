@@ -319,3 +319,28 @@ def test_jpeg_pool_export_keeps_the_stored_jpeg_bytes(ilsvrc, imagenet_run_input
     exported = BetonFile.open(tmp_path / "e" / "ccfs_set.beton")
     assert list(stored_bytes(exported, np.arange(len(rows) - len(real), len(rows)))) == stored
     assert read_labels(exported).tolist() == [int(r["label"]) for r in rows]
+
+
+def test_a_distilled_folder_with_one_wrong_wnid_is_refused(ilsvrc, imagenet_run_inputs, tmp_path):
+    """An RDED-style distilled folder of wnids with one wnid that is not the pool's: a real `run`
+    process exits 2 with one line naming the differences (every class after it would take another
+    class's label); the same folder with the right wnids runs."""
+    from formats import class_images
+
+    x, _ = class_images(12, 4, 32, seed=7, separation=40)
+    wrong = [*IMAGENET_WNIDS[:1], "n09999999", *IMAGENET_WNIDS[2:]]  # sorts last: labels 1-3 would shift
+    labels = np.repeat(np.arange(4), 3)
+    for name, wnids in (("wrong", wrong), ("right", IMAGENET_WNIDS)):
+        write_image_folder(tmp_path / name, x, labels, wnids)
+        assert main(["build", "folder", "--src", str(tmp_path / name), "--out", str(tmp_path / f"{name}.beton")]) == 0
+    inputs = {**imagenet_run_inputs, "distilled": tmp_path / "wrong.beton"}
+    done = subprocess.run([sys.executable, "-m", "ccfs_fast.cli", *_imagenet_run(ilsvrc, inputs, tmp_path / "run",
+                           "--score-path", str(inputs["scores"]), "--num-eval", "0")], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2
+    errors = [ln for ln in done.stderr.splitlines() if ln.startswith("ccfs-fast: error:")]
+    assert len(errors) == 1 and "names its classes differently from the pool at 3 of 4 labels" in errors[0]
+    assert "'n01443537' have no folder" not in errors[0] and "'n01443537'" in errors[0]
+    inputs["distilled"] = tmp_path / "right.beton"
+    assert main(_imagenet_run(ilsvrc, inputs, tmp_path / "run2", "--score-path", str(inputs["scores"]),
+                              "--num-eval", "0", "--curriculum-num", "1")) == 0
