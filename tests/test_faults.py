@@ -521,3 +521,28 @@ def test_disk_full_then_resume(engine_data, finished_run, small_mount, capsys):
     assert json.loads((out / "selected_indices.json").read_text())["idx_selected"] == json.loads(
         (finished_run / "selected_indices.json").read_text())["idx_selected"]
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+
+
+def test_a_pool_changed_in_place_is_named_not_blamed_on_the_cache(engine_data, finished_run, tmp_path, capsys):
+    """A pool .beton overwritten in place after it was checked, its size and modification time kept (so
+    its remembered digest still applies): the teacher disagrees with the (sound, signed) cached pass,
+    and the run names the pool as the file that changed instead of recomputing the cache and training
+    on it."""
+    pool = tmp_path / "pool.beton"
+    for suffix in ("", ".json", ".rows.npz"):
+        shutil.copy(f"{engine_data['pool']}{suffix}", f"{pool}{suffix}")
+    BetonFile.open(pool)  # checked once: its digest is remembered for this file as it is
+    stat = os.stat(pool)
+    from beton_builder.ffcv_import import Reader
+
+    table = Reader(str(pool)).alloc_table
+    with open(pool, "r+b") as fh:  # every image's pixels inverted, in place (FFCV's allocations)
+        for ptr, size in zip(table["ptr"].tolist(), table["size"].tolist()):
+            fh.seek(ptr)
+            pixels = np.frombuffer(fh.read(size), np.uint8)
+            fh.seek(ptr)
+            fh.write((255 - pixels).tobytes())
+    os.utime(pool, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    capsys.readouterr()
+    assert main(run_args({**engine_data, "pool": pool}, tmp_path / "run", "--num-eval", "0")) == 2
+    _one_line_error(capsys.readouterr().err, str(pool), "no longer matches its manifest", "modification time kept")
