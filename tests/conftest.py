@@ -108,3 +108,20 @@ def finished_run(engine_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "out"
     assert main(run_args(engine_data, out)) == 0
     return out
+
+
+def cli_env() -> dict:
+    """The environment of a `ccfs-fast` child process in the tests: unbuffered, so its lines arrive."""
+    import os
+
+    return {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def one_line_error(stderr: str, *needles: str) -> str:
+    """The single `ccfs-fast: error:` line of a command's stderr (progress bars split off), holding
+    every needle."""
+    lines = [ln for ln in stderr.replace("\r", "\n").splitlines() if ln.startswith("ccfs-fast: error:")]
+    assert len(lines) == 1, stderr[-2000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]

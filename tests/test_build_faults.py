@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import cli_env, one_line_error
 from formats import class_images, write_cifar10
 
 from beton_builder.manifest import manifest_path
@@ -25,15 +26,6 @@ CLI = [sys.executable, "-m", "ccfs_fast.cli"]
 ROOT = os.geteuid() == 0
 
 
-def _env() -> dict:
-    return {**os.environ, "PYTHONUNBUFFERED": "1"}
-
-
-def _one_line_error(stderr: str, *needles: str) -> None:
-    lines = [ln for ln in stderr.replace("\r", "\n").splitlines() if ln.startswith("ccfs-fast: error:")]
-    assert len(lines) == 1, stderr[-2000:]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -50,16 +42,16 @@ def test_two_builds_into_one_folder_never_mix(two_sources, tmp_path):
     pid); splits of two builds copied together are refused by the run's check, naming both files."""
     out = tmp_path / "data"
     first = subprocess.Popen([*CLI, "build", "cifar10", "--src", str(two_sources[0]), "--out", str(out)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=cli_env())
     deadline = time.time() + 120
     while not (out / ".ccfs-fast-build.lock").exists():
         assert first.poll() is None and time.time() < deadline, "the first build did not start"
         time.sleep(0.02)
     started = time.perf_counter()
     second = subprocess.run([*CLI, "build", "cifar10", "--src", str(two_sources[1]), "--out", str(out)],
-                            capture_output=True, text=True, env=_env(), timeout=120)
+                            capture_output=True, text=True, env=cli_env(), timeout=120)
     assert second.returncode == 2 and time.perf_counter() - started < 5
-    _one_line_error(second.stderr, "is being written by another ccfs-fast build", f"pid {first.pid}")
+    one_line_error(second.stderr, "is being written by another ccfs-fast build", f"pid {first.pid}")
     assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
     pool, test = BetonFile.open(out / "cifar10_train.beton"), BetonFile.open(out / "cifar10_test.beton")
     assert pool.manifest.build_digest and pool.manifest.build_digest == test.manifest.build_digest
@@ -89,10 +81,10 @@ def test_a_full_disk_fails_a_build_within_seconds(two_sources, tmp_path):
         before = _shm()
         started = time.perf_counter()
         done = subprocess.run([*CLI, "build", "cifar10", "--src", str(two_sources[0]), "--out", str(small / "data")],
-                              capture_output=True, text=True, env=_env(), timeout=120)
+                              capture_output=True, text=True, env=cli_env(), timeout=120)
         seconds = time.perf_counter() - started
         assert done.returncode == 2 and seconds < 60, (seconds, done.stderr[-2000:])
-        _one_line_error(done.stderr, "No space left on device", "free some space")
+        one_line_error(done.stderr, "No space left on device", "free some space")
         assert "Traceback" not in done.stderr
         time.sleep(0.5)
         assert _shm() - before == set(), "a /dev/shm segment outlived the build"
@@ -110,7 +102,7 @@ def test_a_build_on_one_cpu_exits(tmp_path):
     np.savez(tmp_path / "small.npz", x=x, y=y)
     done = subprocess.run(["taskset", "-c", "0", sys.executable, "-m", "ccfs_fast.cli", "build", "arrays", "--src",
                            str(tmp_path / "small.npz"), "--out", str(tmp_path / "s.beton")], capture_output=True,
-                          text=True, env=_env(), timeout=120)
+                          text=True, env=cli_env(), timeout=120)
     assert done.returncode == 0, done.stderr[-1500:]
     assert BetonFile.open(tmp_path / "s.beton").n == 200
 

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import read_all, run_args, set_flag
+from conftest import one_line_error, read_all, run_args, set_flag
 from formats import MTT_CIFAR10, class_images, write_hub_parquet, write_image_folder, write_tensor_pair
 
 from ccfs_fast.cli import main
@@ -21,12 +21,6 @@ def _build(capsys, *args: str) -> tuple[int, str]:
     code = main(["build", *args])
     return code, capsys.readouterr().err
 
-
-def _one_line_error(err: str, *needles: str) -> None:
-    lines = [ln for ln in err.splitlines() if ln.startswith("ccfs-fast: error:")]
-    assert len(lines) == 1, err[-1500:]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +105,7 @@ def test_bad_tensor_files_are_refused_in_one_line(tmp_path, capsys, distilled_pi
         out = tmp_path / f"{name.replace(' ', '_')}.beton"
         code, err = _build(capsys, "tensors", *args, "--out", str(out), "--normalized-with", "cifar10")
         assert code == 2, name
-        _one_line_error(err, needle)
+        one_line_error(err, needle)
         assert not out.exists() and "Traceback" not in err, name
     assert not (tmp_path / "ran").exists()  # the payload never ran
 
@@ -157,7 +151,7 @@ def test_parquet_label_columns_and_refusals(tmp_path, capsys, distilled_pixels):
     code, err = _build(capsys, "parquet", "--src", str(tmp_path / "fine"), "--out", str(tmp_path / "g.beton"),
                        "--label-column", "nope")
     assert code == 2
-    _one_line_error(err, "no column 'nope'", "fine_label")
+    one_line_error(err, "no column 'nope'", "fine_label")
     shard = next((tmp_path / "fine" / "data").glob("*.parquet"))
     table = pq.read_table(shard)
     words = pa.array([["dog", "cat", "bird"][int(v) % 3] for v in table.column("fine_label").to_pylist()])
@@ -171,11 +165,11 @@ def test_parquet_label_columns_and_refusals(tmp_path, capsys, distilled_pixels):
                    tmp_path / "unlabelled" / "test.parquet")
     code, err = _build(capsys, "parquet", "--src", str(tmp_path / "unlabelled"), "--out", str(tmp_path / "u.beton"))
     assert code == 2
-    _one_line_error(err, "unlabelled split")
+    one_line_error(err, "unlabelled split")
     code, err = _build(capsys, "parquet", "--src", str(tmp_path / "fine"), "--out", str(tmp_path / "i.beton"),
                        "--image-column", "img")
     assert code == 2
-    _one_line_error(err, "no image column 'img'")
+    one_line_error(err, "no image column 'img'")
 
 
 def _varying(n: int, seed: int) -> list[np.ndarray]:

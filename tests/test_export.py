@@ -10,18 +10,11 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import read_all, run_args
+from conftest import one_line_error, read_all, run_args
 from PIL import Image
 
 from ccfs_fast.cli import main
 from ccfs_fast.data import BetonFile
-
-
-def _one_line_error(err: str, *needles: str) -> None:
-    lines = [ln for ln in err.splitlines() if ln.startswith("ccfs-fast: error:")]
-    assert len(lines) == 1, err[-1500:]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def _run_set(run) -> tuple[np.ndarray, np.ndarray]:
@@ -79,12 +72,12 @@ def test_export_refusals_and_a_full_disk(finished_run, tmp_path, capsys):
     selection = json.loads((run / "selected_indices.json").read_text())
     (run / "selected_indices.json").write_text(json.dumps({**selection, "complete": False, "phases_done": 2}))
     assert main(["export", str(run), "--out", str(tmp_path / "e1")]) == 2
-    _one_line_error(capsys.readouterr().err, "unfinished run (2 curricula done)", "--allow-incomplete")
+    one_line_error(capsys.readouterr().err, "unfinished run (2 curricula done)", "--allow-incomplete")
     assert not (tmp_path / "e1").exists()
     assert main(["export", str(run), "--out", str(tmp_path / "e1"), "--allow-incomplete", "--format", "folder"]) == 0
     assert not (tmp_path / "e1" / "ccfs_set.beton").exists() and (tmp_path / "e1" / "manifest.csv").is_file()
     assert main(["export", str(finished_run), "--out", str(tmp_path / "e1")]) == 2
-    _one_line_error(capsys.readouterr().err, "already exists", "--overwrite")
+    one_line_error(capsys.readouterr().err, "already exists", "--overwrite")
     assert main(["export", str(finished_run), "--out", str(tmp_path / "e1"), "--overwrite", "--format", "beton"]) == 0
     assert (tmp_path / "e1" / "ccfs_set.beton").is_file() and not any(p.is_dir() for p in (tmp_path / "e1").iterdir())
     small = tmp_path / "small"
@@ -94,7 +87,7 @@ def test_export_refusals_and_a_full_disk(finished_run, tmp_path, capsys):
     try:
         capsys.readouterr()
         assert main(["export", str(finished_run), "--out", str(small / "e")]) == 2
-        _one_line_error(capsys.readouterr().err, "No space left on device", "free some space")
+        one_line_error(capsys.readouterr().err, "No space left on device", "free some space")
         assert list(small.iterdir()) == []  # no output, no temporary folder
     finally:
         subprocess.run(["umount", "-l", str(small)])
@@ -180,4 +173,4 @@ def test_selection_figure_and_report_on_a_cifar_format_run(finished_run, tmp_pat
         assert png.size == (1700, 1100)
     capsys.readouterr()
     assert main(["report", str(run), "--classes", "zebra"]) == 2
-    _one_line_error(capsys.readouterr().err, "--classes zebra: no such class", "class0")
+    one_line_error(capsys.readouterr().err, "--classes zebra: no such class", "class0")

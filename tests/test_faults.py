@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_args
+from conftest import cli_env, one_line_error, run_args
 from formats import class_images, write_cifar10
 
 from beton_builder.manifest import manifest_path
@@ -39,16 +39,6 @@ CLI = [sys.executable, "-m", "ccfs_fast.cli"]
 ROOT = os.geteuid() == 0
 
 
-def _env() -> dict:
-    return {**os.environ, "PYTHONUNBUFFERED": "1"}
-
-
-def _one_line_error(stderr: str, *needles: str) -> str:
-    lines = [ln for ln in stderr.replace("\r", "\n").splitlines() if ln.startswith("ccfs-fast: error:")]
-    assert len(lines) == 1, stderr[-2000:]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def _wait_for(predicate, proc: subprocess.Popen, seconds: float = 120, what: str = "") -> None:
@@ -77,16 +67,16 @@ def _processes_mentioning(text: str) -> list[int]:
 def test_second_run_on_a_locked_directory_is_refused(engine_data, tmp_path):
     out = tmp_path / "shared"
     first = subprocess.Popen([*CLI, *run_args(engine_data, out, "--epochs", "40", "--num-eval", "0")],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cli_env())
     try:
         _wait_for(lambda: (out / "state.json").is_file() or (out / "teacher_pass.npz").is_file(), first,
                   what="the first run to start writing")
         second = subprocess.run([*CLI, *run_args(engine_data, out, "--seed", "1")], capture_output=True, text=True,
-                                env=_env(), timeout=120)
+                                env=cli_env(), timeout=120)
         assert second.returncode == 2
-        _one_line_error(second.stderr, "in use by another ccfs-fast run", f"pid {first.pid}")
+        one_line_error(second.stderr, "in use by another ccfs-fast run", f"pid {first.pid}")
         resumed = subprocess.run([*CLI, *run_args(engine_data, out), "--resume"], capture_output=True, text=True,
-                                 env=_env(), timeout=120)
+                                 env=cli_env(), timeout=120)
         assert resumed.returncode == 2 and f"pid {first.pid}" in resumed.stderr
     finally:
         first.send_signal(signal.SIGKILL)
@@ -126,11 +116,11 @@ def test_resume_refuses_changed_inputs(interrupted_run, capsys):
     ckpt["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in ckpt["model"].items()}
     torch.save(ckpt, data["teacher"])  # another teacher of the same architecture, at the same path
     assert main(run_args(data, out, "--resume")) == 2
-    _one_line_error(capsys.readouterr().err, "the teacher file", "changed since the run started")
+    one_line_error(capsys.readouterr().err, "the teacher file", "changed since the run started")
     data["teacher"].write_bytes(original)
     np.save(data["scores"], np.load(data["scores"]) + 1)
     assert main(run_args(data, out, "--resume")) == 2
-    _one_line_error(capsys.readouterr().err, "the score file", "changed since the run started")
+    one_line_error(capsys.readouterr().err, "the score file", "changed since the run started")
 
 
 def test_resume_with_unchanged_inputs_completes(interrupted_run, finished_run):
@@ -161,7 +151,7 @@ def test_corrupt_state_json_is_one_clear_line(interrupted_run, capsys, damage, n
     state = out / "state.json"
     state.write_text(damage(state.read_text()))
     assert main(run_args(data, out, "--resume")) == 2
-    _one_line_error(capsys.readouterr().err, str(state), needle, "--overwrite")
+    one_line_error(capsys.readouterr().err, str(state), needle, "--overwrite")
 
 
 # --- the teacher-pass cache -----------------------------------------------------------------------
@@ -324,7 +314,7 @@ def test_stale_manifest_beside_a_new_beton_is_refused(engine_data, tmp_path, cap
         BetonFile.open(stale / "pool.beton")
     out = tmp_path / "run"
     assert main(run_args({**engine_data, "pool": stale / "pool.beton"}, out)) == 2
-    _one_line_error(capsys.readouterr().err, "does not match its manifest", "rebuild")
+    one_line_error(capsys.readouterr().err, "does not match its manifest", "rebuild")
     assert not out.exists()
 
 
@@ -349,7 +339,7 @@ def test_interrupted_build_leaves_no_temp_file_or_worker(big_arrays, tmp_path, s
     out = tmp_path / "out" / f"big-{sig.name}.beton"
     out.parent.mkdir()
     proc = subprocess.Popen([*CLI, "build", "arrays", "--src", str(big_arrays), "--out", str(out), "--workers", "2"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=cli_env(), start_new_session=True,
                             preexec_fn=_ctrl_c_as_at_a_terminal)
     _wait_for(lambda: any(p.name.startswith(f".{out.name}.tmp-") for p in out.parent.iterdir()), proc,
               what="the temp .beton to appear")
@@ -372,7 +362,7 @@ def test_interrupted_build_leaves_no_temp_file_or_worker(big_arrays, tmp_path, s
         x, y = class_images(20, 2, 8, seed=0)
         np.savez(tmp_path / "small.npz", x=x, y=y)
         rebuilt = subprocess.run([*CLI, "build", "arrays", "--src", str(tmp_path / "small.npz"), "--out",
-                                  str(out.parent / "small.beton")], capture_output=True, text=True, env=_env(),
+                                  str(out.parent / "small.beton")], capture_output=True, text=True, env=cli_env(),
                                  timeout=300)
         assert rebuilt.returncode == 0 and "left by an interrupted build" in rebuilt.stderr
         assert [p for p in out.parent.iterdir() if ".tmp-" in p.name] == []
@@ -400,7 +390,7 @@ def test_pool_workers_die_on_sigterm_under_the_cli_handler():
     inherit that, or Pool.terminate() can leave a worker holding the task queue's lock and the
     build hangs. Workers get the default SIGTERM back, pools shut down cleanly, nothing printed."""
     proc = subprocess.run([sys.executable, "-c", POOL_AFTER_SIGTERM_HANDLER], capture_output=True, text=True,
-                          timeout=120, env=_env())
+                          timeout=120, env=cli_env())
     assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stderr[-2000:]
     assert "Terminated" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
@@ -436,7 +426,7 @@ def test_eval_refuses_an_unfinished_selection(finished_run, engine_data, tmp_pat
             str(engine_data["distilled"]), "--teacher", str(engine_data["teacher"]), "--eval-model", "convnet_small",
             "--selection", str(path), "--epochs", "1", "--num-eval", "1", "--output", str(tmp_path / "r.json")]
     assert main(args) == 2
-    _one_line_error(capsys.readouterr().err, "unfinished run's selection", "--allow-incomplete", "--resume")
+    one_line_error(capsys.readouterr().err, "unfinished run's selection", "--allow-incomplete", "--resume")
     assert main([*args, "--allow-incomplete"]) == 0
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["ipc"] == 20 and sum(result["images_per_class"]) == 60 + 4 * 10
@@ -451,12 +441,12 @@ def test_bad_statistics_and_non_finite_teacher(engine_data, tmp_path, capsys):
     manifest["std"] = [0.0, 0.2, 0.2]
     manifest_path(bad / "pool.beton").write_text(json.dumps(manifest))
     assert main(run_args({**engine_data, "pool": bad / "pool.beton"}, tmp_path / "o1")) == 2
-    _one_line_error(capsys.readouterr().err, "std > 0")
+    one_line_error(capsys.readouterr().err, "std > 0")
     ckpt = torch.load(engine_data["teacher"], weights_only=True)
     ckpt["model"] = {k: v * float("nan") if v.is_floating_point() else v for k, v in ckpt["model"].items()}
     torch.save(ckpt, tmp_path / "nan.pt")
     assert main(run_args({**engine_data, "teacher": tmp_path / "nan.pt"}, tmp_path / "o2")) == 2
-    _one_line_error(capsys.readouterr().err, "non-finite logits on 800 of 800")
+    one_line_error(capsys.readouterr().err, "non-finite logits on 800 of 800")
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
 
 
@@ -469,7 +459,7 @@ def test_teacher_output_checked_before_training(engine_data, tmp_path, capsys):
     blocker.write_text("a file, not a folder")
     start = time.perf_counter()
     assert main([*args, "--output", str(blocker / "t.pt")]) == 2
-    _one_line_error(capsys.readouterr().err, "cannot write there")
+    one_line_error(capsys.readouterr().err, "cannot write there")
     assert time.perf_counter() - start < 20
 
 
@@ -496,12 +486,12 @@ def small_mount(tmp_path):
 def test_read_only_places_give_one_line(engine_data, small_mount, capsys, big_arrays):
     ro = small_mount("ro", "size=1m")
     assert main(run_args(engine_data, ro / "run")) == 2
-    _one_line_error(capsys.readouterr().err, "Read-only file system")
+    one_line_error(capsys.readouterr().err, "Read-only file system")
     assert main(["teacher", "--pool", str(engine_data["pool"]), "--test", str(engine_data["test"]),
                  "--output", str(ro / "t.pt")]) == 2
-    _one_line_error(capsys.readouterr().err, "cannot write there")
+    one_line_error(capsys.readouterr().err, "cannot write there")
     assert main(["build", "arrays", "--src", str(big_arrays), "--out", str(ro / "b.beton")]) == 2
-    _one_line_error(capsys.readouterr().err, f"cannot write {ro / 'b.beton'}: Read-only file system")
+    one_line_error(capsys.readouterr().err, f"cannot write {ro / 'b.beton'}: Read-only file system")
 
 
 def test_disk_full_then_resume(engine_data, finished_run, small_mount, capsys):
@@ -513,7 +503,7 @@ def test_disk_full_then_resume(engine_data, finished_run, small_mount, capsys):
     out = mnt / "run"
     filler.write_bytes(b"\0" * 8192)
     assert main(run_args(engine_data, out)) == 2
-    _one_line_error(capsys.readouterr().err, "No space left on device", "--resume")
+    one_line_error(capsys.readouterr().err, "No space left on device", "--resume")
     filler.unlink()
     subprocess.run(["mount", "-o", "remount,size=8m", str(mnt)], check=True)
     assert main(run_args(engine_data, out, "--resume")) == 0
@@ -545,4 +535,4 @@ def test_a_pool_changed_in_place_is_named_not_blamed_on_the_cache(engine_data, f
     os.utime(pool, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     capsys.readouterr()
     assert main(run_args({**engine_data, "pool": pool}, tmp_path / "run", "--num-eval", "0")) == 2
-    _one_line_error(capsys.readouterr().err, str(pool), "no longer matches its manifest", "modification time kept")
+    one_line_error(capsys.readouterr().err, str(pool), "no longer matches its manifest", "modification time kept")

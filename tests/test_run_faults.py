@@ -4,20 +4,16 @@ one CPU."""
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import signal
 import subprocess
 import sys
 import time
 
-from conftest import run_args
+from conftest import cli_env, run_args
 
 CLI = [sys.executable, "-m", "ccfs_fast.cli"]
 
-
-def _env() -> dict:
-    return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def _terminal_ctrl_c() -> None:
@@ -29,7 +25,7 @@ def test_ctrl_c_prints_the_command_that_continues(engine_data, tmp_path):
     command to continue; that command finishes the run and says which curricula it kept."""
     out = tmp_path / "run"
     argv = run_args(engine_data, out, "--epochs", "12", "--num-eval", "1")
-    proc = subprocess.Popen([*CLI, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+    proc = subprocess.Popen([*CLI, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(),
                             preexec_fn=_terminal_ctrl_c)
     deadline = time.time() + 300
     while not (out / "phase1_candidates.npz").is_file():
@@ -43,7 +39,7 @@ def test_ctrl_c_prints_the_command_that_continues(engine_data, tmp_path):
     expected = "ccfs-fast: interrupted; continue with: " + shlex.join(["ccfs-fast", *argv, "--resume"])
     assert last == expected
     command = shlex.split(last.split("continue with: ", 1)[1])
-    resumed = subprocess.run([*CLI, *command[1:]], capture_output=True, text=True, env=_env(), timeout=600)
+    resumed = subprocess.run([*CLI, *command[1:]], capture_output=True, text=True, env=cli_env(), timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resuming {out}: curricul" in resumed.stdout and "kept" in resumed.stdout
     assert json.loads((out / "selected_indices.json").read_text())["complete"]
@@ -57,7 +53,7 @@ def test_refusals_that_need_no_data_come_at_once(engine_data, tmp_path):
     for extra, needle in (((), "is not empty (notes.txt...)"), (("--resume", "--overwrite"), "pass one of them")):
         started = time.perf_counter()
         done = subprocess.run([*CLI, *run_args(engine_data, busy, *extra)], capture_output=True, text=True,
-                              env=_env(), timeout=60)
+                              env=cli_env(), timeout=60)
         seconds = time.perf_counter() - started
         assert done.returncode == 2 and seconds < 2.0, (seconds, done.stderr[-500:])
         lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
