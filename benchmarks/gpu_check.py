@@ -138,7 +138,58 @@ def stage_exactness(args: argparse.Namespace, sink: RowSink, steps: int = 12) ->
 
     graphs, eager = gap("graphs", "eager_a"), gap("eager_b", "eager_a")
     return {"graphs_vs_eager": graphs, "eager_vs_eager": eager, "passed": graphs == 0 or graphs <= eager,
-            "step_ms": ms}
+            "step_ms": ms, "capture_fallback": capture_fallback(device)}
+
+
+class _SyncsInCapture:
+    """A KD step that reads a value back to the host on its first calls: a capture of it is invalidated
+    (a synchronisation inside a capture), as an unsupported op would invalidate a real one."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def __getattr__(self, name: str):
+        return getattr(self.step, name)
+
+    def __call__(self, rows):
+        losses = self.step(rows)
+        if torch_is_capturing():
+            float(losses.sum())  # not allowed while capturing: the capture fails
+        return losses
+
+
+def torch_is_capturing() -> bool:
+    import torch
+
+    return torch.cuda.is_current_stream_capturing()
+
+
+def capture_fallback(device, steps: int = 30) -> dict:
+    """A capture made to fail on the device: it must raise CaptureFailed, and the eager steps after it
+    must neither grow the allocated memory (the allocator no longer routing to the failed capture's
+    pool) nor fail. Returns the figures and whether it held."""
+    import torch
+
+    from ccfs_fast.step import CaptureFailed, GraphedStep
+
+    from .train_throughput import make_step
+
+    step = make_step(device, 1, seed=3)
+    failed = None
+    try:
+        GraphedStep(_SyncsInCapture(step), [64], [3])
+    except CaptureFailed as exc:
+        failed = str(exc)[:160]
+    rows = torch.randint(0, 4096, (steps, 1, 64), device=device)
+    step.students.train()
+    allocated = []
+    for k in range(steps):
+        step(rows[k])
+        torch.cuda.synchronize(device)
+        allocated.append(torch.cuda.memory_allocated(device))
+    growth = allocated[-1] - allocated[steps // 3]
+    return {"capture_failed": failed, "allocated_growth_bytes": int(growth), "steps": steps,
+            "held": failed is not None and growth <= 1 << 20}
 
 
 def kd_order(quick: bool, cuda: bool) -> list[tuple[str, int]]:
@@ -304,11 +355,12 @@ def salvage_preset(bf16: bool) -> Callable[[Path], dict]:
 
 def parent_main(args: argparse.Namespace) -> dict:
     """Runs the stages in order, each in a child; JSON after each; the table and the headline lines last."""
+    started = time.perf_counter() - since_shell_start()  # the budget counts from the command's start
     cuda = _cuda_visible()
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         root = Path(tmp)
         stages = Stages(args.json, args.budget, root, {"config": {k: str(v) for k, v in vars(args).items()},
-                                                       "device": "cuda" if cuda else "cpu"})
+                                                       "device": "cuda" if cuda else "cpu"}, start=started)
         limits = dict(item.split("=", 1) for item in args.stage_limit)
         for name, stage in STAGES.items():
             if stage.cuda_only and not cuda:
@@ -325,12 +377,25 @@ def parent_main(args: argparse.Namespace) -> dict:
     return {"stages": stages.records}
 
 
+def since_shell_start() -> float:
+    """Seconds since benchmarks/gpu_check.sh started (its CCFS_CHECK_STARTED), 0 when run directly."""
+    import os
+
+    try:
+        return max(0.0, time.time() - float(os.environ.get("CCFS_CHECK_STARTED", "")))
+    except ValueError:
+        return 0.0
+
+
 def _cuda_visible() -> bool:
     """Whether a CUDA device is there, asked in a child so that this process never starts CUDA."""
     import subprocess
 
-    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
-                           capture_output=True, text=True, timeout=120)
+    try:
+        probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+                               capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return False  # recorded as device "cpu": the CUDA stages are then skipped, saying so
     return probe.stdout.strip().endswith("True")
 
 
@@ -350,8 +415,11 @@ def summary(stages: Stages) -> str:
                          f"{figures['complete']}; {figures['target_epochs']} epochs projected "
                          f"{'n/a' if projected is None else f'{projected:.1f} min'} (fixed {figures['fixed_s']:.0f} s)")
         if record["stage"] == "exactness" and figures:
+            fallback = figures["capture_fallback"]
             lines.append(f"exactness: graphs vs eager {figures['graphs_vs_eager']:.3g}, eager vs eager "
-                         f"{figures['eager_vs_eager']:.3g}: {'pass' if figures['passed'] else 'FAIL'}")
+                         f"{figures['eager_vs_eager']:.3g}: {'pass' if figures['passed'] else 'FAIL'}; a failed "
+                         f"capture then {fallback['steps']} eager steps: allocated memory grew "
+                         f"{fallback['allocated_growth_bytes']:,} bytes ({'pass' if fallback['held'] else 'FAIL'})")
     return "\n".join(lines)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from ccfs_fast.outputs import write_json
 from ccfs_fast.tables import format_table
 
-RESERVE_S = 10.0  # kept back from the budget for writing and the final table
+RESERVE_S = 10.0  # kept back from the budget for writing, the final table and a stage's stop (3 + 5 s)
 KILL_GRACE_S = 3.0  # a stage past its limit gets SIGTERM, then SIGKILL after this
 
 
@@ -161,7 +161,7 @@ class Stages:
 
 def _stop(child: subprocess.Popen) -> None:
     """SIGTERM to the child's process group, SIGKILL if it is still there after KILL_GRACE_S."""
-    for sig, wait in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, 30.0)):
+    for sig, wait in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(child.pid, sig)
         except ProcessLookupError:

@@ -20,7 +20,7 @@ import torch
 
 from ccfs_fast.config import PRESETS, TrainRecipe
 from ccfs_fast.datasets import auto_batch_size
-from ccfs_fast.errors import CCFSError
+from ccfs_fast.errors import CCFSError, one_line
 from ccfs_fast.models import create_model
 from ccfs_fast.select import curriculum_arrangement
 from ccfs_fast.step import GraphedStep, KDStep, Single, StepConfig
@@ -124,7 +124,7 @@ def measure_one(device: torch.device, mode: str, batch: int, precision: str, war
         return {**row, "graphs": want_graphs and off is None, "graphs_off": off, "step_ms": seconds * 1000,
                 "img_per_s": models * batch / seconds}
     except (RuntimeError, CCFSError) as exc:
-        return {**row, "skipped": " ".join(str(exc).split())[:160]}
+        return {**row, "skipped": one_line(exc)}
     finally:
         del step
         if device.type == "cuda":

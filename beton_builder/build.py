@@ -10,6 +10,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+from ccfs_fast.digests import row_digest_path
 from ccfs_fast.errors import BuildError, UnknownNameError
 from ccfs_fast.outputs import BUILD_HOLDER, RunLock, build_lock, missing_top, output_error
 
@@ -18,7 +19,7 @@ from .cifar import read_cifar
 from .image_folder import read_image_folder
 from .imagenet import read_imagenet
 from .jpeg_writer import JpegSettings, source_key, write_jpeg_beton
-from .manifest import Manifest, manifest_path, read_manifest
+from .manifest import Manifest, files_path, manifest_path, read_manifest
 from .parquet import read_parquet
 from .sources import ImageSource
 from .table import ImageTable
@@ -128,7 +129,7 @@ def build(config: BuildConfig) -> list[tuple[Path, Manifest, float]]:
                 config.out.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise output_error(config.out, exc) from exc
-        with RunLock(config.out, build_lock(config.out, single), BUILD_HOLDER):  # one build per output
+        with RunLock(config.out, build_lock(config.out, single), BUILD_HOLDER, remove=True):  # one build per output
             return _build(config, outputs)
     except BaseException:
         if created is not None and not any(path.exists() or Path(f"{path}.partial").exists()
@@ -197,24 +198,26 @@ def build_digest(contents: dict[str, ImageTable | ImageSource], config: BuildCon
 
 
 def whole_output(path: Path) -> bool:
-    """Whether `path` is a finished output: its .beton and its manifest, paired. A .beton without its
-    manifest, or a manifest without its .beton (an interrupted build), is a partial output: removed
-    with a note, then built again."""
+    """Whether `path` is a finished output: its .beton and its manifest, paired. A manifest (and
+    sidecars) without its .beton is what a build stopped before its last rename leaves (the .beton is
+    renamed into place last): removed with a note and built again. Anything else at `path` is left
+    to check_writable (an existing output needs --overwrite)."""
     from ccfs_fast.data import check_pair
     from ccfs_fast.errors import DataError
 
-    beton, manifest = path, manifest_path(path)
-    if not beton.exists() and not manifest.exists():
+    manifest = manifest_path(path)
+    if not path.exists():
+        if manifest.exists():
+            print(f"note: {manifest} is the manifest of an interrupted build of {path} (the .beton never arrived); "
+                  "removed, building it again", file=sys.stderr)
+            for leftover in (manifest, row_digest_path(path), files_path(path)):
+                with suppress(FileNotFoundError):
+                    leftover.unlink()
         return False
     try:
-        check_pair(beton, read_manifest(beton))
+        check_pair(path, read_manifest(path))
         return True
     except DataError:
-        print(f"note: {path} is the partial output of an interrupted build (its .beton and manifest do not pair); "
-              "removed, building it again", file=sys.stderr)
-        for leftover in (beton, manifest):
-            with suppress(FileNotFoundError):
-                leftover.unlink()
         return False
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ccfs_fast.digests import file_sha256, row_digest_path, row_digests
-from ccfs_fast.errors import BuildError
+from ccfs_fast.errors import BuildError, one_line
 from ccfs_fast.outputs import atomic_file, output_error, remove_stale_temps, write_npz, write_text
 from ccfs_fast.processes import run_isolated
 
@@ -92,7 +92,7 @@ def _write_ffcv(tmp: str, table: ImageTable, workers: int) -> None:
         try:
             job(*args)
         except BaseException as exc:
-            failures.put((type(exc).__name__, getattr(exc, "errno", None), " ".join(str(exc).split())[:200]))
+            failures.put((type(exc).__name__, getattr(exc, "errno", None), one_line(exc, 200)))
             os._exit(1)
 
     def died(signum: int, frame: object) -> None:  # noqa: ARG001 - signal handler signature

@@ -50,7 +50,7 @@ def build(kind: str, src: str | Path, out: str | Path, **options: object) -> lis
 def export(run_dir: str | Path, out: str | Path, **options: object) -> dict:
     """`ccfs-fast export`: a run's final set as an image folder, a .beton and manifest.csv; `options` are
     ExportConfig's (format, allow_incomplete, overwrite, workers)."""
-    from .export import export_run
+    from .set_export import export_run
 
     return export_run(ExportConfig(Path(run_dir), Path(out), **options))
 

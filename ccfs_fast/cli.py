@@ -296,7 +296,7 @@ def _run_export(args: argparse.Namespace) -> Runner:
     cfg = ExportConfig(args.run_dir, args.out, args.format, args.allow_incomplete, args.overwrite, args.workers)
 
     def run() -> None:
-        from .export import export_run
+        from .set_export import export_run
 
         export_run(cfg)
     return run
@@ -400,7 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv:  # no command: say what there is
         parser.print_help()
         return 0
-    if list(argv[:1]) == ["--version"]:
+    if "--version" in argv:
         print(versions())
         return 0
     if list(argv[:1]) == ["bench"] and (len(argv) == 1 or argv[1] in ("-h", "--help")):

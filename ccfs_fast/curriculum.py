@@ -24,6 +24,7 @@ from .distributed import DistContext, barrier, broadcast, init_distributed
 from .errors import ConfigError, ModelError
 from .models import check_model_name, stem_warning
 from .outputs import (
+    LOCK_NAME,
     RunLock,
     environment,
     missing_top,
@@ -355,6 +356,7 @@ def run_curriculum(cfg: RunConfig, resume: bool = False, overwrite: bool = False
     dist_ctx, device = init_distributed(cfg.device)
     out = cfg.output_dir
     created = missing_top(out) if dist_ctx.is_main else None  # the folders this run creates, parents included
+    ran_here = (out / LOCK_NAME).exists()  # an earlier ccfs-fast run used this folder (its lock file is there)
     try:
         if dist_ctx.is_main:
             try:
@@ -362,7 +364,7 @@ def run_curriculum(cfg: RunConfig, resume: bool = False, overwrite: bool = False
             except OSError as exc:
                 raise output_error(out, exc) from exc
         with RunLock(out) if dist_ctx.is_main else nullcontext():  # one run per output directory
-            return _run(cfg, dist_ctx, device, resume, overwrite)
+            return _run(cfg, dist_ctx, device, resume, overwrite, ran_here)
     except BaseException:
         if created is not None and not any(out.glob("phase*_candidates.npz")):
             shutil.rmtree(created, ignore_errors=True)
@@ -401,10 +403,11 @@ def run_curves(out: Path, cfg: RunConfig, state: dict) -> CurveLog:
     return CurveLog(out / "curves.csv", out / "tb", keep, cfg.tensorboard)
 
 
-def _run(cfg: RunConfig, dist_ctx: DistContext, device: str, resume: bool, overwrite: bool) -> dict:
+def _run(cfg: RunConfig, dist_ctx: DistContext, device: str, resume: bool, overwrite: bool,
+         ran_here: bool = True) -> dict:
     out = cfg.output_dir
     if dist_ctx.is_main:
-        resuming = prepare_output_dir(out, resume, overwrite)
+        resuming = prepare_output_dir(out, resume, overwrite, ran_here)
         state = _load_state(out, cfg) if resuming else {"version": STATE_VERSION, "settings": cfg.settings(),
                                                          "phases": [], "selected": [], "final": None}
         if resuming:

@@ -388,12 +388,12 @@ POSITIONAL = re.compile(r"^(?P<prefix>\D*)(?P<number>\d+)$")
 
 
 def positional(names: tuple[str, ...]) -> bool:
-    """Whether class names only count classes (`00000`.., `0`.., `new000`.., `c0`..: one prefix and the
-    numbers of a contiguous range), so that they map to classes by order, not by name."""
+    """Whether class names only count classes (`00000`.., `0`.., `new000`.., `c0`..: one prefix and, in
+    label order, consecutive numbers), so that they map to classes by order, not by name."""
     found = [POSITIONAL.match(n) for n in names]
     if not all(found) or len({m["prefix"] for m in found}) != 1:
         return False
-    numbers = sorted(int(m["number"]) for m in found)
+    numbers = [int(m["number"]) for m in found]  # in label order: c1, c10, c2 (sorted as text) is not
     return numbers == list(range(numbers[0], numbers[0] + len(numbers)))
 
 

@@ -47,3 +47,9 @@ def plural(noun: str) -> str:
     if noun.endswith("y") and noun[-2:-1] not in "aeiou":
         return noun[:-1] + "ies"
     return noun + ("es" if noun.endswith(("s", "sh", "ch", "x")) else "s")
+
+
+def one_line(exc: BaseException, limit: int = 160) -> str:
+    """An exception's message on one line (whitespace runs folded), at most `limit` characters; its
+    type's name when it has no message."""
+    return " ".join(str(exc).split())[:limit] or type(exc).__name__

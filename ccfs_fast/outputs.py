@@ -149,28 +149,40 @@ class RunLock:
     of the process (flock, so the kernel releases it when the process dies, even by SIGKILL). The
     holder's PID is written into the lock file, so a second process can name it."""
 
-    def __init__(self, folder: Path, lock: Path | None = None, holder: str = RUN_HOLDER):
-        self.folder, self.path, self.holder = folder, lock or folder / LOCK_NAME, holder
+    def __init__(self, folder: Path, lock: Path | None = None, holder: str = RUN_HOLDER, remove: bool = False):
+        """`remove`: the lock file is removed when the lock is released (a build's, beside its output:
+        nothing of a build stays behind; a run's lock file stays in its directory)."""
+        self.folder, self.path, self.holder, self.remove = folder, lock or folder / LOCK_NAME, holder, remove
         self.fd: int | None = None
 
     def __enter__(self) -> RunLock:
-        try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise output_error(self.folder, exc) from exc  # the place the user named, not the lock file
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        while True:
+            try:
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise output_error(self.folder, exc) from exc  # the place the user named, not the lock file
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(self.fd)
+                self.fd = None
+                raise ConfigError(self.holder.format(place=self.folder, pid=pid)) from None
+            try:  # a holder that removes its lock file may have done so since we opened it: lock the new one
+                if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             os.close(self.fd)
-            self.fd = None
-            raise ConfigError(self.holder.format(place=self.folder, pid=pid)) from None
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.fd is not None:
+            if self.remove:  # while still held: no other process can hold this file's lock now
+                with suppress(OSError):
+                    self.path.unlink()
             os.close(self.fd)  # releases the flock
             self.fd = None
 
@@ -199,21 +211,30 @@ def run_files(output_dir: Path) -> list[Path]:
     return found + sorted(output_dir.glob("phase*_candidates.npz"))
 
 
-def leftovers(output_dir: Path) -> list[Path]:
-    """The run files in `output_dir` of a run that never finished a curriculum (no state.json): what a
-    run that failed early (a full disk, an interrupt) left; nothing to resume from."""
-    if (output_dir / "state.json").exists():
-        return []
+def own_files(output_dir: Path) -> list[Path]:
+    """Every file and folder a run writes that exists in `output_dir`."""
     return run_files(output_dir) + [output_dir / n for n in RUN_FOLDERS if (output_dir / n).is_dir()]
 
 
-def output_dir_problem(output_dir: Path, resume: bool, overwrite: bool) -> str | None:
+def leftovers(output_dir: Path, ran_here: bool) -> list[Path]:
+    """The files in `output_dir` of a ccfs-fast run that never finished a curriculum (`ran_here`: a run
+    held its lock there; no state.json): what a run that failed early (a full disk, an interrupt)
+    left, nothing to resume from. Files of the same names that no run of ours wrote are never these."""
+    if not ran_here or (output_dir / "state.json").exists():
+        return []
+    return own_files(output_dir)
+
+
+def output_dir_problem(output_dir: Path, resume: bool, overwrite: bool, ran_here: bool | None = None) -> str | None:
     """Why a run cannot use `output_dir` as asked (None when it can): a folder holding another run or
-    other files needs --resume or --overwrite. Cheap (a directory listing): checked before any import."""
+    other files needs --resume or --overwrite. Cheap (a directory listing): checked before any import.
+    `ran_here` (default: its run lock file exists) tells whether a ccfs-fast run used the folder."""
     if resume or overwrite or not output_dir.is_dir():
         return None
+    ran_here = (output_dir / LOCK_NAME).exists() if ran_here is None else ran_here
     existing = sorted(p for p in output_dir.iterdir() if p.name != LOCK_NAME and not TEMP_NAME.match(p.name))
-    foreign = [p for p in existing if p not in leftovers(output_dir)]
+    early = set(leftovers(output_dir, ran_here))
+    foreign = [p for p in existing if p not in early]
     if not foreign:
         return None
     names = ", ".join(p.name for p in foreign[:3])
@@ -223,13 +244,13 @@ def output_dir_problem(output_dir: Path, resume: bool, overwrite: bool) -> str |
     return f"output directory {output_dir} is not empty ({names}...); choose another --output-dir or pass --overwrite"
 
 
-def prepare_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> bool:
+def prepare_output_dir(output_dir: Path, resume: bool, overwrite: bool, ran_here: bool = True) -> bool:
     """Checks a (locked) run directory: a folder holding a run or other files is refused unless
     resume (keeps it) or overwrite (removes the run's own files, nothing else); temp files of dead
     runs, and the files of a run that never finished a curriculum, are removed (with a note). Returns
     whether there is a run to resume (--resume with nothing to resume starts the run, saying so)."""
     remove_stale_temps(output_dir)
-    problem = output_dir_problem(output_dir, resume, overwrite)
+    problem = output_dir_problem(output_dir, resume, overwrite, ran_here)
     if problem:
         raise ConfigError(problem)
     if resume and (output_dir / "state.json").is_file():
@@ -237,8 +258,7 @@ def prepare_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> bool:
     if resume:
         print(f"note: --resume: {output_dir} holds no finished curriculum (no state.json); starting the run",
               file=sys.stderr)
-    found = leftovers(output_dir) if not overwrite else run_files(output_dir) + \
-        [output_dir / n for n in RUN_FOLDERS if (output_dir / n).is_dir()]
+    found = own_files(output_dir) if overwrite else leftovers(output_dir, ran_here)
     if found and not overwrite:
         print(f"note: removed {', '.join(p.name for p in found)}: the files of a run in {output_dir} that never "
               "finished a curriculum", file=sys.stderr)

@@ -5,12 +5,13 @@ a run directory by `ccfs-fast report RUN_DIR`."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .errors import CCFSError, ConfigError
+from .errors import CCFSError, ConfigError, DataError
 from .outputs import atomic_file, write_text
 from .scores import pool_order_scores, score_kind
 
@@ -215,5 +216,9 @@ def write_report(run_dir: str | Path, classes: list[str] | None = None) -> tuple
     _plot(run_dir, metrics, frame, run_dir / "report.png")
     from .selection_figure import write_selection_figure
 
-    write_selection_figure(run_dir, run_dir / "selection.png", classes)
+    try:
+        write_selection_figure(run_dir, run_dir / "selection.png", classes)
+    except DataError as exc:  # its pictures come from the run's .beton files, which may be gone
+        print(f"note: selection.png not drawn: {' '.join(str(exc).split())}", file=sys.stderr)
+        return run_dir / "metrics.csv", run_dir / "report.png"
     return run_dir / "metrics.csv", run_dir / "report.png", run_dir / "selection.png"

@@ -46,22 +46,22 @@ def easy_first_key(scores: np.ndarray, kind: str) -> np.ndarray:
 
 @dataclass(frozen=True)
 class NpzLayout:
-    """A published .npz layout: its scores, labels and file-names keys, and the score kind its scores
-    are."""
+    """An .npz layout: its scores, labels and file-names keys, and the score kind it names (None: any)."""
 
     scores: str
     labels: str
     names: str
-    kind: str
+    kind: str | None
 
 
-# The published layouts name their kind: c-scores (Jiang et al. 2021: `scores`, the CIFAR files and the
-# ImageNet file keyed by file name) and memorization estimates (Feldman & Zhang 2020: `tr_mem`); an
-# .npz whose key is a kind's own name holds that kind; a bare .npy (the paper's forgetting files) may
-# be any kind.
-NPZ_LAYOUTS = (NpzLayout("scores", "labels", "filenames", "cscore"),
+# Layouts that name their kind: the memorization estimates (Feldman & Zhang 2020: `tr_mem`), an .npz
+# under a kind's own name, and (score_file_kind) the c-scores keyed by file name (Jiang et al. 2021:
+# `scores` with `filenames`) and the published files shipped in scores/. Plain `scores` (optionally
+# `labels`) is any kind, as is a bare .npy (the paper's forgetting files).
+NPZ_LAYOUTS = (NpzLayout("scores", "labels", "filenames", None),
                NpzLayout("tr_mem", "tr_labels", "tr_filenames", "memorization"),
                *(NpzLayout(k, "labels", "filenames", k) for k in ("forgetting", "memorization", "cscore")))
+SHIPPED_KINDS = {"cscores_": "cscore", "forgetting_": "forgetting"}  # scores/ file name prefix -> kind
 
 
 @dataclass(frozen=True)
@@ -151,16 +151,40 @@ def read_score_file(path: Path) -> ScoreFile:
 
 
 def score_file_kind(path: Path) -> str | None:
-    """The score kind a file's layout names (NPZ_LAYOUTS), None for a bare array (any kind): read
-    from the .npz's key names alone."""
-    if path.suffix != ".npz" or not path.is_file():
+    """The score kind a file names, None when it may be any kind: from its .npz keys (NPZ_LAYOUTS;
+    `scores` with `filenames` is the published c-score layout) or, for the published files shipped in
+    scores/, from their recorded digests (SHA256SUMS)."""
+    path = Path(path)
+    if not path.is_file():
         return None
+    if path.suffix == ".npz":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                keys = {n.removesuffix(".npy") for n in archive.namelist()}
+        except (OSError, zipfile.BadZipFile):
+            return None  # read_score_file says what is wrong with it
+        named = next((layout.kind for layout in NPZ_LAYOUTS if layout.scores in keys and layout.kind), None)
+        if named or {"scores", "filenames"} <= keys:
+            return named or "cscore"
+    return shipped_kind(path)
+
+
+def shipped_kind(path: Path) -> str | None:
+    """The kind of a published score file shipped in scores/ (recognised by its content digest)."""
+    from .config import SCORES_DIR
+    from .digests import file_sha256
+
+    sums = SCORES_DIR / "SHA256SUMS"
     try:
-        with zipfile.ZipFile(path) as archive:
-            keys = {n.removesuffix(".npy") for n in archive.namelist()}
-    except (OSError, zipfile.BadZipFile):
-        return None  # read_score_file says what is wrong with it
-    return next((layout.kind for layout in NPZ_LAYOUTS if layout.scores in keys), None)
+        recorded = dict(line.split()[::-1] for line in sums.read_text().splitlines() if line.strip())
+    except (OSError, ValueError):
+        return None
+    sizes = {(SCORES_DIR / name).stat().st_size for name in recorded if (SCORES_DIR / name).is_file()}
+    if path.stat().st_size not in sizes:
+        return None  # not one of them: no need to hash it
+    digest = file_sha256(path)
+    name = next((n for n, d in recorded.items() if d == digest), "")
+    return next((kind for prefix, kind in SHIPPED_KINDS.items() if name.startswith(prefix)), None)
 
 
 def check_score_kind(kind: str, path: Path | None) -> None:
@@ -168,8 +192,9 @@ def check_score_kind(kind: str, path: Path | None) -> None:
     differ (memorization: low = easy; c-score: high = easy), so the selection would be reversed."""
     held = score_file_kind(Path(path)) if path is not None else None
     if held is not None and held != kind:
-        raise ScoreError(f"score file {path} holds {SCORE_KINDS[held].description} (the published {held} layout), "
-                         f"but --score is {kind}; pass --score {held}, or a score file of {kind}")
+        raise ScoreError(f"score file {path} holds {SCORE_KINDS[held].description} ({held}: "
+                         f"{SCORE_KINDS[held].easy_end} = easy), but --score is {kind} "
+                         f"({SCORE_KINDS[kind].easy_end} = easy); pass --score {held}, or a score file of {kind}")
 
 
 def base_names(names: np.ndarray) -> np.ndarray:

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from .augment import augment_batch, draw_augmentation, flips_from
 from .config import TrainRecipe
 from .data import IndexSpace, elementwise_threads, epoch_order
+from .errors import one_line
 from .processes import CpuShare
 from .train import TrainResult, full_precision, make_optimizer, make_scheduler
 
@@ -293,43 +294,45 @@ class CudaCapture:
         graph = torch.cuda.CUDAGraph()
         for g in generators:
             graph.register_generator_state(g)
+        pool = torch.cuda.graph_pool_handle()  # ours, so that a failed capture can release it
         torch.cuda.synchronize(self.device)
         with torch.cuda.stream(self.stream):
-            graph.capture_begin()
+            graph.capture_begin(pool=pool)
             try:
                 out = fn()
             except BaseException as exc:
-                self._abandon(graph)
+                self._abandon(graph, pool)
                 if isinstance(exc, Exception):
-                    raise CaptureFailed(_one_line(exc)) from exc
+                    raise CaptureFailed(one_line(exc)) from exc
                 raise
             try:
                 graph.capture_end()
             except Exception as exc:  # an invalidated capture raises here
-                self._abandon(graph)
-                raise CaptureFailed(_one_line(exc)) from exc
+                self._abandon(graph, pool, ended=False)
+                raise CaptureFailed(one_line(exc)) from exc
         return graph.replay, out
 
-    def _abandon(self, graph: torch.cuda.CUDAGraph) -> None:
-        with suppress(Exception):
-            graph.capture_end()  # ends the stream's capture when it is still open
-        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        with suppress(Exception):
-            pool = graph.pool()
-            for name in ("_cuda_endAllocateToPool", "_cuda_endAllocateCurrentStreamToPool"):  # by torch version
-                end = getattr(torch._C, name, None)
-                if end is not None:
-                    with suppress(Exception):  # raises when capture_end already ended the pool
-                        end(index, pool)
-                    break
+    def _abandon(self, graph: torch.cuda.CUDAGraph, pool: tuple, ended: bool | None = None) -> None:
+        """Ends an unfinished capture and frees what it held. A capture that still ends (fn raised a
+        Python error mid-capture) is an ordinary graph: reset() releases its pool. One that cannot end
+        (invalidated: cudaStreamEndCapture fails before torch ends the allocator's routing to the pool)
+        needs the routing ended and the pool released by hand, once each; reset() then has nothing
+        to do (its capture never ended), and the graph's destructor neither."""
+        if ended is None:
+            try:
+                graph.capture_end()  # ends the stream's capture, and the pool routing, when it can
+                ended = True
+            except Exception:
+                ended = False
+        if ended:
             with suppress(Exception):
-                torch._C._cuda_releasePool(index, pool)
+                graph.reset()
+            return
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        with suppress(Exception):  # raises if torch ended the routing itself before failing
+            torch._C._cuda_endAllocateToPool(index, pool)
         with suppress(Exception):
-            graph.reset()
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:160] or type(exc).__name__
+            torch._C._cuda_releasePool(index, pool)
 
 
 class GraphedStep:
@@ -347,7 +350,7 @@ class GraphedStep:
         try:
             capture = capture or CudaCapture(step.device)
         except (RuntimeError, ValueError, AssertionError) as exc:  # no CUDA stream on this device
-            raise CaptureFailed(_one_line(exc)) from exc
+            raise CaptureFailed(one_line(exc)) from exc
         count = len(step.generators)
         saved = step.snapshot()
         ok = False
@@ -463,7 +466,7 @@ def train_students(step: KDStep, seeds: list[int], batch_size: int, recipe: Trai
         try:
             runner = make_graphed(step, shapes, seeds)
         except (RuntimeError, AssertionError) as exc:  # CaptureFailed, or torch refusing to capture
-            plan = StepRun(False, f"cuda graphs: capture failed ({_one_line(exc)}); running eagerly", True,
+            plan = StepRun(False, f"cuda graphs: capture failed ({one_line(exc)}); running eagerly", True,
                            plan.train_data)
         plan.capture_s = time.perf_counter() - start
     if plan.asked and plan.note:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from .config import TrainRecipe
 from .data import norm_tensors
 from .datasets import auto_batch_size
-from .errors import ModelError, UnknownNameError
+from .errors import ModelError, UnknownNameError, one_line
 from .fused import FusedBank, check_fused
 from .kernels import swap_cpu_kernels
 from .models import create_model
@@ -173,7 +173,7 @@ def probe_layouts(ws: Workspace, resident: tuple, model_name: str, recipe: Train
             sync(ws.device)
             figures[layout] = {"step_ms": (time.perf_counter() - start) / steps * 1000, "cuda_graphs": graphs}
         except (ModelError, RuntimeError) as exc:
-            figures[layout] = {"error": " ".join(str(exc).split())[:160]}
+            figures[layout] = {"error": one_line(exc)}
         finally:
             if ws.device.type == "cuda":
                 torch.cuda.empty_cache()

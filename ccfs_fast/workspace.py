@@ -293,7 +293,7 @@ def read_cached_pass(path: Path, origin: dict, num_classes: int) -> tuple[np.nda
     if pred.shape != (origin["pool_n"],) or not np.issubdtype(pred.dtype, np.integer):
         return None, "its predictions have the wrong shape or type"
     expected = pred_checksum(pred, origin)
-    if expected is None or not hmac.compare_digest(expected, checksum):
+    if expected is None or not hmac.compare_digest(expected.encode(), checksum.encode("utf-8", "replace")):
         return None, "its contents do not match their signature (edited, or signed with another cache key)"
     if len(pred) and (pred.min() < 0 or pred.max() >= num_classes):
         return None, "predictions outside the classes"

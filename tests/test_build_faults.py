@@ -108,17 +108,19 @@ def test_a_build_on_one_cpu_exits(tmp_path):
 
 
 def test_a_half_written_output_is_built_again(tmp_path, capsys):
-    """A manifest without its .beton, or a .beton without its manifest (a build stopped between its
-    renames, a disk that filled): the next build says so and builds it again, instead of calling it an
-    existing output that needs --overwrite."""
+    """A manifest without its .beton (a build stopped before its last rename, a disk that filled): the
+    next build says so and builds it again, instead of calling it an existing output; a .beton without
+    a manifest (not one of ours: ours is renamed into place last) is never removed without --overwrite."""
     x, y = class_images(40, 4, 8, seed=0)
     np.savez(tmp_path / "a.npz", x=x, y=y)
     out = tmp_path / "d.beton"
     assert main(["build", "arrays", "--src", str(tmp_path / "a.npz"), "--out", str(out)]) == 0
-    manifest_path(out).unlink()  # a .beton whose manifest was never written
+    out.unlink()  # a manifest whose .beton never arrived
     capsys.readouterr()
     assert main(["build", "arrays", "--src", str(tmp_path / "a.npz"), "--out", str(out)]) == 0
-    assert "partial output of an interrupted build" in capsys.readouterr().err
-    out.unlink()  # a manifest whose .beton never arrived
-    assert main(["build", "arrays", "--src", str(tmp_path / "a.npz"), "--out", str(out)]) == 0
+    assert "the manifest of an interrupted build" in capsys.readouterr().err
     assert BetonFile.open(out).n == 40
+    manifest_path(out).unlink()  # a .beton with no manifest: someone else's file
+    assert main(["build", "arrays", "--src", str(tmp_path / "a.npz"), "--out", str(out)]) == 2
+    one_line_error(capsys.readouterr().err, "already exists", "--overwrite")
+    assert out.is_file()

@@ -140,7 +140,13 @@ def test_top_level_api():
     lazy = subprocess.run([sys.executable, "-c", "import ccfs_fast, sys; print('torch' in sys.modules)"],
                           capture_output=True, text=True, timeout=60)
     assert lazy.stdout.strip() == "False"  # `import ccfs_fast` imports nothing heavy
+    import importlib
+    import pkgutil
+
+    for module in pkgutil.iter_modules(ccfs_fast.__path__):  # importing a submodule sets a package attribute:
+        importlib.import_module(f"ccfs_fast.{module.name}")  # none may shadow an exported name
     for name in ccfs_fast.__all__:
-        assert getattr(ccfs_fast, name).__doc__, name
+        value = getattr(ccfs_fast, name)
+        assert callable(value) and value.__doc__, name
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         ccfs_fast.nope  # noqa: B018

@@ -124,7 +124,7 @@ def test_non_empty_output_dir_refused(finished_run, engine_data, capsys):
     before = (finished_run / "state.json").read_bytes()
     assert main(run_args(engine_data, finished_run)) == 2
     err = capsys.readouterr().err
-    assert "not empty" in err and "--resume" in err and "--overwrite" in err
+    assert "holds a run" in err and "--resume" in err and "--overwrite" in err
     assert (finished_run / "state.json").read_bytes() == before
 
 

@@ -111,9 +111,11 @@ def test_kd_stage_says_what_ran(tmp_path):
     modes = [r["mode"] for r in figures["rows"]]
     assert modes == ["eager", "bank_nchw", "bank_channels_last", "streams"]
     assert read_rows(tmp_path, "kd_fp32") == json.loads(json.dumps(figures["rows"]))
-    assert all(r["step_ms"] > 0 and r["graphs"] is False and r["precision"] == "fp32" for r in figures["rows"])
+    measured = [r for r in figures["rows"] if "skipped" not in r]
+    assert measured == figures["rows"]  # none skipped on the CPU
+    assert all(r["step_ms"] > 0 and r["graphs"] is False and r["graphs_off"] is None and r["precision"] == "fp32"
+               for r in measured)
     assert figures["targets"]["graphs_over_eager_b32"] is None  # batch 8 only
-    assert torch.device("cpu").type == "cpu"
 
 
 def test_device_environment_line():

@@ -62,14 +62,29 @@ def test_refusals_that_need_no_data_come_at_once(engine_data, tmp_path):
 
 def test_a_run_left_before_its_first_curriculum_is_started_afresh(engine_data, tmp_path, capsys):
     """What a run that failed before its first curriculum left (a full disk, an interrupt) does not
-    block the advice it gave: the same command, or with --resume, starts the run and says so."""
+    block the advice it gave: the same command, or with --resume, starts the run and says so; files of
+    those names in a folder no run used are never removed."""
     from ccfs_fast.cli import main
 
     out = tmp_path / "early"
     out.mkdir()
+    (out / ".ccfs-fast.lock").write_text("12345\n")  # a ccfs-fast run held this folder
     (out / "teacher_pass.npz").write_bytes(b"half written")
     (out / "curves.csv").write_text("training,model,epoch\n")
     assert main(run_args(engine_data, out, "--resume", "--num-eval", "0", "--epochs", "1")) == 0
     err = capsys.readouterr().err
     assert "--resume: " in err and "no finished curriculum" in err and "starting the run" in err
+    assert "removed curves.csv, teacher_pass.npz" in err
     assert json.loads((out / "selected_indices.json").read_text())["complete"]
+
+
+def test_files_no_run_wrote_are_never_removed(engine_data, tmp_path):
+    """A folder holding a selection and an eval.json of the paper's scripts (no ccfs-fast run used it)
+    is refused, not cleared."""
+    from ccfs_fast.cli import main
+
+    out = tmp_path / "papers"
+    out.mkdir()
+    (out / "selected_indices.json").write_text('{"ipc": 50, "alpha": 0.2, "idx_selected": []}')
+    assert main(run_args(engine_data, out)) == 2
+    assert (out / "selected_indices.json").is_file()

@@ -217,17 +217,24 @@ def test_a_pickle_that_would_run_code_is_refused_without_running_it(tmp_path):
 
 
 def test_a_score_file_of_another_kind_is_refused(tmp_path):
-    """The published layouts name their kind: a c-score file under --score memorization (opposite easy
-    ends) is refused in one line naming what the file holds; a bare array is any kind."""
+    """Layouts that name their kind (c-scores keyed by file name, memorization estimates) and the
+    published files shipped in scores/ are refused under another --score (their easy ends may be
+    opposite), in one line naming what the file holds; a bare array or plain `scores` is any kind."""
     from ccfs_fast.scores import check_score_kind
 
     np.savez(tmp_path / "c.npz", filenames=np.array([b"a"]), labels=np.zeros(1, int), scores=np.zeros(1))
     np.savez(tmp_path / "m.npz", tr_filenames=np.array([b"a"]), tr_labels=np.zeros(1, int), tr_mem=np.zeros(1))
     np.save(tmp_path / "f.npy", np.zeros(1))
-    with pytest.raises(ScoreError, match="holds consistency score .* but --score is memorization; pass --score cscore"):
+    with pytest.raises(ScoreError, match=r"holds consistency score .*\(cscore: high = easy\), but --score is "
+                                         r"memorization \(low = easy\); pass --score cscore"):
         check_score_kind("memorization", tmp_path / "c.npz")
     with pytest.raises(ScoreError, match="holds memorization estimate .* but --score is cscore"):
         check_score_kind("cscore", tmp_path / "m.npz")
+    with pytest.raises(ScoreError, match="pass --score cscore"):  # a published file, known by its digest
+        check_score_kind("forgetting", PUBLISHED_SCORES / "cscores_CIFAR10.npz")
+    np.savez(tmp_path / "plain.npz", scores=np.zeros(1), labels=np.zeros(1, int))  # the generic layout
     for kind in ("forgetting", "cscore", "memorization"):
         check_score_kind(kind, tmp_path / "f.npy")
+        check_score_kind(kind, tmp_path / "plain.npz")
     check_score_kind("cscore", tmp_path / "c.npz")
+    check_score_kind("forgetting", PUBLISHED_SCORES / "forgetting_CIFAR10.npy")

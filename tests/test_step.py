@@ -219,8 +219,9 @@ def test_a_failed_capture_trains_exactly_like_an_eager_only_run(small_space, fai
     assert all(a is not b for a, b in zip(step.generators, gens))
     for key, value in eager.state_dict().items():
         assert torch.equal(fell_back.state_dict()[key], value), key
-    assert [r.epochs for r in results] != [] and [[e["loss"] for e in r.epochs] for r in results] == \
-        [[e["loss"] for e in r.epochs] for r in eager_results]
+    losses = [[e["loss"] for e in r.epochs] for r in results]
+    assert len(losses) == len(seeds) and all(len(per_model) == RECIPE.epochs for per_model in losses)
+    assert losses == [[e["loss"] for e in r.epochs] for r in eager_results]
 
 
 def test_epoch_records_and_timing(small_space):

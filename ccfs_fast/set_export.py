@@ -4,10 +4,12 @@ dataset names its classes), a `.beton` that `run`, `eval` and FFCV read directly
 
 Raw images are written as PNG (lossless), a JPEG .beton's images as their stored JPEG bytes (never
 re-encoded). File names keep the set's order and say the source: `000042_pool_0012345.png`,
-`000003_distilled_000003.png`. The folder, in ImageFolder order (classes, then file names), holds the
+`000003_distilled_0000003.png`. The folder, in ImageFolder order (classes, then file names), holds the
 set in the run's order within each class; the .beton keeps the run's exact order, so training on it
-(`eval --train-set`) repeats the run's final evaluation. Everything is written into a temporary folder
-beside the output and renamed into place at the end: a failure or Ctrl-C leaves nothing half-written."""
+(`eval --train-set`) repeats the run's final evaluation (where the pool and the distilled set are
+stored alike: a raw distilled set beside a JPEG pool goes into the .beton as JPEG). Everything is
+written into a temporary folder beside the output and renamed into place at the end: a failure or
+Ctrl-C leaves nothing half-written."""
 from __future__ import annotations
 
 import csv
@@ -128,15 +130,16 @@ def export_run(cfg: ExportConfig) -> dict:
     extension = {"distilled": "jpg" if run.distilled.manifest.variable_size else "png",
                  "pool": "jpg" if run.pool.manifest.variable_size else "png"}
     names = file_names(run, extension)
-    tmp = cfg.out.with_name(f".{cfg.out.name}.tmp-{os.getpid()}")
+    out = cfg.out.resolve()  # `--out .` has no name to put a temporary folder beside
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        cfg.out.parent.mkdir(parents=True, exist_ok=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
         pixels, encoded = _write_files(run, tmp, names, cfg.format in ("folder", "both"))
         if cfg.format in ("beton", "both"):
             _write_beton(run, tmp, names, pixels, encoded, cfg.workers)
         _write_manifest(tmp / "manifest.csv", manifest_rows(run, names))
-        _put_in_place(tmp, cfg.out, cfg.overwrite)
+        _put_in_place(tmp, out, cfg.overwrite)
     except OSError as exc:
         raise output_error(cfg.out, exc) from exc
     finally:
