@@ -145,8 +145,7 @@ def _build(config: BuildConfig, outputs: dict[str, Path]) -> list[tuple[Path, Ma
     if not BUILD_KINDS[config.kind].resumable:  # a resumable kind keeps a finished output of the same source
         for split, path in outputs.items():
             if not (partial and split in built):  # a kept split is checked against the source once it is read
-                whole_output(path)  # a partial output is removed, not refused
-                check_writable(path, config.overwrite or partial)
+                check_writable(path, config.overwrite or partial)  # `built` above removed a partial output
     contents = BUILD_KINDS[config.kind].read(config)
     digest = build_digest(contents, config) if len(outputs) > 1 else None
     read_s = time.perf_counter() - start
