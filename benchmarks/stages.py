@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ccfs_fast.outputs import write_json
+from ccfs_fast.processes import die_with_parent
 from ccfs_fast.tables import format_table
 
 RESERVE_S = 10.0  # kept back from the budget for writing, the final table and a stage's stop (3 + 5 s)
@@ -26,13 +27,14 @@ KILL_GRACE_S = 3.0  # a stage past its limit gets SIGTERM, then SIGKILL after th
 @dataclass(frozen=True)
 class Stage:
     """One stage: its own time limit (`cap_s`), the least time it needs (`min_s`), the stages whose
-    success it needs (`needs`) and whether it runs only on CUDA."""
+    success it needs (`needs`), whether it runs only on CUDA, and environment variables for its child."""
 
     name: str
     cap_s: float
     min_s: float
     needs: tuple[str, ...] = ()
     cuda_only: bool = False
+    env: tuple[tuple[str, str], ...] = ()  # set in this stage's child only
 
 
 def rows_path(root: Path, name: str) -> Path:
@@ -111,8 +113,11 @@ class Stages:
         record: dict = {"stage": stage.name, "limit_s": round(limit, 1), "min_s": stage.min_s}
         began = time.perf_counter()
         with open(log_path(self.root, stage.name), "w") as log:
+            # its own process group (stopped whole at its limit), and killed by the kernel if this
+            # parent dies first (a check killed by its caller's time limit leaves no stage holding the GPU)
             child = subprocess.Popen(argv + ["--limit", f"{limit:.1f}"], stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=die_with_parent,
+                                     env={**os.environ, **dict(stage.env)})
             record["pid"] = child.pid
             try:
                 code = child.wait(timeout=limit)

@@ -5,7 +5,10 @@ trained as one fused bank (`bank`, graphs on CUDA when they capture); plus a pro
 
 A step = each model's batch gathered from the resident uint8 set, augmented on the device, teacher
 (resnet18) forward, student forward and backward, KD loss, SGD step. img/s counts model-images (a
-bank step of batch b trains 5 b). Run: `ccfs-fast bench train [--quick] [--json FILE]`.
+bank step of batch b trains 5 b). The modes a ratio compares are measured together in one process, their
+steps interleaved (graphs with eager; the 5 models together with the same 5 models trained one after
+another by the single-model step, graphed on CUDA), and each ratio names its denominator.
+Run: `ccfs-fast bench train [--quick] [--json FILE]`.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from ccfs_fast.step import GraphedStep, KDStep, Single, StepConfig
 from ccfs_fast.tables import format_table
 from ccfs_fast.train import sync
 
-from .common import HelpFormatter, write_rows
+from .common import HelpFormatter, interleaved_medians, write_rows
 
 BANK = 5
 SIDE, CLASSES, RESIDENT = 32, 10, 4096
@@ -63,73 +66,125 @@ def _layout(cuda: bool) -> torch.memory_format:
     return torch.channels_last if cuda else torch.contiguous_format
 
 
-def step_seconds(step: KDStep, batch: int, graphs: bool, warmup: int, repeats: int) -> tuple[float, str | None]:
-    """(median seconds of one step of every model at batch `batch`, why graphs did not run or None).
+def bench_rows(steps: int, models: int, batch: int, high: int, device: torch.device, seed: int = 1) -> torch.Tensor:
+    """Random train-set rows int64 [steps, models, batch] drawn on the CPU from a generator of their own,
+    then moved: never from a device's default generator, which a failed CUDA graph capture can leave
+    in capture mode (a later draw from it raises)."""
+    return torch.randint(0, high, (steps, models, batch), generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def runner_for(step: KDStep, batch: int, graphs: bool) -> tuple[Callable[[torch.Tensor], torch.Tensor], str | None]:
+    """(the step, captured into a CUDA graph at `batch` when `graphs`, why graphs did not run or None).
     A capture that fails runs the step eagerly, and says so."""
-    device = step.device
-    runner, off = step, None
-    if graphs:
-        try:
-            runner = GraphedStep(step, [batch], [0] * len(step.generators))
-        except (RuntimeError, AssertionError) as exc:
-            off = f"capture failed ({' '.join(str(exc).split())[:120]}); ran eagerly"
-    rows = torch.randint(0, step.images.shape[0], (repeats + warmup, len(step.generators), batch), device=device)
+    if not graphs:
+        return step, None
+    try:
+        return GraphedStep(step, [batch], [0] * len(step.generators)), None
+    except (RuntimeError, AssertionError) as exc:
+        return step, f"capture failed ({' '.join(str(exc).split())[:120]}); ran eagerly"
+
+
+def timed_step(step: KDStep, runner: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor) -> float:
+    """Seconds of one step of every model, the device's queue drained before and after."""
+    sync(step.device)
+    start = time.perf_counter()
+    runner(rows)
+    sync(step.device)
+    return time.perf_counter() - start
+
+
+def step_seconds(step: KDStep, batch: int, graphs: bool, warmup: int, repeats: int) -> tuple[float, str | None]:
+    """(median seconds of one step of every model at batch `batch`, why graphs did not run or None)."""
+    runner, off = runner_for(step, batch, graphs)
+    rows = bench_rows(repeats + warmup, len(step.generators), batch, step.images.shape[0], step.device)
     step.students.train()
-    times = []
-    for k in range(warmup + repeats):
-        sync(device)
-        start = time.perf_counter()
-        runner(rows[k])
-        sync(device)
-        if k >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times), off
+    times = [timed_step(step, runner, rows[k]) for k in range(warmup + repeats)]
+    return statistics.median(times[warmup:]), off
 
 
-def measure(device: torch.device, batch_sizes: list[int], modes: list[str], warmup: int, repeats: int,
+def measure(device: torch.device, groups: list[tuple[int, list[str]]], warmup: int, repeats: int,
             precisions: tuple[str, ...] = ("fp32",), model: str = "resnet18", side: int = SIDE,
-            on_row: Callable[[dict], None] | None = None, order: list[tuple[str, int]] | None = None) -> list[dict]:
+            on_row: Callable[[dict], None] | None = None) -> list[dict]:
     """One row per mode x precision x batch: `eager` / `graphs` (one model), `bank_nchw`,
     `bank_channels_last`, `streams` (BANK models together; graphs on CUDA), each row saying what
-    actually ran (graphs used or why not, the layout) or why it was skipped. `order`: the (mode, batch)
-    pairs in the order to measure them (default: mode by mode); `on_row(row)` gets each row as soon as
-    it is measured (a caller that may be stopped keeps what was done). Every row frees its memory,
-    whatever happened, before the next."""
-    order = order or [(mode, batch) for mode in modes for batch in batch_sizes]
+    actually ran (graphs used or why not, the layout) or why it was skipped. `groups`: (batch, modes)
+    measured together, their steps interleaved in one process (measure_group), so each ratio within a
+    group compares like with like. `on_row(row)` gets each group's rows as soon as they are measured (a
+    caller that may be stopped keeps what was done)."""
     rows = []
     for precision in precisions:
-        for mode, batch in order:
-            row = measure_one(device, mode, batch, precision, warmup, repeats, model, side)
-            rows.append(row)
-            if "skipped" in row:
-                print(f"{mode} {precision} batch {batch}: skipped ({row['skipped']})")
-            if on_row is not None:
-                on_row(row)
+        for batch, modes in groups:
+            group = measure_group(device, modes, batch, precision, warmup, repeats, model, side)
+            for row in group:
+                rows.append(row)
+                if "skipped" in row:
+                    print(f"{row['mode']} {precision} batch {batch}: skipped ({row['skipped']})")
+                if on_row is not None:
+                    on_row(row)
     return rows
 
 
-def measure_one(device: torch.device, mode: str, batch: int, precision: str, warmup: int, repeats: int,
-                model: str = "resnet18", side: int = SIDE) -> dict:
-    """One row of `measure`; an error (out of memory, a layout that cannot hold the models, a failed
-    CUDA call) is the row's `skipped` reason, and the memory is freed in every case."""
-    models = BANK if mode in LAYOUT_MODES else 1
-    want_graphs = mode == "graphs" or (mode in LAYOUT_MODES and device.type == "cuda")
-    row = {"mode": mode, "precision": precision, "batch_size": batch, "models": models, "model": model, "side": side,
-           "device": str(device)}
-    step = None
+def measure_group(device: torch.device, modes: list[str], batch: int, precision: str, warmup: int, repeats: int,
+                  model: str = "resnet18", side: int = SIDE) -> list[dict]:
+    """Rows of `modes` at one batch size, measured interleaved: every mode's step is built (and captured)
+    first, then each round times one step of every mode, in alternating order (interleaved_medians), so
+    a drifting clock or another job weighs on every mode alike. A mode that cannot be built (out of
+    memory, a layout that cannot hold the models, a failed CUDA call) is its row's `skipped` reason;
+    the memory is freed in every case."""
+    heads, runners = {}, {}
+    group = f"{precision} b{batch}: {' + '.join(modes)}"
     try:
-        step = make_step(device, models, layout=mode if models > 1 else None, bf16=precision == "bf16", model=model,
-                         side=side)
-        seconds, off = step_seconds(step, batch, want_graphs, warmup, repeats)
-        return {**row, "graphs": want_graphs and off is None, "graphs_off": off, "step_ms": seconds * 1000,
-                "img_per_s": models * batch / seconds}
-    except (RuntimeError, CCFSError) as exc:
-        return {**row, "skipped": one_line(exc)}
+        for mode in modes:
+            models = BANK if mode in LAYOUT_MODES else 1
+            want = mode == "graphs" or (mode in LAYOUT_MODES and device.type == "cuda")
+            heads[mode] = {"mode": mode, "precision": precision, "batch_size": batch, "models": models,
+                           "model": model, "side": side, "device": str(device), "group": group,
+                           "measured_with": [m for m in modes if m != mode]}
+            try:
+                step = make_step(device, models, layout=mode if models > 1 else None, bf16=precision == "bf16",
+                                 model=model, side=side)
+                runner, off = runner_for(step, batch, want)
+                step.students.train()
+                runners[mode] = (step, runner, bench_rows(warmup + repeats, models, batch, RESIDENT, device))
+                heads[mode].update(graphs=want and off is None, graphs_off=off)
+            except (RuntimeError, CCFSError) as exc:
+                heads[mode]["skipped"] = one_line(exc)
+        single = next((m for m in ("graphs", "eager") if m in heads), None)
+        for mode in modes:
+            if mode in LAYOUT_MODES and single is not None:  # what a bank's rate is divided by
+                graphed = "graphed" if heads[single].get("graphs") else "eager"
+                heads[mode].update(denominator=single, denominator_is=f"the same {BANK} models, each {graphed}, "
+                                                                      f"one after another ({single} row)")
+        for step, runner, rows in runners.values():
+            for k in range(warmup):
+                timed_step(step, runner, rows[k])
+        counters = dict.fromkeys(runners, warmup)
+
+        def one(mode: str) -> float:
+            step, runner, rows = runners[mode]
+            counters[mode] += 1
+            return timed_step(step, runner, rows[counters[mode] - 1])
+
+        medians = interleaved_medians({mode: (lambda mode=mode: one(mode)) for mode in runners}, repeats)
+        for mode, seconds in medians.items():
+            heads[mode].update(step_ms=seconds * 1000, img_per_s=heads[mode]["models"] * batch / seconds)
+        return [heads[mode] for mode in modes]
+    except (RuntimeError, CCFSError) as exc:  # a step that fails while timed: every unfinished row says so
+        return [{**heads.get(mode, {"mode": mode, "batch_size": batch, "precision": precision}),
+                 "skipped": one_line(exc)} if "img_per_s" not in heads.get(mode, {}) else heads[mode]
+                for mode in modes]
     finally:
-        del step
+        runners.clear()
         if device.type == "cuda":
             with suppress(RuntimeError):  # a sticky CUDA error: the row says what failed
                 torch.cuda.empty_cache()
+
+
+def default_groups(batch_sizes: list[int], cuda: bool) -> list[tuple[int, list[str]]]:
+    """Per batch size, the single model eager and graphed, then the BANK models together beside the best
+    single-model step (their denominator), each group measured interleaved."""
+    single = ["eager", "graphs"] if cuda else ["eager"]
+    return [(b, single) for b in batch_sizes] + [(b, [single[-1], *LAYOUT_MODES]) for b in batch_sizes]
 
 
 def preset_trainings(name: str = "cifar10-ipc500", classes: int = CLASSES) -> list[dict]:
@@ -170,19 +225,37 @@ def project(rows: list[dict], trainings: list[dict]) -> list[dict]:
     return out
 
 
+def _group(rows: list[dict], precision: str, batch: int, member: str) -> dict[str, dict]:
+    """The measured rows, by mode, of the group at `batch` that holds `member` (rows measured together)."""
+    found = [r for r in rows if r.get("precision") == precision and r["batch_size"] == batch and r["mode"] == member
+             and "img_per_s" in r]
+    if not found:
+        return {}
+    group = found[-1]["group"]
+    return {r["mode"]: r for r in rows if r.get("group") == group and r.get("precision") == precision
+            and "img_per_s" in r}
+
+
 def targets(rows: list[dict], precision: str = "fp32") -> dict:
-    """The ratios the GPU targets are stated in: graphs over eager at batch 32 (target 4x), and the
-    fastest way of training BANK models together at batch 64 over BANK eager models one after another
-    (target 3x; one after another trains at the single eager model's img/s). None where not measured."""
-    rate = {(r["mode"], r["batch_size"]): r["img_per_s"] for r in rows
-            if r.get("precision") == precision and "img_per_s" in r}
-    eager32, eager64 = rate.get(("eager", 32)), rate.get(("eager", 64))
-    graphs = rate.get(("graphs", 32)) / eager32 if eager32 and ("graphs", 32) in rate else None
-    together = {m: rate[(m, 64)] for m in LAYOUT_MODES if (m, 64) in rate}
+    """The ratios the GPU targets are stated in, each between rows measured together (measure_group):
+    graphs over eager at batch 32 (target 4x), and the fastest way of training BANK models together at
+    batch 64 over the same BANK models trained one after another with the single-model step of their
+    group (graphed where graphs ran, else eager: one after another trains at that step's img/s; target
+    1.5x), the denominator named. None where not measured."""
+    pair = _group(rows, precision, 32, "graphs")
+    graphs = (pair["graphs"]["img_per_s"] / pair["eager"]["img_per_s"]
+              if "eager" in pair and pair["graphs"].get("graphs") else None)
+    bank = next((g for m in LAYOUT_MODES if (g := _group(rows, precision, 64, m))), {})
+    single = next((bank[m] for m in ("graphs", "eager") if m in bank), None)
+    together = {m: bank[m]["img_per_s"] for m in LAYOUT_MODES if m in bank}
     best = max(together, key=together.get) if together else None
+    denominator = None if single is None else (
+        f"{BANK} separate models {'graphed' if single.get('graphs') else 'eager'}, one after another "
+        f"({single['mode']} row, batch 64)")
+    ratio = {m: v / single["img_per_s"] for m, v in together.items()} if single else {}
     return {"precision": precision, "graphs_over_eager_b32": graphs,
-            "bank_over_sequential_b64": together[best] / eager64 if best and eager64 else None,
-            "bank_best_layout": best}
+            "bank_over_sequential_b64": ratio.get(best) if best else None, "bank_best_layout": best,
+            "bank_denominator": denominator, "per_layout_over_sequential_b64": ratio}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -207,8 +280,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.quick:
         args.warmup, args.repeats = 1, (5 if cuda else 2)
     precisions = tuple(args.precisions or (("fp32", "bf16") if cuda else ("fp32",)))
-    modes = ["eager", "graphs", *LAYOUT_MODES] if cuda else ["eager", *LAYOUT_MODES]
-    rows = measure(device, args.batch_sizes, modes, args.warmup, args.repeats, precisions, args.model, args.side)
+    rows = measure(device, default_groups(args.batch_sizes, cuda), args.warmup, args.repeats, precisions, args.model,
+                   args.side)
     trainings = preset_trainings()
     projections = project(rows, trainings)
     ratios = [targets(rows, p) for p in precisions]
@@ -225,9 +298,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                        [(p["mode"], p["precision"], "n/a" if p["projected_s"] is None else f"{p['projected_s']:,.0f} s",
                          "n/a" if p["projected_s"] is None else f"{p['projected_s'] / 3600:.2f}")
                         for p in projections]))
-    print(format_table(["precision", "graphs / eager b32 (4x)", "best together / sequential b64 (3x)", "layout"],
+    print(format_table(["precision", "graphs / eager b32 (4x)", "best together / sequential b64 (1.5x)", "layout",
+                        "sequential = "],
                        [(r["precision"], r["graphs_over_eager_b32"] or "n/a", r["bank_over_sequential_b64"] or "n/a",
-                         r["bank_best_layout"] or "n/a") for r in ratios]))
+                         r["bank_best_layout"] or "n/a", r["bank_denominator"] or "n/a") for r in ratios]))
     return rows
 
 

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -27,7 +26,7 @@ from .config import TrainRecipe
 from .data import IndexSpace, elementwise_threads, epoch_order
 from .errors import one_line
 from .processes import CpuShare
-from .train import TrainResult, full_precision, make_optimizer, make_scheduler
+from .train import TrainResult, kd_losses, make_optimizer, make_scheduler
 
 GRAPH_OPTIMIZERS = ("sgd", "sgd_nesterov")  # fused SGD takes the learning rate as a device tensor
 WARMUP_STEPS = 3  # eager steps on a side stream before capture (cuDNN / cuBLAS set themselves up)
@@ -78,15 +77,6 @@ class Separate(nn.Module):
 
     def model(self, m: int) -> nn.Module:
         return self.models[m]
-
-
-def kd_losses(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Per-model KD loss [M] of logits [M, b, C]: KLDiv(log_softmax(s/T), log_softmax(t/T), batchmean,
-    log_target=True) * T^2, each model over its own batch."""
-    batch = student.shape[1]
-    terms = F.kl_div(F.log_softmax(student / temperature, dim=2), F.log_softmax(teacher / temperature, dim=2),
-                     reduction="none", log_target=True)
-    return terms.sum((1, 2)) / batch * temperature ** 2
 
 
 @dataclass(frozen=True)
@@ -186,7 +176,9 @@ class KDStep:
         with torch.no_grad(), self.autocast():
             return self.teacher(flat)
 
-    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+    def logits(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(student logits [M, b, C] with their graph, teacher logits [M, b, C] without) of the students'
+        augmented batches of `rows` int64 [M, b], in the compute dtype (bf16 under --bf16)."""
         count, batch = rows.shape
         images = self.augment(rows)
         flat = images.view(count * batch, *images.shape[2:])
@@ -203,9 +195,10 @@ class KDStep:
                 student_logits = self.trained(images)
             main.wait_stream(self.teacher_stream)
             teacher_logits.record_stream(main)
-        losses = kd_losses(full_precision(student_logits),
-                           full_precision(teacher_logits).view(count, batch, -1).to(student_logits.dtype),
-                           self.cfg.temperature)
+        return student_logits, teacher_logits.view(count, batch, -1)
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        losses = kd_losses(*self.logits(rows), self.cfg.temperature)
         self.optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()
         self.optimizer.step()
@@ -263,17 +256,36 @@ class StreamedKDStep(KDStep):
 
 
 class CaptureFailed(RuntimeError):
-    """A CUDA graph could not be captured; the capture was ended and its memory pool released."""
+    """A CUDA graph could not be captured: the caller's stream is current again, the default generator out of
+    capture mode, and graphs are off for the rest of the process (graphs_failed)."""
+
+
+# CUDA graphs that failed to capture in this process, by device index: the reason. A failed capture can
+# leave process-wide CUDA state behind (the default generator, the graph's private memory pool), and
+# what torch leaves differs between versions, so after one failure this process trains eagerly (the
+# reason recorded in every later training's execution record) instead of rebuilding that state by hand.
+# The CUDA context is per process; so is this record.
+_GRAPHS_FAILED: dict[int, str] = {}
+
+
+def graphs_failed(device: torch.device) -> str | None:
+    """Why CUDA graphs are off for the rest of this process on `device` (a capture failed), or None."""
+    return _GRAPHS_FAILED.get(_device_index(device)) if device.type == "cuda" else None
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 class CudaCapture:
-    """How GraphedStep captures on CUDA. Every path out of a capture ends it (`finally`-style), so a
-    failed capture leaves the process as an eager run needs it: the caller's stream current again (the
-    capture runs inside `torch.cuda.stream`, whose exit restores it whatever happens), the stream out of
-    capture mode, the caching allocator no longer routing to the graph's pool (torch's `capture_end`
-    raises before `endAllocateToPool` when the capture was invalidated, and `torch.cuda.graph.__exit__`
-    then never restores the stream), the pool released. Generators registered with the graph are
-    replaced by GraphedStep, as some torch versions leave them in capture mode."""
+    """How GraphedStep captures on CUDA: torch's public `torch.cuda.graph(graph, pool=, stream=)` on a
+    side stream, inside `torch.cuda.stream`, whose exit restores the caller's stream whatever happens
+    (torch.cuda.graph's own exit skips that when capture_end raises). A capture that fails is given up:
+    the default CUDA generator is put back out of capture mode by one trivial capture that succeeds (an
+    invalidated capture raises in capture_end before the generators' capture epilogue, so a later eager
+    draw from it would raise "Offset increment outside graph capture"), and graphs are off for the rest
+    of the process (graphs_failed). The failed graph's pool stays allocated (at most one capture's
+    memory, once per process); the students' generators are replaced by GraphedStep."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -290,49 +302,31 @@ class CudaCapture:
 
     def capture(self, fn: Callable[[], torch.Tensor], generators: list[torch.Generator]
                 ) -> tuple[Callable[[], None], torch.Tensor]:
-        """(replay, fn's output tensor) of fn captured into a new graph; CaptureFailed after cleaning up."""
+        """(replay, fn's output tensor) of fn captured into a new graph; CaptureFailed after giving up."""
         graph = torch.cuda.CUDAGraph()
         for g in generators:
             graph.register_generator_state(g)
-        pool = torch.cuda.graph_pool_handle()  # ours, so that a failed capture can release it
-        torch.cuda.synchronize(self.device)
-        with torch.cuda.stream(self.stream):
-            graph.capture_begin(pool=pool)
-            try:
+        try:
+            # each graph its own private pool (the default): graphs of one step may replay in any order
+            with torch.cuda.stream(self.stream), torch.cuda.graph(graph, stream=self.stream):
                 out = fn()
-            except BaseException as exc:
-                self._abandon(graph, pool)
-                if isinstance(exc, Exception):
-                    raise CaptureFailed(one_line(exc)) from exc
-                raise
-            try:
-                graph.capture_end()
-            except Exception as exc:  # an invalidated capture raises here
-                self._abandon(graph, pool, ended=False)
-                raise CaptureFailed(one_line(exc)) from exc
+        except Exception as exc:  # a Python error mid-capture, or capture_end refusing an invalidated capture
+            reason = one_line(exc)
+            _GRAPHS_FAILED[_device_index(self.device)] = reason
+            self.settle_default_generator()
+            raise CaptureFailed(reason) from exc
         return graph.replay, out
 
-    def _abandon(self, graph: torch.cuda.CUDAGraph, pool: tuple, ended: bool | None = None) -> None:
-        """Ends an unfinished capture and frees what it held. A capture that still ends (fn raised a
-        Python error mid-capture) is an ordinary graph: reset() releases its pool. One that cannot end
-        (invalidated: cudaStreamEndCapture fails before torch ends the allocator's routing to the pool)
-        needs the routing ended and the pool released by hand, once each; reset() then has nothing
-        to do (its capture never ended), and the graph's destructor neither."""
-        if ended is None:
-            try:
-                graph.capture_end()  # ends the stream's capture, and the pool routing, when it can
-                ended = True
-            except Exception:
-                ended = False
-        if ended:
-            with suppress(Exception):
-                graph.reset()
-            return
-        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        with suppress(Exception):  # raises if torch ended the routing itself before failing
-            torch._C._cuda_endAllocateToPool(index, pool)
-        with suppress(Exception):
-            torch._C._cuda_releasePool(index, pool)
+    def settle_default_generator(self) -> None:
+        """One trivial capture that succeeds: its capture_begin / capture_end run the default CUDA
+        generator's capture prologue and epilogue, which leaves it out of capture mode."""
+        with suppress(Exception):  # if even this fails, graphs are already off for the process
+            trivial = torch.cuda.CUDAGraph()
+            stream = torch.cuda.Stream(self.device)
+            with torch.cuda.stream(stream), torch.cuda.graph(trivial, stream=stream):
+                torch.zeros(1, device=self.device).add_(1)
+            torch.cuda.synchronize(self.device)
+            del trivial
 
 
 class GraphedStep:
@@ -347,6 +341,9 @@ class GraphedStep:
         self.rows: dict[int, torch.Tensor] = {}
         self.replays: dict[int, Callable[[], None]] = {}
         self.losses: dict[int, torch.Tensor] = {}
+        failed = graphs_failed(step.device)
+        if failed is not None and capture is None:
+            raise CaptureFailed(f"an earlier capture in this process failed ({failed})")
         try:
             capture = capture or CudaCapture(step.device)
         except (RuntimeError, ValueError, AssertionError) as exc:  # no CUDA stream on this device
@@ -435,6 +432,10 @@ def graph_plan(step: KDStep, want: bool, distributed: bool, compiled: bool) -> S
                        True)
     if compiled:
         return StepRun(False, "cuda graphs: off with --compile; running eagerly", True)
+    failed = graphs_failed(step.device)
+    if failed is not None:
+        return StepRun(False, f"cuda graphs: off for the rest of this process after a failed capture ({failed}); "
+                              "running eagerly", True)
     if not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):  # each student's generator in the graph
         return StepRun(False, f"cuda graphs: torch {torch.__version__} cannot register generators with a graph "
                               "(torch >= 2.5 can); running eagerly", True)

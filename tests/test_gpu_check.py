@@ -4,6 +4,7 @@ stages it cannot hold instead of starting them, the preset's projection counts s
 device's environment is checked first."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.stages import Stage, Stages, result_path, rows_path
 
@@ -26,15 +28,22 @@ def test_quick_check_keeps_a_hung_stages_rows_and_goes_on(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(out.read_text())
     records = {r["stage"]: r for r in report["stages"]}
+    assert [r["stage"] for r in report["stages"]] == ["exactness", "kd_fp32", "kd_bank_fp32", "data", "teacher",
+                                                      "preset_fp32", "kd_bf16", "preset_bf16"]  # KD before data
     assert {k: r["status"] for k, r in records.items()} == {
-        "data": "ok", "teacher": "ok", "exactness": "skipped", "kd_fp32": "timeout", "preset_fp32": "ok",
-        "kd_bf16": "skipped", "preset_bf16": "skipped"}
+        "exactness": "skipped", "kd_fp32": "timeout", "kd_bank_fp32": "ok", "data": "ok", "teacher": "ok",
+        "preset_fp32": "ok", "kd_bf16": "skipped", "preset_bf16": "skipped"}
     ran = [r for r in records.values() if r["status"] != "skipped"]
     pids = [r["pid"] for r in ran]
     assert len(set(pids)) == len(ran) and os.getpid() not in pids  # each stage its own child process
     hung = records["kd_fp32"]
     assert hung["seconds"] < 30 and [r["mode"] for r in hung["rows"]] == ["eager"]  # the row before the hang
     assert hung["rows"][0]["step_ms"] > 0
+    bank = records["kd_bank_fp32"]["figures"]["rows"]
+    assert [r["mode"] for r in bank] == ["eager", "bank_nchw", "bank_channels_last", "streams"]
+    for row in bank[1:]:  # each bank row names what it is divided by: the same 5 models one after another
+        assert row["denominator"] == "eager" and "one after another" in row["denominator_is"]
+        assert row["group"] == bank[0]["group"]  # measured together, interleaved
     preset = records["preset_fp32"]["figures"]
     assert preset["complete"] and preset["exit_code"] == 0 and preset["epochs"] == 1
     assert [t["what"] for t in preset["trainings"]] == ["filter 1", "filter 2", "filter 3", "final evaluation"]
@@ -45,10 +54,54 @@ def test_quick_check_keeps_a_hung_stages_rows_and_goes_on(tmp_path):
     projected = preset["fixed_s"] + sum(t["projected_s"] for t in preset["trainings"])
     assert preset["projected_s"] == pytest.approx(projected)
     assert preset["final_execution"]["bank"]
-    assert report["elapsed_s"] < report["budget_s"]
+    assert report["elapsed_s"] < report["budget_s"] and report["call"] == "all"
     lines = done.stdout.strip().splitlines()
     assert any(ln.startswith("kd_fp32") and "timeout" in ln for ln in lines)  # the table, printed last
     assert lines[-1].startswith("preset_fp32: 1 epochs in")
+
+
+def test_the_two_calls_split_the_stages_within_their_budgets():
+    """smoke: exactness and the single-model KD pairs in 120 s; main: the bank first, then data, teacher,
+    the presets and bf16 in 360 s; each stage's own limit fits its call's budget."""
+    from benchmarks.gpu_check import CALLS, STAGES
+
+    smoke, main = CALLS["smoke"], CALLS["main"]
+    assert smoke[0] == ("exactness", "kd_fp32") and smoke[1] <= 120
+    assert main[0][:2] == ("kd_bank_fp32", "data") and main[1] <= 360
+    assert set(smoke[0]) | set(main[0]) == set(STAGES) and not set(smoke[0]) & set(main[0])
+    assert sum(STAGES[n].cap_s for n in smoke[0]) <= smoke[1]
+    assert dict(STAGES["exactness"].env) == {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+
+
+def test_a_killed_check_leaves_no_stage_running(tmp_path):
+    """The check killed by its caller's time limit (SIGKILL, no chance to clean up) takes its stage's
+    child with it: no stage keeps running (on a GPU machine, holding the GPU)."""
+    import signal
+    import time
+
+    import psutil
+
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    parent = subprocess.Popen([sys.executable, "-m", "benchmarks.gpu_check", "--quick", "--call", "smoke",
+                               "--hang-stage", "kd_fp32", "--stage-limit", "kd_fp32=300"], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = None
+    try:
+        deadline = time.monotonic() + 120
+        while child is None and time.monotonic() < deadline:
+            rows = list(tmp_path.glob("gpu-check-*/kd_fp32.rows.jsonl"))
+            if rows and rows[0].read_text().strip():  # the stage is mid-way: its first row is out, then it hangs
+                child = next(c for c in psutil.Process(parent.pid).children() if "--stage" in c.cmdline())
+            time.sleep(0.2)
+        assert child is not None, "the stage never started"
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=10)
+        gone = psutil.wait_procs([child], timeout=15)[0]
+        assert gone == [child] or child.status() == psutil.STATUS_ZOMBIE
+    finally:
+        for proc in (parent, child):
+            with contextlib.suppress(Exception):
+                (proc.kill() if proc is not None else None)
 
 
 def _child(tmp_path: Path, name: str, code: str) -> list[str]:
@@ -82,7 +135,7 @@ def test_stages_record_errors_and_skip_what_the_budget_cannot_hold(tmp_path):
 def test_projection_counts_set_up_once():
     """Each training's set-up counts once, its loop scales with the epochs and its test evaluations with
     the evaluated epochs; the run's fixed costs are its wall-clock less the trainings."""
-    from benchmarks.gpu_check import evaluated_epochs, preset_projection
+    from benchmarks.gpu_stages import evaluated_epochs, preset_projection
 
     phase = {"phase": 1, "train_s": 10.0, "train_setup_s": 6.0, "train_loop_s": 3.0, "train_eval_s": 1.0,
              "filter_acc_rule": "end"}
@@ -99,15 +152,16 @@ def test_projection_counts_set_up_once():
 
 
 def test_kd_stage_says_what_ran(tmp_path):
-    """The KD-step stage on the CPU (tiny model): every way of training 5 models together is timed,
-    each row streamed as it is measured, and each row says whether graphs ran (never on a CPU)."""
+    """The bank's KD stage on the CPU (tiny model): every way of training 5 models together is timed beside
+    the single-model step, interleaved, each row streamed as it is measured, and each row says whether
+    graphs ran (never on a CPU)."""
     import argparse
 
-    from benchmarks.gpu_check import stage_kd
+    from benchmarks.gpu_stages import stage_kd
     from benchmarks.stages import RowSink, read_rows
 
     args = argparse.Namespace(quick=True, root=tmp_path)
-    figures = stage_kd(args, RowSink(tmp_path, "kd_fp32"), "fp32")
+    figures = stage_kd(args, RowSink(tmp_path, "kd_fp32"), "kd_bank_fp32")
     modes = [r["mode"] for r in figures["rows"]]
     assert modes == ["eager", "bank_nchw", "bank_channels_last", "streams"]
     assert read_rows(tmp_path, "kd_fp32") == json.loads(json.dumps(figures["rows"]))
@@ -135,3 +189,53 @@ def test_device_environment_line():
     shim = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert shim.returncode == 0, shim.stderr[-1500:]
     assert shim.stdout.split() == ["beton_builder.ffcv_import", "distutils.log"]
+
+
+class DefaultGeneratorDraws(TorchDispatchMode):
+    """Records every random op that draws from a default generator (no generator given)."""
+
+    RANDOM = {"rand", "randn", "randint", "randperm", "uniform_", "normal_", "bernoulli_", "bernoulli",
+              "exponential_", "random_", "multinomial", "rand_like", "randn_like", "randint_like", "native_dropout",
+              "cauchy_", "geometric_", "log_normal_"}
+
+    def __init__(self):
+        super().__init__()
+        self.draws: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name.split("::")[-1]
+        if name in self.RANDOM and kwargs.get("generator") is None:
+            self.draws.append(str(func))
+        return func(*args, **kwargs)
+
+
+class FailingCapture:
+    """Captures as an invalidated CUDA capture does: the step runs, then capture_end refuses."""
+
+    def warm_up(self, fn, times):
+        for _ in range(times):
+            fn()
+
+    def capture(self, fn, generators):
+        from ccfs_fast.step import CaptureFailed
+
+        fn()
+        raise CaptureFailed("operation not permitted when stream is capturing (made to fail)")
+
+
+def test_after_a_failed_capture_nothing_draws_from_a_default_generator():
+    """A capture made to fail, then what the check and the benchmarks run after it: eager steps whose
+    rows are drawn as the check draws them, and a step timed as `bench train` times one that asks for
+    graphs. None of it draws from the device's default generator, which on CUDA a failed capture can
+    leave capturing (a draw then raises "Offset increment outside graph capture"); the verdict holds."""
+    from benchmarks.gpu_stages import capture_fallback
+    from benchmarks.train_throughput import make_step
+
+    cpu = torch.device("cpu")
+    step, after = (make_step(cpu, 1, seed=s, model="convnet_tiny", side=16) for s in (3, 4))
+    with DefaultGeneratorDraws() as watch:
+        figures = capture_fallback(step, after, steps=4, capture=FailingCapture())
+    assert watch.draws == []
+    assert "made to fail" in figures["capture_failed"] and figures["held"]
+    assert figures["after_graphs_off"].startswith("capture failed") and figures["after_step_ms"] > 0

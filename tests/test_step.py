@@ -3,6 +3,7 @@
 step, draws reproducible random numbers per model, and falls back to eager when capture fails."""
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -18,7 +19,7 @@ from ccfs_fast.data import BetonFile, IndexSpace, ResidentTrainLoader, epoch_ord
 from ccfs_fast.fused import FusedBank
 from ccfs_fast.models import create_model
 from ccfs_fast.step import CaptureFailed, GraphedStep, KDStep, Single, StepConfig, StepRun, graph_plan, train_students
-from ccfs_fast.train import train_kd
+from ccfs_fast.train import kd_losses, train_kd
 
 F64 = torch.float64
 N, BATCH = 45, 8  # 6 steps an epoch, the last one of 5 images
@@ -325,3 +326,67 @@ def test_resident_test_evaluation_matches_the_ffcv_path(small_space):
         evaluate_students(bank, resident)
     reads = [op for op in log.ops if op in SYNC_OPS]
     assert len(reads) == 3 and set(reads) <= {"item", "_local_scalar_dense"}, reads  # one per accuracy, at the end
+
+
+class LogitsRecordingStep(KDStep):
+    """A KDStep that keeps the logits of its last call and the gradient the loss sends into the
+    student's logits (what the optimiser's step is made of)."""
+
+    def logits(self, rows):
+        student, teacher = super().logits(rows)
+        self.seen = {"student": student.detach().clone(), "teacher": teacher.detach().clone()}
+        student.register_hook(lambda grad: self.seen.__setitem__("grad", grad.detach().clone()))
+        return student, teacher
+
+
+def _reference_kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float):
+    """The KD loss [M] and its gradient with respect to the student's logits, in float64, from the same logits."""
+    s = student.double().requires_grad_()
+    p_t = torch.softmax(teacher.double() / temperature, -1)
+    loss = (p_t * (p_t.log() - torch.log_softmax(s / temperature, -1))).sum((1, 2)) / s.shape[1] * temperature ** 2
+    (grad,) = torch.autograd.grad(loss.sum(), s)
+    return loss.detach(), grad
+
+
+@pytest.mark.parametrize("closeness", [None, 1.0, 0.1])  # an untrained student, then one within 1.0 / 0.1
+def test_a_bf16_steps_kd_loss_and_gradient_are_the_float32_ones(small_space, closeness):
+    """Under --bf16 (autocast, on the CPU as on CUDA) the KD loss and its gradient with respect to the
+    student's logits are those of float32 arithmetic on the logits the step produced: the teacher's logits
+    are never rounded to bf16 for the loss. At T = 20 with a student near its teacher, a bf16 log_softmax
+    of the teacher's side made the gradient's relative error 9-94%."""
+    temperature = 20.0
+    torch.manual_seed(100)
+    teacher = create_model("convnet_tiny", 10, 8)
+    with torch.no_grad():  # logits of a trained network's size (several units), not an untrained one's
+        teacher.classifier.weight.mul_(40.0)
+    teacher.eval()
+    if closeness is None:
+        torch.manual_seed(3)
+        student = create_model("convnet_tiny", 10, 8)
+    else:
+        student = copy.deepcopy(teacher).train()
+        with torch.no_grad():
+            student.classifier.bias.add_(closeness * (torch.rand(10, generator=torch.Generator().manual_seed(1)) - 0.5))
+    images = ResidentTrainLoader(small_space, np.arange(N), BATCH, "cpu", seed=3).images
+    inv, shift = norm_tensors(small_space.norm, torch.device("cpu"))
+    step = LogitsRecordingStep(Single(student), Single(student), teacher, images, [torch.Generator().manual_seed(3)],
+                               inv, shift, StepConfig(RECIPE, temperature, fused_optimizer=False, bf16=True))
+    losses = step(torch.arange(BATCH).view(1, BATCH))
+    seen = step.seen
+    assert seen["student"].dtype == seen["teacher"].dtype == torch.bfloat16  # both forwards ran in bf16
+    gap = (seen["student"].float() - seen["teacher"].float()).abs().max().item()
+    if closeness is not None:
+        assert gap <= closeness  # the regime every filter reaches
+    loss, grad = _reference_kd(seen["student"], seen["teacher"], temperature)
+    assert losses.dtype == torch.float32 and seen["grad"].dtype == torch.bfloat16  # autograd casts it back to bf16
+    # float32's own precision for a KL of near-equal distributions: a few ulps of each term p_t |log p_t|
+    p_t = torch.softmax(seen["teacher"].double() / temperature, -1)
+    entropy = -(p_t * p_t.log()).sum(-1).mean().item()
+    bound = 16 * torch.finfo(torch.float32).eps * temperature ** 2 * entropy
+    assert (losses.double() - loss).abs().max().item() <= bound + 1e-5 * loss.abs().max().item()
+    s32 = seen["student"].float().requires_grad_()
+    (float_grad,) = torch.autograd.grad(kd_losses(s32, seen["teacher"], temperature).sum(), s32)
+    scale = grad.abs().max().item()
+    assert (float_grad.double() - grad).abs().max().item() <= 1e-4 * scale  # float32 precision of the gradient
+    # what reaches the student: the float32 gradient, rounded once to the logits' bf16
+    torch.testing.assert_close(seen["grad"], float_grad.to(torch.bfloat16), rtol=0, atol=0)

@@ -17,7 +17,7 @@ from ccfs_fast.datasets import auto_batch_size
 from ccfs_fast.difficulty import ForgettingTracker
 from ccfs_fast.errors import ConfigError, ModelError, UnknownNameError
 from ccfs_fast.models import create_model, load_checkpoint
-from ccfs_fast.train import kd_loss, make_optimizer, make_scheduler
+from ccfs_fast.train import kd_losses, make_optimizer, make_scheduler
 
 
 def _lrs(recipe: TrainRecipe) -> list[float]:
@@ -51,13 +51,14 @@ def test_constant_warmup_steplr_and_exponential():
 
 
 def test_kd_loss_is_temperature_scaled_kl():
+    """Per model of [M, b, C] logits, each over its own batch: T^2 KL(p_t || p_s) / b."""
     torch.manual_seed(0)
-    s, t = torch.randn(8, 5), torch.randn(8, 5)
+    s, t = torch.randn(3, 8, 5), torch.randn(3, 8, 5)
     T = 4.0
-    p_t = F.softmax(t / T, 1)
-    direct = (p_t * (torch.log(p_t) - F.log_softmax(s / T, 1))).sum() / 8 * T * T
-    assert kd_loss(s, t, T).item() == pytest.approx(direct.item(), rel=1e-5)
-    assert kd_loss(t, t, T).item() == pytest.approx(0.0, abs=1e-6)
+    p_t = F.softmax(t / T, 2)
+    direct = (p_t * (torch.log(p_t) - F.log_softmax(s / T, 2))).sum((1, 2)) / 8 * T * T
+    torch.testing.assert_close(kd_losses(s, t, T), direct, rtol=1e-5, atol=0)
+    assert kd_losses(t, t, T).abs().max().item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_optimisers_follow_their_definitions():
