@@ -8,6 +8,7 @@ import numpy as np
 
 from ccfs_fast.errors import BuildError
 
+from .labels import check_labels, inferred_class_count
 from .table import ImageTable
 
 EXPECTED = "expected an .npz with x uint8 [n, h, w, 3] and y integer [n]"
@@ -29,10 +30,7 @@ def read_arrays(src: str | Path) -> ImageTable:
         raise BuildError(f"{src}: x is {x.dtype} {list(x.shape)}; {EXPECTED}")
     if not np.issubdtype(y.dtype, np.integer) or y.shape != (len(x),):
         raise BuildError(f"{src}: y is {y.dtype} {list(y.shape)} for {len(x)} images; {EXPECTED}")
-    if len(y) and y.min() < 0:
-        raise BuildError(f"{src}: y has negative labels (min {y.min()}); labels must be 0..C-1")
-    num_classes = int(y.max()) + 1 if len(y) else 0
-    if names is not None and len(names) < num_classes:
-        raise BuildError(f"{src}: {len(names)} class_names for labels up to {num_classes - 1}")
-    names = names or tuple(str(i) for i in range(num_classes))
+    if names is None:
+        names = tuple(str(i) for i in range(inferred_class_count(y, str(src), "class_names in the .npz")))
+    check_labels(y, len(names), str(src), " named by class_names in the .npz")
     return ImageTable(np.ascontiguousarray(x), y.astype(np.int64), names, "arrays", str(src))

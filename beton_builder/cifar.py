@@ -14,6 +14,7 @@ import numpy as np
 
 from ccfs_fast.errors import BuildError
 
+from .safe_pickle import RefusedGlobal, safe_loads
 from .table import ImageTable
 
 
@@ -48,9 +49,14 @@ def expected_layout(layout: CifarLayout) -> str:
 
 
 def _unpickle(blob: bytes, where: str) -> dict:
+    """A batch's dict, read without running code (safe_pickle): a pickle that names anything but numpy
+    arrays and plain values is refused."""
     try:
-        obj = pickle.loads(blob, encoding="bytes")
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
+        obj = safe_loads(blob, encoding="bytes")
+    except RefusedGlobal as exc:
+        raise BuildError(f"{where}: the pickle names {exc}, which a CIFAR batch never holds; it is not loaded (a "
+                         "pickle can run code); download the dataset again from its publisher") from exc
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
         raise BuildError(f"{where}: truncated or corrupt pickle ({type(exc).__name__}); "
                          "download the dataset again") from exc
     if not isinstance(obj, dict):

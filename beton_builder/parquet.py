@@ -22,6 +22,7 @@ from ccfs_fast.errors import BuildError
 
 from .image_folder import class_order
 from .images import ImageRef, decode_images, image_size, uniform_square, varying_note
+from .labels import check_labels, inferred_class_count, whole_labels
 from .table import ImageTable
 
 LABEL_COLUMNS = ("label", "labels", "fine_label", "class_id", "class", "target", "targets", "cls", "coarse_label")
@@ -36,6 +37,26 @@ def _pyarrow():
     except ImportError as exc:  # a dependency of the package: only a broken install lacks it
         raise BuildError("`build parquet` needs pyarrow; reinstall ccfs-fast (pip install -e .)") from exc
     return pq
+
+
+def open_shard(shard: Path):
+    """pyarrow's ParquetFile of a shard; a file cut short, empty or not parquet at all is one BuildError."""
+    pq = _pyarrow()
+    import pyarrow as pa
+
+    try:
+        return pq.ParquetFile(shard)
+    except (pa.ArrowException, OSError) as exc:
+        size = shard.stat().st_size if shard.is_file() else 0
+        what = ("empty (0 bytes)" if size == 0 else
+                f"not a whole parquet file ({size:,} bytes: cut short, or another format)")
+        raise BuildError(f"{shard}: {what} ({' '.join(str(exc).split())[:120]}); download the shard again") from exc
+
+
+def read_failure(shard: Path, exc: Exception) -> BuildError:
+    """A shard whose footer reads but whose data does not (damaged pages)."""
+    return BuildError(f"{shard}: its data cannot be read ({' '.join(str(exc).split())[:120]}); the shard is damaged: "
+                      "download it again")
 
 
 def shard_paths(sources: tuple[Path, ...], split: str | None) -> list[Path]:
@@ -116,20 +137,21 @@ class ParquetImages:
         self.root, self.names, self.labels, self.class_names = shards[0].parent, names, labels, class_names
         self.source_kind = "hub-parquet"
         self.stamps = np.asarray([(os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in shards], np.int64)
-        self.rows = [_pyarrow().ParquetFile(p).metadata.num_rows for p in shards]
+        self.rows = [open_shard(p).metadata.num_rows for p in shards]
 
     @property
     def n(self) -> int:
         return len(self.labels)
 
     def chunks(self, start: int, size: int) -> Iterator[tuple[int, list[bytes]]]:
-        pq = _pyarrow()
+        import pyarrow as pa
+
         offset = 0
         for shard, rows in zip(self.shards, self.rows):
             if offset + rows <= start:
                 offset += rows
                 continue
-            file = pq.ParquetFile(shard)
+            file = open_shard(shard)
             groups, first = [], offset
             for g in range(file.metadata.num_row_groups):  # skip whole row groups before `start`
                 count = file.metadata.row_group(g).num_rows
@@ -137,7 +159,14 @@ class ParquetImages:
                     first += count
                     continue
                 groups.append(g)
-            for batch in file.iter_batches(batch_size=size, columns=[self.image_column], row_groups=groups):
+            batches = file.iter_batches(batch_size=size, columns=[self.image_column], row_groups=groups)
+            while True:
+                try:
+                    batch = next(batches, None)
+                except (pa.ArrowException, OSError) as exc:
+                    raise read_failure(shard, exc) from exc
+                if batch is None:
+                    break
                 blobs = image_bytes(batch.column(0))
                 skip = max(0, start - first)
                 if skip < len(blobs):
@@ -161,11 +190,10 @@ def scan(shards: list[Path], image_column: str, label_column: str | None
          ) -> tuple[list[str], list, str, dict, object]:
     """(row names, raw label values, label column, its features entry, the label column's arrow type)
     over every shard, reading the label column and the image paths only."""
-    pq = _pyarrow()
     names, values = [], []
     chosen = features_entry = label_type = None
     for shard in shards:
-        file = pq.ParquetFile(shard)
+        file = open_shard(shard)
         schema = file.schema_arrow
         if image_column not in schema.names:
             raise BuildError(f"{shard}: no image column {image_column!r} (columns: {', '.join(schema.names)}); pass "
@@ -178,12 +206,22 @@ def scan(shards: list[Path], image_column: str, label_column: str | None
         has_path = "path" in struct_fields(schema.field(image_column).type)
         columns = [column] + ([f"{image_column}.path"] if has_path else [])
         row = 0
-        for batch in file.iter_batches(batch_size=SCAN_ROWS, columns=columns):
+        for batch in _batches(file, shard, columns):
             values += batch.column(0).to_pylist()
             paths = batch.column(1).field("path").to_pylist() if has_path else [None] * batch.num_rows
             names += [p or f"{shard.name}#{row + k}" for k, p in enumerate(paths)]
             row += batch.num_rows
     return names, values, chosen, features_entry or {}, label_type
+
+
+def _batches(file, shard: Path, columns: list[str]):
+    """The shard's batches of `columns`, SCAN_ROWS rows at a time; damaged data is one BuildError."""
+    import pyarrow as pa
+
+    try:
+        yield from file.iter_batches(batch_size=SCAN_ROWS, columns=columns)
+    except (pa.ArrowException, OSError) as exc:
+        raise read_failure(shard, exc) from exc
 
 
 def to_labels(values: list, features: dict, order: str | None, column: str, src: Path
@@ -196,12 +234,14 @@ def to_labels(values: list, features: dict, order: str | None, column: str, src:
         names = tuple(class_order(sorted(set(values)), order, src))
         index = {n: i for i, n in enumerate(names)}
         return np.asarray([index[v] for v in values], np.int64), names
-    labels = np.asarray(values, np.int64)
-    names = tuple(str(n) for n in features.get("names") or ()) or tuple(str(c) for c in range(int(labels.max()) + 1))
-    if labels.min() < 0 or labels.max() >= len(names):
-        raise BuildError(f"{src}: column {column!r} holds labels {labels.min()}..{labels.max()}, outside "
-                         f"0..{len(names) - 1} ({len(names)} classes{' named in the metadata' if features else ''}); "
-                         "an unlabelled split (-1) cannot be a distilled set")
+    where = f"{src}: column {column!r}"
+    labels = whole_labels(np.asarray(values), where)
+    names = tuple(str(n) for n in features.get("names") or ())
+    if not names:
+        names = tuple(str(c) for c in range(inferred_class_count(labels, where, "--label-column with a ClassLabel "
+                                                                               "column (the Hub's class names)")))
+    check_labels(labels, len(names), where, " named in the shards' metadata",
+                 "fix the labels (an unlabelled split, -1, cannot be built)")
     return labels, names
 
 

@@ -7,6 +7,8 @@ import numpy as np
 
 from ccfs_fast.errors import BuildError
 
+from .labels import check_labels
+
 
 @dataclass(frozen=True)
 class ImageTable:
@@ -34,10 +36,7 @@ class ImageTable:
                              f"{self.images.shape[1]}x{self.images.shape[2]}; pass --side S to resize")
         if self.labels.shape != (n,):
             raise BuildError(f"{self.source_path}: {len(self.labels)} labels for {n} images")
-        num_classes = len(self.class_names)
-        if self.labels.min() < 0 or self.labels.max() >= num_classes:
-            raise BuildError(f"{self.source_path}: labels must lie in [0, {num_classes}), got range "
-                             f"[{self.labels.min()}, {self.labels.max()}]")
+        check_labels(self.labels, len(self.class_names), self.source_path)
 
     @property
     def side(self) -> int:

@@ -20,6 +20,7 @@ import numpy as np
 
 from ccfs_fast.errors import BuildError, UnknownNameError
 
+from .labels import check_labels, inferred_class_count
 from .table import ImageTable
 
 
@@ -121,10 +122,10 @@ def to_labels(labels: object, n: int, classes: int | None, path: Path) -> tuple[
     if len(labels) != n:
         raise BuildError(f"{path}: {len(labels)} labels for {n} images; pass the labels saved with these images")
     out = labels.to(torch.int64).numpy()
-    classes = classes or int(out.max()) + 1
-    if out.min() < 0 or out.max() >= classes:
-        raise BuildError(f"{path}: labels range over {out.min()}..{out.max()}, outside 0..{classes - 1} "
-                         f"({classes} classes); pass --classes N to set the class count")
+    if classes is None:
+        classes = inferred_class_count(out, str(path), "--classes N")
+    check_labels(out, classes, str(path), " from --classes or the soft labels' width",
+                 "pass --classes N to set the class count")
     return out, classes, notes
 
 

@@ -7,14 +7,21 @@ easiest per class by a difficulty score. Datasets are converted once to FFCV .be
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .cli_args import add_eval, add_recipe_args, add_run, add_teacher, default_workers  # noqa: F401
-from .errors import CCFSError, ConfigError
+from .cli_args import (  # noqa: F401
+    add_eval,
+    add_recipe_args,
+    add_relocation_args,
+    add_run,
+    add_teacher,
+    default_workers,
+    relocated,
+)
+from .errors import CCFSError, ConfigError, OutputError
 
 EPILOG = """a whole run, step by step (README: "Run CCFS on CIFAR-10 / CIFAR-100 / Tiny-ImageNet"):
   ccfs-fast build cifar10 --src cifar-10-python.tar.gz --out data/
@@ -171,21 +178,23 @@ RUN_DIR_KEYS = ("pool", "test", "distilled", "teacher", "teacher_model", "normal
                 "train_side", "train_data")
 
 
-def run_dir_settings(run_dir: Path) -> dict:
-    """EvalConfig values from a run directory: its settings (state.json) and its selection file."""
-    path = run_dir / "state.json"
-    try:
-        settings = json.loads(path.read_text())["settings"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"--run-dir {run_dir}: cannot read the run's settings from {path.name} ({exc}); pass the "
-                          "--output-dir of a `ccfs-fast run`") from exc
+def run_dir_settings(run_dir: Path, given: dict[str, Path] | None = None, train_set: bool = False) -> dict:
+    """EvalConfig values from a run directory: its settings (state.json), its selection file, and its
+    inputs as run_inputs finds and checks them (`given`: --pool, --test, --distilled, --teacher, where
+    the user says one is now; `train_set`: an exported set takes the distilled set's place)."""
     from .config import FAST_KEYS, RECIPE_KEYS
+    from .run_inputs import read_run_json, resolve_run_inputs
 
+    state = read_run_json(run_dir, "state.json")
+    settings = state.get("settings")
+    if not isinstance(settings, dict):
+        raise ConfigError(f"--run-dir {run_dir}: its state.json holds no settings; pass the --output-dir of a "
+                          "`ccfs-fast run`")
     keep = set(RUN_DIR_KEYS) | RECIPE_KEYS | FAST_KEYS
     values = {k: v for k, v in settings.items() if k in keep and v is not None}
-    for key in ("pool", "test", "distilled", "teacher"):
-        if key in values:
-            values[key] = Path(values[key])
+    needed = ("pool", "test", "teacher") + (() if train_set else ("distilled",))
+    given = {k: v for k, v in (given or {}).items() if k in needed}
+    values.update(resolve_run_inputs(state, run_dir, needed, given).paths)
     values["selection"] = run_dir / "selected_indices.json"
     return values
 
@@ -194,7 +203,7 @@ def _run_eval(args: argparse.Namespace) -> Runner:
     from .config import EvalConfig, preset_settings, split_recipe
 
     explicit = _split_args(args, ("run_dir",))
-    base = run_dir_settings(args.run_dir) if "run_dir" in args else {}
+    base = run_dir_settings(args.run_dir, explicit, "train_set" in explicit) if "run_dir" in args else {}
     if "train_set" in explicit:  # an exported set is the whole train set: no distilled set, no selection
         base = {k: v for k, v in base.items() if k not in ("distilled", "selection")}
         explicit.update(distilled=explicit["train_set"], selection=None)
@@ -255,6 +264,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", type=Path, help="a `ccfs-fast run` output directory")
     p.add_argument("--classes", nargs="+", default=None, metavar="CLASS",
                    help="selection.png: the classes to show, by name or label (default: the first 10)")
+    add_relocation_args(p)
     p.set_defaults(handler=_run_report)
 
 
@@ -265,7 +275,7 @@ def _run_report(args: argparse.Namespace) -> Runner:
     def run() -> None:
         from .report import write_report
 
-        for path in write_report(args.run_dir, args.classes):
+        for path in write_report(args.run_dir, args.classes, relocated(args)):
             print(path)
     return run
 
@@ -287,13 +297,15 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (default: refuse)")
     p.add_argument("--workers", type=int, default=default_workers(),
                    help=f"writing processes (default: {default_workers()})")
+    add_relocation_args(p)
     p.set_defaults(handler=_run_export)
 
 
 def _run_export(args: argparse.Namespace) -> Runner:
     from .config import ExportConfig
 
-    cfg = ExportConfig(args.run_dir, args.out, args.format, args.allow_incomplete, args.overwrite, args.workers)
+    cfg = ExportConfig(args.run_dir, args.out, args.format, args.allow_incomplete, args.overwrite, args.workers,
+                       tuple(relocated(args).items()))
 
     def run() -> None:
         from .set_export import export_run
@@ -410,20 +422,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # what an interrupted run prints last: the exact command that continues it
     after = f"; continue with: {resume_command(argv)}" if args.command == "run" else ""
+    stopped = None
     try:
         runner = args.handler(args)  # checks arguments and paths before the heavy imports
         process_settings(args.threads)
         runner()
     except CCFSError as exc:
-        print(f"ccfs-fast: error: {' '.join(str(exc).split())}", file=sys.stderr)  # always one line
+        # a run that could not write (a full disk) continues where it stopped once there is room
+        resume = after if after and isinstance(exc, OutputError) and (args.output_dir / "state.json").is_file() else ""
+        print(f"ccfs-fast: error: {' '.join(str(exc).split())}{resume}", file=sys.stderr)  # always one line
         return 2
     except KeyboardInterrupt:
-        print(f"ccfs-fast: interrupted{after}", file=sys.stderr)
-        return 130
+        stopped = ("interrupted", 130)
     except Terminated:
-        print(f"ccfs-fast: terminated{after}", file=sys.stderr)
-        return 143
-    return 0
+        stopped = ("terminated", 143)
+    if stopped is None:
+        return 0
+    # Out of the except block the interrupted frames are freed: loaders and worker pools torn down now,
+    # their complaints silenced, so that the line that says how to continue is the last one.
+    from .processes import quiet_teardown
+
+    quiet_teardown()
+    print(f"ccfs-fast: {stopped[0]}{after}", file=sys.stderr)
+    return stopped[1]
 
 
 def entry() -> None:

@@ -248,3 +248,24 @@ def add_teacher(sub: argparse._SubParsersAction, handler: Callable) -> None:
     add_recipe_args(p, TeacherConfig, teacher_recipe(), kd=False,
                     title="training recipe (a standard supervised recipe; every flag overrides it)")
     p.set_defaults(handler=handler)
+
+
+RELOCATION_HELP = {
+    "pool": ("--pool", "the run's pool .beton"), "distilled": ("--distilled", "the run's distilled .beton"),
+    "score_path": ("--score-path", "the run's score file"),
+}
+
+
+def add_relocation_args(p: argparse.ArgumentParser, keys: tuple[str, ...] = tuple(RELOCATION_HELP)) -> None:
+    """Flags that say where a run's inputs are now, for a run (or its inputs) moved or copied to another
+    place; each is checked against the content digest the run recorded."""
+    g = p.add_argument_group("the run's inputs, if they moved (default: where the run found them; checked against "
+                             "the run's record)")
+    for key in keys:
+        flag, what = RELOCATION_HELP[key]
+        g.add_argument(flag, dest=key, type=Path, default=None, metavar="PATH", help=f"where {what} is now")
+
+
+def relocated(args: argparse.Namespace) -> dict[str, Path]:
+    """The relocation flags given (settings key -> path)."""
+    return {k: getattr(args, k) for k in RELOCATION_HELP if getattr(args, k, None) is not None}

@@ -1,6 +1,7 @@
 """Frozen, validated configuration dataclasses: one per command, plus the shared training recipe."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -56,6 +57,26 @@ def check_distilled_counts(distilled: Path, cpc: int) -> None:
             raise ConfigError(distilled_shortage(distilled, name, c, count, cpc))
 
 
+FLAG_NAMES = {"temperature": "-T"}  # a setting's flag where it is not --<name with dashes>
+
+
+def flag_of(name: str) -> str:
+    """The command-line flag of setting `name`: --image-per-class, -T, ..."""
+    return FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+
+
+def check_finite(values: dict) -> None:
+    """Every number among `values` (settings by name) is finite: NaN or infinity in --lr, -T, --alpha,
+    ... is refused before any work (a NaN passes every `> 0` check and would fail hours later)."""
+    for name, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{flag_of(name)} {value}: must be a finite number")
+
+
+def _finite_fields(config: object) -> None:
+    check_finite({f.name: getattr(config, f.name) for f in fields(config)})
+
+
 def _check_choice(kind: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise UnknownNameError(kind, value, list(valid))
@@ -79,6 +100,7 @@ class TrainRecipe:
     batch_size: int | None = None  # None: the paper's "auto" policy by train-set size
 
     def __post_init__(self) -> None:
+        _finite_fields(self)
         _check_choice("optimizer", self.opt, OPTIMIZERS)
         _check_choice("lr scheduler", self.lr_scheduler, SCHEDULERS)
         _check_choice("lr warm-up method", self.lr_warmup_method, WARMUP_METHODS)
@@ -163,6 +185,7 @@ class RunConfig:
     smoke: bool = False  # --smoke: a CPU-sized run (its accuracies are not meaningful, and say so)
 
     def __post_init__(self) -> None:
+        _finite_fields(self)
         from .curves import check_tensorboard
         from .scores import check_score_kind, score_kind
 
@@ -274,6 +297,7 @@ class EvalConfig:
     train_set: Path | None = None  # train on all of this .beton in its order (an export), not distilled ∪ selection
 
     def __post_init__(self) -> None:
+        _finite_fields(self)
         check_image_args(self.train_side, self.train_data)
         require_betons(pool=self.pool, test=self.test, distilled=self.distilled)
         require_file(self.teacher, "--teacher", "pass the teacher checkpoint (.pt / .pth)")
@@ -301,14 +325,16 @@ class ExportConfig:
     allow_incomplete: bool = False
     overwrite: bool = False
     workers: int = 2
+    relocated: tuple[tuple[str, Path], ...] = ()  # (settings key, where the run's input is now): --pool, ...
 
     def __post_init__(self) -> None:
         _check_choice("export format", self.format, EXPORT_FORMATS)
         if not (self.run_dir / "state.json").is_file():
             raise ConfigError(f"{self.run_dir} has no state.json; pass the --output-dir of a `ccfs-fast run`")
         if self.out.exists() and not self.overwrite:
-            raise ConfigError(f"{self.out} already exists; pass --overwrite to replace it, or choose another --out")
-        if self.out.resolve() == self.run_dir.resolve() or self.run_dir.resolve() in self.out.resolve().parents:
+            raise ConfigError(f"{self.out} already exists; pass --overwrite to replace an earlier export, or choose "
+                              "another --out")
+        if self.run_dir.resolve() in self.out.resolve().parents:
             raise ConfigError(f"--out {self.out} lies inside the run directory; export next to it instead")
 
 
@@ -339,6 +365,7 @@ class TeacherConfig:
     tensorboard: bool = False  # per-epoch curves as TensorBoard event files too (OUTPUT.tb/ beside the output)
 
     def __post_init__(self) -> None:
+        _finite_fields(self)
         from .curves import check_tensorboard
 
         check_tensorboard(self.tensorboard)
@@ -348,6 +375,8 @@ class TeacherConfig:
         check_device(self.device)
         if self.output.suffix not in (".pt", ".pth"):
             raise ConfigError(f"--output must be a .pt or .pth file, got {self.output}")
+        if self.forgetting_out is not None and self.forgetting_out.suffix != ".npy":  # --overwrite replaces it
+            raise ConfigError(f"--forgetting-out must be a .npy file, got {self.forgetting_out}")
         for path in (self.output, self.forgetting_out):
             if path is not None and path.exists() and not self.overwrite:
                 raise ConfigError(f"{path} already exists; pass --overwrite to replace it")
@@ -470,6 +499,7 @@ def make_run_config(preset: str | None = None, smoke: bool = False, **settings: 
     size and fitting (smoke_fit), the preset's published scores when no --score-path is given, then
     `settings` (flat: RunConfig's fields, TrainRecipe's and FastPath's) over them; every adjustment is
     in the config's notes."""
+    check_finite(settings)  # before --smoke's fitting does arithmetic with them
     paths = {k: Path(v) for k, v in settings.items() if k in RUN_PATHS and v is not None}  # str or Path
     values, notes = published_scores(preset, {**preset_settings(preset), **(SMOKE if smoke else {}), **settings,
                                               **paths})

@@ -36,6 +36,7 @@ from .outputs import (
 )
 from .reach import reach_text, real_reach
 from .report import SMOKE_NOTE, write_report
+from .run_inputs import input_record
 from .scores import easy_first_key, load_scores, score_kind
 from .select import (
     Selection,
@@ -427,6 +428,7 @@ def _run(cfg: RunConfig, dist_ctx: DistContext, device: str, resume: bool, overw
     if resume and dist_ctx.is_main:
         check_inputs_unchanged(state.get("inputs"), digests, cfg)
     state["inputs"] = digests
+    state.update(input_record(cfg.settings(), out))  # where later commands find the inputs from anywhere
     state["fast_path"] = asdict(fast)
     state["notes"] = list(cfg.notes)
     say(cfg.notes, dist_ctx.is_main)

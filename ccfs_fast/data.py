@@ -83,9 +83,14 @@ def check_pair(path: Path, manifest: Manifest) -> None:
     """A .beton and its manifest come from one build: its size and content digest match the
     manifest's record (manifests of builder version 2 and older have none)."""
     rebuild = "rebuild it with `ccfs-fast build ... --overwrite`"
-    if manifest.beton_size is not None and os.stat(path).st_size != manifest.beton_size:
-        raise DataError(f"{path}: {os.stat(path).st_size} bytes, but its manifest describes a .beton of "
-                        f"{manifest.beton_size} bytes (the two come from different builds); {rebuild}")
+    size = os.stat(path).st_size
+    if manifest.beton_size is not None and size < manifest.beton_size:
+        raise DataError(f"{path}: truncated: {size:,} of the {manifest.beton_size:,} bytes its manifest records "
+                        f"({manifest.beton_size - size:,} missing: a copy or download cut short); copy it again, or "
+                        f"{rebuild}")
+    if manifest.beton_size is not None and size != manifest.beton_size:
+        raise DataError(f"{path}: {size:,} bytes, but its manifest describes a .beton of {manifest.beton_size:,} "
+                        f"bytes (the two come from different builds); {rebuild}")
     if manifest.beton_sha256 is None or known_digest(path) == manifest.beton_sha256:
         return
     # The remembered digest may be the stale one: hash the file itself before refusing anything.

@@ -3,6 +3,7 @@ which .beton files were already checked against their manifests (keyed by the fi
 path, inode, size and modification time, so a rebuilt file is checked again)."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import os
@@ -23,6 +24,15 @@ def file_sha256(path: Path) -> str:
 
 def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ccfs-fast"
+
+
+@functools.cache  # once per process and cache folder
+def sweep_cache(folder: Path) -> None:
+    """Removes the temp files that writers killed mid-write left in a cache folder (`.NAME.tmp-PID...` of
+    processes that are gone; a kill -9 leaves them, often 0 bytes)."""
+    from .outputs import remove_stale_temps
+
+    remove_stale_temps(folder)
 
 
 KEY_BYTES = 32
@@ -99,6 +109,7 @@ def fresh_digest(path: Path) -> str:
     """sha256 of `path` hashed now (never from the cache), and remembered for the next call."""
     value = file_sha256(path)
     record = digest_record(path)
+    sweep_cache(record.parent)
     with suppress(OSError):  # the record only saves time: a cache that cannot be written is no error
         record.parent.mkdir(parents=True, exist_ok=True)
         tmp = record.with_name(f".{record.name}.tmp-{os.getpid()}")

@@ -31,7 +31,11 @@ class ModelError(CCFSError):
 
 
 class OutputError(CCFSError):
-    """An output could not be written (disk full, read-only or missing place)."""
+    """An output could not be written (disk full, read-only or missing place); `errno` and `reason`: the
+    system's error, when it came from one."""
+
+    errno: int | None = None
+    reason: str | None = None
 
 
 class UnknownNameError(ConfigError):

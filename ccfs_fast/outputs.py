@@ -29,16 +29,19 @@ def temp_path(path: Path, suffix: str = "") -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
 
 
-def output_error(path: Path, exc: OSError) -> OutputError:
-    """A one-line, actionable error for a failed write (disk full, read-only, missing folder)."""
-    reason = exc.strerror or str(exc)
-    hint = {errno.ENOSPC: "free some space, then rerun (a run continues with --resume)",
-            errno.EDQUOT: "free some space, then rerun (a run continues with --resume)",
+def output_error(path: Path, exc: OSError | OutputError) -> OutputError:
+    """A one-line, actionable error for a failed write (disk full, read-only, missing folder), naming
+    `path`: the place the user named (an OutputError about a temporary path inside it is named anew)."""
+    code = exc.errno
+    reason = getattr(exc, "reason", None) or exc.strerror or str(exc)
+    hint = {errno.ENOSPC: "free some space, then run the same command again",
+            errno.EDQUOT: "free some space, then run the same command again",
             errno.EROFS: "the file system is read-only; choose a writable place",
             errno.EACCES: "no permission to write there; choose a writable place",
-            errno.ENOENT: "its folder does not exist; create it or choose another place"}.get(exc.errno,
-                                                                                              "check the place")
-    return OutputError(f"cannot write {path}: {reason}; {hint}")
+            errno.ENOENT: "its folder does not exist; create it or choose another place"}.get(code, "check the place")
+    error = OutputError(f"cannot write {path}: {reason}; {hint}")
+    error.errno, error.reason = code, reason
+    return error
 
 
 @contextmanager

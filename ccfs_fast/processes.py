@@ -84,6 +84,19 @@ def children_die_with_parent() -> None:
     os.register_at_fork(after_in_child=die_with_parent)
 
 
+def quiet_teardown() -> None:
+    """What an interrupted command runs before its last line: exceptions that threads and finalizers
+    raise while the interrupted work is torn down (FFCV's epoch iterators, a reader's half-made memory
+    context: "AttributeError: ... 'executor'") are silenced, and the garbage is collected now, so none
+    is printed after that line."""
+    import gc
+    import threading
+
+    sys.unraisablehook = lambda unraisable: None
+    threading.excepthook = lambda args: None
+    gc.collect()
+
+
 def _isolated(fn: Callable, args: tuple, errors: multiprocessing.queues.SimpleQueue) -> None:
     os.setpgrp()  # its own process group: the parent can kill it and everything it forked at once
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the parent's to handle

@@ -5,14 +5,20 @@ a run directory by `ccfs-fast report RUN_DIR`."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .errors import CCFSError, ConfigError, DataError
+from .digests import cache_dir
 from .outputs import atomic_file, write_text
+from .run_inputs import InputMissing, RunInputs, read_run_json, resolve_run_inputs
 from .scores import pool_order_scores, score_kind
 
 CSV_COLUMNS = ("phase", "curpc", "train_size", "batch_size", "train_s", "train_img_per_s", "coarse_pass",
@@ -36,14 +42,14 @@ def survivor_percent(frame: pd.DataFrame) -> pd.Series:
     return 100 * frame["candidates"] / frame["pool_evaluated"].clip(lower=1)
 
 
-def _phase_audits(run_dir: Path, metrics: dict) -> list[dict]:
+def _phase_audits(run_dir: Path, metrics: dict, values: np.ndarray | None) -> list[dict]:
     """Per curriculum, from phase{k}_candidates.npz, the selection and metrics.json: the images it
-    selected per class, and the scores (in the score kind's own units) of its coarse candidates and of
-    its selection. Empty when an audit file is missing."""
+    selected per class, and the scores (in the score kind's own units: `values`, the score file in pool
+    order, or the audit's logits for --score logits; none when a file kind's score file is not at hand)
+    of its coarse candidates and of its selection. Empty when an audit file is missing."""
     settings = metrics["settings"]
-    kind = score_kind(settings["score"])
+    from_file = score_kind(settings["score"]).from_file
     selected = np.asarray(json.loads((run_dir / "selected_indices.json").read_text())["idx_selected"], np.int64)
-    values = pool_order_scores(Path(settings["score_path"]), Path(settings["pool"])) if kind.from_file else None
     out, start = [], 0
     for phase in metrics["phases"]:
         path = run_dir / f"phase{phase['phase']}_candidates.npz"
@@ -57,23 +63,19 @@ def _phase_audits(run_dir: Path, metrics: dict) -> list[dict]:
         # images `fill` added may not have been predicted: no audit row, so no logit of theirs
         rows = np.array([position[i] for i in picked.tolist() if i in position], np.int64)
         coarse = (pred != label) if settings["select_misclassified"] else (pred == label)
+        scored = values is not None or not from_file
         out.append({"selected_per_class": np.asarray(phase["selected_per_class"], np.int64),
-                    "candidate_scores": values[index[coarse]] if values is not None else logit[coarse],
-                    "selected_scores": values[picked] if values is not None else logit[rows]})
+                    "candidate_scores": (values[index[coarse]] if values is not None else logit[coarse]) if scored
+                    else None,
+                    "selected_scores": (values[picked] if values is not None else logit[rows]) if scored else None})
     return out
 
 
 def class_names(metrics: dict) -> list[str]:
-    """The run's class names (metrics.json; a run written before it recorded them: the pool's manifest,
-    else the labels)."""
+    """The run's class names (metrics.json; a run written before it recorded them: the labels)."""
     if metrics.get("class_names"):
         return list(metrics["class_names"])
-    from beton_builder.manifest import read_manifest
-
-    try:
-        return list(read_manifest(metrics["settings"]["pool"]).class_names)
-    except CCFSError:
-        return [str(c) for c in range(len(metrics["phases"][0]["candidates_per_class"]))]
+    return [str(c) for c in range(len(metrics["phases"][0]["candidates_per_class"]))]
 
 
 def short_names(names: list[str], most: int = 40) -> tuple[list[int], list[str]]:
@@ -130,15 +132,18 @@ def _accuracy_panel(ax, frame: pd.DataFrame, metrics: dict) -> None:
     _legend_below(ax, 1)
 
 
-def _score_panel(ax, audits: list[dict], score: str) -> None:
+def _score_panel(ax, audits: list[dict], score: str, missing: str | None) -> None:
     title, xlabel = score_title(score)
-    if audits:
+    if audits and audits[0]["candidate_scores"] is not None:
         candidates = np.concatenate([a["candidate_scores"] for a in audits])
         chosen = np.concatenate([a["selected_scores"] for a in audits])
         bins = np.histogram_bin_edges(np.concatenate([candidates, chosen]), bins=30)
         ax.hist(candidates, bins=bins, alpha=0.6, density=True, label=f"coarse candidates ({len(candidates):,})")
         ax.hist(chosen, bins=bins, alpha=0.6, density=True, label=f"selected ({len(chosen):,})")
         _legend_below(ax)
+    elif missing:
+        ax.text(0.5, 0.5, "the run's score file is not at hand\n(ccfs-fast report --score-path FILE)", ha="center",
+                va="center", transform=ax.transAxes)
     ax.set(title=title, xlabel=xlabel, ylabel="density")
 
 
@@ -175,7 +180,8 @@ def _per_class_panel(ax, audits: list[dict], frame: pd.DataFrame, names: list[st
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.005, 1.0), frameon=False)
 
 
-def _plot(run_dir: Path, metrics: dict, frame: pd.DataFrame, out: Path) -> None:
+def _plot(run_dir: Path, metrics: dict, frame: pd.DataFrame, out: Path, values: np.ndarray | None,
+          missing: str | None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -184,11 +190,11 @@ def _plot(run_dir: Path, metrics: dict, frame: pd.DataFrame, out: Path) -> None:
     names = [str(n) for n in class_names(metrics)]
     fig = plt.figure(figsize=(17, 11), layout="constrained")
     grid = fig.add_gridspec(3, 3, height_ratios=[1, 1, 0.9])
-    audits = _phase_audits(run_dir, metrics)
+    audits = _phase_audits(run_dir, metrics, values)
     _time_panel(fig.add_subplot(grid[0, 0]), frame)
     _coarse_panel(fig.add_subplot(grid[0, 1]), frame)
     _accuracy_panel(fig.add_subplot(grid[0, 2]), frame, metrics)
-    _score_panel(fig.add_subplot(grid[1, 0]), audits, metrics["settings"]["score"])
+    _score_panel(fig.add_subplot(grid[1, 0]), audits, metrics["settings"]["score"], missing)
     _curves_panel(fig.add_subplot(grid[1, 1:]), run_dir)
     _per_class_panel(fig.add_subplot(grid[2, :]), audits, frame, names)
     settings = metrics["settings"]
@@ -201,24 +207,66 @@ def _plot(run_dir: Path, metrics: dict, frame: pd.DataFrame, out: Path) -> None:
     plt.close(fig)
 
 
-def write_report(run_dir: str | Path, classes: list[str] | None = None) -> tuple[Path, ...]:
+@contextmanager
+def matplotlib_home() -> Iterator[None]:
+    """matplotlib's config and font cache (MPLCONFIGDIR) inside the tool's cache; when that cannot be
+    written, a temporary folder removed when the figures are drawn (matplotlib's own fallback is a
+    `matplotlib-*` folder it removes at interpreter exit, which this tool's console script skips)."""
+    if "MPLCONFIGDIR" in os.environ or "matplotlib" in sys.modules:
+        yield
+        return
+    place = cache_dir() / "matplotlib"
+    try:
+        place.mkdir(parents=True, exist_ok=True)
+        if not os.access(place, os.W_OK):
+            raise PermissionError(place)
+    except OSError:
+        place = Path(tempfile.mkdtemp(prefix="ccfs-fast-matplotlib-"))
+        os.environ["MPLCONFIGDIR"] = str(place)
+        try:
+            yield
+        finally:
+            shutil.rmtree(place, ignore_errors=True)
+        return
+    os.environ["MPLCONFIGDIR"] = str(place)
+    yield
+
+
+REPORT_INPUTS = ("pool", "distilled", "score_path")  # the score panel's values and selection.png's pictures
+
+
+def report_inputs(run_dir: Path, given: dict[str, Path] | None) -> tuple[RunInputs | None, str | None]:
+    """(the run's inputs a report reads, checked by run_inputs; None and why when one is nowhere to be
+    found: the parts drawn from it are left out, with a note). A file that is there but is not the one the
+    run used is refused (InputChanged): a report never draws from another pool or score file."""
+    try:
+        state = read_run_json(run_dir, "state.json")
+        return resolve_run_inputs(state, run_dir, REPORT_INPUTS, given), None
+    except InputMissing as exc:
+        return None, " ".join(str(exc).split())
+
+
+def write_report(run_dir: str | Path, classes: list[str] | None = None, given: dict[str, Path] | None = None
+                 ) -> tuple[Path, ...]:
     """(Re)writes metrics.csv, report.png and selection.png of a run directory from its metrics.json,
-    audit files and .beton files; `classes` chooses selection.png's classes (names or labels)."""
+    audit files and .beton files; `classes` chooses selection.png's classes (names or labels); `given`:
+    where a flag says an input of the run is now (--pool, --distilled, --score-path)."""
     run_dir = Path(run_dir)
-    path = run_dir / "metrics.json"
-    if not path.is_file():
-        raise ConfigError(f"{run_dir} has no metrics.json; pass the --output-dir of a `ccfs-fast run`")
-    metrics = json.loads(path.read_text())
+    metrics = read_run_json(run_dir, "metrics.json")
     frame = metrics_frame(metrics)
     write_text(run_dir / "metrics.csv", frame.to_csv(index=False))
     if not len(frame):
         return (run_dir / "metrics.csv",)
-    _plot(run_dir, metrics, frame, run_dir / "report.png")
-    from .selection_figure import write_selection_figure
+    inputs, missing = report_inputs(run_dir, given)
+    values = None
+    if inputs is not None and score_kind(metrics["settings"]["score"]).from_file:
+        values = pool_order_scores(inputs["score_path"], inputs["pool"])
+    with matplotlib_home():
+        _plot(run_dir, metrics, frame, run_dir / "report.png", values, missing)
+        if inputs is None:  # its pictures come from the run's .beton files
+            print(f"note: selection.png and the score panel not drawn: {missing}", file=sys.stderr)
+            return run_dir / "metrics.csv", run_dir / "report.png"
+        from .selection_figure import write_selection_figure
 
-    try:
-        write_selection_figure(run_dir, run_dir / "selection.png", classes)
-    except DataError as exc:  # its pictures come from the run's .beton files, which may be gone
-        print(f"note: selection.png not drawn: {' '.join(str(exc).split())}", file=sys.stderr)
-        return run_dir / "metrics.csv", run_dir / "report.png"
+        write_selection_figure(run_dir, run_dir / "selection.png", classes, inputs.paths)
     return run_dir / "metrics.csv", run_dir / "report.png", run_dir / "selection.png"

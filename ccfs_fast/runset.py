@@ -4,7 +4,6 @@ it selected (curriculum after curriculum, each in the order chosen: easiest firs
 with their labels, curricula and difficulty scores; and the images themselves, as stored."""
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,8 @@ import numpy as np
 
 from .config import distilled_shortage
 from .data import BetonFile, iterate_rows, read_labels, stored_bytes
-from .errors import ConfigError, DataError
+from .errors import DataError
+from .run_inputs import read_run_json, resolve_run_inputs
 from .scores import pool_order_scores, score_kind
 
 READ_BATCH = 512
@@ -54,23 +54,21 @@ class RunSet:
 
 
 def read_run_state(run_dir: Path) -> tuple[dict, dict]:
-    """(state.json, selected_indices.json) of a run directory; ConfigError naming what is missing."""
-    found = {}
-    for name in ("state.json", "selected_indices.json"):
-        try:
-            found[name] = json.loads((run_dir / name).read_text())
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"{run_dir}: cannot read {name} ({type(exc).__name__}); pass the --output-dir of a "
-                              "`ccfs-fast run` that finished at least one curriculum") from exc
-    return found["state.json"], found["selected_indices.json"]
+    """(state.json, selected_indices.json) of a run directory; one-line errors for a missing or damaged one."""
+    return read_run_json(run_dir, "state.json"), read_run_json(run_dir, "selected_indices.json")
 
 
-def open_run_set(run_dir: str | Path) -> RunSet:
-    """The run's set (see RunSet), its .beton files opened (and checked against their manifests)."""
+SET_INPUTS = ("pool", "distilled", "score_path")  # what a run's set is read from
+
+
+def open_run_set(run_dir: str | Path, given: dict[str, Path] | None = None) -> RunSet:
+    """The run's set (see RunSet), its .beton files opened (and checked against their manifests). Its
+    inputs are the run's own, found and checked by run_inputs (`given`: where a flag says one is now)."""
     run_dir = Path(run_dir)
     state, selection = read_run_state(run_dir)
     settings = state["settings"]
-    pool, distilled = BetonFile.open(settings["pool"]), BetonFile.open(settings["distilled"])
+    inputs = resolve_run_inputs(state, run_dir, SET_INPUTS, given)
+    pool, distilled = BetonFile.open(inputs["pool"]), BetonFile.open(inputs["distilled"])
     cpc = int(settings["image_per_class"] * settings["alpha"] + 1e-9)
     labels = read_labels(distilled)
     rows = []
@@ -84,16 +82,16 @@ def open_run_set(run_dir: str | Path) -> RunSet:
     counts = [p["selected"] for p in state["phases"]]
     curriculum = np.repeat(np.arange(1, len(counts) + 1), counts)[:len(selected)]
     return RunSet(run_dir, settings, pool, distilled, distilled_rows, labels[distilled_rows], selected,
-                  read_labels(pool)[selected], curriculum, _selected_scores(run_dir, settings, pool, selected,
-                                                                             curriculum),
+                  read_labels(pool)[selected], curriculum,
+                  _selected_scores(run_dir, settings, inputs.get("score_path"), pool, selected, curriculum),
                   bool(selection.get("complete")), int(selection.get("phases_done", len(counts))))
 
 
-def _selected_scores(run_dir: Path, settings: dict, pool: BetonFile, selected: np.ndarray,
+def _selected_scores(run_dir: Path, settings: dict, score_path: Path | None, pool: BetonFile, selected: np.ndarray,
                      curriculum: np.ndarray) -> np.ndarray:
     """The difficulty score of each selected image in the score kind's own units (NaN where unknown)."""
     if score_kind(settings["score"]).from_file:
-        return pool_order_scores(Path(settings["score_path"]), pool.path)[selected].astype(np.float64)
+        return pool_order_scores(score_path, pool.path)[selected].astype(np.float64)
     out = np.full(len(selected), np.nan)
     for k in np.unique(curriculum):  # --score logits: the phase filter's true-class logit (its audit file)
         path = run_dir / f"phase{k}_candidates.npz"

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from beton_builder.safe_pickle import ArrayUnpickler
+
 from .errors import ScoreError, UnknownNameError
 
 
@@ -77,23 +79,8 @@ class ScoreFile:
 
 # What an object array in a score file may be rebuilt from: numpy arrays of names (bytes or str) and
 # nothing else (the published ImageNet files store their file names as object arrays of bytes).
-ARRAY_GLOBALS = frozenset({(f"numpy{core}.multiarray", name) for core in ("._core", ".core")
-                           for name in ("_reconstruct", "scalar")}  # scalar: numpy's own str / bytes values
-                          | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")})
-
-
-class _ArrayUnpickler(pickle.Unpickler):
-    """Rebuilds numpy arrays only: any other global a pickle names is refused before it is loaded, so a
-    file cannot run code."""
-
-    def find_class(self, module: str, name: str) -> object:
-        if (module, name) not in ARRAY_GLOBALS:
-            raise pickle.UnpicklingError(f"{module}.{name}")
-        return super().find_class(module, name)
-
-
 def object_array(npz_path: Path, key: str) -> np.ndarray:
-    """An object array member of an .npz, read through _ArrayUnpickler: names as bytes ("S") or str
+    """An object array member of an .npz, read through beton_builder's ArrayUnpickler: names as bytes ("S") or str
     ("U"), numbers as float64. ScoreError for anything else."""
     with zipfile.ZipFile(npz_path) as archive, archive.open(f"{key}.npy") as fh:
         version = np.lib.format.read_magic(fh)
@@ -103,7 +90,7 @@ def object_array(npz_path: Path, key: str) -> np.ndarray:
         if not dtype.hasobject:
             raise ScoreError(f"score file {npz_path}: {key!r} is not an object array")
         try:
-            array = _ArrayUnpickler(fh).load()
+            array = ArrayUnpickler(fh).load()
         except pickle.UnpicklingError as exc:
             raise ScoreError(f"score file {npz_path}: {key!r} holds a pickled object other than an array of names "
                              f"({exc}); it is not loaded (a pickle can run code); save the names as a bytes or str "

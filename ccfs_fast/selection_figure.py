@@ -76,13 +76,14 @@ def layout(run: RunSet, classes: list[int]) -> tuple[dict, dict, list[int]]:
     return distilled, picked, curricula
 
 
-def write_selection_figure(run_dir: Path, out: Path, wanted: list[str] | None = None) -> Path:
+def write_selection_figure(run_dir: Path, out: Path, wanted: list[str] | None = None,
+                           given: dict[str, Path] | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    run = open_run_set(run_dir)
+    run = open_run_set(run_dir, given)
     classes = chosen_classes(run, wanted)
     distilled, picked, curricula = layout(run, classes)
     side = thumb_side(run)

@@ -13,7 +13,9 @@ Ctrl-C leaves nothing half-written."""
 from __future__ import annotations
 
 import csv
+import glob
 import io
+import json
 import os
 import re
 import shutil
@@ -25,7 +27,7 @@ from tqdm import tqdm
 
 from .config import ExportConfig
 from .errors import ConfigError, OutputError
-from .outputs import output_error
+from .outputs import output_error, pid_alive
 from .runset import RunSet, images, open_run_set
 from .tables import format_table
 
@@ -121,12 +123,64 @@ def _write_beton(run: RunSet, folder: Path, names: list[str], pixels: list, enco
     write_jpeg_beton(source, out, settings, workers, run.pool.manifest.dataset)
 
 
+EXPORT_MARKER = ".ccfs-fast-export"  # in every export (and its temporary folder): what --overwrite may replace
+
+
+def protected_places(run_dir: Path, inputs: list[Path]) -> list[tuple[str, Path]]:
+    """(what it is, path) of the places an export may never replace, nor a folder holding one: the run
+    being exported, its inputs, the current directory and the home directory."""
+    places = [("the run being exported", run_dir), ("the current directory", Path.cwd()),
+              ("the home directory", Path.home())]
+    return places + [("an input of the run", p) for p in inputs]
+
+
+def check_replaceable(out: Path, overwrite: bool, run_dir: Path, inputs: list[Path]) -> None:
+    """Refuses an --out that would destroy what this tool did not write: one of protected_places or a
+    folder above one; an existing --out without --overwrite; with --overwrite, anything but an earlier
+    export (a folder holding EXPORT_MARKER) or an empty folder. The refusal names what is there."""
+    target = out.resolve()
+    places = [(what, place.resolve()) for what, place in protected_places(run_dir, inputs)]
+    for what, place in places:
+        if target == place:
+            raise ConfigError(f"--out {out} is {what}; an export never replaces it: choose a new folder for --out")
+    for what, place in places:
+        if target in place.parents:
+            raise ConfigError(f"--out {out} holds {what} ({place}); an export never replaces it: choose a new folder "
+                              "for --out")
+    if not out.exists() and not out.is_symlink():
+        return
+    if not overwrite:
+        raise ConfigError(f"{out} already exists; pass --overwrite to replace an earlier export, or choose another "
+                          "--out")
+    if not out.is_dir() or out.is_symlink():
+        raise ConfigError(f"--out {out} is a file, not an earlier export; --overwrite replaces only an export's "
+                          "folder: choose another --out")
+    entries = sorted(p.name for p in out.iterdir())
+    if entries and not (out / EXPORT_MARKER).is_file():
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        raise ConfigError(f"--out {out} holds {len(entries)} entries that no `ccfs-fast export` wrote ({shown}); "
+                          "--overwrite replaces only an earlier export: choose another --out")
+
+
+def remove_dead_exports(out: Path) -> list[Path]:
+    """Removes what killed exports into `out` left beside it (`.NAME.tmp-PID/`, `.NAME.old-PID/` of
+    processes that are gone, each holding EXPORT_MARKER); returns them."""
+    removed = []
+    for path in out.parent.glob(f".{glob.escape(out.name)}.*-*"):
+        match = re.fullmatch(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d+)", path.name)
+        if match and not pid_alive(int(match[2])) and (path / EXPORT_MARKER).is_file():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def export_run(cfg: ExportConfig) -> dict:
     """Writes the run's set to cfg.out (see the module docstring); returns what was written."""
-    run = open_run_set(cfg.run_dir)
+    run = open_run_set(cfg.run_dir, dict(cfg.relocated))
     if not run.complete and not cfg.allow_incomplete:
         raise ConfigError(f"{cfg.run_dir} is an unfinished run ({run.phases_done} curricula done); finish it with "
                           "`ccfs-fast run --resume` or pass --allow-incomplete to export it as it is")
+    check_replaceable(cfg.out, cfg.overwrite, cfg.run_dir, [run.pool.path, run.distilled.path])
     extension = {"distilled": "jpg" if run.distilled.manifest.variable_size else "png",
                  "pool": "jpg" if run.pool.manifest.variable_size else "png"}
     names = file_names(run, extension)
@@ -134,13 +188,17 @@ def export_run(cfg: ExportConfig) -> dict:
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        for left in remove_dead_exports(out):
+            print(f"note: removed {left}, left by an interrupted export", file=sys.stderr)
         tmp.mkdir()
+        marker = {"tool": "ccfs-fast export", "run_dir": str(cfg.run_dir.resolve()), "format": cfg.format}
+        (tmp / EXPORT_MARKER).write_text(json.dumps(marker) + "\n")
         pixels, encoded = _write_files(run, tmp, names, cfg.format in ("folder", "both"))
         if cfg.format in ("beton", "both"):
             _write_beton(run, tmp, names, pixels, encoded, cfg.workers)
         _write_manifest(tmp / "manifest.csv", manifest_rows(run, names))
         _put_in_place(tmp, out, cfg.overwrite)
-    except OSError as exc:
+    except (OSError, OutputError) as exc:  # named as --out, never as the temporary folder inside it
         raise output_error(cfg.out, exc) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -163,12 +221,13 @@ def _write_manifest(path: Path, rows: list[dict]) -> None:
 
 
 def _put_in_place(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Renames the finished folder to `out`; an existing `out` (with --overwrite) is moved aside first
-    and removed after, so `out` is always either the old export or the new one, whole."""
+    """Renames the finished folder to `out`; an existing `out` (with --overwrite: an earlier export,
+    checked again now) is moved aside first and removed after, so `out` is always either the old export
+    or the new one, whole."""
     old = None
     if out.exists():
-        if not overwrite:
-            raise OutputError(f"{out} appeared while exporting; pass --overwrite or choose another --out")
+        if not overwrite or not ((out / EXPORT_MARKER).is_file() or not any(out.iterdir())):
+            raise OutputError(f"{out} appeared while exporting and is not an earlier export; choose another --out")
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.rename(out, old)
     os.rename(tmp, out)

@@ -18,7 +18,7 @@ from .coarse import CPU_MIN_CHUNK
 from .config import FastPath, distilled_shortage
 from .curves import CurveLog
 from .data import BetonFile, EvalLoader, IndexSpace, make_test_loader, read_labels
-from .digests import cache_dir, fresh_digest, keyed_digest
+from .digests import cache_dir, fresh_digest, keyed_digest, sweep_cache
 from .distributed import DistContext, broadcast, gather_concat, shard
 from .errors import ConfigError, DataError, ModelError, OutputError
 from .kernels import swap_cpu_kernels
@@ -342,6 +342,7 @@ def teacher_correct(ws: Workspace, teacher_digest: str) -> tuple[np.ndarray, np.
     non-finite logits is refused. Returns (pred int64 [n], teacher_correct bool [n], came_from_cache)."""
     origin = teacher_pass_origin(ws, teacher_digest)
     path = teacher_pass_path(origin)
+    sweep_cache(path.parent)
     pred, damage = read_cached_pass(path, origin, ws.num_classes)
     if pred is not None:
         damage = disagreement(ws, pred)

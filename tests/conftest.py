@@ -125,3 +125,22 @@ def one_line_error(stderr: str, *needles: str) -> str:
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]
+
+
+FAST = ("import sys, json; from ccfs_fast.cli import main; rc = main(json.loads(sys.argv[1])); "
+        "print(json.dumps([m for m in ('torch', 'ffcv') if m in sys.modules])); sys.exit(rc)")
+
+
+def fails_fast(args: list[str], needle: str, heavy_allowed: bool = False) -> None:
+    """`ccfs-fast ARGS` in a fresh process refuses in one line (exit 2) holding `needle`, before anything
+    heavy is imported (torch, FFCV: seconds), whatever the machine's load."""
+    import json
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-c", FAST, json.dumps(args)], capture_output=True, text=True, timeout=120,
+                          env=cli_env())
+    assert proc.returncode == 2, proc.stderr
+    heavy = json.loads(proc.stdout)
+    err = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("ccfs-fast: error:") and needle in err[0], err
+    assert heavy_allowed or not heavy, (args, heavy)

@@ -201,7 +201,7 @@ def write_tensor_pair(root: Path, images: np.ndarray, labels: np.ndarray, norm: 
 
 def write_hub_parquet(root: Path, images: list[np.ndarray], labels: np.ndarray, class_names: list[str] | None,
                       shards: int = 2, image_format: str = "PNG", label_column: str = "label",
-                      split: str = "train") -> Path:
+                      split: str = "train", label_dtype: type = np.int64) -> Path:
     """A Hugging Face Hub dataset's local layout: root/data/<split>-0000k-of-0000N.parquet, an `image`
     column (struct of the encoded `bytes` and a `path`), an integer label column and, with class names,
     the Hub's features metadata (a ClassLabel); small row groups, so readers cross them."""
@@ -224,7 +224,7 @@ def write_hub_parquet(root: Path, images: list[np.ndarray], labels: np.ndarray, 
             Image.fromarray(images[i]).save(buf, format=image_format)
             blobs.append({"bytes": buf.getvalue(), "path": f"img_{i:05d}.{image_format.lower()}"})
         table = pa.table({"image": pa.array(blobs, type=image_type),
-                          label_column: pa.array(np.asarray(labels)[rows].astype(np.int64))})
+                          label_column: pa.array(np.asarray(labels)[rows].astype(label_dtype))})
         table = table.replace_schema_metadata({b"huggingface": json.dumps(meta).encode()})
         pq.write_table(table, folder / f"{split}-{k:05d}-of-{shards:05d}.parquet", row_group_size=3)
     return root

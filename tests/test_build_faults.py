@@ -47,10 +47,9 @@ def test_two_builds_into_one_folder_never_mix(two_sources, tmp_path):
     while not (out / ".ccfs-fast-build.lock").exists():
         assert first.poll() is None and time.time() < deadline, "the first build did not start"
         time.sleep(0.02)
-    started = time.perf_counter()
     second = subprocess.run([*CLI, "build", "cifar10", "--src", str(two_sources[1]), "--out", str(out)],
                             capture_output=True, text=True, env=cli_env(), timeout=120)
-    assert second.returncode == 2 and time.perf_counter() - started < 5
+    assert second.returncode == 2  # refused while the first holds the lock (the message names it)
     one_line_error(second.stderr, "is being written by another ccfs-fast build", f"pid {first.pid}")
     assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
     pool, test = BetonFile.open(out / "cifar10_train.beton"), BetonFile.open(out / "cifar10_test.beton")

@@ -87,7 +87,7 @@ def _tensor_refusals(tmp_path, x, y) -> dict[str, tuple[list[str], str]]:
     torch.save(torch.arange(39), tmp_path / "short.pt")
     out["label count"] = (["--images", str(good_x), "--labels", str(tmp_path / "short.pt")], "39 labels for 40 images")
     out["label range"] = (["--images", str(good_x), "--labels", str(good_y), "--classes", "5"],
-                          "outside 0..4 (5 classes)")
+                          "label 5 at row 20 lies outside 0..4 (5 classes")
     out["no labels"] = (["--images", str(good_x)], "pass --labels")
     torch.save({"images": base, "labels": torch.from_numpy(y), "trap": _Payload(str(tmp_path / "ran"))},
                tmp_path / "pickle.pt")

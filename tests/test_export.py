@@ -87,7 +87,8 @@ def test_export_refusals_and_a_full_disk(finished_run, tmp_path, capsys):
     try:
         capsys.readouterr()
         assert main(["export", str(finished_run), "--out", str(small / "e")]) == 2
-        one_line_error(capsys.readouterr().err, "No space left on device", "free some space")
+        line = one_line_error(capsys.readouterr().err, "No space left on device", "free some space")
+        assert f"cannot write {small / 'e'}:" in line and ".tmp-" not in line and "--resume" not in line
         assert list(small.iterdir()) == []  # no output, no temporary folder
     finally:
         subprocess.run(["umount", "-l", str(small)])

@@ -23,9 +23,9 @@ def test_run_writes_csv_and_png(finished_run):
 
 def test_report_audits_match_the_selection(finished_run):
     metrics = json.loads((finished_run / "metrics.json").read_text())
-    audits = _phase_audits(finished_run, metrics)
-    assert [int(a["selected_per_class"].sum()) for a in audits] == [p["selected"] for p in metrics["phases"]]
     scores = np.load(metrics["settings"]["score_path"])
+    audits = _phase_audits(finished_run, metrics, scores)
+    assert [int(a["selected_per_class"].sum()) for a in audits] == [p["selected"] for p in metrics["phases"]]
     picked_all = json.loads((finished_run / "selected_indices.json").read_text())["idx_selected"]
     start = 0
     for audit, phase in zip(audits, metrics["phases"]):
