@@ -144,3 +144,37 @@ def fails_fast(args: list[str], needle: str, heavy_allowed: bool = False) -> Non
     err = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert len(err) == 1 and err[0].startswith("ccfs-fast: error:") and needle in err[0], err
     assert heavy_allowed or not heavy, (args, heavy)
+
+
+SNAPSHOT = Path(__file__).parent / "data" / "selections_before_layers.json"
+
+
+def snapshot_machine() -> dict:
+    """What a recorded selection's floating-point arithmetic depends on: the CPU, torch and its threads."""
+    from ccfs_fast.outputs import cpu_model
+
+    return {"cpu": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def check_snapshot(name: str, run_dir: Path) -> bool:
+    """The run's selection and final accuracies equal, bit for bit, those recorded before the engine was
+    restructured into layers (tests/data/selections_before_layers.json; CCFS_RECORD_SNAPSHOT=1 records
+    them). They depend on the CPU's floating-point kernels, so they are compared on the machine kind they
+    were recorded on; returns whether they were compared."""
+    import json
+    import os
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    now = {"selected": json.loads((run_dir / "selected_indices.json").read_text())["idx_selected"],
+           "final_accs": (metrics.get("final") or {}).get("accs"),
+           "filter_accs": [p["filter_acc"] for p in metrics["phases"]]}
+    recorded = json.loads(SNAPSHOT.read_text()) if SNAPSHOT.is_file() else {}
+    if os.environ.get("CCFS_RECORD_SNAPSHOT") == "1":
+        SNAPSHOT.parent.mkdir(exist_ok=True)
+        recorded.update({"machine": snapshot_machine(), name: now})
+        SNAPSHOT.write_text(json.dumps(recorded, indent=1) + "\n")
+        return True
+    if recorded.get("machine") != snapshot_machine():
+        return False
+    assert now == recorded[name]
+    return True

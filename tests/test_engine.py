@@ -9,7 +9,8 @@ import sys
 import time
 
 import numpy as np
-from conftest import run_args
+import pytest
+from conftest import check_snapshot, run_args, snapshot_machine
 
 from ccfs_fast.cli import main
 from ccfs_fast.data import BetonFile, read_labels
@@ -54,6 +55,13 @@ def test_run_writes_outputs_and_a_valid_selection(finished_run, engine_data):
     assert metrics["tf32"] == {"cudnn_allow_tf32": True, "matmul_allow_tf32": False,
                                "float32_matmul_precision": "highest"}
     assert "environment" in metrics and "Acc@1(mean)" in (out / "exp_log.txt").read_text()
+
+
+def test_the_same_selection_as_before_the_layers(finished_run):
+    """A CIFAR-format run selects, and its models score, exactly what they did before the engine was
+    restructured (bit for bit: indices, filter and final accuracies)."""
+    if not check_snapshot("cifar_run", finished_run):
+        pytest.skip(f"the snapshot was recorded on another machine kind (this: {snapshot_machine()})")
 
 
 def test_each_phase_recomputes_from_its_audit_files(finished_run, engine_data):

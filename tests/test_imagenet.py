@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import check_snapshot
 from formats import IMAGENET_WNIDS, write_ilsvrc, write_image_folder
 from PIL import Image
 
@@ -285,6 +286,7 @@ def test_a_whole_imagenet_run_on_cpu(ilsvrc, imagenet_run_inputs, tmp_path, caps
     assert "phase 1 filter: train set resident (" in capsys.readouterr().err  # the choice, printed
     selected = json.loads((out / "selected_indices.json").read_text())
     assert len(selected["idx_selected"]) > 0
+    check_snapshot("imagenet_run", out)  # bit for bit what it selected before the engine's restructuring
     in_order = tmp_path / "in_order"
     assert main(_imagenet_run(ilsvrc, imagenet_run_inputs, in_order, "--score-path",
                               str(imagenet_run_inputs["scores_in_order"]), "--num-eval", "0")) == 0

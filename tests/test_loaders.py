@@ -140,8 +140,8 @@ def test_test_loader_checks_classes(cifar10_betons, tmp_path):
 
 
 def test_distilled_side_mismatch(cifar10_betons, tmp_path):
-    x, y = class_images(10, 10, 16, seed=1)
-    np.savez(tmp_path / "d.npz", x=x, y=y)
+    x, _ = class_images(10, 10, 16, seed=1)
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(10))
     write_beton(read_arrays(tmp_path / "d.npz"), tmp_path / "d.beton")
     with pytest.raises(DataError, match="--side 32"):
         IndexSpace(BetonFile.open(cifar10_betons[0]), BetonFile.open(tmp_path / "d.beton"))
@@ -155,7 +155,10 @@ def test_missing_manifest_and_corrupt_beton(cifar10_betons, tmp_path):
     manifest = json.loads(open(f"{cifar10_betons[0]}.json").read())
     (tmp_path / "c.beton.json").write_text(json.dumps(manifest))
     copy.write_bytes(b"\0" * 100)
-    with pytest.raises(DataError, match="100 bytes, but its manifest describes a .beton of .* rebuild"):
+    with pytest.raises(DataError, match="truncated: 100 of the .* bytes its manifest records .* rebuild"):
+        BetonFile.open(copy)
+    copy.write_bytes(cifar10_betons[0].read_bytes() + b"\0" * 100)  # longer: not a truncated copy
+    with pytest.raises(DataError, match="bytes, but its manifest describes a .beton of .* different builds"):
         BetonFile.open(copy)
     data = bytearray(cifar10_betons[0].read_bytes())
     data[-5000] ^= 0xFF  # same size, one byte changed

@@ -22,8 +22,21 @@ from ccfs_fast.cli import main
 CLI = [sys.executable, "-m", "ccfs_fast.cli"]
 
 
-def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], cwd=cwd, capture_output=True, text=True, env=cli_env(), timeout=600)
+class _Done:
+    def __init__(self, returncode: int, stderr: str):
+        self.returncode, self.stderr = returncode, stderr
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """`ccfs-fast ARGS` run from folder `cwd` (in this process: the tests' many commands would each pay
+    a fresh interpreter's imports); its exit code and stderr."""
+    def run(args: list[str], cwd: Path) -> _Done:
+        monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        code = main(args)
+        return _Done(code, capsys.readouterr().err)
+    return run
 
 
 def _copy_beton(src: Path, dst: Path) -> None:
@@ -51,7 +64,8 @@ def relative_run(engine_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("relative")
     lab, elsewhere = root / "lab", root / "elsewhere"
     _inputs_into(engine_data, lab / "data")
-    done = _cli(run_args(RELATIVE, "runs/r1"), lab)
+    done = subprocess.run([*CLI, *run_args(RELATIVE, "runs/r1"), "--curriculum-num", "2", "--num-eval", "1"],
+                          cwd=lab, capture_output=True, text=True, env=cli_env(), timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     _inputs_into(engine_data, elsewhere / "data")
     write_cifar10(root / "other_src", class_images(800, 10, 32, seed=11, separation=40),
@@ -65,14 +79,14 @@ def _export_pixels(out: Path) -> list[bytes]:
     return [p.read_bytes() for p in sorted(out.rglob("*.png"))]
 
 
-def test_a_run_answers_from_its_own_inputs_wherever_it_is_asked(relative_run, tmp_path):
+def test_a_run_answers_from_its_own_inputs_wherever_it_is_asked(relative_run, tmp_path, cli):
     """From a folder holding another pool at the same relative path, export / eval / report use the
     run's own inputs (found from its recorded start folder); a run state of an older version (no start
     folder) is refused there in one line naming the pool and --pool; with --pool pointing at the run's
     pool it works, at another pool it is refused."""
     run, lab, elsewhere = relative_run["run"], relative_run["lab"], relative_run["elsewhere"]
-    here = _cli(["export", str(run), "--out", str(tmp_path / "from_lab")], lab)
-    there = _cli(["export", str(run), "--out", str(tmp_path / "from_elsewhere")], elsewhere)
+    here = cli(["export", str(run), "--out", str(tmp_path / "from_lab")], lab)
+    there = cli(["export", str(run), "--out", str(tmp_path / "from_elsewhere")], elsewhere)
     assert here.returncode == 0 and there.returncode == 0, there.stderr[-2000:]
     assert _export_pixels(tmp_path / "from_lab") == _export_pixels(tmp_path / "from_elsewhere")
     old = tmp_path / "old_run"
@@ -83,17 +97,17 @@ def test_a_run_answers_from_its_own_inputs_wherever_it_is_asked(relative_run, tm
     (old / "state.json").write_text(json.dumps(state))
     for args in (["export", str(old), "--out", str(tmp_path / "e")], ["eval", "--run-dir", str(old), "--num-eval", "1"],
                  ["report", str(old)]):
-        done = _cli(args, elsewhere)
+        done = cli(args, elsewhere)
         assert done.returncode == 2, (args, done.stderr[-2000:])
         one_line_error(done.stderr, f"{elsewhere / 'data' / 'pool.beton'} is not the pool the run used", "--pool PATH")
     assert not (tmp_path / "e").exists() and not (old / "eval.json").exists()
-    good = _cli(["export", str(old), "--out", str(tmp_path / "e"), "--pool", str(lab / "data" / "pool.beton")],
+    good = cli(["export", str(old), "--out", str(tmp_path / "e"), "--pool", str(lab / "data" / "pool.beton")],
                 elsewhere)
     assert good.returncode == 0, good.stderr[-2000:]
     assert _export_pixels(tmp_path / "e") == _export_pixels(tmp_path / "from_lab")
 
 
-def test_a_copied_run_finds_its_inputs_beside_it_and_a_changed_one_is_named(relative_run, tmp_path):
+def test_a_copied_run_finds_its_inputs_beside_it_and_a_changed_one_is_named(relative_run, tmp_path, cli):
     """A run copied to another place together with its inputs works from anywhere; an input replaced
     (the score file) or gone is named in one line with the flag that points at the right one."""
     moved = tmp_path / "moved"
@@ -102,20 +116,20 @@ def test_a_copied_run_finds_its_inputs_beside_it_and_a_changed_one_is_named(rela
     state = json.loads((run / "state.json").read_text())
     state["start_dir"] = str(tmp_path / "no_such_lab")  # the machine the run was made on
     (run / "state.json").write_text(json.dumps(state))
-    done = _cli(["export", str(run), "--out", str(tmp_path / "x1")], tmp_path)
+    done = cli(["export", str(run), "--out", str(tmp_path / "x1")], tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     scores = np.load(moved / "data" / "forgetting.npy")
     np.save(moved / "data" / "forgetting.npy", scores[::-1].copy())
-    done = _cli(["export", str(run), "--out", str(tmp_path / "x2")], tmp_path)
+    done = cli(["export", str(run), "--out", str(tmp_path / "x2")], tmp_path)
     assert done.returncode == 2
     one_line_error(done.stderr, "is not the score file the run used", "--score-path PATH")
     (moved / "data" / "forgetting.npy").unlink()
-    done = _cli(["export", str(run), "--out", str(tmp_path / "x2")], tmp_path)
+    done = cli(["export", str(run), "--out", str(tmp_path / "x2")], tmp_path)
     one_line_error(done.stderr, "the run's score file data/forgetting.npy is not there", "--score-path PATH")
     assert done.returncode == 2 and not (tmp_path / "x2").exists()
 
 
-def test_export_overwrite_replaces_only_an_earlier_export(finished_run, tmp_path):
+def test_export_overwrite_replaces_only_an_earlier_export(finished_run, tmp_path, cli):
     """--overwrite into the run's parent, the current folder or a folder of someone's files is refused
     in one line and deletes nothing; an earlier export is replaced; a killed export's leftovers beside
     --out are removed by the next export there."""
@@ -131,19 +145,19 @@ def test_export_overwrite_replaces_only_an_earlier_export(finished_run, tmp_path
     cases.append((thesis, "holds 1 entries that no `ccfs-fast export` wrote (chapter1.tex)", tmp_path))
     for out, needle, cwd in cases:
         before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-        done = _cli(["export", str(run), "--out", str(out), "--overwrite"], cwd)
+        done = cli(["export", str(run), "--out", str(out), "--overwrite"], cwd)
         assert done.returncode == 2, done.stderr[-2000:]
         one_line_error(done.stderr, needle)
         assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing deleted
     export = tmp_path / "set"
-    assert _cli(["export", str(run), "--out", str(export), "--format", "folder"], tmp_path).returncode == 0
+    assert cli(["export", str(run), "--out", str(export), "--format", "folder"], tmp_path).returncode == 0
     dead = subprocess.Popen(["true"])
     dead.wait()
     left = tmp_path / f".set.tmp-{dead.pid}"
     left.mkdir()
     (left / ".ccfs-fast-export").write_text("{}")
     (left / "half.png").write_bytes(b"\x89PNG")
-    done = _cli(["export", str(run), "--out", str(export), "--overwrite"], tmp_path)
+    done = cli(["export", str(run), "--out", str(export), "--overwrite"], tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (export / "ccfs_set.beton").is_file() and not left.exists() and "interrupted export" in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".set")) == []
@@ -243,7 +257,9 @@ def test_nothing_is_left_in_the_cache_or_the_temp_folder(engine_data, finished_r
     stale = cache / f".teacher_pass-0123.npz.tmp-{dead.pid}.npz"
     stale.parent.mkdir(parents=True, exist_ok=True)
     stale.write_bytes(b"")
-    done = _cli(run_args(engine_data, tmp_path / "r", "--curriculum-num", "1", "--num-eval", "0"), tmp_path)
+    done = subprocess.run([*CLI, *run_args(engine_data, tmp_path / "r", "--curriculum-num", "1", "--num-eval", "0",
+                                           "--epochs", "1")], capture_output=True, text=True, env=cli_env(),
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert not stale.exists()
     locked = tmp_path / "not_a_folder"  # a cache that cannot be written (even by root)
