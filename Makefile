@@ -18,10 +18,12 @@ $(STAMP): setup.py pyproject.toml scripts/install_system_deps.sh
 
 test: install
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 demo: install
 	$(BIN)/ccfs-fast demo $(ARGS)

@@ -25,7 +25,7 @@ setup(
         "pyarrow>=14",  # build parquet: Hugging Face Hub shards
     ],
     extras_require={
-        "dev": ["pytest>=7", "ruff>=0.4", "hypothesis>=6.80", "tensorboard>=2.14"],
+        "dev": ["pytest>=7", "ruff>=0.4", "hypothesis>=6.80", "tensorboard>=2.14", "import-linter>=2.13"],
         "tb": ["tensorboard>=2.14"],  # --tensorboard: per-epoch curves as TensorBoard event files
     },
     entry_points={"console_scripts": ["ccfs-fast=ccfs_fast.cli:entry"]},

@@ -20,10 +20,10 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from torchvision import datasets, transforms
 
-from ccfs_fast.config import TrainRecipe
-from ccfs_fast.datasets import auto_batch_size
-from ccfs_fast.models import create_model, load_checkpoint
-from ccfs_fast.train import evaluate, train_kd
+from ccfs_fast.data.datasets import auto_batch_size
+from ccfs_fast.train.loop import evaluate, train_kd
+from ccfs_fast.train.models import create_model, load_checkpoint
+from ccfs_fast.train.recipe import TrainRecipe
 
 from .select_reference import reference_select
 

@@ -8,7 +8,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ccfs_fast.outputs import environment, write_json
+from beton_builder.base.files import write_json
+from ccfs_fast.runs.environment import environment
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
@@ -39,7 +40,7 @@ def machine_overloaded() -> tuple[bool, str]:
     """(whether the 1-minute load average exceeds the CPUs this process may use, the facts as text)."""
     import os
 
-    from ccfs_fast.processes import available_cpus
+    from beton_builder.base.processes import available_cpus
 
     try:
         load = os.getloadavg()[0]
@@ -63,7 +64,7 @@ def competing_load(jobs: int | None = None) -> Iterator[int]:
     import subprocess
     import sys
 
-    from ccfs_fast.processes import available_cpus
+    from beton_builder.base.processes import available_cpus
 
     count = available_cpus() if jobs is None else jobs
     procs = [subprocess.Popen([sys.executable, "-c", COMPETITOR]) for _ in range(count)]

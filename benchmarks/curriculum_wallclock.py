@@ -4,7 +4,7 @@ CIFAR-10 shape (50,000 pool / 10,000 test, 32x32, 10 classes) and Tiny-ImageNet 
 10,000, 64x64, 200 classes) with learnable class structure. Rows: each shape with a small model
 (convnet_tiny, so input handling dominates) and CIFAR shape with resnet18, the paper's model. The
 baseline predicts the whole pool every curriculum, as the paper's code does; ccfs-fast runs its
-default lazy coarse pass (ccfs_fast.coarse) and reports how many images it predicted.
+default lazy coarse pass (ccfs_fast.selection.coarse) and reports how many images it predicted.
 
 Each side runs in its own process (clean memory figures): a one-time setup (baseline: decode the
 pool into a float32 tensor; ccfs-fast: open the .beton files, built once beforehand and timed
@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ccfs_fast.processes import available_cpus
-from ccfs_fast.tables import format_table
+from beton_builder.base.processes import available_cpus
+from beton_builder.base.tables import format_table
 
 from .common import HelpFormatter, competing_load, peak_rss_mb, reset_peak_rss, write_chart, write_rows
 
@@ -102,8 +102,9 @@ def prepare(spec: BenchSpec) -> dict:
     from beton_builder.build import BuildConfig, build
     from beton_builder.table import ImageTable
     from beton_builder.writer import write_beton
-    from ccfs_fast.config import TeacherConfig, TrainRecipe
-    from ccfs_fast.teacher import train_teacher
+    from ccfs_fast.runs.config import TeacherConfig
+    from ccfs_fast.runs.teacher import train_teacher
+    from ccfs_fast.train.recipe import TrainRecipe
 
     shape, root = Shape(**spec.shape), Path(spec.root)
     pool_x, pool_y = class_images(shape.pool, shape.classes, shape.side, 1)
@@ -148,8 +149,8 @@ def fitted_teacher(spec: BenchSpec, pool_x: np.ndarray, pool_y: np.ndarray, test
     import torch
 
     from beton_builder.manifest import read_manifest
-    from ccfs_fast.models import create_model, save_checkpoint
-    from ccfs_fast.normalization import Normalization
+    from ccfs_fast.data.normalization import Normalization
+    from ccfs_fast.train.models import create_model, save_checkpoint
 
     shape = Shape(**spec.shape)
     manifest = read_manifest(Path(spec.root) / "pool.beton")
@@ -186,7 +187,7 @@ def fitted_teacher(spec: BenchSpec, pool_x: np.ndarray, pool_y: np.ndarray, test
 
 
 def _phase_budget(spec: BenchSpec) -> tuple[int, list[int]]:
-    from ccfs_fast.select import curriculum_arrangement
+    from ccfs_fast.selection.kernels import curriculum_arrangement
 
     shape = Shape(**spec.shape)
     cpc = int(shape.ipc * spec.alpha + 1e-9)
@@ -196,13 +197,15 @@ def _phase_budget(spec: BenchSpec) -> tuple[int, list[int]]:
 def worker_ccfs(spec: BenchSpec) -> dict:
     import torch
 
-    from ccfs_fast.config import RunConfig, TrainRecipe
-    from ccfs_fast.curriculum import run_phase, survivor_rate
-    from ccfs_fast.digests import file_sha256
-    from ccfs_fast.scores import easy_first_key, load_scores
-    from ccfs_fast.select import warm_up_kernels
-    from ccfs_fast.train import predict
-    from ccfs_fast.workspace import open_workspace, teacher_correct
+    from beton_builder.base.digests import file_sha256
+    from ccfs_fast.runs.config import RunConfig
+    from ccfs_fast.runs.phase import run_phase, survivor_rate
+    from ccfs_fast.runs.teacher_pass import teacher_correct
+    from ccfs_fast.runs.workspace import open_workspace
+    from ccfs_fast.selection.kernels import warm_up_kernels
+    from ccfs_fast.selection.scores import easy_first_key, load_scores
+    from ccfs_fast.train.predict import predict
+    from ccfs_fast.train.recipe import TrainRecipe
 
     root = Path(spec.root)
     shape = Shape(**spec.shape)
@@ -240,7 +243,7 @@ def worker_ccfs(spec: BenchSpec) -> dict:
     if spec.model in SMALL_MODELS:  # a large model's extra whole-pool pass would cost minutes: its run's peak
         reset_peak_rss()
         torch.manual_seed(0)
-        from ccfs_fast.models import create_model
+        from ccfs_fast.train.models import create_model
         predict(create_model(spec.model, shape.classes, shape.side), ws.pool_loader(np.arange(ws.space.n_pool)))
     return {"setup_s": setup_s, "teacher_pass_s": teacher_s, "phases": phases, "process_peak_rss_mb": process_peak,
             "pool_eval_peak_rss_mb": peak_rss_mb(), "teacher_correct": int(ok.sum())}
@@ -250,8 +253,8 @@ def worker_baseline(spec: BenchSpec) -> dict:
     import torch
 
     from beton_builder.manifest import read_manifest
-    from ccfs_fast.config import TrainRecipe
-    from ccfs_fast.models import create_model
+    from ccfs_fast.train.models import create_model
+    from ccfs_fast.train.recipe import TrainRecipe
 
     from .baseline_paper import BaselineRun
 
@@ -310,11 +313,11 @@ def main_worker(kind: str, spec_path: str, out_path: str) -> None:
     import torch
 
     import beton_builder.ffcv_import  # noqa: F401  (FFCV's import resets thread counts; set ours after it)
-    from ccfs_fast.models import create_model
+    from ccfs_fast.train.models import create_model
 
     spec = BenchSpec(**json.loads(Path(spec_path).read_text()))
     if kind == "ccfs":  # the process settings `ccfs-fast run` makes (threads, allocator, signals)
-        from ccfs_fast.cli import process_settings
+        from ccfs_fast.data.threads import process_settings
 
         process_settings(spec.workers)
     else:

@@ -26,14 +26,14 @@ from .stages import RowSink, result_path
 PRESET = "cifar10-ipc500"
 PRESET_EPOCHS = 8  # enough for the loop's rate: the projection scales the loop alone (set-up counted once)
 TARGET_EPOCHS = 500
-QUICK_RUN = ["--image-per-class", "20", "--alpha", "0.2", "--filter-model", "convnet_tiny", "--eval-model",
-             "convnet_tiny", "--num-eval", "2", "--lr-warmup-epochs", "0"]  # CPU-sized, same algorithm
+QUICK_RUN = {"image_per_class": 20, "alpha": 0.2, "filter_model": "convnet_tiny", "eval_model": "convnet_tiny",
+             "num_eval": 2, "lr_warmup_epochs": 0}  # CPU-sized, same algorithm
 QUICK_KD = {"model": "convnet_tiny", "side": 16}
 EXACTNESS_STEPS = (1, 12)  # parameters compared after the first step and after the twelfth
 
 
 def workers() -> int:
-    from ccfs_fast.processes import available_cpus
+    from beton_builder.base.processes import available_cpus
 
     return min(8, available_cpus())
 
@@ -58,7 +58,7 @@ def stage_data(args: argparse.Namespace, sink: RowSink) -> dict:
     from beton_builder.build import BuildConfig, build
     from beton_builder.table import ImageTable
     from beton_builder.writer import write_beton
-    from ccfs_fast.outputs import environment
+    from ccfs_fast.runs.environment import environment
 
     from .curriculum_wallclock import class_images
 
@@ -79,9 +79,10 @@ def stage_data(args: argparse.Namespace, sink: RowSink) -> dict:
 
 
 def stage_teacher(args: argparse.Namespace, sink: RowSink) -> dict:
-    from ccfs_fast.config import TeacherConfig, TrainRecipe
-    from ccfs_fast.outputs import environment
-    from ccfs_fast.teacher import train_teacher
+    from ccfs_fast.runs.config import TeacherConfig
+    from ccfs_fast.runs.environment import environment
+    from ccfs_fast.runs.teacher import train_teacher
+    from ccfs_fast.train.recipe import TrainRecipe
 
     device = _device()
     start = time.perf_counter()
@@ -104,7 +105,7 @@ def stage_exactness(args: argparse.Namespace, sink: RowSink) -> dict:
     before the failure probe (capture_fallback), which runs last."""
     import torch
 
-    from ccfs_fast.step import GraphedStep
+    from ccfs_fast.train.graphs import GraphedStep
 
     from .train_throughput import RESIDENT, bench_rows, make_step, timed_step
 
@@ -171,7 +172,7 @@ def capture_fallback(step, after, steps: int = 30, capture=None) -> dict:
     `capture`: how to capture (default: CudaCapture; the CPU tests give one that fails)."""
     import torch
 
-    from ccfs_fast.step import CaptureFailed, GraphedStep
+    from ccfs_fast.train.graphs import CaptureFailed, GraphedStep
 
     from .train_throughput import RESIDENT, bench_rows, step_seconds
 
@@ -232,16 +233,22 @@ def stage_preset(args: argparse.Namespace, sink: RowSink, bf16: bool) -> dict:
     500 epochs (preset_projection)."""
     import json
 
-    from ccfs_fast.cli import main
+    from beton_builder.base.errors import CCFSError
+    from ccfs_fast.api import run
+    from ccfs_fast.runs.presets import make_run_config
 
     paths, out = files(args.root), preset_dir(args.root, bf16)
-    argv = ["run", "--preset", PRESET, "--pool", str(paths["pool"]), "--test", str(paths["test"]),
-            "--distilled", str(paths["distilled"]), "--teacher", str(paths["teacher"]), "--score-path",
-            str(paths["scores"]), "--device", _device().type, "--eval-batch-size", "1024", "--workers", str(workers()),
-            "--output-dir", str(out), "--overwrite", "--epochs", str(args.preset_epochs),
-            *(QUICK_RUN if args.quick else []), *(["--bf16"] if bf16 else [])]
+    settings = {"pool": paths["pool"], "test": paths["test"], "distilled": paths["distilled"],
+                "teacher": paths["teacher"], "score_path": paths["scores"], "device": _device().type,
+                "eval_batch_size": 1024, "workers": workers(), "output_dir": out, "epochs": args.preset_epochs,
+                **(QUICK_RUN if args.quick else {}), **({"bf16": True} if bf16 else {})}
     start = time.perf_counter()
-    code = main(argv)
+    try:
+        run(make_run_config(preset=PRESET, **settings), overwrite=True, threads=workers())
+        code = 0
+    except CCFSError as exc:
+        print(f"ccfs-fast: error: {exc}", flush=True)
+        code = 2
     wall = time.perf_counter() - start
     state = json.loads((out / "state.json").read_text()) if (out / "state.json").is_file() else {"phases": []}
     return {"bf16": bf16, "exit_code": code, "wall_s": wall, **preset_projection(state, wall, args.preset_epochs),
@@ -256,7 +263,7 @@ def preset_dir(root: Path, bf16: bool) -> Path:
 def evaluated_epochs(epochs: int, rule: str) -> int:
     """How many epochs a training of `epochs` evaluates test accuracy on: the final evaluation's rule
     (the last fifth, train.last_fifth_epochs) or a filter's ('end': once; 'best_last_20': as the final)."""
-    from ccfs_fast.train import last_fifth_epochs
+    from ccfs_fast.train.loop import last_fifth_epochs
 
     return 1 if rule == "end" else sum(map(last_fifth_epochs(epochs), range(epochs)))
 
@@ -327,8 +334,8 @@ def child_main(args: argparse.Namespace) -> int:
     import torch
 
     import beton_builder.ffcv_import  # noqa: F401  (sets torch's / numba's threads to 1: set ours after)
-    from ccfs_fast.outputs import write_json
-    from ccfs_fast.processes import children_die_with_parent
+    from beton_builder.base.files import write_json
+    from beton_builder.base.processes import children_die_with_parent
 
     children_die_with_parent()  # what this stage forks (build workers) dies with it, as it dies with the check
 

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ccfs_fast.tables import format_table
+from beton_builder.base.tables import format_table
 
 from .common import HelpFormatter, write_rows
 
@@ -214,12 +214,15 @@ def stage_inputs(spec: ScaleSpec) -> dict:
     import torch
     from PIL import Image
 
+    from beton_builder.beton import BetonFile
     from beton_builder.build import BuildConfig, build
     from beton_builder.manifest import recorded_names
-    from ccfs_fast.config import TrainRecipe
-    from ccfs_fast.data import BetonFile, IndexSpace, ResidentTrainLoader, read_labels
-    from ccfs_fast.models import create_model, save_checkpoint
-    from ccfs_fast.train import train_supervised
+    from ccfs_fast.data.loaders import ResidentTrainLoader
+    from ccfs_fast.data.readers import read_labels
+    from ccfs_fast.data.space import IndexSpace
+    from ccfs_fast.train.loop import train_supervised
+    from ccfs_fast.train.models import create_model, save_checkpoint
+    from ccfs_fast.train.recipe import TrainRecipe
 
     root = Path(spec.root)
     start = time.perf_counter()
@@ -254,16 +257,18 @@ def stage_inputs(spec: ScaleSpec) -> dict:
 
 
 def stage_ccfs(spec: ScaleSpec) -> dict:
-    from ccfs_fast.cli import process_settings
+    from ccfs_fast.data.threads import process_settings
 
     process_settings(spec.workers)
+    from beton_builder.base.digests import file_sha256
     from beton_builder.manifest import recorded_names
-    from ccfs_fast.config import RunConfig, TrainRecipe
-    from ccfs_fast.curriculum import run_phase
-    from ccfs_fast.digests import file_sha256
-    from ccfs_fast.scores import easy_first_key, load_scores
-    from ccfs_fast.select import curriculum_arrangement, warm_up_kernels
-    from ccfs_fast.workspace import open_workspace, teacher_correct
+    from ccfs_fast.runs.config import RunConfig
+    from ccfs_fast.runs.phase import run_phase
+    from ccfs_fast.runs.teacher_pass import teacher_correct
+    from ccfs_fast.runs.workspace import open_workspace
+    from ccfs_fast.selection.kernels import curriculum_arrangement, warm_up_kernels
+    from ccfs_fast.selection.scores import easy_first_key, load_scores
+    from ccfs_fast.train.recipe import TrainRecipe
 
     root = Path(spec.root)
     cfg = RunConfig(pool=spec.betons / "imagenet_train.beton", test=spec.betons / "imagenet_test.beton",
@@ -303,11 +308,11 @@ def stage_paper(spec: ScaleSpec) -> dict:
     from torchvision import datasets, transforms
 
     from beton_builder.manifest import read_manifest
-    from ccfs_fast.config import TrainRecipe
-    from ccfs_fast.datasets import IMAGENET_MEAN, IMAGENET_STD
-    from ccfs_fast.models import create_model, load_checkpoint
-    from ccfs_fast.select import curriculum_arrangement
-    from ccfs_fast.train import train_kd
+    from ccfs_fast.data.datasets import IMAGENET_MEAN, IMAGENET_STD
+    from ccfs_fast.selection.kernels import curriculum_arrangement
+    from ccfs_fast.train.loop import train_kd
+    from ccfs_fast.train.models import create_model, load_checkpoint
+    from ccfs_fast.train.recipe import TrainRecipe
 
     from .baseline_paper import FirstPerClass, _WithIndex
     from .select_reference import reference_select

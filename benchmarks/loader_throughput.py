@@ -22,11 +22,13 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
+from beton_builder.base.processes import available_cpus
+from beton_builder.base.tables import format_table
+from beton_builder.beton import BetonFile
 from beton_builder.table import ImageTable
 from beton_builder.writer import write_beton
-from ccfs_fast.data import BetonFile, IndexSpace, ResidentTrainLoader
-from ccfs_fast.processes import available_cpus
-from ccfs_fast.tables import format_table
+from ccfs_fast.data.loaders import ResidentTrainLoader
+from ccfs_fast.data.space import IndexSpace
 
 from .baseline_paper import SelectedTensors
 from .common import HelpFormatter, competing_load, median_time, write_chart, write_rows

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ccfs_fast.scores import easy_first_key
-from ccfs_fast.select import candidate_mask, order_key, select_per_class, warm_up_kernels
-from ccfs_fast.tables import format_table
+from beton_builder.base.tables import format_table
+from ccfs_fast.selection.kernels import candidate_mask, order_key, select_per_class, warm_up_kernels
+from ccfs_fast.selection.scores import easy_first_key
 
 from .common import HelpFormatter, median_time, write_chart, write_rows
 from .select_reference import reference_select
@@ -66,7 +66,7 @@ def reference_path(p: dict, tc_idx: list, sel_idx: list) -> list:
 def compile_seconds() -> float:
     """First-call time of the kernels in a fresh interpreter with an empty numba cache."""
     with tempfile.TemporaryDirectory() as cache:
-        code = "from ccfs_fast.select import warm_up_kernels; print(warm_up_kernels())"
+        code = "from ccfs_fast.selection.kernels import warm_up_kernels; print(warm_up_kernels())"
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                              env={**os.environ, "NUMBA_CACHE_DIR": cache})
     return float(out.stdout.strip().splitlines()[-1])

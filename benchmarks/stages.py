@@ -16,9 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ccfs_fast.outputs import write_json
-from ccfs_fast.processes import die_with_parent
-from ccfs_fast.tables import format_table
+from beton_builder.base.files import write_json
+from beton_builder.base.processes import die_with_parent
+from beton_builder.base.tables import format_table
 
 RESERVE_S = 10.0  # kept back from the budget for writing, the final table and a stage's stop (3 + 5 s)
 KILL_GRACE_S = 3.0  # a stage past its limit gets SIGTERM, then SIGKILL after this

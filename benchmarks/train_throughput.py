@@ -21,14 +21,16 @@ from pathlib import Path
 
 import torch
 
-from ccfs_fast.config import PRESETS, TrainRecipe
-from ccfs_fast.datasets import auto_batch_size
-from ccfs_fast.errors import CCFSError, one_line
-from ccfs_fast.models import create_model
-from ccfs_fast.select import curriculum_arrangement
-from ccfs_fast.step import GraphedStep, KDStep, Single, StepConfig
-from ccfs_fast.tables import format_table
-from ccfs_fast.train import sync
+from beton_builder.base.errors import CCFSError, one_line
+from beton_builder.base.tables import format_table
+from ccfs_fast.data.datasets import auto_batch_size
+from ccfs_fast.runs.presets import PRESETS
+from ccfs_fast.selection.kernels import curriculum_arrangement
+from ccfs_fast.train.graphs import GraphedStep
+from ccfs_fast.train.loop import sync
+from ccfs_fast.train.models import create_model
+from ccfs_fast.train.recipe import TrainRecipe
+from ccfs_fast.train.step import KDStep, Single, StepConfig
 
 from .common import HelpFormatter, interleaved_medians, write_rows
 
@@ -36,14 +38,14 @@ BANK = 5
 SIDE, CLASSES, RESIDENT = 32, 10, 4096
 
 
-LAYOUT_MODES = ("bank_nchw", "bank_channels_last", "streams")  # M models together (ccfs_fast.students)
+LAYOUT_MODES = ("bank_nchw", "bank_channels_last", "streams")  # M models together (ccfs_fast.train.students)
 
 
 def make_step(device: torch.device, models: int, seed: int = 0, layout: str | None = None, bf16: bool = False,
               model: str = "resnet18", side: int = SIDE) -> KDStep:
     """A KD step of `models` students (one: Single; more: together in `layout`, one of
-    ccfs_fast.students.BANK_LAYOUTS) with a teacher of the same architecture, over a resident set."""
-    from ccfs_fast.students import BANK_LAYOUTS
+    ccfs_fast.train.students.BANK_LAYOUTS) with a teacher of the same architecture, over a resident set."""
+    from ccfs_fast.train.students import BANK_LAYOUTS
 
     cuda = device.type == "cuda"
     images = torch.randint(0, 256, (RESIDENT, 3, side, side), dtype=torch.uint8,

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ccfs_fast.errors import BuildError
-
-from .labels import check_labels, inferred_class_count
-from .table import ImageTable
+from beton_builder.base.errors import BuildError
+from beton_builder.labels import check_labels, inferred_class_count
+from beton_builder.table import ImageTable
 
 EXPECTED = "expected an .npz with x uint8 [n, h, w, 3] and y integer [n]"
 

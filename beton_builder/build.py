@@ -10,22 +10,22 @@ from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from ccfs_fast.digests import row_digest_path
-from ccfs_fast.errors import BuildError, UnknownNameError
-from ccfs_fast.outputs import BUILD_HOLDER, RunLock, build_lock, missing_top, output_error
-
-from .arrays import read_arrays
-from .cifar import read_cifar
-from .image_folder import read_image_folder
-from .imagenet import read_imagenet
-from .jpeg_writer import JpegSettings, source_key, write_jpeg_beton
-from .manifest import Manifest, files_path, manifest_path, read_manifest
-from .parquet import read_parquet
-from .sources import ImageSource
-from .table import ImageTable
-from .tensors import check_tensor_args, read_tensors
-from .tiny_imagenet import read_tiny_imagenet
-from .writer import check_writable, content_hash, write_beton
+from beton_builder.arrays import read_arrays
+from beton_builder.base.digests import row_digest_path
+from beton_builder.base.errors import BuildError, UnknownNameError
+from beton_builder.base.files import missing_top, output_error
+from beton_builder.base.locks import BUILD_HOLDER, RunLock, build_lock
+from beton_builder.cifar import read_cifar
+from beton_builder.image_folder import read_image_folder
+from beton_builder.imagenet import read_imagenet
+from beton_builder.jpeg_writer import JpegSettings, source_key, write_jpeg_beton
+from beton_builder.manifest import Manifest, files_path, manifest_path, read_manifest
+from beton_builder.parquet import read_parquet
+from beton_builder.sources import ImageSource
+from beton_builder.table import ImageTable
+from beton_builder.tensors import check_tensor_args, read_tensors
+from beton_builder.tiny_imagenet import read_tiny_imagenet
+from beton_builder.writer import check_writable, content_hash, write_beton
 
 
 @dataclass(frozen=True)
@@ -170,8 +170,8 @@ def _build(config: BuildConfig, outputs: dict[str, Path]) -> list[tuple[Path, Ma
 def kept_split(path: Path, table: ImageTable) -> Manifest:
     """The manifest of an existing split when it is whole (its .beton and manifest pair up) and holds
     exactly `table` (the same content hash); BuildError otherwise."""
-    from ccfs_fast.data import check_pair
-    from ccfs_fast.errors import DataError
+    from beton_builder.base.errors import DataError
+    from beton_builder.beton import check_pair
 
     try:
         manifest = read_manifest(path)
@@ -201,8 +201,8 @@ def whole_output(path: Path) -> bool:
     sidecars) without its .beton is what a build stopped before its last rename leaves (the .beton is
     renamed into place last): removed with a note and built again. Anything else at `path` is left
     to check_writable (an existing output needs --overwrite)."""
-    from ccfs_fast.data import check_pair
-    from ccfs_fast.errors import DataError
+    from beton_builder.base.errors import DataError
+    from beton_builder.beton import check_pair
 
     manifest = manifest_path(path)
     if not path.exists():

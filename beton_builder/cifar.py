@@ -12,10 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ccfs_fast.errors import BuildError
-
-from .safe_pickle import RefusedGlobal, safe_loads
-from .table import ImageTable
+from beton_builder.base.errors import BuildError
+from beton_builder.base.safe_pickle import RefusedGlobal, safe_loads
+from beton_builder.table import ImageTable
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ccfs_fast.errors import BuildError
-
-from .imagenet import FileList
-from .images import FileTree, decode_images, image_sizes, uniform_square, varying_note
-from .table import ImageTable
+from beton_builder.base.errors import BuildError
+from beton_builder.imagenet import FileList
+from beton_builder.images import FileTree, decode_images, image_sizes, uniform_square, varying_note
+from beton_builder.table import ImageTable
 
 EXPECTED = "expected a folder with one sub-folder per class holding image files (ImageFolder layout)"
 

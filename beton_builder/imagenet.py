@@ -19,9 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ccfs_fast.errors import BuildError
-
-from .images import is_image_name
+from beton_builder.base.errors import BuildError
+from beton_builder.images import is_image_name
 
 EXPECTED = ("expected ROOT/train/<wnid>/*.JPEG and ROOT/val (wnid folders, or flat with LOC_val_solution.csv or "
             "the devkit's ILSVRC2012_validation_ground_truth.txt + meta.mat)")

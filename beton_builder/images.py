@@ -12,8 +12,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from ccfs_fast.errors import BuildError
-from ccfs_fast.processes import available_cpus, die_with_parent
+from beton_builder.base.errors import BuildError
+from beton_builder.base.processes import available_cpus, die_with_parent
 
 # torchvision's ImageFolder extensions, compared lower-case as it does.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")

@@ -32,13 +32,12 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from ccfs_fast.digests import file_sha256, row_digest_path
-from ccfs_fast.errors import BuildError
-from ccfs_fast.outputs import output_error, write_npz, write_text
-from ccfs_fast.processes import available_cpus, bounded_imap, die_with_parent
-
-from . import BUILDER_VERSION
-from .ffcv_import import (
+from beton_builder import BUILDER_VERSION
+from beton_builder.base.digests import file_sha256, row_digest_path
+from beton_builder.base.errors import BuildError
+from beton_builder.base.files import output_error, write_npz, write_text
+from beton_builder.base.processes import available_cpus, bounded_imap, die_with_parent
+from beton_builder.ffcv_import import (
     ALLOC_TABLE_TYPE,
     CURRENT_VERSION,
     TYPE_ID_HANDLER,
@@ -50,8 +49,8 @@ from .ffcv_import import (
     get_metadata_type,
     resizer,
 )
-from .manifest import Manifest, files_path, manifest_path
-from .sources import ImageSource
+from beton_builder.manifest import Manifest, files_path, manifest_path
+from beton_builder.sources import ImageSource
 
 PAGE_SIZE = 1 << 23  # FFCV DatasetWriter's default (4 x 2 MiB)
 CHUNK = 64  # images per worker task

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ccfs_fast.errors import BuildError
+from beton_builder.base.errors import BuildError
 
 
 def whole_labels(values: np.ndarray, where: str) -> np.ndarray:

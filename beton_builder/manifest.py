@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ccfs_fast.errors import DataError
+from beton_builder.base.errors import DataError
 
 
 @dataclass(frozen=True)

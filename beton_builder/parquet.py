@@ -18,12 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ccfs_fast.errors import BuildError
-
-from .image_folder import class_order
-from .images import ImageRef, decode_images, image_size, uniform_square, varying_note
-from .labels import check_labels, inferred_class_count, whole_labels
-from .table import ImageTable
+from beton_builder.base.errors import BuildError
+from beton_builder.image_folder import class_order
+from beton_builder.images import ImageRef, decode_images, image_size, uniform_square, varying_note
+from beton_builder.labels import check_labels, inferred_class_count, whole_labels
+from beton_builder.table import ImageTable
 
 LABEL_COLUMNS = ("label", "labels", "fine_label", "class_id", "class", "target", "targets", "cls", "coarse_label")
 EXPECTED = ("expected Hub parquet shards (a folder of *.parquet, or the files) with an image column (struct of bytes "

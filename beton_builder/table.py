@@ -5,9 +5,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ccfs_fast.errors import BuildError
-
-from .labels import check_labels
+from beton_builder.base.errors import BuildError
+from beton_builder.labels import check_labels
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ccfs_fast.errors import BuildError, UnknownNameError
-
-from .labels import check_labels, inferred_class_count
-from .table import ImageTable
+from beton_builder.base.errors import BuildError, UnknownNameError
+from beton_builder.labels import check_labels, inferred_class_count
+from beton_builder.table import ImageTable
 
 
 @dataclass(frozen=True)

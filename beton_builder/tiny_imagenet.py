@@ -10,10 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ccfs_fast.errors import BuildError
-
-from .images import FileTree, decode_images
-from .table import ImageTable
+from beton_builder.base.errors import BuildError
+from beton_builder.images import FileTree, decode_images
+from beton_builder.table import ImageTable
 
 TOP = "tiny-imagenet-200"
 EXPECTED = ("expected the folder tiny-imagenet-200/ (wnids.txt, train/<wnid>/images/*.JPEG, "

@@ -14,15 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ccfs_fast.digests import file_sha256, row_digest_path, row_digests
-from ccfs_fast.errors import BuildError, one_line
-from ccfs_fast.outputs import atomic_file, output_error, remove_stale_temps, write_npz, write_text
-from ccfs_fast.processes import run_isolated
-
-from . import BUILDER_VERSION
-from .ffcv_import import DatasetWriter, IntField, RGBImageField
-from .manifest import Manifest, manifest_path
-from .table import ImageTable
+from beton_builder import BUILDER_VERSION
+from beton_builder.base.digests import file_sha256, row_digest_path, row_digests
+from beton_builder.base.errors import BuildError, one_line
+from beton_builder.base.files import atomic_file, output_error, remove_stale_temps, write_npz, write_text
+from beton_builder.base.processes import run_isolated
+from beton_builder.ffcv_import import DatasetWriter, IntField, RGBImageField
+from beton_builder.manifest import Manifest, manifest_path
+from beton_builder.table import ImageTable
 
 
 class _Rows:

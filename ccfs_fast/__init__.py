@@ -25,13 +25,16 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "run": "api", "evaluate": "api", "train_teacher": "api", "build": "api", "export": "api", "open_beton": "api",
-    "configure_threads": "processes", "run_curriculum": "curriculum",
-    "make_run_config": "config", "RunConfig": "config", "EvalConfig": "config", "TeacherConfig": "config",
-    "ExportConfig": "config", "TrainRecipe": "config", "FastPath": "config",
-    "curriculum_arrangement": "select", "candidate_mask": "select", "order_key": "select",
-    "select_per_class": "select", "load_scores": "scores", "easy_first_key": "scores",
-    "BetonFile": "data", "IndexSpace": "data", "EvalLoader": "data", "ResidentTrainLoader": "data",
-    "read_labels": "data", "open_run_set": "runset", "write_report": "report",
+    "configure_threads": "data.threads", "run_curriculum": "runs.curriculum",
+    "make_run_config": "runs.presets", "RunConfig": "runs.config", "EvalConfig": "runs.config",
+    "TeacherConfig": "runs.config", "ExportConfig": "runs.config", "TrainRecipe": "train.recipe",
+    "FastPath": "train.recipe",
+    "curriculum_arrangement": "selection.kernels", "candidate_mask": "selection.kernels",
+    "order_key": "selection.kernels", "select_per_class": "selection.kernels", "load_scores": "selection.scores",
+    "easy_first_key": "selection.scores",
+    "BetonFile": "beton_builder.beton", "IndexSpace": "data.space", "EvalLoader": "data.loaders",
+    "ResidentTrainLoader": "data.loaders", "read_labels": "data.readers", "open_run_set": "runs.runset",
+    "write_report": "runs.report",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -39,7 +42,9 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str) -> object:
     if name not in _EXPORTS:
         raise AttributeError(f"module 'ccfs_fast' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    module = _EXPORTS[name]
+    where = module if module.startswith("beton_builder") else f"{__name__}.{module}"
+    value = getattr(importlib.import_module(where), name)
     globals()[name] = value  # resolved once
     return value
 

@@ -1,11 +1,11 @@
 """The Python entry points for notebooks and scripts: each does what its `ccfs-fast` command does, with
-the same configs (config.py), and returns what the command prints as data."""
+the same configs (ccfs_fast.runs.config), and returns what the command prints as data."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from .config import EvalConfig, ExportConfig, RunConfig, TeacherConfig
-from .processes import configure_threads
+from ccfs_fast.data.threads import configure_threads
+from ccfs_fast.runs.config import EvalConfig, ExportConfig, RunConfig, TeacherConfig
 
 
 def run(config: RunConfig, resume: bool = False, overwrite: bool = False, threads: int | None = None) -> dict:
@@ -13,7 +13,7 @@ def run(config: RunConfig, resume: bool = False, overwrite: bool = False, thread
     the run's state: `phases` (one record per curriculum), `selected` (pool indices, in selection
     order), `final` (the final evaluation: `accs`, `acc_mean`, `acc_std`). Sets the thread counts first
     (configure_threads). Make the config with `make_run_config(preset=..., smoke=..., pool=..., ...)`."""
-    from .curriculum import run_curriculum
+    from ccfs_fast.runs.curriculum import run_curriculum
 
     configure_threads(threads)
     return run_curriculum(config, resume=resume, overwrite=overwrite)
@@ -22,7 +22,7 @@ def run(config: RunConfig, resume: bool = False, overwrite: bool = False, thread
 def evaluate(config: EvalConfig, threads: int | None = None) -> dict:
     """`ccfs-fast eval`: num_eval models trained on distilled ∪ a selection (or on a whole exported set,
     config.train_set); returns `accs`, `acc_mean`, `acc_std` and what was trained on."""
-    from .evaluation import evaluate_selection_file
+    from ccfs_fast.runs.evaluation import evaluate_selection_file
 
     configure_threads(threads)
     return evaluate_selection_file(config)
@@ -31,7 +31,7 @@ def evaluate(config: EvalConfig, threads: int | None = None) -> dict:
 def train_teacher(config: TeacherConfig, threads: int | None = None) -> dict:
     """`ccfs-fast teacher`: a teacher trained on the pool (forgetting scores with forgetting_out);
     returns its summary (test accuracy, seconds)."""
-    from .teacher import train_teacher as train
+    from ccfs_fast.runs.teacher import train_teacher as train
 
     configure_threads(threads)
     return train(config)
@@ -50,14 +50,14 @@ def build(kind: str, src: str | Path, out: str | Path, **options: object) -> lis
 def export(run_dir: str | Path, out: str | Path, **options: object) -> dict:
     """`ccfs-fast export`: a run's final set as an image folder, a .beton and manifest.csv; `options` are
     ExportConfig's (format, allow_incomplete, overwrite, workers)."""
-    from .set_export import export_run
+    from ccfs_fast.runs.set_export import export_run
 
     return export_run(ExportConfig(Path(run_dir), Path(out), **options))
 
 
 def open_beton(path: str | Path):
-    """A .beton with its checked manifest (`ccfs_fast.data.BetonFile`): `.n`, `.manifest` (class names,
+    """A .beton with its checked manifest (`beton_builder.beton.BetonFile`): `.n`, `.manifest` (class names,
     side, mean / std, ...); read its rows with `IndexSpace` and the loaders."""
-    from .data import BetonFile
+    from beton_builder.beton import BetonFile
 
     return BetonFile.open(path)

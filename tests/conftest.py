@@ -49,7 +49,8 @@ def cifar10_betons(tmp_path_factory, cifar10_arrays):
 
 def read_all(beton_path, rows=None):
     """Everything in a .beton through the FFCV row iterator: images [n,h,w,3], labels, index."""
-    from ccfs_fast.data import BetonFile, iterate_rows
+    from beton_builder.beton import BetonFile
+    from ccfs_fast.data.readers import iterate_rows
 
     beton = BetonFile.open(beton_path)
     rows = np.arange(beton.n) if rows is None else rows
@@ -151,7 +152,7 @@ SNAPSHOT = Path(__file__).parent / "data" / "selections_before_layers.json"
 
 def snapshot_machine() -> dict:
     """What a recorded selection's floating-point arithmetic depends on: the CPU, torch and its threads."""
-    from ccfs_fast.outputs import cpu_model
+    from ccfs_fast.runs.environment import cpu_model
 
     return {"cpu": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads()}
 

@@ -99,8 +99,9 @@ def test_class_with_fewer_than_k_images_named(capsys, tmp_path):
 def test_mixed_sizes_without_side(capsys, tmp_path, cifar10_betons):
     """Images of mixed sizes are stored as JPEG of their own sizes (a note says so and names --side);
     a run with a pool of one fixed size then refuses them, naming the --side to rebuild with."""
-    from ccfs_fast.data import BetonFile, IndexSpace
-    from ccfs_fast.errors import DataError
+    from beton_builder.base.errors import DataError
+    from beton_builder.beton import BetonFile
+    from ccfs_fast.data.space import IndexSpace
 
     x, y = class_images(6, 2, 8, 0)
     write_image_folder(tmp_path / "d", x, y, ["a", "b"])

@@ -16,16 +16,14 @@ import pytest
 from conftest import cli_env, one_line_error
 from formats import class_images, write_cifar10
 
+from beton_builder.base.errors import DataError
+from beton_builder.beton import BetonFile
 from beton_builder.manifest import manifest_path
 from ccfs_fast.cli import main
-from ccfs_fast.data import BetonFile
-from ccfs_fast.errors import DataError
-from ccfs_fast.workspace import check_splits
+from ccfs_fast.runs.workspace import check_splits
 
 CLI = [sys.executable, "-m", "ccfs_fast.cli"]
 ROOT = os.geteuid() == 0
-
-
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ import pytest
 from conftest import fails_fast, run_args, set_flag
 from formats import class_images, write_image_folder
 
+from beton_builder.beton import BetonFile
 from ccfs_fast.cli import main
-from ccfs_fast.data import BetonFile
 
 HELP_NEEDLES = {
     ("run",): ["(default: 500)", "(default: 0.2)", "(default: 20.0)", "(default: 5)", "(default: resnet18)",
@@ -123,7 +123,7 @@ def test_errors_that_can_come_at_once_do(engine_data, tmp_path):
 def test_bench_help_shows_every_default(name, capsys):
     from importlib import import_module
 
-    from ccfs_fast.cli import BENCHMARKS
+    from ccfs_fast.cli.commands import BENCHMARKS
 
     with pytest.raises(SystemExit):
         import_module(BENCHMARKS[name][0]).main(["--help"])

@@ -1,4 +1,4 @@
-"""The lazy coarse pass (ccfs_fast.coarse) selects exactly what the full pass selects, from no more
+"""The lazy coarse pass (ccfs_fast.selection.coarse) selects exactly what the full pass selects, from no more
 predictions: generated problems (hypothesis) and the real published score files with real labels."""
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from conftest import PUBLISHED_SCORES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ccfs_fast import coarse
-from ccfs_fast.coarse import PassState, bucket_rates, coarse_pass, record_chunk
-from ccfs_fast.curriculum import first_round_rate
-from ccfs_fast.errors import SelectionError
-from ccfs_fast.scores import easy_first_key
-from ccfs_fast.select import candidate_mask, order_key, select_per_class
+from beton_builder.base.errors import SelectionError
+from ccfs_fast.runs.phase import first_round_rate
+from ccfs_fast.selection import coarse
+from ccfs_fast.selection.coarse import PassState, bucket_rates, coarse_pass, record_chunk
+from ccfs_fast.selection.kernels import candidate_mask, order_key, select_per_class
+from ccfs_fast.selection.scores import easy_first_key
 
 
 def both_passes(labels, okey, teacher_ok, selected, filter_pred, num_classes, curpc, balance, shortfall,

@@ -12,15 +12,15 @@ import torch
 from conftest import one_line_error, read_all, run_args, set_flag
 from formats import MTT_CIFAR10, class_images, write_hub_parquet, write_image_folder, write_tensor_pair
 
+from beton_builder.beton import BetonFile
 from ccfs_fast.cli import main
-from ccfs_fast.data import BetonFile, read_labels
+from ccfs_fast.data.readers import read_labels
 
 
 def _build(capsys, *args: str) -> tuple[int, str]:
     capsys.readouterr()
     code = main(["build", *args])
     return code, capsys.readouterr().err
-
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,10 @@ import torch
 import torch.multiprocessing as mp
 from conftest import run_args
 
-from ccfs_fast.data import BetonFile, read_labels
-from ccfs_fast.distributed import DistContext, shard
-from ccfs_fast.models import create_model
+from beton_builder.beton import BetonFile
+from ccfs_fast.data.readers import read_labels
+from ccfs_fast.train.distributed import DistContext, shard
+from ccfs_fast.train.models import create_model
 
 
 def _free_port() -> int:
@@ -29,8 +30,8 @@ def _predict_rank(rank: int, world: int, port: int, data: dict, out: str) -> Non
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from ccfs_fast.distributed import init_distributed
-    from ccfs_fast.workspace import open_workspace
+    from ccfs_fast.runs.workspace import open_workspace
+    from ccfs_fast.train.distributed import init_distributed
 
     ctx, device = init_distributed("cpu")
     ws = open_workspace(data["pool"], data["test"], data["distilled"], data["teacher"], "convnet_small", 4, device,
@@ -53,7 +54,7 @@ def test_sharded_prediction_equals_one_process(engine_data, tmp_path):
     out = str(tmp_path / "sharded.npz")
     mp.start_processes(_predict_rank, args=(2, _free_port(), engine_data, out), nprocs=2, join=True,
                        start_method="spawn")
-    from ccfs_fast.workspace import open_workspace
+    from ccfs_fast.runs.workspace import open_workspace
 
     ws = open_workspace(engine_data["pool"], engine_data["test"], engine_data["distilled"], engine_data["teacher"],
                         "convnet_small", 4, "cpu", 1, 64)

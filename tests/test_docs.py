@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from ccfs_fast.cli import BENCHMARKS, make_parser
+from ccfs_fast.cli import make_parser
+from ccfs_fast.cli.commands import BENCHMARKS
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "scores" / "README.md"]

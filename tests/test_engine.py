@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 from conftest import check_snapshot, run_args, snapshot_machine
 
+from beton_builder.beton import BetonFile
 from ccfs_fast.cli import main
-from ccfs_fast.data import BetonFile, read_labels
-from ccfs_fast.scores import easy_first_key, load_scores
-from ccfs_fast.select import candidate_mask, curriculum_arrangement, order_key, select_per_class
+from ccfs_fast.data.readers import read_labels
+from ccfs_fast.selection.kernels import candidate_mask, curriculum_arrangement, order_key, select_per_class
+from ccfs_fast.selection.scores import easy_first_key, load_scores
 
 
 def test_run_writes_outputs_and_a_valid_selection(finished_run, engine_data):
@@ -184,8 +185,8 @@ def test_candidates_count_predicted_survivors_only(finished_run):
         assert p["candidates_per_class"] == survivors.tolist()
         assert p["candidates"] == survivors.sum() <= p["pool_evaluated"] == len(pred)
         assert p["unpredicted_eligible"] == p["pool_eligible"] - p["pool_evaluated"] > 0
-    from ccfs_fast.curriculum import survivor_rate
-    from ccfs_fast.report import metrics_frame, survivor_percent
+    from ccfs_fast.runs.phase import survivor_rate
+    from ccfs_fast.runs.report import metrics_frame, survivor_percent
 
     assert all(0 <= survivor_rate(p) <= 1 for p in phases)
     assert (survivor_percent(metrics_frame({"phases": phases})) <= 100).all()

@@ -13,8 +13,8 @@ import pytest
 from conftest import one_line_error, read_all, run_args
 from PIL import Image
 
+from beton_builder.beton import BetonFile
 from ccfs_fast.cli import main
-from ccfs_fast.data import BetonFile
 
 
 def _run_set(run) -> tuple[np.ndarray, np.ndarray]:
@@ -99,11 +99,11 @@ def test_curves_and_tensorboard_hold_what_training_returned(engine_data, tmp_pat
     TensorBoard runs (one per model) read back, through tensorboard's own event reader, to the same."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from ccfs_fast.config import TrainRecipe
-    from ccfs_fast.curves import CurveLog, read_curves
-    from ccfs_fast.students import train_together
-    from ccfs_fast.train import last_fifth_epochs
-    from ccfs_fast.workspace import open_workspace
+    from ccfs_fast.runs.curves import CurveLog, read_curves
+    from ccfs_fast.runs.workspace import open_workspace
+    from ccfs_fast.train.loop import last_fifth_epochs
+    from ccfs_fast.train.recipe import TrainRecipe
+    from ccfs_fast.train.students import train_together
 
     ws = open_workspace(engine_data["pool"], engine_data["test"], engine_data["distilled"], engine_data["teacher"],
                         None, 4, "cpu", 2, 256)

@@ -6,9 +6,10 @@ import json
 import pytest
 import torch
 
-from ccfs_fast.config import FastPath, TrainRecipe
-from ccfs_fast.models import create_model
-from ccfs_fast.train import autocast, make_optimizer
+from ccfs_fast.train.losses import autocast
+from ccfs_fast.train.models import create_model
+from ccfs_fast.train.optim import make_optimizer
+from ccfs_fast.train.recipe import FastPath, TrainRecipe
 
 
 @pytest.mark.parametrize("name", ["resnet18_cifar", "convnet"])

@@ -19,26 +19,24 @@ import torch
 from conftest import cli_env, one_line_error, run_args
 from formats import class_images, write_cifar10
 
+from beton_builder.base.digests import cache_dir, file_sha256
+from beton_builder.base.errors import ConfigError, DataError
+from beton_builder.base.locks import RunLock, probe_lock
+from beton_builder.beton import BetonFile
 from beton_builder.manifest import manifest_path
 from ccfs_fast.cli import main
-from ccfs_fast.data import BetonFile
-from ccfs_fast.digests import cache_dir, file_sha256
-from ccfs_fast.errors import ConfigError, DataError
-from ccfs_fast.outputs import RunLock, probe_lock
-from ccfs_fast.workspace import (
+from ccfs_fast.runs.teacher_pass import (
     NEAR_TIE,
     disagreement,
-    open_workspace,
     pred_checksum,
     teacher_correct,
     teacher_pass_origin,
     teacher_pass_path,
 )
+from ccfs_fast.runs.workspace import open_workspace
 
 CLI = [sys.executable, "-m", "ccfs_fast.cli"]
 ROOT = os.geteuid() == 0
-
-
 
 
 def _wait_for(predicate, proc: subprocess.Popen, seconds: float = 120, what: str = "") -> None:
@@ -63,6 +61,7 @@ def _processes_mentioning(text: str) -> list[int]:
 
 
 # --- one run per output directory ---------------------------------------------------------------
+
 
 def test_second_run_on_a_locked_directory_is_refused(engine_data, tmp_path):
     out = tmp_path / "shared"
@@ -89,6 +88,7 @@ def test_second_run_on_a_locked_directory_is_refused(engine_data, tmp_path):
 
 
 # --- --resume checks contents ---------------------------------------------------------------------
+
 
 @pytest.fixture
 def interrupted_run(finished_run, engine_data, tmp_path):
@@ -156,6 +156,7 @@ def test_corrupt_state_json_is_one_clear_line(interrupted_run, capsys, damage, n
 
 # --- the teacher-pass cache -----------------------------------------------------------------------
 
+
 def _plain_sha256(pred: np.ndarray) -> np.ndarray:
     """The checksum a hand edit would recompute (what cache entries held before they were signed)."""
     return np.array(hashlib.sha256(np.ascontiguousarray(pred, "<i8").tobytes()).hexdigest())
@@ -215,7 +216,7 @@ def test_cached_pass_differing_only_on_near_ties_is_accepted(engine_data):
     fresh prediction where the top two logits nearly tie: such rows are not compared, so the entry is
     kept; a row with a clear margin that differs is still a disagreement. (An untrained teacher: its
     logits are small, so many of its predictions are near-ties.)"""
-    from ccfs_fast.models import create_model
+    from ccfs_fast.train.models import create_model
 
     ws = open_workspace(engine_data["pool"], engine_data["test"], engine_data["distilled"], engine_data["teacher"],
                         None, 4, "cpu", 2, 256)
@@ -247,7 +248,7 @@ def _damage_record(record, damage: str, other_digest: str) -> None:
 def test_damaged_digest_record_is_rechecked(engine_data, capsys, damage):
     """The remembered sha256 of a checked .beton, damaged: one warning naming the record, the file
     hashed again, and the sound .beton opens (a wrong-but-valid record never refuses sound data)."""
-    from ccfs_fast.digests import digest_record, known_digest
+    from beton_builder.base.digests import digest_record, known_digest
 
     pool = engine_data["pool"]
     BetonFile.open(pool)
@@ -264,7 +265,7 @@ def test_damaged_digest_record_is_rechecked(engine_data, capsys, damage):
 def test_run_with_damaged_caches_equals_a_clean_run(engine_data, tmp_path, capsys, monkeypatch):
     """A run whose cache holds a garbage digest record and a forged teacher-pass entry (predictions
     altered, checksum matching): exit 0, one warning for each, and the clean run's selection."""
-    from ccfs_fast.digests import digest_record
+    from beton_builder.base.digests import digest_record
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     quick = ("--num-eval", "0", "--epochs", "1", "--lr-warmup-epochs", "0")
@@ -299,6 +300,7 @@ def test_unwritable_cache_is_a_warning(engine_data, tmp_path, capsys, monkeypatc
 
 
 # --- builds are units ------------------------------------------------------------------------------
+
 
 def test_stale_manifest_beside_a_new_beton_is_refused(engine_data, tmp_path, capsys):
     x, y = class_images(800, 10, 32, seed=9, separation=40)
@@ -370,7 +372,7 @@ def test_interrupted_build_leaves_no_temp_file_or_worker(big_arrays, tmp_path, s
 
 POOL_AFTER_SIGTERM_HANDLER = """
 import multiprocessing, signal
-from ccfs_fast.processes import children_die_with_parent, handle_sigterm
+from beton_builder.base.processes import children_die_with_parent, handle_sigterm
 
 def disposition(_):
     return signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
@@ -417,6 +419,7 @@ def test_interrupted_multi_split_build_completes(tmp_path, capsys):
 
 # --- eval, early checks ------------------------------------------------------------------------------
 
+
 def test_eval_refuses_an_unfinished_selection(finished_run, engine_data, tmp_path, capsys):
     sel = json.loads((finished_run / "selected_indices.json").read_text())
     sel.update(idx_selected=sel["idx_selected"][:60], phases_done=1, complete=False)
@@ -457,10 +460,10 @@ def test_teacher_output_checked_before_training(engine_data, tmp_path, capsys, m
     assert main([*args, "--output", str(nested)]) == 0 and nested.is_file()
     blocker = tmp_path / "blocker"
     blocker.write_text("a file, not a folder")
-    import ccfs_fast.teacher
+    import ccfs_fast.runs.teacher
 
     trained = []
-    monkeypatch.setattr(ccfs_fast.teacher, "train_supervised", lambda *a, **k: trained.append(1))
+    monkeypatch.setattr(ccfs_fast.runs.teacher, "train_supervised", lambda *a, **k: trained.append(1))
     assert main([*args, "--output", str(blocker / "t.pt")]) == 2
     one_line_error(capsys.readouterr().err, "cannot write there")
     assert trained == []  # refused before any training

@@ -17,14 +17,16 @@ import torchvision
 from conftest import run_args
 from formats import write_cifar10, write_image_folder
 
+from beton_builder.base.digests import file_sha256
+from beton_builder.base.errors import ModelError
 from ccfs_fast.cli import main
-from ccfs_fast.config import EXTRAPOLATED, PRESETS, EvalConfig, RunConfig, preset_settings
-from ccfs_fast.data import ResidentTrainLoader
-from ccfs_fast.datasets import CIFAR_MEAN, CIFAR_STD, TINY_MEAN, auto_batch_size
-from ccfs_fast.digests import file_sha256
-from ccfs_fast.errors import ModelError
-from ccfs_fast.models import create_model, read_checkpoint
-from ccfs_fast.workspace import open_workspace, teacher_correct
+from ccfs_fast.data.datasets import CIFAR_MEAN, CIFAR_STD, TINY_MEAN, auto_batch_size
+from ccfs_fast.data.loaders import ResidentTrainLoader
+from ccfs_fast.runs.config import EvalConfig, RunConfig
+from ccfs_fast.runs.presets import EXTRAPOLATED, PRESETS, preset_settings
+from ccfs_fast.runs.teacher_pass import teacher_correct
+from ccfs_fast.runs.workspace import open_workspace
+from ccfs_fast.train.models import create_model, read_checkpoint
 
 POOL, TEST = 600, 200
 
@@ -253,8 +255,8 @@ def test_bad_normalize(engine_data, tmp_path, capsys, value, needle):
 
 
 def test_normalize_paper_needs_a_known_dataset():
-    from ccfs_fast.errors import ConfigError
-    from ccfs_fast.normalization import resolve_normalization
+    from beton_builder.base.errors import ConfigError
+    from ccfs_fast.data.normalization import resolve_normalization
 
     with pytest.raises(ConfigError, match="no constants; pass --normalize pool"):
         resolve_normalization("paper", None, (0.5,) * 3, (0.2,) * 3, "x.beton")

@@ -1,4 +1,4 @@
-"""The fused model bank (ccfs_fast.fused): each fused op equals its torch op applied per model, and a
+"""The fused model bank (ccfs_fast.train.bank): each fused op equals its torch op applied per model, and a
 bank of 3 models trained together equals 3 separate trainings (float64, CPU)."""
 from __future__ import annotations
 
@@ -6,12 +6,20 @@ import pytest
 import torch
 from torch import nn
 
-from ccfs_fast.config import TrainRecipe
-from ccfs_fast.data import epoch_order
-from ccfs_fast.errors import ModelError
-from ccfs_fast.fused import FusedBank, FusedBatchNorm2d, FusedConv2d, FusedGroupNorm, FusedLinear, check_fused, fuse
-from ccfs_fast.models import create_model
-from ccfs_fast.step import KDStep, Single, StepConfig
+from beton_builder.base.errors import ModelError
+from ccfs_fast.data.loaders import epoch_order
+from ccfs_fast.train.bank import (
+    FusedBank,
+    FusedBatchNorm2d,
+    FusedConv2d,
+    FusedGroupNorm,
+    FusedLinear,
+    check_fused,
+    fuse,
+)
+from ccfs_fast.train.models import create_model
+from ccfs_fast.train.recipe import TrainRecipe
+from ccfs_fast.train.step import KDStep, Single, StepConfig
 
 M = 3
 F64 = torch.float64
@@ -116,7 +124,7 @@ def test_bank_runs_the_layout_it_names_whatever_its_models_arrive_in():
     """CUDA runs build models channels-last: a `bank_nchw` must still hold NCHW weights and feed NCHW
     input (cuDNN runs NHWC kernels whenever the weight is channels-last), and `bank_channels_last` the
     reverse, for models arriving in either layout; both compute what the models compute."""
-    from ccfs_fast.students import BANK_LAYOUTS
+    from ccfs_fast.train.students import BANK_LAYOUTS
 
     images = torch.randn(M, 2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     for arrive in (torch.channels_last, torch.contiguous_format):
@@ -246,7 +254,7 @@ def _momentum_of(bank: FusedBank, step: KDStep, m: int) -> dict[str, torch.Tenso
 def test_streams_layout_trains_exactly_like_separate_models():
     """The `streams` layout (M unfused models, each forward on its own CUDA stream; one after another
     on the CPU) under one KD step: the same per-step losses and parameters as M separate trainings."""
-    from ccfs_fast.step import Separate
+    from ccfs_fast.train.step import Separate
 
     together, _, singles, _, losses, single_losses = _bank_and_separate("convnet_small", 16, 10, 2, 4, Separate)
     assert together.streams is None and losses.shape == (20, M)
@@ -259,9 +267,9 @@ def test_streams_layout_trains_exactly_like_separate_models():
 def test_layout_probe_times_every_layout(engine_data):
     """The final evaluation's layout probe (CUDA runs it; here called directly on the CPU): every
     layout is built, stepped and timed; without CUDA the engine picks the default layout unprobed."""
-    from ccfs_fast.config import FastPath
-    from ccfs_fast.students import BANK_LAYOUTS, default_layout, pick_layout, probe_layouts
-    from ccfs_fast.workspace import open_workspace
+    from ccfs_fast.runs.workspace import open_workspace
+    from ccfs_fast.train.recipe import FastPath
+    from ccfs_fast.train.students import BANK_LAYOUTS, default_layout, pick_layout, probe_layouts
 
     ws = open_workspace(engine_data["pool"], engine_data["test"], engine_data["distilled"], engine_data["teacher"],
                         None, 4, "cpu", 2, 64, fast=FastPath().resolve("cpu"))

@@ -218,7 +218,7 @@ class FailingCapture:
             fn()
 
     def capture(self, fn, generators):
-        from ccfs_fast.step import CaptureFailed
+        from ccfs_fast.train.graphs import CaptureFailed
 
         fn()
         raise CaptureFailed("operation not permitted when stream is capturing (made to fail)")

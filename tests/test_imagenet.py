@@ -19,13 +19,15 @@ from conftest import check_snapshot
 from formats import IMAGENET_WNIDS, write_ilsvrc, write_image_folder
 from PIL import Image
 
+from beton_builder.base.errors import BuildError, ScoreError
+from beton_builder.beton import BetonFile
 from beton_builder.imagenet import read_imagenet
 from beton_builder.manifest import read_manifest, recorded_names
-from ccfs_fast.augment import crop_boxes_from, crop_boxes_sized, draw_augmentation
 from ccfs_fast.cli import main
-from ccfs_fast.data import BetonFile, IndexSpace, read_labels
-from ccfs_fast.errors import BuildError, ScoreError
-from ccfs_fast.scores import load_scores
+from ccfs_fast.data.augment import crop_boxes_from, crop_boxes_sized, draw_augmentation
+from ccfs_fast.data.readers import read_labels
+from ccfs_fast.data.space import IndexSpace
+from ccfs_fast.selection.scores import load_scores
 
 SIDE = 32  # the train side of the CPU tests (ImageNet's is 224)
 
@@ -227,8 +229,8 @@ def test_a_torchvision_weights_file_is_a_teacher(tmp_path):
     """`resnet18-<hash>.pth` holding a plain state dict loads as torchvision's unmodified resnet18."""
     import torchvision
 
-    from ccfs_fast.models import read_checkpoint
-    from ccfs_fast.workspace import resolve_teacher_arch
+    from ccfs_fast.runs.workspace import resolve_teacher_arch
+    from ccfs_fast.train.models import read_checkpoint
 
     path = tmp_path / "resnet18-f37072fd.pth"
     torch.save(torchvision.models.resnet18(num_classes=4).state_dict(), path)
@@ -304,7 +306,7 @@ def test_a_whole_imagenet_run_on_cpu(ilsvrc, imagenet_run_inputs, tmp_path, caps
 def test_jpeg_pool_export_keeps_the_stored_jpeg_bytes(ilsvrc, imagenet_run_inputs, tmp_path):
     """An ImageNet-format run (JPEG pool): the exported files of pool images are the stored JPEG bytes
     (no re-encoding), and so are the exported .beton's rows."""
-    from ccfs_fast.data import stored_bytes
+    from ccfs_fast.data.readers import stored_bytes
 
     inputs = imagenet_run_inputs
     run = tmp_path / "run"

@@ -1,4 +1,4 @@
-"""CPU kernels swapped into the engine's models (ccfs_fast.kernels) compute bit-identically to
+"""CPU kernels swapped into the engine's models (ccfs_fast.train.cpu_kernels) compute bit-identically to
 torch's, and the allocator setting of the CLI (processes.reuse_freed_memory) takes effect."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from ccfs_fast.kernels import FAST_POOL_MAX_ELEMENTS, FastAvgPool2d, fast_pool_applies, swap_cpu_kernels
-from ccfs_fast.models import create_model
+from ccfs_fast.train.cpu_kernels import FAST_POOL_MAX_ELEMENTS, FastAvgPool2d, fast_pool_applies, swap_cpu_kernels
+from ccfs_fast.train.models import create_model
 
 
 @pytest.mark.parametrize("shape,dtype", [((64, 8, 64, 64), torch.float32), ((3, 5, 16, 32), torch.float64),
@@ -59,11 +59,11 @@ import resource, sys, torch
 torch.set_num_threads(1)
 import ctypes
 if sys.argv[1] == "on":
-    from ccfs_fast.processes import reuse_freed_memory
+    from beton_builder.base.processes import reuse_freed_memory
     assert reuse_freed_memory()
 else:  # glibc's starting threshold, pinned: its dynamic raise depends on the order of frees (flaky)
     assert ctypes.CDLL(None).mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-from ccfs_fast.models import create_model
+from ccfs_fast.train.models import create_model
 model, x = create_model("convnet_tiny", 10, 64), torch.randn(32, 3, 64, 64)
 model(x).sum().backward()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -11,10 +11,12 @@ import torch
 from formats import class_images
 
 from beton_builder.arrays import read_arrays
+from beton_builder.base.errors import DataError
+from beton_builder.beton import BetonFile
 from beton_builder.writer import write_beton
-from ccfs_fast.augment import crop_resize_flip, sample_crop_boxes
-from ccfs_fast.data import BetonFile, EvalLoader, IndexSpace, ResidentTrainLoader, make_test_loader
-from ccfs_fast.errors import DataError
+from ccfs_fast.data.augment import crop_resize_flip, sample_crop_boxes
+from ccfs_fast.data.loaders import EvalLoader, ResidentTrainLoader, make_test_loader
+from ccfs_fast.data.space import IndexSpace
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +175,7 @@ def test_missing_manifest_and_corrupt_beton(cifar10_betons, tmp_path):
 
 
 def test_row_reader_retargets_one_compiled_loader(cifar10_betons, cifar10_arrays):
-    from ccfs_fast.data import RowReader
+    from ccfs_fast.data.readers import RowReader
 
     reader = RowReader(BetonFile.open(cifar10_betons[0]), 64, 2)
     x, y = cifar10_arrays[0]
@@ -202,7 +204,8 @@ def test_scattered_rows_read_through_the_os_cache_give_the_same_batches(three_pa
     """Rows spread thinly over the file (a lazy coarse-pass round, scattered selected images) are read
     through the OS page cache instead of FFCV's whole-page process cache: the same images, labels and
     order either way; dense subsets keep the process cache."""
-    import ccfs_fast.data as data
+    import ccfs_fast.data.readers as data
+    import ccfs_fast.data.space as space_module
 
     beton, x, y = three_page_beton
     assert beton.page_size == 8 << 20 and beton.row_bytes == 32 * 32 * 3
@@ -213,7 +216,7 @@ def test_scattered_rows_read_through_the_os_cache_give_the_same_batches(three_pa
     space = IndexSpace(beton)
     batches = {}
     for os_cache in (False, True):
-        monkeypatch.setattr(data, "scattered_rows", lambda b, r, os_cache=os_cache: os_cache)
+        monkeypatch.setattr(space_module, "scattered_rows", lambda b, r, os_cache=os_cache: os_cache)
         assert space.reader(beton, 64, 2, sparse).os_cache is os_cache
         images, labels, index = (torch.cat(t) for t in zip(*EvalLoader(space, sparse, 8, "cpu")))
         resident = space.read_resident(sparse, torch.device("cpu"), 2)
@@ -228,7 +231,7 @@ def test_scattered_rows_read_through_the_os_cache_give_the_same_batches(three_pa
 def test_warm_up_compiles_every_reader_a_phase_uses(three_page_beton, monkeypatch):
     """After IndexSpace.warm_readers, a phase's reads (scattered and dense evaluation, a resident
     train set of scattered pool rows) reuse compiled readers: none is created during the phase."""
-    import ccfs_fast.data as data
+    import ccfs_fast.data.readers as data
 
     beton, x, _ = three_page_beton
     monkeypatch.setattr(data, "SCATTER_MIN_BYTES", 0)  # this file is small; both cache kinds apply
@@ -251,7 +254,7 @@ def test_warm_up_compiles_every_reader_a_phase_uses(three_page_beton, monkeypatc
 
 
 FFCV_IMPORT = """
-import ccfs_fast.data
+import ccfs_fast.data.readers
 import ffcv.fields.rgb_image as rgb_image
 import numba.typed
 from numba.typed import typeddict

@@ -7,10 +7,10 @@ import numpy as np
 from conftest import run_args, set_flag
 from formats import class_images, write_image_folder
 
+from beton_builder.base.digests import row_digest_path
+from beton_builder.beton import BetonFile
 from ccfs_fast.cli import main
-from ccfs_fast.data import BetonFile
-from ccfs_fast.digests import row_digest_path
-from ccfs_fast.overlap import distilled_overlap
+from ccfs_fast.data.overlap import distilled_overlap
 
 
 def test_the_pool_as_distilled_set_is_refused(engine_data, tmp_path, capsys):
@@ -61,7 +61,7 @@ def test_a_stale_digest_sidecar_is_not_trusted(engine_data, tmp_path, capsys):
     """A sidecar made for another build of the file is reported and the file is read instead."""
     import shutil
 
-    from ccfs_fast.outputs import write_npz
+    from beton_builder.base.files import write_npz
 
     beton = tmp_path / "d.beton"
     shutil.copy(engine_data["distilled"], beton)

@@ -14,7 +14,7 @@ import numpy as np
 from formats import class_images, write_cifar10, write_image_folder
 
 from ccfs_fast.cli import make_parser
-from ccfs_fast.config import preset_table
+from ccfs_fast.runs.presets import preset_table
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

@@ -8,7 +8,7 @@ import pandas as pd
 from PIL import Image
 
 from ccfs_fast.cli import main
-from ccfs_fast.report import _phase_audits
+from ccfs_fast.runs.report import _phase_audits
 
 
 def test_run_writes_csv_and_png(finished_run):

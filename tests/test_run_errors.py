@@ -8,7 +8,7 @@ from conftest import run_args, set_flag
 from formats import class_images, write_image_folder
 
 from ccfs_fast.cli import main
-from ccfs_fast.convnet import ConvNet
+from ccfs_fast.train.convnet import ConvNet
 
 
 def _fails(capsys, args, *needles):
@@ -98,7 +98,7 @@ def test_teacher_model_contradicting_the_checkpoint(capsys, engine_data, tmp_pat
 
 
 def test_imagenet_stem_on_small_images_warns():
-    from ccfs_fast.models import stem_warning
+    from ccfs_fast.train.models import stem_warning
 
     assert "ImageNet stem on 32x32 images" in stem_warning("torchvision:resnet18", 32)
     assert stem_warning("resnet18", 32) is None and stem_warning("torchvision:resnet18", 224) is None

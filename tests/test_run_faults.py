@@ -15,7 +15,6 @@ from conftest import cli_env, fails_fast, run_args
 CLI = [sys.executable, "-m", "ccfs_fast.cli"]
 
 
-
 def _terminal_ctrl_c() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # as at a terminal, even when the tests run in the background
 

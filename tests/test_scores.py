@@ -11,9 +11,9 @@ import pytest
 from conftest import PUBLISHED_SCORES
 
 from benchmarks.select_reference import reference_select
-from ccfs_fast.errors import ScoreError, UnknownNameError
-from ccfs_fast.scores import base_names, easy_first_key, load_scores, score_kind
-from ccfs_fast.select import candidate_mask, curriculum_arrangement, order_key, select_per_class
+from beton_builder.base.errors import ScoreError, UnknownNameError
+from ccfs_fast.selection.kernels import candidate_mask, curriculum_arrangement, order_key, select_per_class
+from ccfs_fast.selection.scores import base_names, easy_first_key, load_scores, score_kind
 
 
 def test_npy_and_npz_load(tmp_path):
@@ -142,7 +142,7 @@ def test_published_files_are_whole():
 
 
 def test_presets_use_the_published_scores():
-    from ccfs_fast.config import published_scores
+    from ccfs_fast.runs.presets import published_scores
 
     values, notes = published_scores("cifar100-ipc50", {})
     assert values["score_path"] == PUBLISHED_SCORES / "forgetting_CIFAR100.npy" and "no --score-path" in notes[0]
@@ -220,7 +220,7 @@ def test_a_score_file_of_another_kind_is_refused(tmp_path):
     """Layouts that name their kind (c-scores keyed by file name, memorization estimates) and the
     published files shipped in scores/ are refused under another --score (their easy ends may be
     opposite), in one line naming what the file holds; a bare array or plain `scores` is any kind."""
-    from ccfs_fast.scores import check_score_kind
+    from ccfs_fast.selection.scores import check_score_kind
 
     np.savez(tmp_path / "c.npz", filenames=np.array([b"a"]), labels=np.zeros(1, int), scores=np.zeros(1))
     np.savez(tmp_path / "m.npz", tr_filenames=np.array([b"a"]), tr_labels=np.zeros(1, int), tr_mem=np.zeros(1))

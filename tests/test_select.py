@@ -7,9 +7,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from benchmarks.select_reference import ReferenceShortfall, reference_select
-from ccfs_fast.errors import ConfigError, SelectionError, UnknownNameError
-from ccfs_fast.scores import easy_first_key
-from ccfs_fast.select import candidate_mask, curriculum_arrangement, order_key, select_per_class
+from beton_builder.base.errors import ConfigError, SelectionError, UnknownNameError
+from ccfs_fast.selection.kernels import candidate_mask, curriculum_arrangement, order_key, select_per_class
+from ccfs_fast.selection.scores import easy_first_key
 
 
 def kernel_select(teacher_correct_idx, selected_idx, filter_pred, labels, num_classes, scores, kind, method,

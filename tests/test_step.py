@@ -1,4 +1,4 @@
-"""The capturable KD train step (ccfs_fast.step) on the CPU: it trains exactly as the plain loop
+"""The capturable KD train step (ccfs_fast.train.step) on the CPU: it trains exactly as the plain loop
 (ResidentTrainLoader + train_kd), sees every sample once per epoch, never waits for the host inside a
 step, draws reproducible random numbers per model, and falls back to eager when capture fails."""
 from __future__ import annotations
@@ -11,15 +11,19 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from beton_builder.beton import BetonFile
 from beton_builder.table import ImageTable
 from beton_builder.writer import write_beton
 from ccfs_fast.cli import main
-from ccfs_fast.config import TrainRecipe
-from ccfs_fast.data import BetonFile, IndexSpace, ResidentTrainLoader, epoch_order, norm_tensors
-from ccfs_fast.fused import FusedBank
-from ccfs_fast.models import create_model
-from ccfs_fast.step import CaptureFailed, GraphedStep, KDStep, Single, StepConfig, StepRun, graph_plan, train_students
-from ccfs_fast.train import kd_losses, train_kd
+from ccfs_fast.data.loaders import ResidentTrainLoader, epoch_order, norm_tensors
+from ccfs_fast.data.space import IndexSpace
+from ccfs_fast.train.bank import FusedBank
+from ccfs_fast.train.graphs import CaptureFailed, GraphedStep, StepRun, graph_plan
+from ccfs_fast.train.loop import train_kd, train_students
+from ccfs_fast.train.losses import kd_losses
+from ccfs_fast.train.models import create_model
+from ccfs_fast.train.recipe import TrainRecipe
+from ccfs_fast.train.step import KDStep, Single, StepConfig
 
 F64 = torch.float64
 N, BATCH = 45, 8  # 6 steps an epoch, the last one of 5 images
@@ -229,8 +233,8 @@ def test_epoch_records_and_timing(small_space):
     """Each training keeps one record per epoch (the mean KD loss the steps returned, the learning
     rate, seconds, images/s, test top-1 on evaluated epochs) and splits its seconds into the loop, the
     test evaluations and the rest."""
-    from ccfs_fast.data import ResidentEvalLoader
-    from ccfs_fast.step import lr_schedule
+    from ccfs_fast.data.loaders import ResidentEvalLoader
+    from ccfs_fast.train.optim import lr_schedule
 
     student, teacher = (m.float() for m in _models(3))
     images = ResidentTrainLoader(small_space, np.arange(N), BATCH, "cpu", seed=3).images
@@ -288,7 +292,7 @@ def test_batched_augmentation_is_each_models_own():
     """One grid_sample over M x b images gives each model, bit for bit, the batch its own pipeline
     gives (its generator's draws, its rows), in float32 and float64; the teacher stream exists only
     on CUDA."""
-    from ccfs_fast.augment import augment_batch, draw_augmentation
+    from ccfs_fast.data.augment import augment_batch, draw_augmentation
 
     images = torch.randint(0, 256, (50, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
     inv, shift = torch.full((1, 3, 1, 1), 1 / (255 * 0.25)), torch.full((1, 3, 1, 1), -2.0)
@@ -308,8 +312,8 @@ def test_batched_augmentation_is_each_models_own():
 def test_resident_test_evaluation_matches_the_ffcv_path(small_space):
     """The test set resident as uint8 and evaluated for all M models at once gives the accuracies
     the FFCV loader path gives, and reads nothing back to the host until the accuracies are read."""
-    from ccfs_fast.data import EvalLoader, ResidentEvalLoader
-    from ccfs_fast.step import evaluate_students
+    from ccfs_fast.data.loaders import EvalLoader, ResidentEvalLoader
+    from ccfs_fast.train.loop import evaluate_students
 
     models = []
     for seed in range(3):

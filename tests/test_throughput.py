@@ -14,10 +14,12 @@ from benchmarks.baseline_paper import SelectedTensors
 from benchmarks.common import competing_load, interleaved_medians, machine_overloaded, median_time
 from benchmarks.loader_throughput import epoch_rate, paper_transforms, synthetic_images
 from benchmarks.select_kernel import SCALES, kernel_path, make_problem, reference_path
+from beton_builder.beton import BetonFile
 from beton_builder.table import ImageTable
 from beton_builder.writer import write_beton
-from ccfs_fast.data import BetonFile, IndexSpace, ResidentTrainLoader
-from ccfs_fast.select import warm_up_kernels
+from ccfs_fast.data.loaders import ResidentTrainLoader
+from ccfs_fast.data.space import IndexSpace
+from ccfs_fast.selection.kernels import warm_up_kernels
 
 pytestmark = pytest.mark.throughput
 
@@ -66,7 +68,8 @@ def test_train_loader_beats_tensordataset_path(tmp_path, busy):
 
 def test_cpu_share_gives_way_to_other_jobs():
     """With one busy job per CPU, per-element work is granted fewer threads than the process has."""
-    from ccfs_fast.processes import CpuShare, available_cpus
+    from beton_builder.base.processes import available_cpus
+    from ccfs_fast.data.threads import CpuShare
 
     share = CpuShare(interval_s=0.3)
     assert 1 <= share.threads(available_cpus()) <= available_cpus()

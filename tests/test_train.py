@@ -11,13 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ccfs_fast.config import TrainRecipe
-from ccfs_fast.convnet import ConvNet
-from ccfs_fast.datasets import auto_batch_size
-from ccfs_fast.difficulty import ForgettingTracker
-from ccfs_fast.errors import ConfigError, ModelError, UnknownNameError
-from ccfs_fast.models import create_model, load_checkpoint
-from ccfs_fast.train import kd_losses, make_optimizer, make_scheduler
+from beton_builder.base.errors import ConfigError, ModelError, UnknownNameError
+from ccfs_fast.data.datasets import auto_batch_size
+from ccfs_fast.selection.difficulty import ForgettingTracker
+from ccfs_fast.train.convnet import ConvNet
+from ccfs_fast.train.losses import kd_losses
+from ccfs_fast.train.models import create_model, load_checkpoint
+from ccfs_fast.train.optim import make_optimizer, make_scheduler
+from ccfs_fast.train.recipe import TrainRecipe
 
 
 def _lrs(recipe: TrainRecipe) -> list[float]:
@@ -128,9 +129,9 @@ import sys
 from pathlib import Path
 import numpy as np, torch
 torch.set_num_threads(2)
-from ccfs_fast.models import create_model
-from ccfs_fast.processes import reuse_freed_memory
-from ccfs_fast.train import predict
+from ccfs_fast.train.models import create_model
+from beton_builder.base.processes import reuse_freed_memory
+from ccfs_fast.train.predict import predict
 
 def anon_kb():
     return next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()

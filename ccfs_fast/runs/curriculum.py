@@ -1,0 +1,170 @@
+"""The CCFS curriculum (docs/design.md §1): teacher pass, K curricula of train -> coarse -> fine, final
+evaluation; resumable after the last finished curriculum."""
+from __future__ import annotations
+
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from beton_builder.base.digests import file_sha256
+from beton_builder.base.files import missing_top, output_error, write_json, write_npz
+from beton_builder.base.locks import LOCK_NAME, RunLock
+from beton_builder.manifest import recorded_names
+from ccfs_fast.runs.config import RunConfig
+from ccfs_fast.runs.curves import CurveLog
+from ccfs_fast.runs.phase import run_phase, survivor_rate, write_audit
+from ccfs_fast.runs.report import write_report
+from ccfs_fast.runs.run_dir import prepare_output_dir
+from ccfs_fast.runs.run_inputs import input_record
+from ccfs_fast.runs.run_log import _write_outputs, run_reach, shortfall_line, summary_table
+from ccfs_fast.runs.state import STATE_VERSION, _load_state, check_inputs_unchanged, input_digests, resume_line
+from ccfs_fast.runs.teacher_pass import teacher_correct
+from ccfs_fast.runs.workspace import open_workspace
+from ccfs_fast.selection.kernels import (
+    curriculum_arrangement,
+    warm_up_kernels,
+)
+from ccfs_fast.selection.reach import reach_text
+from ccfs_fast.selection.scores import easy_first_key, load_scores, score_kind
+from ccfs_fast.train.distributed import DistContext, barrier, broadcast, init_distributed
+from ccfs_fast.train.models import check_model_name, stem_warning
+from ccfs_fast.train.students import FINAL_CURVE, evaluate_selection, filter_curve
+
+
+def say(notes, main: bool) -> None:
+    """Prints a run's notes (on rank 0 only)."""
+    if main:
+        for note in notes:
+            print(note, flush=True)
+
+
+def run_curriculum(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
+    """Runs (or resumes) CCFS into cfg.output_dir; returns the final state dict. Under torchrun every
+    rank trains and predicts its share; rank 0 selects and writes every output. A run that fails
+    before its first curriculum is recorded leaves no output directory it created behind."""
+    dist_ctx, device = init_distributed(cfg.device)
+    out = cfg.output_dir
+    created = missing_top(out) if dist_ctx.is_main else None  # the folders this run creates, parents included
+    ran_here = (out / LOCK_NAME).exists()  # an earlier ccfs-fast run used this folder (its lock file is there)
+    try:
+        if dist_ctx.is_main:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise output_error(out, exc) from exc
+        with RunLock(out) if dist_ctx.is_main else nullcontext():  # one run per output directory
+            return _run(cfg, dist_ctx, device, resume, overwrite, ran_here)
+    except BaseException:
+        if created is not None and not any(out.glob("phase*_candidates.npz")):
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+def _check_models(cfg: RunConfig, side: int) -> None:
+    """Unknown model names fail before the teacher pass; an ImageNet stem on small images warns."""
+    for name in dict.fromkeys((cfg.filter_model, cfg.eval_model)):
+        check_model_name(name)
+        warning = stem_warning(name, side)
+        if warning:
+            tqdm.write(warning)
+
+
+def run_curves(out: Path, cfg: RunConfig, state: dict) -> CurveLog:
+    """The run's curves (curves.csv, and tb/ with --tensorboard): a resumed run keeps the rows of the
+    trainings it keeps (its finished curricula's filters, a finished final evaluation) and drops the
+    rest, which it trains again."""
+    keep = {filter_curve(p["phase"]) for p in state["phases"]}
+    if state.get("final") is not None:
+        keep |= {FINAL_CURVE} | {f"{FINAL_CURVE} model {m + 1}" for m in range(cfg.num_eval)}
+    return CurveLog(out / "curves.csv", out / "tb", keep, cfg.tensorboard)
+
+
+def _run(cfg: RunConfig, dist_ctx: DistContext, device: str, resume: bool, overwrite: bool,
+         ran_here: bool = True) -> dict:
+    out = cfg.output_dir
+    if dist_ctx.is_main:
+        resuming = prepare_output_dir(out, resume, overwrite, ran_here)
+        state = _load_state(out, cfg) if resuming else {"version": STATE_VERSION, "settings": cfg.settings(),
+                                                         "phases": [], "selected": [], "final": None}
+        if resuming:
+            print(resume_line(state, cfg), flush=True)
+    barrier(dist_ctx)
+    state = broadcast(state if dist_ctx.is_main else None, dist_ctx)
+    fast = cfg.fast.resolve(device)
+    torch.backends.cudnn.benchmark = bool(fast.cudnn_benchmark)
+    ws = open_workspace(cfg.pool, cfg.test, cfg.distilled, cfg.teacher, cfg.teacher_model, cfg.cpc, device,
+                        cfg.workers, cfg.eval_batch_size, dist_ctx, fast, cfg.normalize, cfg.train_side,
+                        cfg.train_data)
+    if dist_ctx.is_main:
+        _check_models(cfg, ws.side)
+        ws.curves = run_curves(out, cfg, state)
+    teacher_digest = file_sha256(cfg.teacher)
+    digests = input_digests(ws, cfg, teacher_digest)
+    if resume and dist_ctx.is_main:
+        check_inputs_unchanged(state.get("inputs"), digests, cfg)
+    state["inputs"] = digests
+    state.update(input_record(cfg.settings(), out))  # where later commands find the inputs from anywhere
+    state["fast_path"] = asdict(fast)
+    state["notes"] = list(cfg.notes)
+    say(cfg.notes, dist_ctx.is_main)
+    state["normalize"] = ws.norm.to_json()
+    state["teacher_model"] = ws.teacher_arch
+    state["distilled_overlap"] = ws.distilled_overlap
+    state["dataset"] = ws.dataset
+    state["class_names"] = list(ws.space.manifest.class_names)
+    state["world_size"] = dist_ctx.world_size
+    file_key = None
+    if score_kind(cfg.score).from_file:
+        said: list[str] = []
+        file_key = easy_first_key(load_scores(cfg.score_path, ws.pool_labels, said,
+                                              lambda: recorded_names(ws.space.pool.path)), cfg.score)
+        state["notes"] += said
+        say(said, dist_ctx.is_main)
+    elif cfg.coarse_pass == "lazy":
+        note = (f"note: --score {cfg.score} ranks candidates by this phase's own predictions, so every eligible "
+                "image is predicted (--coarse-pass full)")
+        state["notes"].append(note)
+        say([note], dist_ctx.is_main)
+    arrangement = curriculum_arrangement(cfg.spc, cfg.curriculum_num)
+    start = time.perf_counter()
+    pred, teacher_ok, _ = teacher_correct(ws, teacher_digest)
+    state["teacher_pass_s"] = time.perf_counter() - start
+    state["teacher_acc"] = float(teacher_ok.mean() * 100)
+    main = dist_ctx.is_main
+    if main:
+        write_npz(out / "teacher_pass.npz", index=np.arange(ws.space.n_pool), pred=pred)
+    state["select_compile_s"] = warm_up_kernels()
+    ws.warm()
+    selected = np.asarray(state["selected"], np.int64)
+    for phase in tqdm(range(len(state["phases"]) + 1, cfg.curriculum_num + 1), desc="curricula",
+                      initial=len(state["phases"]), total=cfg.curriculum_num, dynamic_ncols=True, disable=not main):
+        rate = survivor_rate(state["phases"][-1]) if state["phases"] else None
+        outcome = run_phase(ws, cfg, phase, arrangement[phase - 1], selected, teacher_ok, file_key, rate)
+        selected = np.concatenate([selected, outcome.picked])
+        state["phases"].append(outcome.record)
+        state["selected"] = selected.tolist()
+        line = shortfall_line(outcome.record, ws.space.manifest.class_names)
+        if main and line:
+            tqdm.write(line)
+        if main:
+            write_audit(out / f"phase{phase}_candidates.npz", outcome.passed, ws.pool_labels, outcome.picked)
+            write_json(out / "state.json", state)
+            _write_outputs(out, cfg, state)
+    if state.get("final") is None:
+        state["final"] = evaluate_selection(ws, selected, cfg.eval_model, cfg.recipe, cfg.temperature, cfg.num_eval,
+                                            cfg.seed, cfg.fuse_evals, "final evaluation (CCFS selection)")
+        if main:
+            write_json(out / "state.json", state)
+    if main:
+        _write_outputs(out, cfg, state)
+        write_report(out)
+        ws.curves.close()
+        print(summary_table(state, reach_text(run_reach(cfg, state["phases"]), cfg.cpc)))
+    barrier(dist_ctx)
+    return state

@@ -1,0 +1,144 @@
+"""What a run writes about itself: selected_indices.json, metrics.json, exp_log.txt and the console's tables."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from beton_builder.base.files import write_json, write_text
+from beton_builder.base.tables import format_table
+from ccfs_fast.runs.config import RunConfig
+from ccfs_fast.runs.environment import environment, tf32_switches
+from ccfs_fast.runs.report import SMOKE_NOTE
+from ccfs_fast.selection.kernels import (
+    curriculum_arrangement,
+)
+from ccfs_fast.selection.reach import reach_text, real_reach
+
+
+def _write_outputs(out: Path, cfg: RunConfig, state: dict) -> None:
+    phases = state["phases"]
+    totals = {k: float(sum(p[k] for p in phases)) for k in ("train_s", "eval_s", "select_s")}
+    totals.update({"teacher_pass_s": state["teacher_pass_s"], "phases_done": len(phases),
+                   "selected": len(state["selected"])})
+    reach = run_reach(cfg, phases)
+    write_json(out / "selected_indices.json", {"ipc": cfg.image_per_class, "alpha": cfg.alpha,
+                                               "idx_selected": state["selected"], "phases_done": len(phases),
+                                               "complete": len(phases) == cfg.curriculum_num,
+                                               "distilled_per_class": cfg.cpc, **reach})
+    write_json(out / "metrics.json", {"phases": phases, "totals": totals, "final": state.get("final"),
+                                      "fast_path": state.get("fast_path"), "tf32": tf32_switches(),
+                                      "world_size": state.get("world_size", 1),
+                                      "normalize": state.get("normalize"), "teacher_model": state.get("teacher_model"),
+                                      "notes": state.get("notes", []),
+                                      "distilled_overlap": state.get("distilled_overlap"),
+                                      "dataset": state.get("dataset"), "class_names": state.get("class_names"),
+                                      "environment": environment(cfg.device),
+                                      "settings": state["settings"]})
+    lines = log_settings(state, cfg.device)
+    lines += [f"cpc (distilled per class): {cfg.cpc}", f"spc (selected per class): {cfg.spc}",
+              f"arrangement: {curriculum_arrangement(cfg.spc, cfg.curriculum_num)}", *state.get("notes", [])]
+    for p in phases:
+        lines.append(f"phase {p['phase']}/{cfg.curriculum_num}: curpc {p['curpc']}, train set {p['train_size']}, "
+                     f"filter acc ({p['filter_acc_rule']}) {_fmt(p['filter_acc'])}%, "
+                     f"predicted {p['pool_evaluated']} of "
+                     f"{p.get('pool_eligible', p['pool_evaluated'])} eligible ({p.get('coarse_pass', 'full')} pass), "
+                     "candidates "
+                     f"{p['candidates']}, selected {p['selected']} (filled {p['shortfall']['filled']}, unmet "
+                     f"{p['shortfall']['unmet']}), train {p['train_s']:.1f}s eval {p['eval_s']:.1f}s "
+                     f"select {p['select_s'] * 1000:.1f}ms")
+    final = state.get("final")
+    if final and final.get("accs"):
+        lines.append(f"Acc@1(mean): {final['acc_mean']:.2f}%, std: {final['acc_std']:.2f} over {len(final['accs'])} "
+                     f"evaluations {[round(a, 2) for a in final['accs']]}")
+    if phases:
+        done = "" if len(phases) == cfg.curriculum_num else f" (after {len(phases)} of {cfg.curriculum_num} curricula)"
+        lines.append(f"trained on: {reach_text(reach, cfg.cpc)}{done}")
+    if cfg.smoke:
+        lines.append(f"note: {SMOKE_NOTE}")
+    write_text(out / "exp_log.txt", "\n".join(lines) + "\n")
+
+GPU_ONLY = ("cudnn_benchmark", "fused_optimizer", "cuda_graphs")  # switches that do nothing on a CPU
+
+
+def log_settings(state: dict, device: str) -> list[str]:
+    """exp_log.txt's settings: the fast-path switches as resolved for the device (those that act
+    only on CUDA left out elsewhere), and the batch sizes the trainings actually used."""
+    fast = state.get("fast_path") or {}
+    cuda = device.startswith("cuda")
+    lines = []
+    for key, value in state["settings"].items():
+        if key in GPU_ONLY and not cuda:
+            continue
+        if key in fast:
+            value = fast[key]
+        if key == "batch_size" and value is None:
+            used = [p["batch_size"] for p in state["phases"]]
+            final = (state.get("final") or {}).get("batch_size")
+            value = f"auto (curricula {used}" + (f", evaluation {final})" if final else ")")
+        value = resolved(key, value, state)
+        lines.append(f"{key}: {value}")
+    return lines
+
+
+def resolved(key: str, value: object, state: dict) -> object:
+    """A setting as the run resolved it, where the command line left it open: the teacher's
+    architecture (from its checkpoint) and the normalisation (the constants used)."""
+    if key == "teacher_model" and state.get("teacher_model"):
+        return state["teacher_model"] if value is None else value
+    norm = state.get("normalize")
+    if key == "normalize" and norm:
+        constants = f"mean {norm.get('mean')}, std {norm.get('std')}"
+        return f"{value or norm.get('source', 'resolved')} ({constants})"
+    return value
+
+
+def run_reach(cfg: RunConfig, phases: list[dict]) -> dict:
+    """The real images per class the finished curricula reached against the target (reach.real_reach)."""
+    per_class = np.sum([p["selected_per_class"] for p in phases], axis=0) if phases else np.zeros(0, np.int64)
+    return real_reach(per_class, cfg.spc, sum(p["curpc"] for p in phases),
+                      sum(p["shortfall"]["unmet"] for p in phases))
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def shortfall_line(record: dict, class_names: tuple[str, ...], shown: int = 8) -> str | None:
+    """One console line naming the classes of a phase that had fewer candidates than curpc, with
+    their counts (candidates / curpc, and what `fill` added); None when no class was short."""
+    curpc = record["curpc"]
+    cands = record["candidates_per_class"]
+    short = record["shortfall"].get("short_classes", [c for c, n in enumerate(cands) if n < curpc])
+    if not short:
+        return None
+    policy = record["shortfall"]["policy"]
+    filled = record["shortfall"]["filled_per_class"]
+    parts = [f"{class_names[c]!r} {cands[c]}/{curpc}" + (f" +{filled[c]} filled" if filled[c] else "")
+             for c in short[:shown]]
+    more = f", ... ({len(short) - shown} more)" if len(short) > shown else ""
+    unmet = record["shortfall"]["unmet"]
+    noun = "class" if len(short) == 1 else "classes"
+    return (f"phase {record['phase']}: {len(short)} {noun} short of {curpc} candidates (shortfall {policy}, "
+            f"{unmet} images unmet): {', '.join(parts)}{more}")
+
+
+def summary_table(state: dict, reached: str | None = None) -> str:
+    """The per-curriculum table; its last line the final accuracy and, when given, `reached` (what
+    the selection holds per class against the target, reach.reach_text)."""
+    rows = [(p["phase"], p["curpc"], p["train_size"], p["train_s"],
+             f"{p['pool_evaluated']:,} / {p.get('pool_eligible', p['pool_evaluated']):,}", p["eval_s"],
+             p["select_s"] * 1000, _fmt(p["filter_acc"]), p["selected"], p["shortfall"]["filled"],
+             p["shortfall"]["unmet"]) for p in state["phases"]]
+    table = format_table(["phase", "curpc", "train set", "train s", "predicted / eligible", "predict s", "select ms",
+                          "filter acc", "selected", "filled", "unmet"], rows)
+    final = state.get("final") or {}
+    last = []
+    if final.get("accs"):
+        last.append(f"{_fmt(final['acc_mean'])} ± {_fmt(final['acc_std'])} % top-1 over {len(final['accs'])} runs")
+    if reached:
+        last.append(f"trained on {reached}" if last else reached)
+    text = table + (f"\nfinal: {', '.join(last)}" if last else "")
+    if state["settings"].get("smoke"):  # the last line: a smoke run's numbers must not be read as results
+        text += f"\nnote: {SMOKE_NOTE}"
+    return text
