@@ -21,9 +21,10 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from torchvision import datasets, transforms
 
 from ccfs_fast.data.datasets import auto_batch_size
-from ccfs_fast.train.loop import evaluate, train_kd
+from ccfs_fast.train.loop import evaluate_students, train_students
 from ccfs_fast.train.models import create_model, load_checkpoint
 from ccfs_fast.train.recipe import TrainRecipe
+from ccfs_fast.train.step import LoaderStep, Single, StepConfig
 
 from .select_reference import reference_select
 
@@ -69,7 +70,7 @@ class FirstPerClass(datasets.ImageFolder):
 
 
 class _WithIndex:
-    """Adapts (image, label) batches to the (image, label, index) triples train_kd / evaluate read."""
+    """Adapts (image, label) batches to the (image, label, index) triples the engine's evaluation reads."""
 
     def __init__(self, loader):
         self.loader = loader
@@ -80,6 +81,21 @@ class _WithIndex:
 
     def __len__(self) -> int:
         return len(self.loader)
+
+
+def train_kd(model: torch.nn.Module, teacher: torch.nn.Module, loader, recipe: TrainRecipe, temperature: float) -> None:
+    """KD training on the paper's input path (a DataLoader of per-sample transforms, on the CPU), through
+    the engine's one step and one loop (LoaderStep, train_students): only the input path differs from
+    ccfs-fast's own trainings."""
+    students = Single(model)
+    cfg = StepConfig(recipe, temperature, fused_optimizer=False)
+    step = LoaderStep(students, students, teacher.eval(), loader, torch.device("cpu"), torch.Generator(), cfg)
+    train_students(step, [0], loader.batch_size, recipe)
+
+
+def evaluate(model: torch.nn.Module, loader) -> float:
+    """Test top-1 (%) of one model over a DataLoader of (image, label) batches (the engine's evaluation)."""
+    return evaluate_students(Single(model), _WithIndex(loader))[0]
 
 
 @dataclass
@@ -141,8 +157,8 @@ class BaselineRun:
         loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, num_workers=self.workers,
                             pin_memory=torch.cuda.is_available())
         model = create_model(self.model, self.num_classes, side)
-        train_kd(model, self.teacher, _WithIndex(loader), self.recipe, self.temperature)
-        acc = evaluate(model, _WithIndex(self.test_loader))
+        train_kd(model, self.teacher, loader, self.recipe, self.temperature)
+        acc = evaluate(model, self.test_loader)
         train_s = time.perf_counter() - start
         start = time.perf_counter()
         pred = self.coarse_filtering(model).numpy()

@@ -217,12 +217,11 @@ def stage_inputs(spec: ScaleSpec) -> dict:
     from beton_builder.beton import BetonFile
     from beton_builder.build import BuildConfig, build
     from beton_builder.manifest import recorded_names
-    from ccfs_fast.data.loaders import ResidentTrainLoader
     from ccfs_fast.data.readers import read_labels
     from ccfs_fast.data.space import IndexSpace
-    from ccfs_fast.train.loop import train_supervised
     from ccfs_fast.train.models import create_model, save_checkpoint
-    from ccfs_fast.train.recipe import TrainRecipe
+    from ccfs_fast.train.recipe import FastPath, TrainRecipe
+    from ccfs_fast.train.supervised import train_supervised
 
     root = Path(spec.root)
     start = time.perf_counter()
@@ -241,11 +240,11 @@ def stage_inputs(spec: ScaleSpec) -> dict:
     labels = read_labels(pool, spec.workers)
     sample = np.sort(rng.choice(pool.n, min(spec.teacher_sample, pool.n), replace=False))
     space = IndexSpace(pool, side=spec.side)
-    # crops of half the image or more keep most of the class's cell layout
-    loader = ResidentTrainLoader(space, sample, 256, "cpu", spec.seed, spec.workers, scale=(0.5, 1.0))
     torch.manual_seed(spec.seed)
     teacher = create_model(spec.model, spec.classes, spec.side)
-    result = train_supervised(teacher, loader, TrainRecipe(epochs=4, lr=0.1, lr_warmup_epochs=0, batch_size=256))
+    # crops of half the image or more keep most of the class's cell layout
+    result = train_supervised(teacher, space, sample, 256, TrainRecipe(epochs=4, lr=0.1, lr_warmup_epochs=0),
+                              FastPath().resolve("cpu"), torch.device("cpu"), spec.seed, spec.workers, scale=(0.5, 1.0))
     save_checkpoint(teacher, root / "teacher.pt", arch=spec.model, num_classes=spec.classes)
     names = recorded_names(pool_path)
     perm = rng.permutation(pool.n)
@@ -310,11 +309,10 @@ def stage_paper(spec: ScaleSpec) -> dict:
     from beton_builder.manifest import read_manifest
     from ccfs_fast.data.datasets import IMAGENET_MEAN, IMAGENET_STD
     from ccfs_fast.selection.kernels import curriculum_arrangement
-    from ccfs_fast.train.loop import train_kd
     from ccfs_fast.train.models import create_model, load_checkpoint
     from ccfs_fast.train.recipe import TrainRecipe
 
-    from .baseline_paper import FirstPerClass, _WithIndex
+    from .baseline_paper import FirstPerClass, train_kd
     from .select_reference import reference_select
 
     torch.set_num_threads(spec.workers)
@@ -353,7 +351,7 @@ def stage_paper(spec: ScaleSpec) -> dict:
         torch.manual_seed(spec.seed)
         filt = create_model(spec.model, spec.classes, spec.side)
         loader = DataLoader(distilled, batch_size=64, shuffle=True, num_workers=spec.workers)
-        train_kd(filt, teacher, _WithIndex(loader), TrainRecipe(epochs=spec.epochs, lr=0.05, lr_warmup_epochs=1), 20.0)
+        train_kd(filt, teacher, loader, TrainRecipe(epochs=spec.epochs, lr=0.05, lr_warmup_epochs=1), 20.0)
         train_s = time.perf_counter() - start
         filter_pred, filter_sample_s = pool_pass(filt)
         start = time.perf_counter()

@@ -30,7 +30,7 @@ from ccfs_fast.train.graphs import GraphedStep
 from ccfs_fast.train.loop import sync
 from ccfs_fast.train.models import create_model
 from ccfs_fast.train.recipe import TrainRecipe
-from ccfs_fast.train.step import KDStep, Single, StepConfig
+from ccfs_fast.train.step import Single, StepConfig, TrainStep
 
 from .common import HelpFormatter, interleaved_medians, write_rows
 
@@ -42,7 +42,7 @@ LAYOUT_MODES = ("bank_nchw", "bank_channels_last", "streams")  # M models togeth
 
 
 def make_step(device: torch.device, models: int, seed: int = 0, layout: str | None = None, bf16: bool = False,
-              model: str = "resnet18", side: int = SIDE) -> KDStep:
+              model: str = "resnet18", side: int = SIDE) -> TrainStep:
     """A KD step of `models` students (one: Single; more: together in `layout`, one of
     ccfs_fast.train.students.BANK_LAYOUTS) with a teacher of the same architecture, over a resident set."""
     from ccfs_fast.train.students import BANK_LAYOUTS
@@ -61,7 +61,7 @@ def make_step(device: torch.device, models: int, seed: int = 0, layout: str | No
     shift = torch.full((1, 3, 1, 1), -0.48 / 0.2, device=device)
     gens = [torch.Generator(device=device).manual_seed(seed + m) for m in range(models)]
     cfg = StepConfig(TrainRecipe(lr=0.05), 4.0, fused_optimizer=cuda, channels_last=cuda, bf16=bf16)
-    return KDStep(students, students, teacher, images, gens, inv, shift, cfg)
+    return TrainStep(students, students, teacher, images, gens, inv, shift, cfg)
 
 
 def _layout(cuda: bool) -> torch.memory_format:
@@ -75,7 +75,7 @@ def bench_rows(steps: int, models: int, batch: int, high: int, device: torch.dev
     return torch.randint(0, high, (steps, models, batch), generator=torch.Generator().manual_seed(seed)).to(device)
 
 
-def runner_for(step: KDStep, batch: int, graphs: bool) -> tuple[Callable[[torch.Tensor], torch.Tensor], str | None]:
+def runner_for(step: TrainStep, batch: int, graphs: bool) -> tuple[Callable[[torch.Tensor], torch.Tensor], str | None]:
     """(the step, captured into a CUDA graph at `batch` when `graphs`, why graphs did not run or None).
     A capture that fails runs the step eagerly, and says so."""
     if not graphs:
@@ -86,7 +86,7 @@ def runner_for(step: KDStep, batch: int, graphs: bool) -> tuple[Callable[[torch.
         return step, f"capture failed ({' '.join(str(exc).split())[:120]}); ran eagerly"
 
 
-def timed_step(step: KDStep, runner: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor) -> float:
+def timed_step(step: TrainStep, runner: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor) -> float:
     """Seconds of one step of every model, the device's queue drained before and after."""
     sync(step.device)
     start = time.perf_counter()
@@ -95,7 +95,7 @@ def timed_step(step: KDStep, runner: Callable[[torch.Tensor], torch.Tensor], row
     return time.perf_counter() - start
 
 
-def step_seconds(step: KDStep, batch: int, graphs: bool, warmup: int, repeats: int) -> tuple[float, str | None]:
+def step_seconds(step: TrainStep, batch: int, graphs: bool, warmup: int, repeats: int) -> tuple[float, str | None]:
     """(median seconds of one step of every model at batch `batch`, why graphs did not run or None)."""
     runner, off = runner_for(step, batch, graphs)
     rows = bench_rows(repeats + warmup, len(step.generators), batch, step.images.shape[0], step.device)

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from ccfs_fast.train.losses import autocast
+from ccfs_fast.train.losses import compute_autocast
 from ccfs_fast.train.models import create_model
 from ccfs_fast.train.optim import make_optimizer
 from ccfs_fast.train.recipe import FastPath, TrainRecipe
@@ -29,7 +29,7 @@ def test_bf16_autocast_close_to_float():
     x = torch.randn(8, 3, 32, 32)
     with torch.inference_mode():
         plain = model(x)
-        with autocast(x, FastPath(bf16=True)):
+        with compute_autocast(x.device.type, bf16=True):
             half = model(x)
     assert half.dtype == torch.bfloat16
     torch.testing.assert_close(half.float(), plain, rtol=0.05, atol=0.05)

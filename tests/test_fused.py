@@ -19,7 +19,7 @@ from ccfs_fast.train.bank import (
 )
 from ccfs_fast.train.models import create_model
 from ccfs_fast.train.recipe import TrainRecipe
-from ccfs_fast.train.step import KDStep, Single, StepConfig
+from ccfs_fast.train.step import Single, StepConfig, TrainStep
 
 M = 3
 F64 = torch.float64
@@ -180,7 +180,7 @@ def test_check_fused_survives_tf32_noise_and_rejects_a_wrong_fusion():
 
 
 def _bank_and_separate(name: str, side: int, steps_per_epoch: int, epochs: int, batch: int, together=FusedBank):
-    """Trains a bank of M models and M single models with the same seeds through KDStep (float64,
+    """Trains a bank of M models and M single models with the same seeds through TrainStep (float64,
     foreach SGD); returns both sides' per-step losses, models and momentum buffers."""
     n = steps_per_epoch * batch - 2  # a last partial batch
     images = torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
@@ -195,10 +195,11 @@ def _bank_and_separate(name: str, side: int, steps_per_epoch: int, epochs: int, 
         return create_model(name, 10, side).double()
 
     bank = together([fresh(s) for s in seeds])
-    bank_step = KDStep(bank, bank, teacher, images, [torch.Generator().manual_seed(s) for s in seeds], inv, shift, cfg)
+    bank_step = TrainStep(bank, bank, teacher, images, [torch.Generator().manual_seed(s) for s in seeds], inv, shift,
+                          cfg)
     singles = [fresh(s) for s in seeds]
-    single_steps = [KDStep(Single(m), Single(m), teacher, images, [torch.Generator().manual_seed(s)], inv, shift, cfg)
-                    for m, s in zip(singles, seeds)]
+    single_steps = [TrainStep(Single(m), Single(m), teacher, images, [torch.Generator().manual_seed(s)], inv, shift,
+                              cfg) for m, s in zip(singles, seeds)]
     bank.train()
     for m in singles:
         m.train()
@@ -235,7 +236,7 @@ def test_bank_trains_like_separate_models(name, side):
                                        msg=key)
 
 
-def _momentum_of(bank: FusedBank, step: KDStep, m: int) -> dict[str, torch.Tensor]:
+def _momentum_of(bank: FusedBank, step: TrainStep, m: int) -> dict[str, torch.Tensor]:
     """Model m's momentum buffers, sliced out of the fused ones as its parameters are (part(m))."""
     out = {}
     for name, module in bank.net.named_modules():

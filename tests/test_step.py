@@ -1,6 +1,7 @@
-"""The capturable KD train step (ccfs_fast.train.step) on the CPU: it trains exactly as the plain loop
-(ResidentTrainLoader + train_kd), sees every sample once per epoch, never waits for the host inside a
-step, draws reproducible random numbers per model, and falls back to eager when capture fails."""
+"""The capturable train step (ccfs_fast.train.step) on the CPU: it trains exactly as a plain PyTorch KD
+loop over ResidentTrainLoader (tests/reference_training.py), sees every sample once per epoch, never
+waits for the host inside a step, draws reproducible random numbers per model, and falls back to eager
+when capture fails."""
 from __future__ import annotations
 
 import copy
@@ -9,6 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from reference_training import reference_train_kd
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from beton_builder.beton import BetonFile
@@ -19,11 +21,11 @@ from ccfs_fast.data.loaders import ResidentTrainLoader, epoch_order, norm_tensor
 from ccfs_fast.data.space import IndexSpace
 from ccfs_fast.train.bank import FusedBank
 from ccfs_fast.train.graphs import CaptureFailed, GraphedStep, StepRun, graph_plan
-from ccfs_fast.train.loop import train_kd, train_students
+from ccfs_fast.train.loop import train_students
 from ccfs_fast.train.losses import kd_losses
 from ccfs_fast.train.models import create_model
 from ccfs_fast.train.recipe import TrainRecipe
-from ccfs_fast.train.step import KDStep, Single, StepConfig
+from ccfs_fast.train.step import Single, StepConfig, TrainStep
 
 F64 = torch.float64
 N, BATCH = 45, 8  # 6 steps an epoch, the last one of 5 images
@@ -49,8 +51,8 @@ def _models(seed: int):
     return student, teacher
 
 
-class RecordingStep(KDStep):
-    """A KDStep that remembers the rows of every call."""
+class RecordingStep(TrainStep):
+    """A TrainStep that remembers the rows of every call."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -75,7 +77,7 @@ def _step_training(space, fused_optimizer: bool) -> tuple[torch.nn.Module, Recor
 def _plain_training(space) -> torch.nn.Module:
     student, teacher = _models(3)
     loader = ResidentTrainLoader(space, np.arange(N), BATCH, "cpu", seed=3, dtype=F64)
-    train_kd(student, teacher, loader, RECIPE, 4.0)
+    reference_train_kd(student, teacher, loader, RECIPE, 4.0)
     return student
 
 
@@ -124,7 +126,7 @@ def test_a_step_never_waits_for_the_host(small_space, bank):
     inv, shift = norm_tensors(small_space.norm, torch.device("cpu"))
     students = FusedBank([student, _models(4)[0]]) if bank else Single(student)
     gens = [torch.Generator().manual_seed(s) for s in range(students.count)]
-    step = KDStep(students, students, teacher, images, gens, inv, shift, StepConfig(RECIPE, 4.0, dtype=F64))
+    step = TrainStep(students, students, teacher, images, gens, inv, shift, StepConfig(RECIPE, 4.0, dtype=F64))
     rows = torch.stack([epoch_order(N, g)[:BATCH] for g in gens])
     step(rows)  # the first step creates nothing new on later ones; check a later one
     with OpLog() as log:
@@ -143,7 +145,7 @@ def test_seeds_reproduce_each_models_random_numbers(small_space):
         models = [create_model("convnet_tiny", 10, 8) for _ in seeds]
         students = FusedBank(models) if len(seeds) > 1 else Single(models[0])
         gens = [torch.Generator().manual_seed(s) for s in seeds]
-        step = KDStep(students, students, teacher.float(), images, gens, inv, shift, cfg)
+        step = TrainStep(students, students, teacher.float(), images, gens, inv, shift, cfg)
         orders = torch.stack([epoch_order(N, g) for g in gens])
         return orders, torch.stack([step.augment(orders[:, :BATCH]) for _ in range(count)])
 
@@ -160,7 +162,7 @@ def test_graph_plan_and_capture_fallback(small_space, capsys):
     student, teacher = _models(3)
     images = ResidentTrainLoader(small_space, np.arange(N), BATCH, "cpu", seed=3).images
     inv, shift = norm_tensors(small_space.norm, torch.device("cpu"))
-    step = KDStep(Single(student), Single(student), teacher, images, [torch.Generator().manual_seed(3)], inv, shift,
+    step = TrainStep(Single(student), Single(student), teacher, images, [torch.Generator().manual_seed(3)], inv, shift,
                   StepConfig(TrainRecipe(epochs=1, lr_warmup_epochs=0), 4.0, dtype=F64))
     on_cpu = graph_plan(step, True, False, False)  # the CPU runs the step eagerly: no fallback, a reason kept
     assert not on_cpu.cuda_graphs and not on_cpu.asked and on_cpu.note.startswith("cuda graphs: CUDA only")
@@ -210,7 +212,7 @@ def test_a_failed_capture_trains_exactly_like_an_eager_only_run(small_space, fai
         models = [_models(s)[0] for s in seeds]
         students = FusedBank(models) if bank else Single(models[0])
         gens = [torch.Generator().manual_seed(s) for s in seeds]
-        step = KDStep(students, students, _models(0)[1], images, gens, inv, shift,
+        step = TrainStep(students, students, _models(0)[1], images, gens, inv, shift,
                       StepConfig(RECIPE, 4.0, fused_optimizer=False, dtype=F64))
         results, ran = train_students(step, seeds, BATCH, RECIPE, plan=plan, make_graphed=make_graphed)
         return students, step, gens, results, ran
@@ -256,8 +258,8 @@ def test_epoch_records_and_timing(small_space):
     assert 0 < result.loop_s and 0 < result.eval_s and result.loop_s + result.eval_s <= result.seconds
 
 
-class RecordingLossStep(KDStep):
-    """A KDStep that remembers (loss, batch size) of every call."""
+class RecordingLossStep(TrainStep):
+    """A TrainStep that remembers (loss, batch size) of every call."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -299,8 +301,9 @@ def test_batched_augmentation_is_each_models_own():
     rows = torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(4))
     for dtype in (torch.float32, F64):
         students = FusedBank([_models(s)[0] for s in range(3)])
-        step = KDStep(students, students, _models(9)[1], images, [torch.Generator().manual_seed(s) for s in (5, 6, 7)],
-                      inv, shift, StepConfig(TrainRecipe(), 4.0, fused_optimizer=False, dtype=dtype))
+        step = TrainStep(students, students, _models(9)[1], images,
+                         [torch.Generator().manual_seed(s) for s in (5, 6, 7)], inv, shift,
+                         StepConfig(TrainRecipe(), 4.0, fused_optimizer=False, dtype=dtype))
         assert step.teacher_stream is None
         batched = step.augment(rows)
         alone = [augment_batch(images.index_select(0, rows[m]), draw_augmentation(7, torch.Generator().manual_seed(s),
@@ -332,15 +335,15 @@ def test_resident_test_evaluation_matches_the_ffcv_path(small_space):
     assert len(reads) == 3 and set(reads) <= {"item", "_local_scalar_dense"}, reads  # one per accuracy, at the end
 
 
-class LogitsRecordingStep(KDStep):
-    """A KDStep that keeps the logits of its last call and the gradient the loss sends into the
+class LogitsRecordingStep(TrainStep):
+    """A TrainStep that keeps the logits of its last call and the gradient the loss sends into the
     student's logits (what the optimiser's step is made of)."""
 
     def logits(self, rows):
-        student, teacher = super().logits(rows)
+        student, teacher, labels = super().logits(rows)
         self.seen = {"student": student.detach().clone(), "teacher": teacher.detach().clone()}
         student.register_hook(lambda grad: self.seen.__setitem__("grad", grad.detach().clone()))
-        return student, teacher
+        return student, teacher, labels
 
 
 def _reference_kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float):

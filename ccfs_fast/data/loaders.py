@@ -39,6 +39,18 @@ def epoch_order(n: int, generator: torch.Generator, rank: int = 0, world_size: i
     return order
 
 
+def augment_rows(images: torch.Tensor, rows: torch.Tensor, draws: torch.Tensor, inv_std255: torch.Tensor,
+                 shift: torch.Tensor, scale: tuple[float, float], ratio: tuple[float, float],
+                 sizes: torch.Tensor | None, share: CpuShare) -> torch.Tensor:
+    """The one train augmentation of a resident set: the images at `rows` int64 [k] of `images` uint8
+    [N, 3, S, S], RandomResizedCrop + flip by `draws` [k, AUG_DRAWS] (draw_augmentation) and normalised,
+    all k at once: float [k, 3, S, S]. `sizes` float [N, 2]: the stored sizes of images of varying size
+    (their crop boxes are drawn on them), else None. On the CPU it runs on the threads `share` grants."""
+    with elementwise_threads(share, images.device):
+        chosen = None if sizes is None else sizes.index_select(0, rows)
+        return augment_batch(images.index_select(0, rows), draws, inv_std255, shift, scale, ratio, chosen)
+
+
 class ResidentTrainLoader:
     """Train batches over a small index subset (a phase's train set) kept resident as uint8 on the
     device; each epoch a uniform shuffle, RandomResizedCrop + flip + normalise per whole batch.
@@ -79,10 +91,8 @@ class ResidentTrainLoader:
         for start in range(0, len(order), self.batch_size):
             rows = order[start:start + self.batch_size]
             u = draw_augmentation(len(rows), self.generator, self.dtype)
-            with elementwise_threads(self.share, self.device):
-                sizes = None if self.sizes is None else self.sizes.index_select(0, rows)
-                images = augment_batch(self.images.index_select(0, rows), u, self.inv_std255, self.shift, self.scale,
-                                       self.ratio, sizes)
+            images = augment_rows(self.images, rows, u, self.inv_std255, self.shift, self.scale, self.ratio,
+                                  self.sizes, self.share)
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             yield images, self.labels.index_select(0, rows), self.index.index_select(0, rows)

@@ -5,14 +5,13 @@ import sys
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from beton_builder.base.errors import ConfigError
 from beton_builder.base.files import ensure_writable, write_npy
 from beton_builder.base.tables import format_table
 from beton_builder.beton import BetonFile
 from ccfs_fast.data.datasets import auto_batch_size
-from ccfs_fast.data.loaders import ResidentTrainLoader, make_test_loader
+from ccfs_fast.data.loaders import make_test_loader
 from ccfs_fast.data.normalization import parse_normalize, resolve_normalization
 from ccfs_fast.data.space import IndexSpace
 from ccfs_fast.runs.config import TeacherConfig
@@ -20,9 +19,9 @@ from ccfs_fast.runs.curves import CurveLog
 from ccfs_fast.runs.workspace import resolve_device
 from ccfs_fast.selection.difficulty import ForgettingTracker
 from ccfs_fast.train.cpu_kernels import swap_cpu_kernels
-from ccfs_fast.train.distributed import barrier, gather_concat, init_distributed
-from ccfs_fast.train.loop import train_supervised
+from ccfs_fast.train.distributed import barrier, init_distributed
 from ccfs_fast.train.models import create_model, save_checkpoint, stem_warning
+from ccfs_fast.train.supervised import train_supervised
 
 
 def train_teacher(cfg: TeacherConfig) -> dict:
@@ -58,23 +57,16 @@ def train_teacher(cfg: TeacherConfig) -> dict:
     model = swap_cpu_kernels(create_model(cfg.model, manifest.num_classes, space.side)).to(device)
     if fast.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    trained = model
-    if dist_ctx.enabled:
-        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     batch_size = cfg.recipe.batch_size or auto_batch_size(pool.n, manifest.num_classes, manifest.dataset)
-    loader = ResidentTrainLoader(space, np.arange(pool.n),
-                                 max(1, batch_size // dist_ctx.world_size), device, cfg.seed,
-                                 cfg.workers, rank=dist_ctx.rank, world_size=dist_ctx.world_size,
-                                 channels_last=bool(fast.channels_last))
     tracker = ForgettingTracker(pool.n) if cfg.forgetting_out else None
     test_loader = make_test_loader(test, manifest.num_classes, norm, 256, device, cfg.workers,
                                    bool(fast.infer_channels_last), space.side if space.variable else None)
     curves = None
     if dist_ctx.is_main:
         curves = CurveLog(cfg.curves_path, cfg.output.with_suffix(".tb"), set(), cfg.tensorboard)
-    result = train_supervised(trained, loader, cfg.recipe, test_loader, tracker, cfg.label_smoothing, fast=fast,
-                              evaluate_model=model, gather=lambda arrays: gather_concat(arrays, dist_ctx),
-                              on_epoch=curves.training("teacher", 1) if curves is not None else None)
+    result = train_supervised(model, space, np.arange(pool.n), max(1, batch_size // dist_ctx.world_size), cfg.recipe,
+                              fast, device, cfg.seed, cfg.workers, test_loader, cfg.label_smoothing, tracker,
+                              dist_ctx, curves.training("teacher", 1) if curves is not None else None)
     if curves is not None:
         curves.close()
     summary = {"model": cfg.model, "epochs": cfg.recipe.epochs, "batch_size": batch_size, "normalize": norm.source,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from beton_builder.base.errors import one_line
-from ccfs_fast.train.step import KDStep
+from ccfs_fast.train.step import TrainStep
 
 WARMUP_STEPS = 3  # eager steps on a side stream before capture (cuDNN / cuBLAS set themselves up)
 
@@ -93,7 +93,7 @@ class GraphedStep:
     CaptureFailed and leaves the step as it was before (parameters, buffers, momentum, fresh
     generators at their seeds), so it then trains exactly as an eager-only step."""
 
-    def __init__(self, step: KDStep, batch_sizes: list[int], seeds: list[int], capture: CudaCapture | None = None):
+    def __init__(self, step: TrainStep, batch_sizes: list[int], seeds: list[int], capture: CudaCapture | None = None):
         self.step = step
         self.rows: dict[int, torch.Tensor] = {}
         self.replays: dict[int, Callable[[], None]] = {}
@@ -145,7 +145,7 @@ class StepRun:
                 and not self.cuda_graphs, "train_data": self.train_data, "capture_s": self.capture_s}
 
 
-def graph_plan(step: KDStep, want: bool, distributed: bool, compiled: bool) -> StepRun:
+def graph_plan(step: TrainStep, want: bool, distributed: bool, compiled: bool) -> StepRun:
     """Whether to capture CUDA graphs and, when not, the one-line reason (a fallback when asked for)."""
     if step.device.type != "cuda":
         return StepRun(False, f"cuda graphs: CUDA only (device {step.device.type}); running eagerly")

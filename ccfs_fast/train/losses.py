@@ -1,10 +1,19 @@
-"""The one KD loss every training computes, and the one autocast helper."""
+"""The training objectives (what a step's loss is made of), the one KD loss every distillation computes,
+and the one autocast helper every forward uses."""
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ccfs_fast.train.recipe import FastPath
+
+def compute_autocast(device_type: str, bf16: bool, cache_enabled: bool = True):
+    """The one autocast of every forward (training, evaluation, prediction): bf16 autocast on
+    `device_type` when `bf16`, a no-op otherwise. Steps captured into CUDA graphs pass
+    cache_enabled=False (autocast's weight-cast cache does not survive a replay)."""
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=cache_enabled)
 
 
 def kd_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -22,6 +31,30 @@ def kd_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temper
         return terms.sum((-2, -1)) / student_logits.shape[-2] * temperature ** 2
 
 
-def autocast(images: torch.Tensor, fast: FastPath | None):
-    """bf16 autocast on the images' device when the fast path asks for it (a no-op otherwise)."""
-    return torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bool(fast and fast.bf16))
+def ce_losses(student_logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per model, the mean cross-entropy of logits [M, b, C] against labels int64 [M, b] (label
+    smoothing as torch's), each model over its own batch, in float32 at least; returns [M]."""
+    with torch.autocast(student_logits.device.type, enabled=False):
+        logits = student_logits.float() if student_logits.dtype in (torch.bfloat16, torch.float16) else student_logits
+        return torch.stack([F.cross_entropy(logits[m], labels[m], label_smoothing=label_smoothing)
+                            for m in range(logits.shape[0])])
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a step's loss is made of: whether it runs the teacher on the augmented batch, whether it
+    reads the images' labels, and loss(student logits [M, b, C], teacher logits or None, labels [M, b]
+    or None, the step's config) -> [M]."""
+
+    name: str
+    uses_teacher: bool
+    uses_labels: bool
+    loss: Callable[..., torch.Tensor]
+
+
+OBJECTIVES: dict[str, Objective] = {
+    # knowledge distillation from a live teacher (labels unused): the paper's filters and evaluations
+    "kd": Objective("kd", True, False, lambda s, t, y, cfg: kd_losses(s, t, cfg.temperature)),
+    # cross-entropy on the images' labels: a teacher's training
+    "hard": Objective("hard", False, True, lambda s, t, y, cfg: ce_losses(s, y, cfg.label_smoothing)),
+}

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ccfs_fast.train.losses import autocast
+from ccfs_fast.train.losses import compute_autocast
 from ccfs_fast.train.recipe import FastPath
 
 
@@ -65,7 +65,7 @@ def predict(model: nn.Module, loader, fast: FastPath | None = None, column: str 
     model.eval()
     found = PredictionColumns(len(getattr(loader, "indices", ())))
     for images, labels, idx in loader:
-        with autocast(images, fast):
+        with compute_autocast(images.device.type, bool(fast and fast.bf16)):
             out = model(images)
         out = out.float()
         pred = torch.where(torch.isfinite(out).all(1), out.argmax(1), -1)

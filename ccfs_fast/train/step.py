@@ -1,25 +1,30 @@
-"""The capturable knowledge-distillation train step (docs/design.md §4) and the epoch loop that drives it.
+"""The one capturable train step of every training (docs/design.md §4): filters, evaluation models, teachers,
+the benchmarks' baselines.
 
 One step, on every device: batch rows come from a static index buffer into the resident uint8 train
-set; each student's augmentation is drawn on the device from its own generator; teacher forward,
-student forward and backward, the KD loss and the optimiser step follow, with the learning rate a
-device tensor set once per epoch; nothing inside a step waits for the host. On CUDA the step is
+set; each student's augmentation is drawn on the device from its own generator; the teacher's forward
+(when the objective distils), the students' forward and backward, the objective's loss (ccfs_fast.train.
+losses) and the optimiser step follow, with the learning rate a device tensor set once per epoch;
+nothing inside a step waits for the host. On CUDA the step is
 captured into CUDA graphs (one per batch shape, the last partial batch has its own) and replayed;
 elsewhere it runs eagerly. M >= 1 students train side by side: one model (`Single`) or a fused bank
 (ccfs_fast.train.bank.FusedBank), each with the data order and augmentation it would have alone.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from ccfs_fast.data.augment import augment_batch, draw_augmentation, flips_from
+from beton_builder.base.errors import UnknownNameError
+from ccfs_fast.data.augment import draw_augmentation, flips_from
+from ccfs_fast.data.loaders import augment_rows, epoch_order
 from ccfs_fast.data.space import IndexSpace
-from ccfs_fast.data.threads import CpuShare, elementwise_threads
-from ccfs_fast.train.losses import kd_losses
+from ccfs_fast.data.threads import CpuShare
+from ccfs_fast.train.losses import OBJECTIVES, compute_autocast
 from ccfs_fast.train.optim import make_optimizer
 from ccfs_fast.train.recipe import TrainRecipe
 
@@ -75,11 +80,14 @@ class Separate(nn.Module):
 
 @dataclass(frozen=True)
 class StepConfig:
-    """What a step needs besides its tensors: the recipe's optimiser, the KD temperature, the
-    augmentation's crop scale / ratio, the fast-path switches and the compute dtype."""
+    """What a step needs besides its tensors: the recipe's optimiser, the objective (OBJECTIVES: kd, the
+    KD temperature; hard, the label smoothing), the augmentation's crop scale / ratio, the fast-path
+    switches and the compute dtype."""
 
     recipe: TrainRecipe
     temperature: float
+    objective: str = "kd"
+    label_smoothing: float = 0.0
     fused_optimizer: bool = True
     channels_last: bool = False
     bf16: bool = False
@@ -94,22 +102,29 @@ class StepConfig:
         return self.channels_last if self.teacher_channels_last is None else self.teacher_channels_last
 
 
-class KDStep:
-    """One KD step for the M students of `students` (called as `trained`, e.g. its DDP wrapper).
+class TrainStep:
+    """One train step for the M students of `students` (called as `trained`, e.g. its DDP wrapper).
 
     images: the resident uint8 train set [N, 3, S, S] on the device; generators: one per student,
     on the device, seeded as the student's seed; inv_std255 / shift: the normalisation ([1, 3, 1, 1]);
     sizes: float [N, 2] the stored (height, width) of each image when `images` are whole images of
-    varying size resized to S x S (augment.crop_boxes_sized), None when they are S x S themselves.
-    __call__(rows int64 [M, b]) -> KD loss per student [M] (a device tensor)."""
+    varying size resized to S x S (augment.crop_boxes_sized), None when they are S x S themselves;
+    labels int64 [N] (the objective `hard` reads them) and index int64 [N] (each row's global index).
+    `watch(rows, student logits, labels)`, when set, sees every step's batch (a teacher's forgetting
+    events). __call__(rows int64 [M, b]) -> loss per student [M] (a device tensor)."""
 
-    streamed = False  # the train set is resident (StreamedKDStep: read every step)
+    streamed = False  # the train set is resident (StreamedTrainStep: read every step)
 
-    def __init__(self, students: nn.Module, trained: nn.Module, teacher: nn.Module, images: torch.Tensor,
+    def __init__(self, students: nn.Module, trained: nn.Module, teacher: nn.Module | None, images: torch.Tensor,
                  generators: list[torch.Generator], inv_std255: torch.Tensor, shift: torch.Tensor, cfg: StepConfig,
-                 sizes: torch.Tensor | None = None):
+                 sizes: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                 index: torch.Tensor | None = None):
+        if cfg.objective not in OBJECTIVES:
+            raise UnknownNameError("training objective", cfg.objective, list(OBJECTIVES))
+        self.objective = OBJECTIVES[cfg.objective]
         self.students, self.trained, self.teacher, self.images = students, trained, teacher, images
-        self.generators, self.cfg, self.sizes = generators, cfg, sizes
+        self.generators, self.cfg, self.sizes, self.labels, self.index = generators, cfg, sizes, labels, index
+        self.watch: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], None] | None = None
         self.inv_std255, self.shift = inv_std255.to(cfg.dtype), shift.to(cfg.dtype)
         self.device = images.device
         self.tensor_lr = cfg.fused_optimizer and cfg.recipe.opt in GRAPH_OPTIMIZERS
@@ -142,7 +157,7 @@ class KDStep:
                 group["lr"] = value
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16, cache_enabled=False)
+        return compute_autocast(self.device.type, self.cfg.bf16, cache_enabled=False)
 
     def augment(self, rows: torch.Tensor) -> torch.Tensor:
         """Each student's augmented, normalised batch: [M, b, 3, S, S]. Each student draws its random
@@ -151,17 +166,35 @@ class KDStep:
         images are bit for bit what its own pipeline gives, in far fewer kernels)."""
         count, batch = rows.shape
         draws = torch.cat([draw_augmentation(batch, g, self.cfg.dtype) for g in self.generators])
-        flat_rows = rows.reshape(-1)
-        sizes = None if self.sizes is None else self.sizes.index_select(0, flat_rows)
-        with elementwise_threads(self.share, self.device):  # CPU: fewer threads on contended cores
-            out = augment_batch(self.images.index_select(0, flat_rows), draws, self.inv_std255, self.shift,
-                                self.cfg.scale, self.cfg.ratio, sizes)
+        out = augment_rows(self.images, rows.reshape(-1), draws, self.inv_std255, self.shift, self.cfg.scale,
+                           self.cfg.ratio, self.sizes, self.share)
         return out.view(count, batch, *out.shape[1:])
+
+    def inputs(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the students' augmented batches [M, b, 3, S, S], their labels int64 [M, b] when the objective
+        or a watcher reads them, else None) of `rows` int64 [M, b]."""
+        labels = None
+        if self.labels is not None and (self.objective.uses_labels or self.watch is not None):
+            labels = self.labels.index_select(0, rows.reshape(-1)).view(rows.shape)
+        return self.augment(rows), labels
 
     @property
     def size(self) -> int:
         """Images in the train set."""
         return self.images.shape[0]
+
+    def batch_shapes(self, batch_size: int, world_size: int = 1) -> list[int]:
+        """The batch sizes an epoch's steps take on one rank: full batches, then a partial one."""
+        per_rank = -(-self.size // world_size)
+        return [batch_size] + ([per_rank % batch_size] if per_rank % batch_size else [])
+
+    def epoch(self, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, int]]:
+        """One epoch's steps on this rank: (rows int64 [M, b], b), each student's sample order drawn from
+        its own generator (epoch_order), the orders drawn before the epoch's first step."""
+        orders = torch.stack([epoch_order(self.size, g, rank, world_size) for g in self.generators])
+        for begin in range(0, orders.shape[1], batch_size):
+            rows = orders[:, begin:begin + batch_size]
+            yield rows, rows.shape[1]
 
     def teacher_logits(self, flat: torch.Tensor) -> torch.Tensor:
         """The teacher's logits of the augmented batch (no gradient)."""
@@ -170,12 +203,16 @@ class KDStep:
         with torch.no_grad(), self.autocast():
             return self.teacher(flat)
 
-    def logits(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(student logits [M, b, C] with their graph, teacher logits [M, b, C] without) of the students'
-        augmented batches of `rows` int64 [M, b], in the compute dtype (bf16 under --bf16)."""
-        count, batch = rows.shape
-        images = self.augment(rows)
-        flat = images.view(count * batch, *images.shape[2:])
+    def logits(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(student logits [M, b, C] with their graph, the teacher's [M, b, C] without when the objective
+        distils, else None, the labels [M, b] or None) of the students' batches of `batch` (rows int64
+        [M, b]), in the compute dtype (bf16 under --bf16)."""
+        images, labels = self.inputs(batch)
+        count, size = images.shape[:2]
+        if not self.objective.uses_teacher:
+            with self.autocast():
+                return self.trained(images), None, labels
+        flat = images.view(count * size, *images.shape[2:])
         if self.teacher_stream is None:
             teacher_logits = self.teacher_logits(flat)
             with self.autocast():
@@ -189,10 +226,13 @@ class KDStep:
                 student_logits = self.trained(images)
             main.wait_stream(self.teacher_stream)
             teacher_logits.record_stream(main)
-        return student_logits, teacher_logits.view(count, batch, -1)
+        return student_logits, teacher_logits.view(count, size, -1), labels
 
-    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
-        losses = kd_losses(*self.logits(rows), self.cfg.temperature)
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        student_logits, teacher_logits, labels = self.logits(batch)
+        losses = self.objective.loss(student_logits, teacher_logits, labels, self.cfg)
+        if self.watch is not None:
+            self.watch(batch, student_logits.detach(), labels)
         self.optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()
         self.optimizer.step()
@@ -219,10 +259,10 @@ class KDStep:
             g.manual_seed(seed)
 
 
-class StreamedKDStep(KDStep):
-    """KDStep over a train set too large to keep resident (Workspace.train_form): each step reads its
+class StreamedTrainStep(TrainStep):
+    """TrainStep over a train set too large to keep resident (Workspace.train_form): each step reads its
     rows through FFCV's RandomResizedCrop decoder, which draws torchvision's crop distribution on the
-    stored image (from FFCV's own random state), then flips (each student's generator, as KDStep) and
+    stored image (from FFCV's own random state), then flips (each student's generator, as TrainStep) and
     normalises on the device. `index` int64 [N]: the train set's global indices in `space`."""
 
     streamed = True
@@ -232,18 +272,47 @@ class StreamedKDStep(KDStep):
                  shift: torch.Tensor, cfg: StepConfig, workers: int):
         super().__init__(students, trained, teacher, torch.empty(0, dtype=torch.uint8, device=device), generators,
                          inv_std255, shift, cfg)
-        self.space, self.index, self.workers = space, np.asarray(index, np.int64), workers
+        self.space, self.rows_index, self.workers = space, np.asarray(index, np.int64), workers
 
     @property
     def size(self) -> int:
-        return len(self.index)
+        return len(self.rows_index)
 
-    def augment(self, rows: torch.Tensor) -> torch.Tensor:
+    def inputs(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         count, batch = rows.shape
         draws = torch.cat([draw_augmentation(batch, g, self.cfg.dtype) for g in self.generators])
-        chosen = self.index[rows.reshape(-1).cpu().numpy()]
-        images = self.space.read_resident(chosen, self.device, self.workers, "stream")[0]
+        chosen = self.rows_index[rows.reshape(-1).cpu().numpy()]
+        images, labels, _ = self.space.read_resident(chosen, self.device, self.workers, "stream")
         images = torch.where(flips_from(draws)[:, None, None, None], images.flip(-1), images)
         dtype = self.cfg.dtype
         out = torch.addcmul(self.shift.to(dtype), images.to(dtype), self.inv_std255.to(dtype))
-        return out.view(count, batch, *out.shape[1:])
+        wanted = self.objective.uses_labels or self.watch is not None
+        return out.view(count, batch, *out.shape[1:]), labels.view(count, batch) if wanted else None
+
+
+class LoaderStep(TrainStep):
+    """TrainStep fed by a loader of batches already augmented and normalised elsewhere (a torch
+    DataLoader over per-sample transforms: the paper's input path, which the benchmarks time): one
+    student, the batches' order the loader's own. `loader` yields (images [b, 3, S, S], labels [b]);
+    its `dataset` has len(). Never captured into CUDA graphs (its batches come from the host)."""
+
+    streamed = True  # read every step, from the host
+
+    def __init__(self, students: nn.Module, trained: nn.Module, teacher: nn.Module | None, loader,
+                 device: torch.device, generator: torch.Generator, cfg: StepConfig):
+        unit = torch.ones((1, 3, 1, 1), device=device)
+        super().__init__(students, trained, teacher, torch.empty(0, dtype=torch.uint8, device=device), [generator],
+                         unit, unit * 0, cfg)
+        self.loader = loader
+
+    @property
+    def size(self) -> int:
+        return len(self.loader.dataset)
+
+    def epoch(self, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[tuple[tuple, int]]:
+        for images, labels in self.loader:
+            yield (images.to(self.device), labels.to(self.device)), len(labels)
+
+    def inputs(self, batch: tuple) -> tuple[torch.Tensor, torch.Tensor | None]:
+        images, labels = batch
+        return images.unsqueeze(0), labels.unsqueeze(0)

@@ -30,7 +30,7 @@ from ccfs_fast.train.graphs import GraphedStep, StepRun, graph_plan
 from ccfs_fast.train.loop import TrainResult, last_fifth_epochs, sync, train_students
 from ccfs_fast.train.models import create_model
 from ccfs_fast.train.recipe import FastPath, TrainRecipe
-from ccfs_fast.train.step import KDStep, Separate, Single, StepConfig, StreamedKDStep
+from ccfs_fast.train.step import Separate, Single, StepConfig, StreamedTrainStep, TrainStep
 
 
 class Curves(Protocol):
@@ -178,19 +178,19 @@ def train_together(ws: TrainContext, indices: np.ndarray, model_name: str, recip
 
 
 def _make_step(ws: TrainContext, students: nn.Module, trained: nn.Module, resident: tuple | None, indices: np.ndarray,
-               seeds: list[int], recipe: TrainRecipe, temperature: float) -> KDStep:
+               seeds: list[int], recipe: TrainRecipe, temperature: float) -> TrainStep:
     """The KD step of `students` over the train set `indices`, one generator per seed: over its
-    resident (images, labels, index) when given, else streamed (StreamedKDStep)."""
+    resident (images, labels, index) when given, else streamed (StreamedTrainStep)."""
     inv_std255, shift = norm_tensors(ws.norm, ws.device)
     generators = [torch.Generator(device=ws.device).manual_seed(s) for s in seeds]
     cfg = StepConfig(recipe, temperature, fused_optimizer=bool(ws.fast.fused_optimizer),
                      channels_last=bool(ws.fast.channels_last), bf16=bool(ws.fast.bf16),
                      teacher_channels_last=bool(ws.fast.infer_channels_last))
     if resident is None:
-        return StreamedKDStep(students, trained, ws.teacher, ws.space, indices, ws.device, generators, inv_std255,
+        return StreamedTrainStep(students, trained, ws.teacher, ws.space, indices, ws.device, generators, inv_std255,
                               shift, cfg, ws.workers)
     sizes = ws.space.crop_sizes(resident[2])
-    return KDStep(students, trained, ws.teacher, resident[0], generators, inv_std255, shift, cfg, sizes)
+    return TrainStep(students, trained, ws.teacher, resident[0], generators, inv_std255, shift, cfg, sizes)
 
 
 def probe_layouts(ws: TrainContext, resident: tuple, model_name: str, recipe: TrainRecipe, temperature: float,
