@@ -105,6 +105,7 @@ def prepare(spec: BenchSpec) -> dict:
     from ccfs_fast.runs.config import TeacherConfig
     from ccfs_fast.runs.teacher import train_teacher
     from ccfs_fast.train.recipe import TrainRecipe
+    from ccfs_fast.train.settings import compose
 
     shape, root = Shape(**spec.shape), Path(spec.root)
     pool_x, pool_y = class_images(shape.pool, shape.classes, shape.side, 1)
@@ -126,10 +127,10 @@ def prepare(spec: BenchSpec) -> dict:
     build(BuildConfig("folder", root / "distilled", root / "distilled.beton", overwrite=True, workers=spec.workers))
     build_s = time.perf_counter() - start
     if spec.model in SMALL_MODELS:
-        teacher = train_teacher(TeacherConfig(pool=root / "pool.beton", test=root / "test.beton",
-                                              output=root / "teacher.pt", model=spec.model, overwrite=True,
-                                              recipe=TrainRecipe(epochs=2, lr=0.05, lr_warmup_epochs=0,
-                                                                 batch_size=256), workers=spec.workers))
+        teacher = train_teacher(compose(TeacherConfig, dict(
+            pool=root / "pool.beton", test=root / "test.beton", output=root / "teacher.pt", model=spec.model,
+            overwrite=True, recipe=TrainRecipe(epochs=2, lr=0.05, lr_warmup_epochs=0, batch_size=256),
+            workers=spec.workers)))
         teacher_acc = teacher["test_acc"]
     else:
         teacher_acc = fitted_teacher(spec, pool_x, pool_y, test_x, test_y, root / "teacher.pt")
@@ -195,10 +196,12 @@ def _phase_budget(spec: BenchSpec) -> tuple[int, list[int]]:
 
 
 def worker_ccfs(spec: BenchSpec) -> dict:
+    from dataclasses import replace
+
     import torch
 
     from beton_builder.base.digests import file_sha256
-    from ccfs_fast.runs.config import RunConfig
+    from ccfs_fast.runs.config import Machine, RunConfig
     from ccfs_fast.runs.phase import run_phase, survivor_rate
     from ccfs_fast.runs.teacher_pass import teacher_correct
     from ccfs_fast.runs.workspace import open_workspace
@@ -206,24 +209,26 @@ def worker_ccfs(spec: BenchSpec) -> dict:
     from ccfs_fast.selection.scores import easy_first_key, load_scores
     from ccfs_fast.train.predict import predict
     from ccfs_fast.train.recipe import TrainRecipe
+    from ccfs_fast.train.settings import compose
 
     root = Path(spec.root)
     shape = Shape(**spec.shape)
     cpc, arrangement = _phase_budget(spec)
-    cfg = RunConfig(pool=root / "pool.beton", test=root / "test.beton", distilled=root / "distilled.beton",
+    cfg = compose(RunConfig, dict(pool=root / "pool.beton", test=root / "test.beton",
+                    distilled=root / "distilled.beton",
                     teacher=root / "teacher.pt", output_dir=root / "unused", score_path=root / "scores.npy",
                     image_per_class=shape.ipc, alpha=spec.alpha, curriculum_num=spec.curricula, shortfall="short",
                     temperature=spec.temperature, recipe=TrainRecipe(epochs=spec.epochs, lr=0.05, lr_warmup_epochs=1),
                     num_eval=0, filter_model=spec.model, teacher_model=spec.model, eval_model=spec.model,
-                    seed=spec.seed, workers=spec.workers)
+                    seed=spec.seed, workers=spec.workers))
     start = time.perf_counter()
-    ws = open_workspace(cfg.pool, cfg.test, cfg.distilled, cfg.teacher, spec.model, cpc, "cpu", spec.workers, 256)
-    key = easy_first_key(load_scores(cfg.score_path, ws.pool_labels), "forgetting")
+    ws = open_workspace(replace(cfg.inputs, teacher_model=spec.model), cpc, Machine(workers=spec.workers))
+    key = easy_first_key(load_scores(cfg.selection.score_path, ws.pool_labels), "forgetting")
     warm_up_kernels()  # as run_curriculum does before the first curriculum
     ws.warm()
     setup_s = time.perf_counter() - start
     start = time.perf_counter()
-    _, ok, _ = teacher_correct(ws, file_sha256(cfg.teacher))
+    _, ok, _ = teacher_correct(ws, file_sha256(cfg.inputs.teacher))
     teacher_s = time.perf_counter() - start
     selected = np.zeros(0, np.int64)
     phases = []

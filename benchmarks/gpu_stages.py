@@ -83,15 +83,16 @@ def stage_teacher(args: argparse.Namespace, sink: RowSink) -> dict:
     from ccfs_fast.runs.environment import environment
     from ccfs_fast.runs.teacher import train_teacher
     from ccfs_fast.train.recipe import TrainRecipe
+    from ccfs_fast.train.settings import compose
 
     device = _device()
     start = time.perf_counter()
     model = "convnet_tiny" if args.quick else "resnet18"
     paths = files(args.root)
-    out = train_teacher(TeacherConfig(pool=paths["pool"], test=paths["test"], output=paths["teacher"], model=model,
-                                      recipe=TrainRecipe(epochs=1 if args.quick else 2, lr=0.1, lr_warmup_epochs=0,
-                                                         batch_size=512),
-                                      device=device.type, workers=workers(), overwrite=True))
+    out = train_teacher(compose(TeacherConfig, dict(
+        pool=paths["pool"], test=paths["test"], output=paths["teacher"], model=model, device=device.type,
+        recipe=TrainRecipe(epochs=1 if args.quick else 2, lr=0.1, lr_warmup_epochs=0, batch_size=512),
+        workers=workers(), overwrite=True)))
     return {"model": model, "test_acc": out["test_acc"], "seconds": time.perf_counter() - start,
             "environment": environment(device.type)}
 

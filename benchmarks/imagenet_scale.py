@@ -261,34 +261,34 @@ def stage_ccfs(spec: ScaleSpec) -> dict:
     process_settings(spec.workers)
     from beton_builder.base.digests import file_sha256
     from beton_builder.manifest import recorded_names
-    from ccfs_fast.runs.config import RunConfig
+    from ccfs_fast.runs.config import Machine, RunConfig
     from ccfs_fast.runs.phase import run_phase
     from ccfs_fast.runs.teacher_pass import teacher_correct
     from ccfs_fast.runs.workspace import open_workspace
     from ccfs_fast.selection.kernels import curriculum_arrangement, warm_up_kernels
     from ccfs_fast.selection.scores import easy_first_key, load_scores
     from ccfs_fast.train.recipe import TrainRecipe
+    from ccfs_fast.train.settings import compose
 
     root = Path(spec.root)
-    cfg = RunConfig(pool=spec.betons / "imagenet_train.beton", test=spec.betons / "imagenet_test.beton",
+    cfg = compose(RunConfig, dict(pool=spec.betons / "imagenet_train.beton", test=spec.betons / "imagenet_test.beton",
                     distilled=root / "distilled.beton", teacher=root / "teacher.pt", output_dir=root / "unused",
                     score_path=root / "cscores.npz", score="cscore", image_per_class=spec.ipc, alpha=spec.alpha,
                     shortfall="short", recipe=TrainRecipe(epochs=spec.epochs, lr=0.05, lr_warmup_epochs=1),
                     num_eval=0, filter_model=spec.model, eval_model=spec.model, seed=spec.seed, workers=spec.workers,
-                    train_side=spec.side)
+                    train_side=spec.side))
     with AnonPeak() as anon:
         start = time.perf_counter()
-        ws = open_workspace(cfg.pool, cfg.test, cfg.distilled, cfg.teacher, None, cfg.cpc, "cpu", spec.workers, 1024,
-                            side=spec.side)
-        key = easy_first_key(load_scores(cfg.score_path, ws.pool_labels, [], lambda: recorded_names(cfg.pool)),
-                             "cscore")
+        ws = open_workspace(cfg.inputs, cfg.selection.cpc, Machine(workers=spec.workers, eval_batch_size=1024))
+        key = easy_first_key(load_scores(cfg.selection.score_path, ws.pool_labels, [],
+                                         lambda: recorded_names(cfg.inputs.pool)), "cscore")
         warm_up_kernels()
         ws.warm()
         setup_s = time.perf_counter() - start
         start = time.perf_counter()
-        _, ok, cached = teacher_correct(ws, file_sha256(cfg.teacher))
+        _, ok, cached = teacher_correct(ws, file_sha256(cfg.inputs.teacher))
         teacher_s = time.perf_counter() - start
-        curpc = curriculum_arrangement(cfg.spc, cfg.curriculum_num)[0]
+        curpc = curriculum_arrangement(cfg.selection.spc, cfg.selection.curriculum_num)[0]
         start = time.perf_counter()
         outcome = run_phase(ws, cfg, 1, curpc, np.zeros(0, np.int64), ok, key)
         curriculum_s = time.perf_counter() - start

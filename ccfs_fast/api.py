@@ -16,7 +16,7 @@ def run(config: RunConfig, resume: bool = False, overwrite: bool = False, thread
     from ccfs_fast.runs.curriculum import run_curriculum
 
     configure_threads(threads)
-    return run_curriculum(config, resume=resume, overwrite=overwrite)
+    return run_curriculum(config.check_files(), resume=resume, overwrite=overwrite)
 
 
 def evaluate(config: EvalConfig, threads: int | None = None) -> dict:
@@ -25,7 +25,7 @@ def evaluate(config: EvalConfig, threads: int | None = None) -> dict:
     from ccfs_fast.runs.evaluation import evaluate_selection_file
 
     configure_threads(threads)
-    return evaluate_selection_file(config)
+    return evaluate_selection_file(config.check_files())
 
 
 def train_teacher(config: TeacherConfig, threads: int | None = None) -> dict:
@@ -34,7 +34,7 @@ def train_teacher(config: TeacherConfig, threads: int | None = None) -> dict:
     from ccfs_fast.runs.teacher import train_teacher as train
 
     configure_threads(threads)
-    return train(config)
+    return train(config.check_files())
 
 
 def build(kind: str, src: str | Path, out: str | Path, **options: object) -> list:
@@ -52,7 +52,7 @@ def export(run_dir: str | Path, out: str | Path, **options: object) -> dict:
     ExportConfig's (format, allow_incomplete, overwrite, workers)."""
     from ccfs_fast.runs.set_export import export_run
 
-    return export_run(ExportConfig(Path(run_dir), Path(out), **options))
+    return export_run(ExportConfig(Path(run_dir), Path(out), **options).check_files())
 
 
 def open_beton(path: str | Path):

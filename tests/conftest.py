@@ -179,3 +179,10 @@ def check_snapshot(name: str, run_dir: Path) -> bool:
         return False
     assert now == recorded[name]
     return True
+
+
+def inputs_of(data: dict, **settings: object):
+    """The Inputs part of a run on `data`'s files (pool, test, distilled, teacher), with more `settings`."""
+    from ccfs_fast.runs.config import Inputs
+
+    return Inputs(**{k: data[k] for k in ("pool", "test", "distilled", "teacher")}, **settings)

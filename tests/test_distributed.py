@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import run_args
+from conftest import inputs_of, run_args
 
 from beton_builder.beton import BetonFile
 from ccfs_fast.data.readers import read_labels
+from ccfs_fast.runs.config import Machine
 from ccfs_fast.train.distributed import DistContext, shard
 from ccfs_fast.train.models import create_model
 
@@ -34,8 +35,8 @@ def _predict_rank(rank: int, world: int, port: int, data: dict, out: str) -> Non
     from ccfs_fast.train.distributed import init_distributed
 
     ctx, device = init_distributed("cpu")
-    ws = open_workspace(data["pool"], data["test"], data["distilled"], data["teacher"], "convnet_small", 4, device,
-                        1, 64, ctx)
+    ws = open_workspace(inputs_of(data, teacher_model="convnet_small"), 4,
+                        Machine(device=device, workers=1, eval_batch_size=64), ctx)
     torch.manual_seed(3)
     model = create_model("convnet_small", 10, 32)
     index, pred, logit = ws.predict_pool(model, np.arange(5, 700, 3))
@@ -56,8 +57,8 @@ def test_sharded_prediction_equals_one_process(engine_data, tmp_path):
                        start_method="spawn")
     from ccfs_fast.runs.workspace import open_workspace
 
-    ws = open_workspace(engine_data["pool"], engine_data["test"], engine_data["distilled"], engine_data["teacher"],
-                        "convnet_small", 4, "cpu", 1, 64)
+    ws = open_workspace(inputs_of(engine_data, teacher_model="convnet_small"), 4,
+                        Machine(workers=1, eval_batch_size=64))
     torch.manual_seed(3)
     index, pred, logit = ws.predict_pool(create_model("convnet_small", 10, 32), np.arange(5, 700, 3))
     with np.load(out) as sharded:

@@ -10,7 +10,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import one_line_error, read_all, run_args
+from conftest import inputs_of, one_line_error, read_all, run_args
 from PIL import Image
 
 from beton_builder.beton import BetonFile
@@ -105,8 +105,7 @@ def test_curves_and_tensorboard_hold_what_training_returned(engine_data, tmp_pat
     from ccfs_fast.train.recipe import TrainRecipe
     from ccfs_fast.train.students import train_together
 
-    ws = open_workspace(engine_data["pool"], engine_data["test"], engine_data["distilled"], engine_data["teacher"],
-                        None, 4, "cpu", 2, 256)
+    ws = open_workspace(inputs_of(engine_data), 4)
     ws.curves = CurveLog(tmp_path / "curves.csv", tmp_path / "tb")
     recipe = TrainRecipe(epochs=3, lr=0.05, lr_warmup_epochs=1)
     out = train_together(ws, ws.distilled_rows, "convnet_tiny", recipe, 4.0, [1, 2], last_fifth_epochs(3),

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import cli_env, one_line_error, run_args
+from conftest import cli_env, inputs_of, one_line_error, run_args
 from formats import class_images, write_cifar10
 
 from beton_builder.base.digests import cache_dir, file_sha256
@@ -176,8 +176,7 @@ def test_damaged_teacher_pass_cache_is_replaced(engine_data, capsys, damage):
     (a whole class, or 3 of 800 rows) with the plain checksum recomputed, caught by the entry's keyed
     signature every time; a forgery signed with this user's key (a whole class), caught by the
     teacher's own predictions on a sample."""
-    ws = open_workspace(engine_data["pool"], engine_data["test"], engine_data["distilled"], engine_data["teacher"],
-                        None, 4, "cpu", 2, 256)
+    ws = open_workspace(inputs_of(engine_data), 4)
     digest = file_sha256(engine_data["teacher"])
     pred, _, _ = teacher_correct(ws, digest)
     entry = teacher_pass_path(teacher_pass_origin(ws, digest))
@@ -218,8 +217,7 @@ def test_cached_pass_differing_only_on_near_ties_is_accepted(engine_data):
     logits are small, so many of its predictions are near-ties.)"""
     from ccfs_fast.train.models import create_model
 
-    ws = open_workspace(engine_data["pool"], engine_data["test"], engine_data["distilled"], engine_data["teacher"],
-                        None, 4, "cpu", 2, 256)
+    ws = open_workspace(inputs_of(engine_data), 4)
     torch.manual_seed(0)
     ws.teacher = create_model("convnet_small", 10, 32).eval()
     rows = np.arange(ws.space.n_pool)
@@ -292,8 +290,7 @@ def test_unwritable_cache_is_a_warning(engine_data, tmp_path, capsys, monkeypatc
     blocker = tmp_path / "file"
     blocker.write_text("a file where the cache folder would be")
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
-    ws = open_workspace(engine_data["pool"], engine_data["test"], engine_data["distilled"], engine_data["teacher"],
-                        None, 4, "cpu", 2, 256)
+    ws = open_workspace(inputs_of(engine_data), 4)
     pred, _, from_cache = teacher_correct(ws, file_sha256(engine_data["teacher"]))
     assert not from_cache and len(pred) == 800
     assert "warning: the teacher-pass cache" in capsys.readouterr().err

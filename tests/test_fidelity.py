@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import run_args
+from conftest import inputs_of, run_args
 from formats import write_cifar10, write_image_folder
 
 from beton_builder.base.digests import file_sha256
@@ -22,7 +22,7 @@ from beton_builder.base.errors import ModelError
 from ccfs_fast.cli import main
 from ccfs_fast.data.datasets import CIFAR_MEAN, CIFAR_STD, TINY_MEAN, auto_batch_size
 from ccfs_fast.data.loaders import ResidentTrainLoader
-from ccfs_fast.runs.config import EvalConfig, RunConfig
+from ccfs_fast.runs.config import EvalConfig, Machine, Selection
 from ccfs_fast.runs.presets import EXTRAPOLATED, PRESETS, preset_settings
 from ccfs_fast.runs.teacher_pass import teacher_correct
 from ccfs_fast.runs.workspace import open_workspace
@@ -117,7 +117,7 @@ def test_paper_constants_reach_every_loader(paper_files):
     """Pool, distilled and test images, through the engine's own loaders, equal
     (x / 255 - mean) / std with CIFAR's constants although the pool's own statistics are far off."""
     f = paper_files
-    ws = open_workspace(f["pool"], f["test"], f["distilled"], f["teacher"], "resnet18", 4, "cpu", 2, 128)
+    ws = open_workspace(inputs_of(f, teacher_model="resnet18"), 4, Machine(eval_batch_size=128))
     assert ws.norm.mean == CIFAR_MEAN and ws.norm.std == CIFAR_STD and ws.norm.source == "paper:cifar10"
     assert abs(ws.space.manifest.std[0] - CIFAR_STD[0]) > 0.05  # the pool's own std is far from CIFAR's
 
@@ -155,8 +155,8 @@ def test_paper_teacher_agrees_with_plain_torch(paper_files, tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["normalize"]["source"] == "paper:cifar10" and metrics["teacher_model"] == "resnet18"
 
-    ws = open_workspace(f["pool"], f["test"], f["distilled"], f["teacher"], "resnet18", 4, "cpu", 2, 200,
-                        normalize="pool")
+    ws = open_workspace(inputs_of(f,
+                               teacher_model="resnet18", normalize="pool"), 4, Machine(eval_batch_size=200))
     _, pool_ok, _ = teacher_correct(ws, file_sha256(f["teacher"]))
     paper_correct = int((ccfs_pred == f["pool_y"]).sum())
     plain_correct = int((f["plain_pred"] == f["pool_y"]).sum())
@@ -200,7 +200,7 @@ def test_presets_leave_classes_short_and_eval_takes_presets():
     paper = {name: p for name, p in PRESETS.items() if name not in EXTRAPOLATED}
     assert all(p["filter_model"] == p["eval_model"] == "resnet18" for p in paper.values())  # the paper's network
     assert all(PRESETS[name]["filter_model"] == "torchvision:resnet18" for name in EXTRAPOLATED)  # ImageNet's
-    assert RunConfig.__dataclass_fields__["shortfall"].default == "fill"  # without a preset
+    assert Selection().shortfall == "fill"  # without a preset
     for_eval = preset_settings("cifar10-ipc500", EvalConfig)
     assert for_eval["epochs"] == 500 and for_eval["temperature"] == 20.0 and "image_per_class" not in for_eval
     assert "shortfall" not in for_eval and "curriculum_num" not in for_eval

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import inputs_of
 from torch import nn
 
 from beton_builder.base.errors import ModelError
 from ccfs_fast.data.loaders import epoch_order
+from ccfs_fast.runs.config import Machine
 from ccfs_fast.train.bank import (
     FusedBank,
     FusedBatchNorm2d,
@@ -272,8 +274,8 @@ def test_layout_probe_times_every_layout(engine_data):
     from ccfs_fast.train.recipe import FastPath
     from ccfs_fast.train.students import BANK_LAYOUTS, default_layout, pick_layout, probe_layouts
 
-    ws = open_workspace(engine_data["pool"], engine_data["test"], engine_data["distilled"], engine_data["teacher"],
-                        None, 4, "cpu", 2, 64, fast=FastPath().resolve("cpu"))
+    ws = open_workspace(inputs_of(engine_data), 4, Machine(eval_batch_size=64),
+                        fast=FastPath().resolve("cpu"))
     resident = ws.resident(ws.distilled_rows)
     recipe = TrainRecipe(epochs=1, lr_warmup_epochs=0)
     figures = probe_layouts(ws, resident, "convnet_small", recipe, 4.0, [1, 2, 3], 8, steps=2)

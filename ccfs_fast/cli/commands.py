@@ -69,17 +69,20 @@ def _run_run(args: argparse.Namespace) -> Runner:
         run_curriculum(cfg, resume=args.resume, overwrite=args.overwrite)
     return run
 
-# A run's settings that `eval --run-dir` reuses (its selection comes from the run's selected_indices.json).
-RUN_DIR_KEYS = ("pool", "test", "distilled", "teacher", "teacher_model", "normalize", "image_per_class", "alpha",
-                "temperature", "num_eval", "fuse_evals", "eval_model", "device", "seed", "workers", "eval_batch_size",
-                "train_side", "train_data")
+def run_dir_keys() -> frozenset[str]:
+    """A run's settings that `eval --run-dir` reuses: those of the parts eval shares with run (inputs,
+    evaluation, recipe, fast path, machine) and the selection's ipc and alpha (its selection comes from
+    the run's selected_indices.json)."""
+    from ccfs_fast.runs.config import EvalConfig
+    from ccfs_fast.train.settings import leaves
+
+    return frozenset(leaf.name for leaf in leaves(EvalConfig) if leaf.part) | {"image_per_class", "alpha"}
 
 
 def run_dir_settings(run_dir: Path, given: dict[str, Path] | None = None, train_set: bool = False) -> dict:
     """EvalConfig values from a run directory: its settings (state.json), its selection file, and its
     inputs as run_inputs finds and checks them (`given`: --pool, --test, --distilled, --teacher, where
     the user says one is now; `train_set`: an exported set takes the distilled set's place)."""
-    from ccfs_fast.runs.config import FAST_KEYS, RECIPE_KEYS
     from ccfs_fast.runs.run_inputs import read_run_json, resolve_run_inputs
 
     state = read_run_json(run_dir, "state.json")
@@ -87,34 +90,37 @@ def run_dir_settings(run_dir: Path, given: dict[str, Path] | None = None, train_
     if not isinstance(settings, dict):
         raise ConfigError(f"--run-dir {run_dir}: its state.json holds no settings; pass the --output-dir of a "
                           "`ccfs-fast run`")
-    keep = set(RUN_DIR_KEYS) | RECIPE_KEYS | FAST_KEYS
+    keep = run_dir_keys()
     values = {k: v for k, v in settings.items() if k in keep and v is not None}
     needed = ("pool", "test", "teacher") + (() if train_set else ("distilled",))
     given = {k: v for k, v in (given or {}).items() if k in needed}
     values.update(resolve_run_inputs(state, run_dir, needed, given).paths)
-    values["selection"] = run_dir / "selected_indices.json"
+    values["selection_file"] = run_dir / "selected_indices.json"
     return values
 
 
 def _run_eval(args: argparse.Namespace) -> Runner:
-    from ccfs_fast.runs.config import EvalConfig, split_recipe
+    from ccfs_fast.runs.config import EvalConfig, fit_warmup
     from ccfs_fast.runs.presets import preset_settings
+    from ccfs_fast.train.recipe import TrainRecipe
+    from ccfs_fast.train.settings import compose
 
     explicit = _split_args(args, ("run_dir",))
     base = run_dir_settings(args.run_dir, explicit, "train_set" in explicit) if "run_dir" in args else {}
     if "train_set" in explicit:  # an exported set is the whole train set: no distilled set, no selection
-        base = {k: v for k, v in base.items() if k not in ("distilled", "selection")}
-        explicit.update(distilled=explicit["train_set"], selection=None)
-    recipe, rest = split_recipe({**base, **preset_settings(args.preset, EvalConfig), **explicit})
-    missing = [f"--{k}" for k in ("pool", "test", "distilled", "teacher", "selection") if k not in rest]
+        base = {k: v for k, v in base.items() if k not in ("distilled", "selection_file")}
+        explicit.update(distilled=explicit["train_set"], selection_file=None)
+    values, notes = fit_warmup({**base, **preset_settings(args.preset, EvalConfig), **explicit}, TrainRecipe())
+    missing = [flag for k, flag in (("pool", "--pool"), ("test", "--test"), ("distilled", "--distilled"),
+                                    ("teacher", "--teacher"), ("selection_file", "--selection")) if k not in values]
     if missing:
         raise ConfigError(f"eval needs {', '.join(missing)} (or --run-dir RUN to take them from a run)")
-    if "output" not in rest:  # beside the selection (the run's); beside an exported set, never over the run's
-        rest["output"] = (Path(rest["train_set"]).with_suffix(".eval.json") if rest.get("train_set") is not None
-                          else Path(rest["selection"]).parent / "eval.json")
+    if "output" not in values:  # beside the selection (the run's); beside an exported set, never over the run's
+        values["output"] = (Path(values["train_set"]).with_suffix(".eval.json") if values.get("train_set") is not None
+                            else Path(values["selection_file"]).parent / "eval.json")
     if "run_dir" in args:
-        rest["run_dir"] = args.run_dir
-    cfg = EvalConfig(recipe=recipe, **rest)
+        values["run_dir"] = args.run_dir
+    cfg = compose(EvalConfig, {**values, "notes": tuple(notes)}).check_files()
 
     def run() -> None:
         from ccfs_fast.runs.evaluation import evaluate_selection_file
@@ -124,10 +130,11 @@ def _run_eval(args: argparse.Namespace) -> Runner:
 
 
 def _run_teacher(args: argparse.Namespace) -> Runner:
-    from ccfs_fast.runs.config import TeacherConfig, split_recipe, teacher_recipe
+    from ccfs_fast.runs.config import TeacherConfig, fit_warmup, teacher_recipe
+    from ccfs_fast.train.settings import compose
 
-    recipe, rest = split_recipe(_split_args(args), teacher_recipe())
-    cfg = TeacherConfig(recipe=recipe, **rest)
+    values, notes = fit_warmup(_split_args(args), teacher_recipe())
+    cfg = compose(TeacherConfig, {**values, "notes": tuple(notes)}).check_files()
 
     def run() -> None:
         from ccfs_fast.runs.teacher import train_teacher
@@ -203,7 +210,7 @@ def _run_export(args: argparse.Namespace) -> Runner:
     from ccfs_fast.runs.config import ExportConfig
 
     cfg = ExportConfig(args.run_dir, args.out, args.format, args.allow_incomplete, args.overwrite, args.workers,
-                       tuple(relocated(args).items()))
+                       tuple(relocated(args).items())).check_files()
 
     def run() -> None:
         from ccfs_fast.runs.set_export import export_run

@@ -1,24 +1,42 @@
-"""Frozen configs of the commands (run, eval, export, teacher), built from shared parts."""
+"""Frozen configs of the commands (run, eval, export, teacher), built from shared parts: Inputs (the files
+and how their images are read), Machine, Evaluation (how a set is evaluated), the training recipe and the
+fast path (ccfs_fast.train.recipe), and for `run` the Selection. Each setting is declared once, as a
+field with its help (ccfs_fast.train.settings); flags, state.json's flat settings, what --resume may
+change and what `eval --run-dir` reuses are derived from the fields. __post_init__ checks values only;
+`check_files()` is the one explicit step that reads files (and asks torch for CUDA)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from beton_builder.base.errors import ConfigError
-from ccfs_fast.data.normalization import parse_normalize
-from ccfs_fast.train.recipe import FastPath, TrainRecipe, _check_choice, _finite_fields
+from ccfs_fast.data.normalization import NORMALIZE_HELP, parse_normalize
+from ccfs_fast.selection.scores import SCORE_KINDS, check_score_kind, score_kind
+from ccfs_fast.train.models import MODEL_NAMES_HELP
+from ccfs_fast.train.recipe import FastPath, TrainRecipe
+from ccfs_fast.train.settings import check_choice, finite_fields, flat_settings, names_where, setting
 
 FILTER_ACC_LOGGING = ("end", "best_last_20")
+TRAIN_DATA = ("auto", "resident", "streamed")
+COARSE_PASSES = ("lazy", "full")
+EXPORT_FORMATS = ("folder", "beton", "both")
+SCORE_HELP = " | ".join(f"{k.name} ({'high true-class logit' if k.name == 'logits' else k.easy_end} = easy)"
+                        for k in SCORE_KINDS.values())
+METHOD_HELP = "simple (easiest first) | hard (hardest first) | random (seeded)"
+SHORTFALL_HELP = ("fill (top a short class up from its other teacher-correct images) | strict (stop with an error) "
+                  "| short (leave it short, as the paper's code)")
 
 
 def require_file(path: Path | None, flag: str, hint: str) -> None:
     """A missing input is refused before anything heavy starts."""
-    if path is not None and not Path(path).is_file():
-        raise ConfigError(f"{flag} {path}: no such file; {hint}")
+    if path is None or not Path(path).is_file():
+        raise ConfigError(f"{flag} {path}: no such file; {hint}" if path is not None else f"{flag} is required; {hint}")
 
 
-def require_betons(**betons: Path) -> None:
+def require_betons(**betons: Path | None) -> None:
     for name, path in betons.items():
+        if path is None:
+            raise ConfigError(f"--{name} is required: the .beton file (build it with `ccfs-fast build ...`)")
         if not Path(path).is_file():
             raise ConfigError(f"--{name} {path}: no such .beton file; build it with `ccfs-fast build ...`")
 
@@ -55,57 +73,82 @@ def check_distilled_counts(distilled: Path, cpc: int) -> None:
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    """`ccfs-fast run`: the CCFS curriculum (docs/design.md §1). Paths are .beton files / a checkpoint."""
+class Inputs:
+    """The files a command reads, and how their images are read and normalised."""
 
-    pool: Path
-    test: Path
-    distilled: Path
-    teacher: Path
-    output_dir: Path
-    score_path: Path | None = None
-    image_per_class: int = 500
-    alpha: float = 0.2
-    curriculum_num: int = 3
-    select_misclassified: bool = True
-    select_method: str = "simple"
-    balance: bool = True
-    score: str = "forgetting"
-    shortfall: str = "fill"
-    coarse_pass: str = "lazy"  # lazy: predict in selection order, stop each class once full (selection.coarse)
-    temperature: float = 20.0
-    recipe: TrainRecipe = field(default_factory=TrainRecipe)
-    fast: FastPath = field(default_factory=FastPath)
-    num_eval: int = 5
-    fuse_evals: bool = True  # train the num_eval evaluation models as one fused bank (ccfs_fast.train.bank)
-    filter_model: str = "resnet18"
-    teacher_model: str | None = None  # None: the arch the checkpoint records, else resnet18
-    eval_model: str = "resnet18"
-    filter_acc: str = "end"
-    normalize: str | None = None  # None: the teacher's recorded one, else paper constants / pool stats
-    notes: tuple[str, ...] = ()  # what the command line adjusted (printed, recorded; not a setting)
-    device: str = "cpu"
-    seed: int = 0
-    workers: int = 2
-    eval_batch_size: int = 256  # the paper's coarse-filtering batch; raise it on a GPU
-    preset: str | None = None
-    train_side: int | None = None  # pools of varying image size (build imagenet): train / eval side, default 224
-    train_data: str = "auto"  # auto | resident | streamed (Workspace.train_form)
-    tensorboard: bool = False  # per-epoch curves as TensorBoard event files too (RUN/tb/), besides curves.csv
-    smoke: bool = False  # --smoke: a CPU-sized run (its accuracies are not meaningful, and say so)
+    pool: Path | None = setting(None, "the training pool .beton (ccfs-fast build)")
+    test: Path | None = setting(None, "the test .beton")
+    distilled: Path | None = setting(None, "the distilled images .beton (ccfs-fast build folder)")
+    teacher: Path | None = setting(None, "teacher checkpoint (.pt / .pth)")
+    teacher_model: str | None = setting(None, f"the teacher's architecture: {MODEL_NAMES_HELP}",
+                                        shown="the arch its checkpoint records, else resnet18")
+    train_side: int | None = setting(None, "pools of varying image size (`build imagenet`): the side images are "
+                                     "trained at (RandomResizedCrop) and evaluated at (centre crop of 7/8 the short "
+                                     "side)", shown=224)
+    train_data: str = setting("auto", "how a train set is read: resident (once, uint8 on the device) or streamed "
+                              "through FFCV's decoders every step; auto: resident when it fits in half the free device "
+                              "memory", choices=TRAIN_DATA)
+    normalize: str | None = setting(None, NORMALIZE_HELP, shown="what the teacher checkpoint records, else the "
+                                    "paper's constants for cifar10 / cifar100 / tiny-imagenet, else the pool's "
+                                    "statistics")
 
     def __post_init__(self) -> None:
-        _finite_fields(self)
-        from ccfs_fast.runs.curves import check_tensorboard
-        from ccfs_fast.selection.scores import check_score_kind, score_kind
+        if self.train_side is not None and not 16 <= self.train_side <= 1024:
+            raise ConfigError(f"--train-side must be between 16 and 1024 pixels, got {self.train_side}")
+        check_choice("train data form", self.train_data, TRAIN_DATA)
+        parse_normalize(self.normalize)
 
-        check_tensorboard(self.tensorboard)
-        check_image_args(self.train_side, self.train_data)
-        from ccfs_fast.selection.kernels import SELECTION_METHODS, SHORTFALL_POLICIES
 
-        require_betons(pool=self.pool, test=self.test, distilled=self.distilled)
-        require_file(self.teacher, "--teacher", "pass the teacher checkpoint (.pt / .pth)")
+@dataclass(frozen=True)
+class Machine:
+    """Where and how a command computes."""
 
+    device: str = setting("cpu", "cpu | cuda | cuda:N", resume_free=True)
+    seed: int = setting(0, "seed of every model and draw")
+    workers: int = setting(2, "FFCV reader threads", resume_free=True)
+    eval_batch_size: int = setting(256, "batch of pool / test prediction (raise it on a GPU)", resume_free=True)
+
+    def __post_init__(self) -> None:
+        if self.workers < 1 or self.eval_batch_size < 1:
+            raise ConfigError(f"need --workers >= 1 and --eval-batch-size >= 1; got {self.workers}, "
+                              f"{self.eval_batch_size}")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """How a set is evaluated: num_eval fresh models trained by KD from the teacher at temperature T."""
+
+    temperature: float = setting(20.0, "KD temperature", flags=("-T", "--temperature"))
+    eval_model: str = setting("resnet18", "model of the final evaluation")
+    num_eval: int = setting(5, "final evaluation models")
+    fuse_evals: bool = setting(True, "train the evaluation models as one fused network", resume_free=True)
+
+    def __post_init__(self) -> None:
+        finite_fields(self)
+        if self.num_eval < 0 or self.temperature <= 0:
+            raise ConfigError(f"need --num-eval >= 0 and -T > 0; got {self.num_eval}, {self.temperature}")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What a run selects and how (docs/design.md §1)."""
+
+    image_per_class: int = setting(500, "target images per class (ipc)")
+    alpha: float = setting(0.2, "distilled share: floor(ipc x alpha) distilled images per class")
+    curriculum_num: int = setting(3, "curricula (phases)")
+    select_misclassified: bool = setting(True, "keep the filter's misclassified candidates (else its correct ones)")
+    select_method: str = setting("simple", METHOD_HELP)
+    balance: bool = setting(True, "curpc per class (else one global budget)")
+    score: str = setting("forgetting", SCORE_HELP)
+    score_path: Path | None = setting(None, "the score file (.npy, or .npz with 'scores')",
+                                      shown="with a preset, its dataset's published forgetting file in the "
+                                      "repository's scores/; else none: required for forgetting and cscore")
+    shortfall: str = setting("fill", SHORTFALL_HELP, shown="fill; presets: short")
+    coarse_pass: str = setting("lazy", "lazy (predict candidates in selection order, stop a class once full; exact) | "
+                               "full (predict every candidate; --score logits always does)", resume_free=True)
+
+    def __post_init__(self) -> None:
+        finite_fields(self)
         if not 0 < self.alpha < 1:
             raise ConfigError(f"--alpha must lie strictly between 0 and 1, got {self.alpha}")
         if self.image_per_class < 1:
@@ -118,22 +161,11 @@ class RunConfig:
         if self.spc < self.curriculum_num:
             raise ConfigError(f"{self.spc} real images per class to select cannot fill {self.curriculum_num} "
                               f"curricula; use --curriculum-num {max(1, self.spc)} or fewer")
-        kind = score_kind(self.score)
-        if kind.from_file and self.score_path is None:
-            raise ConfigError(f"--score {self.score} needs --score-path FILE (.npy or .npz)")
-        if kind.from_file:
-            require_file(self.score_path, "--score-path", "pass the score file (.npy, or .npz with 'scores')")
-            check_score_kind(self.score, self.score_path)
-        _check_choice("selection method", self.select_method, tuple(SELECTION_METHODS))
-        _check_choice("shortfall policy", self.shortfall, SHORTFALL_POLICIES)
-        _check_choice("filter accuracy logging", self.filter_acc, FILTER_ACC_LOGGING)
-        _check_choice("coarse pass", self.coarse_pass, ("lazy", "full"))
-        if self.num_eval < 0 or self.temperature <= 0 or self.workers < 1:
-            raise ConfigError(f"need --num-eval >= 0, -T > 0 and --workers >= 1; got {self.num_eval}, "
-                              f"{self.temperature}, {self.workers}")
-        parse_normalize(self.normalize)
-        check_device(self.device)
-        check_distilled_counts(self.distilled, self.cpc)
+        from ccfs_fast.selection.kernels import SELECTION_METHODS, SHORTFALL_POLICIES  # numba: only when checked
+
+        check_choice("selection method", self.select_method, tuple(SELECTION_METHODS))
+        check_choice("shortfall policy", self.shortfall, SHORTFALL_POLICIES)
+        check_choice("coarse pass", self.coarse_pass, COARSE_PASSES)
 
     @property
     def cpc(self) -> int:
@@ -145,81 +177,99 @@ class RunConfig:
         """Real images per class to select."""
         return self.image_per_class - self.cpc
 
+
+@dataclass(frozen=True)
+class RunConfig:
+    """`ccfs-fast run`: the CCFS curriculum (docs/design.md §1)."""
+
+    output_dir: Path = setting(help="where the run writes everything (required: no default; created with its "
+                               "parents)", resume_free=True)
+    inputs: Inputs = setting(factory=Inputs)
+    selection: Selection = setting(factory=Selection)
+    filter_model: str = setting("resnet18", MODEL_NAMES_HELP)
+    filter_acc: str = setting("end", f"{' | '.join(FILTER_ACC_LOGGING)}: filter test accuracy after the last epoch, "
+                              "or the best of the last 20%% (the paper's logging)")
+    evaluation: Evaluation = setting(factory=Evaluation)
+    recipe: TrainRecipe = setting(factory=TrainRecipe)
+    fast: FastPath = setting(factory=FastPath)
+    machine: Machine = setting(factory=Machine)
+    tensorboard: bool = setting(False, "per-epoch curves as TensorBoard event files too, under OUTPUT_DIR/tb/ "
+                                "(curves.csv is always written); needs pip install 'ccfs-fast[tb]'", resume_free=True)
+    preset: str | None = setting(None, cli=False, resume_free=True)
+    smoke: bool = setting(False, cli=False)  # --smoke: a CPU-sized run (its accuracies are not meaningful, and say so)
+    notes: tuple[str, ...] = setting((), cli=False)  # what the command line adjusted (printed, recorded; not a setting)
+
+    def __post_init__(self) -> None:
+        check_choice("filter accuracy logging", self.filter_acc, FILTER_ACC_LOGGING)
+        s = self.selection
+        if score_kind(s.score).from_file and s.score_path is None:
+            raise ConfigError(f"--score {s.score} needs --score-path FILE (.npy or .npz)")
+
+    def check_files(self) -> RunConfig:
+        """The explicit step that reads files: every input is there (the score file of the kind --score
+        names, the distilled set holding cpc images per class), TensorBoard installed when asked, CUDA
+        there when asked. Returns the config."""
+        from ccfs_fast.runs.curves import check_tensorboard
+
+        check_tensorboard(self.tensorboard)
+        i, s = self.inputs, self.selection
+        require_betons(pool=i.pool, test=i.test, distilled=i.distilled)
+        require_file(i.teacher, "--teacher", "pass the teacher checkpoint (.pt / .pth)")
+        if score_kind(s.score).from_file:
+            require_file(s.score_path, "--score-path", "pass the score file (.npy, or .npz with 'scores')")
+            check_score_kind(s.score, s.score_path)
+        check_device(self.machine.device)
+        check_distilled_counts(i.distilled, s.cpc)
+        return self
+
     def settings(self) -> dict:
         """Flat JSON-able settings: what --resume compares and exp_log.txt lists."""
-        out = {}
-        for f in fields(self):
-            if f.name == "notes":
-                continue
-            value = getattr(self, f.name)
-            if isinstance(value, (TrainRecipe, FastPath)):
-                out.update({k.name: getattr(value, k.name) for k in fields(value)})
-            else:
-                out[f.name] = str(value) if isinstance(value, Path) else value
-        return out
-
-TRAIN_DATA = ("auto", "resident", "streamed")
+        return flat_settings(self)
 
 
-def check_image_args(train_side: int | None, train_data: str) -> None:
-    """--train-side and --train-data: values in range / among the choices."""
-    if train_side is not None and not 16 <= train_side <= 1024:
-        raise ConfigError(f"--train-side must be between 16 and 1024 pixels, got {train_side}")
-    _check_choice("train data form", train_data, TRAIN_DATA)
-
-# Settings that may change between a run and its --resume without changing results.
-RESUME_FREE = frozenset({"output_dir", "workers", "device", "eval_batch_size", "preset", "fuse_evals", "cuda_graphs",
-                         "coarse_pass", "tensorboard"})
+# Settings that may change between a run and its --resume without changing results, and those that act on
+# CUDA only (left out of a CPU run's exp_log.txt): declared by their fields.
+RESUME_FREE = names_where(RunConfig, "resume_free")
+GPU_ONLY = names_where(RunConfig, "gpu_only")
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """`ccfs-fast eval`: train num_eval models on distilled ∪ a saved selection."""
+    """`ccfs-fast eval`: train num_eval models on distilled ∪ a saved selection (or on an exported set)."""
 
-    pool: Path
-    test: Path
-    distilled: Path
-    teacher: Path
-    selection: Path | None
-    image_per_class: int | None = None
-    alpha: float | None = None
-    temperature: float = 20.0
-    recipe: TrainRecipe = field(default_factory=TrainRecipe)
-    fast: FastPath = field(default_factory=FastPath)
-    num_eval: int = 5
-    fuse_evals: bool = True
-    teacher_model: str | None = None  # None: the arch the checkpoint records, else resnet18
-    eval_model: str = "resnet18"
-    device: str = "cpu"
-    seed: int = 0
-    workers: int = 2
-    eval_batch_size: int = 256  # the paper's coarse-filtering batch; raise it on a GPU
-    output: Path | None = None
-    normalize: str | None = None
-    preset: str | None = None
-    allow_incomplete: bool = False  # evaluate an unfinished run's selection
-    run_dir: Path | None = None  # the run being reproduced (its accuracies are printed beside these)
-    notes: tuple[str, ...] = ()
-    train_side: int | None = None  # as RunConfig
-    train_data: str = "auto"
-    train_set: Path | None = None  # train on all of this .beton in its order (an export), not distilled ∪ selection
+    inputs: Inputs = setting(factory=Inputs)
+    selection_file: Path | None = setting(None, "selected_indices.json, this tool's or the paper's",
+                                          flags=("--selection",), shown="with --run-dir: the run's")
+    train_set: Path | None = setting(None, "train on every image of this .beton in its order instead of distilled ∪ "
+                                     "a selection: an exported set (`ccfs-fast export`); with --run-dir, the run's "
+                                     "final evaluation repeated on it")
+    image_per_class: int | None = setting(None, "the selection's ipc", shown="the selection file's")
+    alpha: float | None = setting(None, "the selection's alpha", shown="the selection file's")
+    evaluation: Evaluation = setting(factory=Evaluation)
+    recipe: TrainRecipe = setting(factory=TrainRecipe)
+    fast: FastPath = setting(factory=FastPath)
+    machine: Machine = setting(factory=Machine)
+    allow_incomplete: bool = setting(False, "evaluate a selection whose run did not finish (refused otherwise)")
+    output: Path | None = setting(None, "write the results as JSON here",
+                                  shown="eval.json beside the selection file, i.e. in --run-dir")
+    run_dir: Path | None = setting(None, cli=False)  # the run reproduced (its accuracies are printed beside these)
+    preset: str | None = setting(None, cli=False)
+    notes: tuple[str, ...] = setting((), cli=False)
 
     def __post_init__(self) -> None:
-        _finite_fields(self)
-        check_image_args(self.train_side, self.train_data)
-        require_betons(pool=self.pool, test=self.test, distilled=self.distilled)
-        require_file(self.teacher, "--teacher", "pass the teacher checkpoint (.pt / .pth)")
-        if self.train_set is None:
-            require_file(self.selection, "--selection", "pass a selected_indices.json (or --run-dir RUN)")
-        elif self.train_set != self.distilled:
+        finite_fields(self)
+        if self.train_set is not None and self.train_set != self.inputs.distilled:
             raise ConfigError("--train-set trains on that .beton alone; it takes the place of --distilled")
-        if self.num_eval < 0 or self.temperature <= 0 or self.workers < 1:
-            raise ConfigError(f"need --num-eval >= 0, -T > 0 and --workers >= 1; got {self.num_eval}, "
-                              f"{self.temperature}, {self.workers}")
-        parse_normalize(self.normalize)
-        check_device(self.device)
 
-EXPORT_FORMATS = ("folder", "beton", "both")
+    def check_files(self) -> EvalConfig:
+        """The explicit step that reads files (see RunConfig.check_files). Returns the config."""
+        i = self.inputs
+        require_betons(pool=i.pool, test=i.test, distilled=i.distilled)
+        require_file(i.teacher, "--teacher", "pass the teacher checkpoint (.pt / .pth)")
+        if self.train_set is None:
+            require_file(self.selection_file, "--selection", "pass a selected_indices.json (or --run-dir RUN)")
+        check_device(self.machine.device)
+        return self
 
 
 @dataclass(frozen=True)
@@ -235,14 +285,19 @@ class ExportConfig:
     relocated: tuple[tuple[str, Path], ...] = ()  # (settings key, where the run's input is now): --pool, ...
 
     def __post_init__(self) -> None:
-        _check_choice("export format", self.format, EXPORT_FORMATS)
+        check_choice("export format", self.format, EXPORT_FORMATS)
+        if self.run_dir.resolve() in self.out.resolve().parents:
+            raise ConfigError(f"--out {self.out} lies inside the run directory; export next to it instead")
+
+    def check_files(self) -> ExportConfig:
+        """The explicit step that reads files: the run directory holds a run; an existing --out needs
+        --overwrite. Returns the config."""
         if not (self.run_dir / "state.json").is_file():
             raise ConfigError(f"{self.run_dir} has no state.json; pass the --output-dir of a `ccfs-fast run`")
         if self.out.exists() and not self.overwrite:
             raise ConfigError(f"{self.out} already exists; pass --overwrite to replace an earlier export, or choose "
                               "another --out")
-        if self.run_dir.resolve() in self.out.resolve().parents:
-            raise ConfigError(f"--out {self.out} lies inside the run directory; export next to it instead")
+        return self
 
 
 def teacher_recipe() -> TrainRecipe:
@@ -254,53 +309,50 @@ def teacher_recipe() -> TrainRecipe:
 class TeacherConfig:
     """`ccfs-fast teacher`: supervised training on a pool .beton, optional forgetting scores."""
 
-    pool: Path
-    test: Path
-    output: Path
-    model: str = "resnet18"
-    recipe: TrainRecipe = field(default_factory=teacher_recipe)
-    fast: FastPath = field(default_factory=FastPath)
-    forgetting_out: Path | None = None
-    label_smoothing: float = 0.0
-    device: str = "cpu"
-    seed: int = 0
-    workers: int = 2
-    overwrite: bool = False
-    normalize: str | None = None  # None: paper constants for cifar10/cifar100/tiny-imagenet, else pool stats
-    notes: tuple[str, ...] = ()
-    train_side: int | None = None  # pools of varying image size: the train / eval side (default 224)
-    tensorboard: bool = False  # per-epoch curves as TensorBoard event files too (OUTPUT.tb/ beside the output)
+    output: Path = setting(help="checkpoint FILE.pt (records arch and normalisation)")
+    inputs: Inputs = setting(factory=Inputs)
+    model: str = setting("resnet18", MODEL_NAMES_HELP)
+    forgetting_out: Path | None = setting(None, "write forgetting scores (.npy) here")
+    label_smoothing: float = setting(0.0, "cross-entropy label smoothing")
+    recipe: TrainRecipe = setting(factory=teacher_recipe)
+    fast: FastPath = setting(factory=FastPath)
+    machine: Machine = setting(factory=Machine)
+    overwrite: bool = setting(False, "replace existing output files")
+    tensorboard: bool = setting(False, "per-epoch curves as TensorBoard event files too, in OUTPUT.tb/ (teacher.pt: "
+                                "teacher.tb/; the curves CSV, teacher.curves.csv, is always written); needs pip "
+                                "install 'ccfs-fast[tb]'")
+    notes: tuple[str, ...] = setting((), cli=False)
 
     def __post_init__(self) -> None:
-        _finite_fields(self)
-        from ccfs_fast.runs.curves import check_tensorboard
-
-        check_tensorboard(self.tensorboard)
-        check_image_args(self.train_side, "auto")
-        parse_normalize(self.normalize)
-        require_betons(pool=self.pool, test=self.test)
-        check_device(self.device)
+        finite_fields(self)
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"--label-smoothing must lie in [0, 1), got {self.label_smoothing}")
         if self.output.suffix not in (".pt", ".pth"):
             raise ConfigError(f"--output must be a .pt or .pth file, got {self.output}")
         if self.forgetting_out is not None and self.forgetting_out.suffix != ".npy":  # --overwrite replaces it
             raise ConfigError(f"--forgetting-out must be a .npy file, got {self.forgetting_out}")
+
+    def check_files(self) -> TeacherConfig:
+        """The explicit step that reads files (see RunConfig.check_files). Returns the config."""
+        from ccfs_fast.runs.curves import check_tensorboard
+
+        check_tensorboard(self.tensorboard)
+        require_betons(pool=self.inputs.pool, test=self.inputs.test)
+        check_device(self.machine.device)
         for path in (self.output, self.forgetting_out):
             if path is not None and path.exists() and not self.overwrite:
                 raise ConfigError(f"{path} already exists; pass --overwrite to replace it")
+        return self
 
     @property
     def curves_path(self) -> Path:
         """The teacher's per-epoch curves: `teacher.pt` -> `teacher.curves.csv`."""
         return self.output.with_suffix(".curves.csv")
 
-RECIPE_KEYS = frozenset(f.name for f in fields(TrainRecipe))
-
-FAST_KEYS = frozenset(f.name for f in fields(FastPath))
-
 
 def fit_warmup(recipe: dict, base: TrainRecipe) -> tuple[dict, list[str]]:
     """Clamps a warm-up that does not fit the epochs (e.g. the default 5 with --epochs 2) to
-    epochs - 1, so short smoke runs just work; returns the recipe values and the printed note."""
+    epochs - 1, so short smoke runs just work; returns the settings and the printed note."""
     epochs = recipe.get("epochs", base.epochs)
     warmup = recipe.get("lr_warmup_epochs", base.lr_warmup_epochs)
     if epochs < 1 or warmup < epochs:
@@ -308,15 +360,3 @@ def fit_warmup(recipe: dict, base: TrainRecipe) -> tuple[dict, list[str]]:
     note = (f"note: --lr-warmup-epochs {warmup} does not fit --epochs {epochs}; using {epochs - 1} warm-up "
             f"epoch{'s' if epochs - 1 != 1 else ''}")
     return {**recipe, "lr_warmup_epochs": epochs - 1}, [note]
-
-
-def split_recipe(values: dict, base: TrainRecipe | None = None) -> tuple[TrainRecipe, dict]:
-    """Separates the training-recipe and fast-path keys of a flat settings dict: (recipe = `base`
-    (default TrainRecipe()) with the given keys replaced, the other keys with `fast` and `notes` set)."""
-    base = base or TrainRecipe()
-    recipe_values, notes = fit_warmup({k: v for k, v in values.items() if k in RECIPE_KEYS}, base)
-    recipe = replace(base, **recipe_values)
-    rest = {k: v for k, v in values.items() if k not in RECIPE_KEYS and k not in FAST_KEYS}
-    rest["fast"] = FastPath(**{k: v for k, v in values.items() if k in FAST_KEYS})
-    rest["notes"] = tuple(notes)
-    return recipe, rest

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +48,7 @@ def run_curriculum(cfg: RunConfig, resume: bool = False, overwrite: bool = False
     """Runs (or resumes) CCFS into cfg.output_dir; returns the final state dict. Under torchrun every
     rank trains and predicts its share; rank 0 selects and writes every output. A run that fails
     before its first curriculum is recorded leaves no output directory it created behind."""
-    dist_ctx, device = init_distributed(cfg.device)
+    dist_ctx, device = init_distributed(cfg.machine.device)
     out = cfg.output_dir
     created = missing_top(out) if dist_ctx.is_main else None  # the folders this run creates, parents included
     ran_here = (out / LOCK_NAME).exists()  # an earlier ccfs-fast run used this folder (its lock file is there)
@@ -68,7 +68,7 @@ def run_curriculum(cfg: RunConfig, resume: bool = False, overwrite: bool = False
 
 def _check_models(cfg: RunConfig, side: int) -> None:
     """Unknown model names fail before the teacher pass; an ImageNet stem on small images warns."""
-    for name in dict.fromkeys((cfg.filter_model, cfg.eval_model)):
+    for name in dict.fromkeys((cfg.filter_model, cfg.evaluation.eval_model)):
         check_model_name(name)
         warning = stem_warning(name, side)
         if warning:
@@ -81,7 +81,7 @@ def run_curves(out: Path, cfg: RunConfig, state: dict) -> CurveLog:
     rest, which it trains again."""
     keep = {filter_curve(p["phase"]) for p in state["phases"]}
     if state.get("final") is not None:
-        keep |= {FINAL_CURVE} | {f"{FINAL_CURVE} model {m + 1}" for m in range(cfg.num_eval)}
+        keep |= {FINAL_CURVE} | {f"{FINAL_CURVE} model {m + 1}" for m in range(cfg.evaluation.num_eval)}
     return CurveLog(out / "curves.csv", out / "tb", keep, cfg.tensorboard)
 
 
@@ -98,13 +98,11 @@ def _run(cfg: RunConfig, dist_ctx: DistContext, device: str, resume: bool, overw
     state = broadcast(state if dist_ctx.is_main else None, dist_ctx)
     fast = cfg.fast.resolve(device)
     torch.backends.cudnn.benchmark = bool(fast.cudnn_benchmark)
-    ws = open_workspace(cfg.pool, cfg.test, cfg.distilled, cfg.teacher, cfg.teacher_model, cfg.cpc, device,
-                        cfg.workers, cfg.eval_batch_size, dist_ctx, fast, cfg.normalize, cfg.train_side,
-                        cfg.train_data)
+    ws = open_workspace(cfg.inputs, cfg.selection.cpc, replace(cfg.machine, device=device), dist_ctx, fast)
     if dist_ctx.is_main:
         _check_models(cfg, ws.side)
         ws.curves = run_curves(out, cfg, state)
-    teacher_digest = file_sha256(cfg.teacher)
+    teacher_digest = file_sha256(cfg.inputs.teacher)
     digests = input_digests(ws, cfg, teacher_digest)
     if resume and dist_ctx.is_main:
         check_inputs_unchanged(state.get("inputs"), digests, cfg)
@@ -120,18 +118,18 @@ def _run(cfg: RunConfig, dist_ctx: DistContext, device: str, resume: bool, overw
     state["class_names"] = list(ws.space.manifest.class_names)
     state["world_size"] = dist_ctx.world_size
     file_key = None
-    if score_kind(cfg.score).from_file:
+    if score_kind(cfg.selection.score).from_file:
         said: list[str] = []
-        file_key = easy_first_key(load_scores(cfg.score_path, ws.pool_labels, said,
-                                              lambda: recorded_names(ws.space.pool.path)), cfg.score)
+        file_key = easy_first_key(load_scores(cfg.selection.score_path, ws.pool_labels, said,
+                                              lambda: recorded_names(ws.space.pool.path)), cfg.selection.score)
         state["notes"] += said
         say(said, dist_ctx.is_main)
-    elif cfg.coarse_pass == "lazy":
-        note = (f"note: --score {cfg.score} ranks candidates by this phase's own predictions, so every eligible "
-                "image is predicted (--coarse-pass full)")
+    elif cfg.selection.coarse_pass == "lazy":
+        note = (f"note: --score {cfg.selection.score} ranks candidates by this phase's own predictions, so every "
+                "eligible image is predicted (--coarse-pass full)")
         state["notes"].append(note)
         say([note], dist_ctx.is_main)
-    arrangement = curriculum_arrangement(cfg.spc, cfg.curriculum_num)
+    arrangement = curriculum_arrangement(cfg.selection.spc, cfg.selection.curriculum_num)
     start = time.perf_counter()
     pred, teacher_ok, _ = teacher_correct(ws, teacher_digest)
     state["teacher_pass_s"] = time.perf_counter() - start
@@ -142,8 +140,9 @@ def _run(cfg: RunConfig, dist_ctx: DistContext, device: str, resume: bool, overw
     state["select_compile_s"] = warm_up_kernels()
     ws.warm()
     selected = np.asarray(state["selected"], np.int64)
-    for phase in tqdm(range(len(state["phases"]) + 1, cfg.curriculum_num + 1), desc="curricula",
-                      initial=len(state["phases"]), total=cfg.curriculum_num, dynamic_ncols=True, disable=not main):
+    for phase in tqdm(range(len(state["phases"]) + 1, cfg.selection.curriculum_num + 1), desc="curricula",
+                      initial=len(state["phases"]), total=cfg.selection.curriculum_num, dynamic_ncols=True,
+                      disable=not main):
         rate = survivor_rate(state["phases"][-1]) if state["phases"] else None
         outcome = run_phase(ws, cfg, phase, arrangement[phase - 1], selected, teacher_ok, file_key, rate)
         selected = np.concatenate([selected, outcome.picked])
@@ -157,14 +156,15 @@ def _run(cfg: RunConfig, dist_ctx: DistContext, device: str, resume: bool, overw
             write_json(out / "state.json", state)
             _write_outputs(out, cfg, state)
     if state.get("final") is None:
-        state["final"] = evaluate_selection(ws, selected, cfg.eval_model, cfg.recipe, cfg.temperature, cfg.num_eval,
-                                            cfg.seed, cfg.fuse_evals, "final evaluation (CCFS selection)")
+        ev = cfg.evaluation
+        state["final"] = evaluate_selection(ws, selected, ev.eval_model, cfg.recipe, ev.temperature, ev.num_eval,
+                                            cfg.machine.seed, ev.fuse_evals, "final evaluation (CCFS selection)")
         if main:
             write_json(out / "state.json", state)
     if main:
         _write_outputs(out, cfg, state)
         write_report(out)
         ws.curves.close()
-        print(summary_table(state, reach_text(run_reach(cfg, state["phases"]), cfg.cpc)))
+        print(summary_table(state, reach_text(run_reach(cfg, state["phases"]), cfg.selection.cpc)))
     barrier(dist_ctx)
     return state

@@ -22,6 +22,7 @@ from ccfs_fast.runs.curriculum import run_curriculum
 from ccfs_fast.runs.teacher import train_teacher
 from ccfs_fast.runs.workspace import open_workspace
 from ccfs_fast.train.recipe import TrainRecipe
+from ccfs_fast.train.settings import compose
 from ccfs_fast.train.students import evaluate_selection, evaluate_train_set
 
 
@@ -92,27 +93,27 @@ def run_demo(cfg: DemoConfig) -> list[tuple]:
     prep_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    teacher = train_teacher(TeacherConfig(
-        pool=data / "digits_train.beton", test=data / "digits_test.beton", output=out / "teacher.pt",
-        model=cfg.model, recipe=TrainRecipe(epochs=cfg.teacher_epochs, lr=0.05, weight_decay=5e-4,
-                                            lr_warmup_epochs=0, batch_size=64),
-        forgetting_out=out / "forgetting.npy", seed=cfg.seed, workers=cfg.workers, overwrite=True))
+    teacher = train_teacher(compose(TeacherConfig, {
+        "pool": data / "digits_train.beton", "test": data / "digits_test.beton", "output": out / "teacher.pt",
+        "model": cfg.model, "forgetting_out": out / "forgetting.npy", "seed": cfg.seed, "workers": cfg.workers,
+        "overwrite": True, "recipe": TrainRecipe(epochs=cfg.teacher_epochs, lr=0.05, weight_decay=5e-4,
+                                                 lr_warmup_epochs=0, batch_size=64)}).check_files())
     rows.append(("teacher (full pool, labels)", int(len(y) / 10), teacher["test_acc"], None,
                  time.perf_counter() - start + prep_s))
 
     recipe = TrainRecipe(epochs=cfg.epochs, lr=0.05, lr_warmup_epochs=2)
-    run_cfg = RunConfig(pool=data / "digits_train.beton", test=data / "digits_test.beton",
-                        distilled=data / "distilled.beton", teacher=out / "teacher.pt", output_dir=out / "ccfs_run",
-                        score_path=out / "forgetting.npy", image_per_class=cfg.image_per_class, alpha=cfg.alpha,
-                        temperature=4.0, recipe=recipe, num_eval=cfg.num_eval, filter_model=cfg.model,
-                        teacher_model=cfg.model, eval_model=cfg.model, seed=cfg.seed, workers=cfg.workers)
+    run_cfg = compose(RunConfig, {
+        "pool": data / "digits_train.beton", "test": data / "digits_test.beton", "distilled": data / "distilled.beton",
+        "teacher": out / "teacher.pt", "output_dir": out / "ccfs_run", "score_path": out / "forgetting.npy",
+        "image_per_class": cfg.image_per_class, "alpha": cfg.alpha, "temperature": 4.0, "num_eval": cfg.num_eval,
+        "filter_model": cfg.model, "teacher_model": cfg.model, "eval_model": cfg.model, "seed": cfg.seed,
+        "workers": cfg.workers}, recipe=recipe).check_files()
     start = time.perf_counter()
     state = run_curriculum(run_cfg, overwrite=True)
     rows.append(("CCFS (distilled + selected)", cfg.image_per_class, state["final"]["acc_mean"],
                  state["final"]["acc_std"], time.perf_counter() - start))
 
-    ws = open_workspace(run_cfg.pool, run_cfg.test, run_cfg.distilled, run_cfg.teacher, cfg.model, cpc, "cpu",
-                        cfg.workers, 256)
+    ws = open_workspace(run_cfg.inputs, cpc, run_cfg.machine)
     rng = np.random.default_rng(cfg.seed)
     spc = cfg.image_per_class - cpc
     random_pick = np.concatenate([rng.choice(np.flatnonzero(ws.pool_labels == c), spc, replace=False)

@@ -3,6 +3,7 @@ paper's selected_indices.json) with the same recipe and seeds as `run`'s final e
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -21,18 +22,18 @@ from ccfs_fast.train.students import evaluate_selection, evaluate_train_set
 def read_selection(cfg: EvalConfig) -> tuple[np.ndarray, int, float]:
     """(selected pool indices, ipc, alpha) from the selection file, flags overriding its ipc/alpha."""
     try:
-        data = json.loads(cfg.selection.read_text())
+        data = json.loads(cfg.selection_file.read_text())
         selected = np.asarray(data["idx_selected"], dtype=np.int64)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{cfg.selection}: not a selected_indices.json with 'idx_selected' ({exc})") from exc
+        raise ConfigError(f"{cfg.selection_file}: not a selected_indices.json with 'idx_selected' ({exc})") from exc
     ipc = cfg.image_per_class if cfg.image_per_class is not None else data.get("ipc")
     alpha = cfg.alpha if cfg.alpha is not None else data.get("alpha")
     if ipc is None or alpha is None:
-        raise ConfigError(f"{cfg.selection} has no 'ipc'/'alpha'; pass --image-per-class and --alpha")
+        raise ConfigError(f"{cfg.selection_file} has no 'ipc'/'alpha'; pass --image-per-class and --alpha")
     if len(np.unique(selected)) != len(selected):
-        raise ConfigError(f"{cfg.selection}: idx_selected holds duplicate indices")
+        raise ConfigError(f"{cfg.selection_file}: idx_selected holds duplicate indices")
     if data.get("complete") is False and not cfg.allow_incomplete:
-        raise ConfigError(f"{cfg.selection} is an unfinished run's selection ({data.get('phases_done', '?')} "
+        raise ConfigError(f"{cfg.selection_file} is an unfinished run's selection ({data.get('phases_done', '?')} "
                           f"curricula done, {len(selected)} images for ipc {ipc}); finish it with `ccfs-fast run "
                           "--resume` or pass --allow-incomplete to evaluate it as it is")
     return selected, int(ipc), float(alpha)
@@ -54,15 +55,15 @@ def evaluate_train_set_file(cfg: EvalConfig) -> dict:
     exported set), with the run's recipe and seeds: a complete run's export gives its final accuracies."""
     if cfg.output is not None:
         ensure_writable(cfg.output, "--output")
-    dist_ctx, device = init_distributed(cfg.device)
+    dist_ctx, device = init_distributed(cfg.machine.device)
     fast = cfg.fast.resolve(device)
     torch.backends.cudnn.benchmark = bool(fast.cudnn_benchmark)
-    ws = open_workspace(cfg.pool, cfg.test, cfg.train_set, cfg.teacher, cfg.teacher_model, 0, device, cfg.workers,
-                        cfg.eval_batch_size, dist_ctx, fast, cfg.normalize, cfg.train_side, cfg.train_data,
-                        check_overlap=False)
+    ws = open_workspace(replace(cfg.inputs, distilled=cfg.train_set), 0, replace(cfg.machine, device=device),
+                        dist_ctx, fast, check_overlap=False)
     train_set = ws.space.distilled_indices()
-    result = evaluate_train_set(ws, train_set, cfg.eval_model, cfg.recipe, cfg.temperature, cfg.num_eval, cfg.seed,
-                                cfg.fuse_evals, f"evaluation of {cfg.train_set.name}")
+    ev = cfg.evaluation
+    result = evaluate_train_set(ws, train_set, ev.eval_model, cfg.recipe, ev.temperature, ev.num_eval, cfg.machine.seed,
+                                ev.fuse_evals, f"evaluation of {cfg.train_set.name}")
     per_class = np.bincount(read_labels(ws.space.distilled), minlength=ws.num_classes)
     result.update({"train_set": str(cfg.train_set), "images_per_class_min": int(per_class.min()),
                    "images_per_class_max": int(per_class.max()), "normalize": ws.norm.to_json(),
@@ -98,24 +99,23 @@ def evaluate_selection_file(cfg: EvalConfig) -> dict:
     cpc = int(ipc * alpha + 1e-9)
     if cpc < 1:
         raise ConfigError(f"ipc x alpha = {ipc} x {alpha} gives no distilled image per class")
-    dist_ctx, device = init_distributed(cfg.device)
+    dist_ctx, device = init_distributed(cfg.machine.device)
     if dist_ctx.is_main:
         for note in cfg.notes:
             print(note, flush=True)
     fast = cfg.fast.resolve(device)
     torch.backends.cudnn.benchmark = bool(fast.cudnn_benchmark)
-    ws = open_workspace(cfg.pool, cfg.test, cfg.distilled, cfg.teacher, cfg.teacher_model, cpc, device,
-                        cfg.workers, cfg.eval_batch_size, dist_ctx, fast, cfg.normalize, cfg.train_side,
-                        cfg.train_data)
+    ws = open_workspace(cfg.inputs, cpc, replace(cfg.machine, device=device), dist_ctx, fast)
     if len(selected) and (selected.min() < 0 or selected.max() >= ws.space.n_pool):
-        raise ConfigError(f"{cfg.selection}: indices must lie in [0, {ws.space.n_pool}) for this pool, got "
+        raise ConfigError(f"{cfg.selection_file}: indices must lie in [0, {ws.space.n_pool}) for this pool, got "
                           f"[{selected.min()}, {selected.max()}]")
-    result = evaluate_selection(ws, selected, cfg.eval_model, cfg.recipe, cfg.temperature, cfg.num_eval, cfg.seed,
-                                cfg.fuse_evals)
+    ev = cfg.evaluation
+    result = evaluate_selection(ws, selected, ev.eval_model, cfg.recipe, ev.temperature, ev.num_eval, cfg.machine.seed,
+                                ev.fuse_evals)
     real_per_class = np.bincount(ws.pool_labels[selected], minlength=ws.num_classes)
     per_class = real_per_class + cpc
     reach = real_reach(real_per_class, ipc - cpc)
-    result.update({"selection": str(cfg.selection), "ipc": ipc, "alpha": alpha, "selected": len(selected),
+    result.update({"selection": str(cfg.selection_file), "ipc": ipc, "alpha": alpha, "selected": len(selected),
                    "images_per_class": per_class.tolist(), "images_per_class_min": int(per_class.min()),
                    "images_per_class_max": int(per_class.max()), "distilled_per_class": cpc, **reach,
                    "distilled_overlap": ws.distilled_overlap,

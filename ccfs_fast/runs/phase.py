@@ -37,23 +37,24 @@ def run_phase(ws: Workspace, cfg: RunConfig, phase: int, curpc: int, selected: n
     teacher-correct pool images (lazily, in selection order, when the order key is known; `rate`: the
     previous phase's survivor rate, to size the first chunk), keep the coarse candidates, select the
     fine curpc per class."""
-    seed = phase_seed(cfg.seed, phase)
+    seed = phase_seed(cfg.machine.seed, phase)
     train_set = np.concatenate([ws.distilled_rows, selected])
     acc_epochs = (last_fifth_epochs(cfg.recipe.epochs) if cfg.filter_acc == "best_last_20"
                   else (lambda e: e == cfg.recipe.epochs - 1))
-    filt, trained, batch_size, step_run = train_model(ws, train_set, cfg.filter_model, cfg.recipe, cfg.temperature,
-                                                      seed, acc_epochs, f"phase {phase} filter",
-                                                      curve=filter_curve(phase))
+    filt, trained, batch_size, step_run = train_model(ws, train_set, cfg.filter_model, cfg.recipe,
+                                                      cfg.evaluation.temperature, seed, acc_epochs,
+                                                      f"phase {phase} filter", curve=filter_curve(phase))
     n = ws.space.n_pool
     is_selected = np.zeros(n, bool)
     is_selected[selected] = True
     eligible = teacher_ok & ~is_selected
-    known_key = None if file_key is None else order_key(cfg.select_method, file_key, seed)
+    known_key = None if file_key is None else order_key(cfg.selection.select_method, file_key, seed)
     start = time.perf_counter()
-    passed = coarse_pass(cfg.coarse_pass if known_key is not None else "full", eligible, ws.pool_labels, known_key,
-                         ws.num_classes, curpc, cfg.balance, cfg.select_misclassified,
+    sel = cfg.selection
+    passed = coarse_pass(sel.coarse_pass if known_key is not None else "full", eligible, ws.pool_labels, known_key,
+                         ws.num_classes, curpc, sel.balance, sel.select_misclassified,
                          lambda indices: ws.predict_pool(filt, indices),
-                         first_round_rate(rate, trained.last_acc, cfg.select_misclassified),
+                         first_round_rate(rate, trained.last_acc, sel.select_misclassified),
                          min_chunk=ws.coarse_min_chunk)
     eval_s = time.perf_counter() - start
     broken = np.flatnonzero(passed.pred < 0)
@@ -63,18 +64,18 @@ def run_phase(ws: Workspace, cfg: RunConfig, phase: int, curpc: int, selected: n
     start = time.perf_counter()
     full_pred = np.full(n, -1, np.int64)
     full_pred[passed.index] = passed.pred
-    candidates = candidate_mask(teacher_ok, is_selected, full_pred, ws.pool_labels, cfg.select_misclassified)
+    candidates = candidate_mask(teacher_ok, is_selected, full_pred, ws.pool_labels, cfg.selection.select_misclassified)
     if known_key is None:  # logits: easy = high true-class logit of this phase's filter
         easy = np.full(n, np.inf)
         easy[passed.index] = easy_first_key(passed.logit, "logits")
-        known_key = order_key(cfg.select_method, easy, seed)
+        known_key = order_key(cfg.selection.select_method, easy, seed)
     chosen = None
     if ws.dist.is_main:  # selection on rank 0, broadcast to the others
-        chosen = select_per_class(candidates, ws.pool_labels, ws.num_classes, known_key, curpc, cfg.balance,
-                                  cfg.shortfall, fill_pool=eligible)
+        chosen = select_per_class(candidates, ws.pool_labels, ws.num_classes, known_key, curpc, cfg.selection.balance,
+                                  cfg.selection.shortfall, fill_pool=eligible)
     chosen = broadcast(chosen, ws.dist)
     select_s = time.perf_counter() - start
-    short = short_classes(chosen, curpc, cfg.balance)
+    short = short_classes(chosen, curpc, cfg.selection.balance)
     record = {
         "phase": phase, "curpc": curpc, "train_size": len(train_set), "batch_size": batch_size,
         "train_s": trained.seconds, "train_loop_s": trained.loop_s, "train_eval_s": trained.eval_s,
@@ -86,7 +87,7 @@ def run_phase(ws: Workspace, cfg: RunConfig, phase: int, curpc: int, selected: n
         "unpredicted_eligible": passed.eligible - passed.predicted,
         "candidates": int(candidates.sum()), "candidates_per_class": chosen.candidates_per_class.tolist(),
         "selected": len(chosen.indices), "selected_per_class": chosen.selected_per_class.tolist(),
-        "shortfall": {"policy": cfg.shortfall, "classes_short": len(short), "short_classes": short,
+        "shortfall": {"policy": cfg.selection.shortfall, "classes_short": len(short), "short_classes": short,
                       "filled_per_class": chosen.filled_per_class.tolist(),
                       "filled": int(chosen.filled_per_class.sum()), "unmet": chosen.unmet},
     }

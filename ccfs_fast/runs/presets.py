@@ -1,13 +1,13 @@
 """The paper's published settings per dataset and IPC, --smoke, and RunConfig as `run` makes it from them."""
 from __future__ import annotations
 
-from dataclasses import fields
 from pathlib import Path
 
 from beton_builder.base.errors import ConfigError, UnknownNameError
-from ccfs_fast.runs.config import FAST_KEYS, RECIPE_KEYS, RunConfig, split_recipe
+from ccfs_fast.runs.config import RunConfig, Selection, fit_warmup
 from ccfs_fast.selection.scores import SCORES_DIR
-from ccfs_fast.train.recipe import check_finite
+from ccfs_fast.train.recipe import TrainRecipe
+from ccfs_fast.train.settings import check_finite, compose, leaves
 
 # The paper's published script settings (github_scripts/*.sh of the CCFS repository) per dataset and
 # IPC. Shared by all: T=20, SGD lr 0.2 momentum 0.9 wd 1e-4, cosine after 5 linear warm-up epochs from
@@ -81,9 +81,10 @@ def smoke_fit(values: dict, published: bool) -> tuple[dict, list[str]]:
         distilled, pool = read_manifest(values["distilled"]), read_manifest(values["pool"])
     except (CCFSError, KeyError, TypeError):
         return values, notes  # RunConfig names what is missing
-    alpha = values.get("alpha", RunConfig.__dataclass_fields__["alpha"].default)
-    ipc = values.get("image_per_class", RunConfig.__dataclass_fields__["image_per_class"].default)
-    curricula = values.get("curriculum_num", RunConfig.__dataclass_fields__["curriculum_num"].default)
+    defaults = Selection()
+    alpha = values.get("alpha", defaults.alpha)
+    ipc = values.get("image_per_class", defaults.image_per_class)
+    curricula = values.get("curriculum_num", defaults.curriculum_num)
     fewest = min(distilled.class_counts or (0,))
     if fewest and int(ipc * alpha + 1e-9) > fewest:
         fitted = int((fewest + 1) / alpha - 1e-9)  # the largest ipc with floor(ipc x alpha) <= fewest
@@ -112,8 +113,8 @@ RUN_PATHS = ("pool", "test", "distilled", "teacher", "output_dir", "score_path")
 def make_run_config(preset: str | None = None, smoke: bool = False, **settings: object) -> RunConfig:
     """A RunConfig as `ccfs-fast run` makes it: the preset's settings (or the defaults), --smoke's CPU
     size and fitting (smoke_fit), the preset's published scores when no --score-path is given, then
-    `settings` (flat: RunConfig's fields, TrainRecipe's and FastPath's) over them; every adjustment is
-    in the config's notes."""
+    `settings` (flat: every setting of RunConfig's parts by name) over them; every adjustment is in the
+    config's notes. Its files are checked (RunConfig.check_files)."""
     check_finite(settings)  # before --smoke's fitting does arithmetic with them
     paths = {k: Path(v) for k, v in settings.items() if k in RUN_PATHS and v is not None}  # str or Path
     values, notes = published_scores(preset, {**preset_settings(preset), **(SMOKE if smoke else {}), **settings,
@@ -121,9 +122,9 @@ def make_run_config(preset: str | None = None, smoke: bool = False, **settings: 
     if smoke:
         values, fitted = smoke_fit(values, published=bool(notes))
         notes += fitted
-    recipe, rest = split_recipe({**values, "preset": preset, "smoke": smoke})
-    rest["notes"] = tuple(notes) + rest["notes"]
-    return RunConfig(recipe=recipe, **rest)
+    values, warmup = fit_warmup({**values, "preset": preset, "smoke": smoke}, TrainRecipe())
+    cfg = compose(RunConfig, {**values, "notes": tuple(notes + warmup)})
+    return cfg.check_files()
 
 SETTINGS_SOURCE = {False: "the paper's script", True: "extrapolated, not the paper's"}
 
@@ -152,6 +153,6 @@ def preset_settings(name: str | None, command: type | None = None) -> dict:
         raise UnknownNameError("preset", name, list(PRESETS))
     values = dict(PRESETS[name])
     if command is not None:
-        own = {f.name for f in fields(command)} - {"image_per_class", "alpha"}
-        values = {k: v for k, v in values.items() if k in own or k in RECIPE_KEYS or k in FAST_KEYS}
+        own = {leaf.name for leaf in leaves(command)} - {"image_per_class", "alpha"}
+        values = {k: v for k, v in values.items() if k in own}
     return values

@@ -22,10 +22,10 @@ def _write_outputs(out: Path, cfg: RunConfig, state: dict) -> None:
     totals.update({"teacher_pass_s": state["teacher_pass_s"], "phases_done": len(phases),
                    "selected": len(state["selected"])})
     reach = run_reach(cfg, phases)
-    write_json(out / "selected_indices.json", {"ipc": cfg.image_per_class, "alpha": cfg.alpha,
+    write_json(out / "selected_indices.json", {"ipc": cfg.selection.image_per_class, "alpha": cfg.selection.alpha,
                                                "idx_selected": state["selected"], "phases_done": len(phases),
-                                               "complete": len(phases) == cfg.curriculum_num,
-                                               "distilled_per_class": cfg.cpc, **reach})
+                                               "complete": len(phases) == cfg.selection.curriculum_num,
+                                               "distilled_per_class": cfg.selection.cpc, **reach})
     write_json(out / "metrics.json", {"phases": phases, "totals": totals, "final": state.get("final"),
                                       "fast_path": state.get("fast_path"), "tf32": tf32_switches(),
                                       "world_size": state.get("world_size", 1),
@@ -33,13 +33,14 @@ def _write_outputs(out: Path, cfg: RunConfig, state: dict) -> None:
                                       "notes": state.get("notes", []),
                                       "distilled_overlap": state.get("distilled_overlap"),
                                       "dataset": state.get("dataset"), "class_names": state.get("class_names"),
-                                      "environment": environment(cfg.device),
+                                      "environment": environment(cfg.machine.device),
                                       "settings": state["settings"]})
-    lines = log_settings(state, cfg.device)
-    lines += [f"cpc (distilled per class): {cfg.cpc}", f"spc (selected per class): {cfg.spc}",
-              f"arrangement: {curriculum_arrangement(cfg.spc, cfg.curriculum_num)}", *state.get("notes", [])]
+    lines = log_settings(state, cfg.machine.device)
+    sel = cfg.selection
+    lines += [f"cpc (distilled per class): {sel.cpc}", f"spc (selected per class): {sel.spc}",
+              f"arrangement: {curriculum_arrangement(sel.spc, sel.curriculum_num)}", *state.get("notes", [])]
     for p in phases:
-        lines.append(f"phase {p['phase']}/{cfg.curriculum_num}: curpc {p['curpc']}, train set {p['train_size']}, "
+        lines.append(f"phase {p['phase']}/{sel.curriculum_num}: curpc {p['curpc']}, train set {p['train_size']}, "
                      f"filter acc ({p['filter_acc_rule']}) {_fmt(p['filter_acc'])}%, "
                      f"predicted {p['pool_evaluated']} of "
                      f"{p.get('pool_eligible', p['pool_evaluated'])} eligible ({p.get('coarse_pass', 'full')} pass), "
@@ -52,8 +53,8 @@ def _write_outputs(out: Path, cfg: RunConfig, state: dict) -> None:
         lines.append(f"Acc@1(mean): {final['acc_mean']:.2f}%, std: {final['acc_std']:.2f} over {len(final['accs'])} "
                      f"evaluations {[round(a, 2) for a in final['accs']]}")
     if phases:
-        done = "" if len(phases) == cfg.curriculum_num else f" (after {len(phases)} of {cfg.curriculum_num} curricula)"
-        lines.append(f"trained on: {reach_text(reach, cfg.cpc)}{done}")
+        done = "" if len(phases) == sel.curriculum_num else f" (after {len(phases)} of {sel.curriculum_num} curricula)"
+        lines.append(f"trained on: {reach_text(reach, sel.cpc)}{done}")
     if cfg.smoke:
         lines.append(f"note: {SMOKE_NOTE}")
     write_text(out / "exp_log.txt", "\n".join(lines) + "\n")
@@ -96,7 +97,7 @@ def resolved(key: str, value: object, state: dict) -> object:
 def run_reach(cfg: RunConfig, phases: list[dict]) -> dict:
     """The real images per class the finished curricula reached against the target (reach.real_reach)."""
     per_class = np.sum([p["selected_per_class"] for p in phases], axis=0) if phases else np.zeros(0, np.int64)
-    return real_reach(per_class, cfg.spc, sum(p["curpc"] for p in phases),
+    return real_reach(per_class, cfg.selection.spc, sum(p["curpc"] for p in phases),
                       sum(p["shortfall"]["unmet"] for p in phases))
 
 

@@ -46,8 +46,8 @@ def state_problem(state: object, cfg: RunConfig, out: Path) -> str | None:
             or not isinstance(state.get("phases"), list) or not isinstance(state.get("selected"), list):
         return "is not a ccfs-fast run state (settings, phases, selected missing)"
     phases, selected = state["phases"], state["selected"]
-    if len(phases) > cfg.curriculum_num:
-        return f"lists {len(phases)} curricula but the run has {cfg.curriculum_num}"
+    if len(phases) > cfg.selection.curriculum_num:
+        return f"lists {len(phases)} curricula but the run has {cfg.selection.curriculum_num}"
     for k, phase in enumerate(phases, 1):
         if not isinstance(phase, dict) or phase.get("phase") != k or not isinstance(phase.get("selected"), int):
             return f"has a malformed record for curriculum {k}"
@@ -58,7 +58,7 @@ def state_problem(state: object, cfg: RunConfig, out: Path) -> str | None:
     if len(selected) != sum(p["selected"] for p in phases):
         return (f"is inconsistent: it lists {len(selected)} selected images but its {len(phases)} finished curricula "
                 f"selected {sum(p['selected'] for p in phases)}")
-    if state.get("final") is not None and len(phases) != cfg.curriculum_num:
+    if state.get("final") is not None and len(phases) != cfg.selection.curriculum_num:
         return "has a final evaluation before its last curriculum"
     return audit_mismatch(out, phases, selected)
 
@@ -91,12 +91,13 @@ def input_digests(ws: Workspace, cfg: RunConfig, teacher_digest: str) -> dict:
     """Content digests of a run's input files, recorded in state.json and compared by --resume."""
     return {"teacher": teacher_digest, "pool": ws.space.pool.digest(), "test": ws.test.digest(),
             "distilled": ws.space.distilled.digest(),
-            "score": file_sha256(cfg.score_path) if score_kind(cfg.score).from_file else None}
+            "score": file_sha256(cfg.selection.score_path) if score_kind(cfg.selection.score).from_file else None}
 
 
 def check_inputs_unchanged(before: dict | None, now: dict, cfg: RunConfig) -> None:
-    paths = {"teacher": cfg.teacher, "pool": cfg.pool, "test": cfg.test, "distilled": cfg.distilled,
-             "score": cfg.score_path}
+    i = cfg.inputs
+    paths = {"teacher": i.teacher, "pool": i.pool, "test": i.test, "distilled": i.distilled,
+             "score": cfg.selection.score_path}
     for name, digest in (before or {}).items():
         if now.get(name) != digest:
             raise ConfigError(f"--resume: the {name} file {paths[name]} changed since the run started (sha256 "
@@ -108,8 +109,8 @@ def resume_line(state: dict, cfg: RunConfig) -> str:
     """What a resumed run keeps and what it does next, in one line."""
     done = len(state["phases"])
     kept = "no curriculum" if not done else "curriculum 1" if done == 1 else f"curricula 1-{done}"
-    if done < cfg.curriculum_num:
-        following = f"continuing with curriculum {done + 1} of {cfg.curriculum_num}"
+    if done < cfg.selection.curriculum_num:
+        following = f"continuing with curriculum {done + 1} of {cfg.selection.curriculum_num}"
     elif state.get("final") is None:
         following = "continuing with the final evaluation"
     else:

@@ -29,22 +29,22 @@ def train_teacher(cfg: TeacherConfig) -> dict:
     {"model": state_dict, ...}; with forgetting_out, writes float32 [n] forgetting events in
     canonical pool order (never-learned images rank hardest). Under torchrun: DDP, every rank a
     share of each epoch, forgetting presentations gathered, rank 0 writing the files."""
-    dist_ctx, device_name = init_distributed(cfg.device)
+    dist_ctx, device_name = init_distributed(cfg.machine.device)
     if dist_ctx.is_main:
         for note in cfg.notes:
             print(note, flush=True)
         ensure_writable(cfg.output, "--output")  # before training, not after it
         if cfg.forgetting_out is not None:
             ensure_writable(cfg.forgetting_out, "--forgetting-out")
-    pool, test = BetonFile.open(cfg.pool), BetonFile.open(cfg.test)
+    pool, test = BetonFile.open(cfg.inputs.pool), BetonFile.open(cfg.inputs.test)
     pm = pool.manifest
-    norm = resolve_normalization(parse_normalize(cfg.normalize), pm.dataset, tuple(pm.mean), tuple(pm.std),
+    norm = resolve_normalization(parse_normalize(cfg.inputs.normalize), pm.dataset, tuple(pm.mean), tuple(pm.std),
                                  str(pool.path))
     device = resolve_device(device_name)
     fast = cfg.fast.resolve(device_name)
     torch.backends.cudnn.benchmark = bool(fast.cudnn_benchmark)
     manifest = pool.manifest
-    space = IndexSpace(pool, norm=norm, side=cfg.train_side)
+    space = IndexSpace(pool, norm=norm, side=cfg.inputs.train_side)
     need = pool.n * 3 * space.side ** 2
     if manifest.variable_size and need > 8 << 30:
         raise ConfigError(f"`ccfs-fast teacher` holds the whole pool resident: {pool.n} images at {space.side}x"
@@ -53,20 +53,20 @@ def train_teacher(cfg: TeacherConfig) -> dict:
     warning = stem_warning(cfg.model, space.side)
     if warning and dist_ctx.is_main:
         print(warning, file=sys.stderr)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.machine.seed)
     model = swap_cpu_kernels(create_model(cfg.model, manifest.num_classes, space.side)).to(device)
     if fast.channels_last:
         model = model.to(memory_format=torch.channels_last)
     batch_size = cfg.recipe.batch_size or auto_batch_size(pool.n, manifest.num_classes, manifest.dataset)
     tracker = ForgettingTracker(pool.n) if cfg.forgetting_out else None
-    test_loader = make_test_loader(test, manifest.num_classes, norm, 256, device, cfg.workers,
+    test_loader = make_test_loader(test, manifest.num_classes, norm, 256, device, cfg.machine.workers,
                                    bool(fast.infer_channels_last), space.side if space.variable else None)
     curves = None
     if dist_ctx.is_main:
         curves = CurveLog(cfg.curves_path, cfg.output.with_suffix(".tb"), set(), cfg.tensorboard)
     result = train_supervised(model, space, np.arange(pool.n), max(1, batch_size // dist_ctx.world_size), cfg.recipe,
-                              fast, device, cfg.seed, cfg.workers, test_loader, cfg.label_smoothing, tracker,
-                              dist_ctx, curves.training("teacher", 1) if curves is not None else None)
+                              fast, device, cfg.machine.seed, cfg.machine.workers, test_loader, cfg.label_smoothing,
+                              tracker, dist_ctx, curves.training("teacher", 1) if curves is not None else None)
     if curves is not None:
         curves.close()
     summary = {"model": cfg.model, "epochs": cfg.recipe.epochs, "batch_size": batch_size, "normalize": norm.source,

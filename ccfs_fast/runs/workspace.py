@@ -16,7 +16,7 @@ from ccfs_fast.data.normalization import Normalization, parse_normalize, resolve
 from ccfs_fast.data.overlap import check_distinct, distilled_overlap, overlap_warning
 from ccfs_fast.data.readers import read_labels
 from ccfs_fast.data.space import IndexSpace
-from ccfs_fast.runs.config import distilled_shortage
+from ccfs_fast.runs.config import Inputs, Machine, distilled_shortage
 from ccfs_fast.runs.curves import CurveLog
 from ccfs_fast.selection.coarse import CPU_MIN_CHUNK
 from ccfs_fast.train.cpu_kernels import swap_cpu_kernels
@@ -216,26 +216,27 @@ def load_teacher(name: str, checkpoint: Checkpoint, num_classes: int, side: int,
     return teacher
 
 
-def open_workspace(pool: Path, test: Path, distilled: Path, teacher: Path, teacher_model: str | None, cpc: int,
-                   device: str, workers: int, eval_batch_size: int, dist: DistContext | None = None,
-                   fast: FastPath | None = None, normalize: str | None = None, side: int | None = None,
-                   train_data: str = "auto", check_overlap: bool = True) -> Workspace:
-    """Opens and checks every input of a run. `device` is this rank's device; `fast` a resolved
-    FastPath (the teacher predicts in channels-last when infer_channels_last); `normalize` the --normalize value (None:
-    the teacher's recorded normalisation, else the paper's constants / the pool's statistics); `side`
-    the train / eval side of a pool of varying image size (default 224); `train_data` see train_form;
-    `check_overlap` False skips the distilled-overlap check (a set meant to hold pool images)."""
+def open_workspace(inputs: Inputs, cpc: int, machine: Machine | None = None, dist: DistContext | None = None,
+                   fast: FastPath | None = None, check_overlap: bool = True) -> Workspace:
+    """Opens and checks every input of a run (`inputs`: the files, the teacher's architecture, the
+    normalisation, the train side and form; `cpc`: distilled images per class the run uses); `machine`
+    holds this rank's device; `fast` a resolved FastPath (the teacher predicts in channels-last when
+    infer_channels_last). `check_overlap` False skips the distilled-overlap check (a set meant to hold
+    pool images)."""
+    machine = machine or Machine()
+    pool, test, distilled, teacher = inputs.pool, inputs.test, inputs.distilled, inputs.teacher
+    workers, device = machine.workers, machine.device
     pool_file, test_file, distilled_file = BetonFile.open(pool), BetonFile.open(test), BetonFile.open(distilled)
     check_splits(pool_file, test_file)
     check_distinct(pool_file, test_file, distilled_file)
     checkpoint = read_checkpoint(teacher)
-    arch = resolve_teacher_arch(teacher_model, checkpoint)
+    arch = resolve_teacher_arch(inputs.teacher_model, checkpoint)
     pm = pool_file.manifest
     recorded = (Normalization.from_json(checkpoint.normalize, str(checkpoint.normalize.get("source", "teacher")))
                 if checkpoint.normalize else None)
-    norm = resolve_normalization(parse_normalize(normalize), pm.dataset, tuple(pm.mean), tuple(pm.std),
+    norm = resolve_normalization(parse_normalize(inputs.normalize), pm.dataset, tuple(pm.mean), tuple(pm.std),
                                  str(pool_file.path), recorded, str(teacher))
-    space = IndexSpace(pool_file, distilled_file, norm, side)
+    space = IndexSpace(pool_file, distilled_file, norm, inputs.train_side)
     distilled_labels = read_labels(distilled_file, workers)
     rows = first_per_class(distilled_labels, cpc, distilled_file.manifest.class_names, distilled_file.path)
     # an exported set (eval --train-set) holds pool images by design: no overlap to warn of
@@ -250,4 +251,4 @@ def open_workspace(pool: Path, test: Path, distilled: Path, teacher: Path, teach
         if warning and (dist is None or dist.is_main):
             print(warning, file=sys.stderr)
     return Workspace(space, test_file, read_labels(pool_file, workers), rows + space.n_pool, model, dev, workers,
-                     eval_batch_size, dist or DistContext(), fast, arch, overlap, train_data)
+                     machine.eval_batch_size, dist or DistContext(), fast, arch, overlap, inputs.train_data)

@@ -2,10 +2,10 @@
 training, and their value checks (no torch: naming them and checking values stays light)."""
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
-from beton_builder.base.errors import ConfigError, UnknownNameError
+from beton_builder.base.errors import ConfigError
+from ccfs_fast.train.settings import check_choice, finite_fields, setting
 
 OPTIMIZERS = ("sgd", "sgd_nesterov", "adamw", "rmsprop")
 
@@ -13,53 +13,30 @@ SCHEDULERS = ("cosineannealinglr", "steplr", "exponentiallr")
 
 WARMUP_METHODS = ("linear", "constant")
 
-FLAG_NAMES = {"temperature": "-T"}  # a setting's flag where it is not --<name with dashes>
-
-
-def flag_of(name: str) -> str:
-    """The command-line flag of setting `name`: --image-per-class, -T, ..."""
-    return FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
-
-
-def check_finite(values: dict) -> None:
-    """Every number among `values` (settings by name) is finite: NaN or infinity in --lr, -T, --alpha,
-    ... is refused before any work (a NaN passes every `> 0` check and would fail hours later)."""
-    for name, value in values.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{flag_of(name)} {value}: must be a finite number")
-
-
-def _finite_fields(config: object) -> None:
-    check_finite({f.name: getattr(config, f.name) for f in fields(config)})
-
-
-def _check_choice(kind: str, value: str, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise UnknownNameError(kind, value, list(valid))
-
-
 @dataclass(frozen=True)
 class TrainRecipe:
     """Optimiser and learning-rate schedule (the paper script's flags); stepped once per epoch."""
 
-    epochs: int = 500
-    opt: str = "sgd"
-    lr: float = 0.2
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    lr_scheduler: str = "cosineannealinglr"
-    lr_step_size: int = 30
-    lr_gamma: float = 0.1
-    lr_warmup_epochs: int = 5
-    lr_warmup_method: str = "linear"
-    lr_warmup_decay: float = 0.01
-    batch_size: int | None = None  # None: the paper's "auto" policy by train-set size
+    epochs: int = setting(500, "epochs of every model")
+    opt: str = setting("sgd", " | ".join(OPTIMIZERS))
+    lr: float = setting(0.2, "learning rate")
+    momentum: float = setting(0.9, "momentum")
+    weight_decay: float = setting(1e-4, "weight decay on all parameters", flags=("--weight-decay", "--wd"))
+    lr_scheduler: str = setting("cosineannealinglr", " | ".join(SCHEDULERS))
+    lr_step_size: int = setting(30, "steplr: epochs a step")
+    lr_gamma: float = setting(0.1, "steplr / exponentiallr factor")
+    lr_warmup_epochs: int = setting(5, "warm-up epochs (clamped to epochs - 1 when longer)")
+    lr_warmup_method: str = setting("linear", " | ".join(WARMUP_METHODS))
+    lr_warmup_decay: float = setting(0.01, "warm-up start factor")
+    batch_size: int | None = setting(None, "an integer, or auto: the dataset's rule (CIFAR-10 |T| < 500 C -> 32, "
+                                     "< 1000 C -> 64, else 128; CIFAR-100 50 C / 100 C; Tiny-ImageNet 64)",
+                                     arg_type="batch_size", shown="auto")  # None: "auto" by train-set size
 
     def __post_init__(self) -> None:
-        _finite_fields(self)
-        _check_choice("optimizer", self.opt, OPTIMIZERS)
-        _check_choice("lr scheduler", self.lr_scheduler, SCHEDULERS)
-        _check_choice("lr warm-up method", self.lr_warmup_method, WARMUP_METHODS)
+        finite_fields(self)
+        check_choice("optimizer", self.opt, OPTIMIZERS)
+        check_choice("lr scheduler", self.lr_scheduler, SCHEDULERS)
+        check_choice("lr warm-up method", self.lr_warmup_method, WARMUP_METHODS)
         if self.epochs < 1:
             raise ConfigError(f"--epochs must be at least 1, got {self.epochs}")
         if not 0 <= self.lr_warmup_epochs < self.epochs:
@@ -80,13 +57,14 @@ class FastPath:
     channels_last is set False (on a 2-core CPU: ResNet-18 at 32x32 1.4x, the ConvNet at 64x64 1.3-1.9x;
     training stays NCHW there, where GroupNorm's channels-last backward is 5x slower)."""
 
-    channels_last: bool | None = None
-    bf16: bool = False
-    cudnn_benchmark: bool = True
-    fused_optimizer: bool | None = None
-    compile: bool = False
-    cuda_graphs: bool | None = None  # the whole KD step captured and replayed (ccfs_fast.train.step)
-    infer_channels_last: bool | None = None  # resolved from channels_last: see the class docstring
+    channels_last: bool | None = setting(None, "channels-last memory layout", shown="on for CUDA")
+    bf16: bool = setting(False, "bf16 autocast for teacher and student", shown="off; fp32 as the paper's code")
+    cudnn_benchmark: bool = setting(True, "cuDNN autotuning", shown="on for CUDA", gpu_only=True)
+    fused_optimizer: bool | None = setting(None, "fused SGD / AdamW kernels", shown="on for CUDA", gpu_only=True)
+    compile: bool = setting(False, "torch.compile the students")
+    cuda_graphs: bool | None = setting(None, "capture the whole train step in CUDA graphs", shown="on for CUDA",
+                                       resume_free=True, gpu_only=True)  # ccfs_fast.train.graphs
+    infer_channels_last: bool | None = setting(None, cli=False)  # resolved from channels_last: see the docstring
 
     def resolve(self, device: str) -> FastPath:
         cuda = device.startswith("cuda")
