@@ -26,7 +26,7 @@ from ccfs_fast.train.models import create_model, load_checkpoint
 from ccfs_fast.train.recipe import TrainRecipe
 from ccfs_fast.train.step import LoaderStep, Single, StepConfig
 
-from .select_reference import reference_select
+from .paper_selection import reference_select
 
 
 class ArrayImages(Dataset):

@@ -60,7 +60,7 @@ def stage_data(args: argparse.Namespace, sink: RowSink) -> dict:
     from beton_builder.writer import write_beton
     from ccfs_fast.runs.environment import environment
 
-    from .curriculum_wallclock import class_images
+    from .phase_data import class_images
 
     root, paths = args.root, files(args.root)
     pool, test, per_class = (1000, 200, 5) if args.quick else (50_000, 10_000, 50)

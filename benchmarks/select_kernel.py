@@ -22,7 +22,7 @@ from ccfs_fast.selection.kernels import candidate_mask, order_key, select_per_cl
 from ccfs_fast.selection.scores import easy_first_key
 
 from .common import HelpFormatter, median_time, write_chart, write_rows
-from .select_reference import reference_select
+from .paper_selection import reference_select
 
 
 @dataclass(frozen=True)

@@ -185,8 +185,8 @@ def test_candidates_count_predicted_survivors_only(finished_run):
         assert p["candidates_per_class"] == survivors.tolist()
         assert p["candidates"] == survivors.sum() <= p["pool_evaluated"] == len(pred)
         assert p["unpredicted_eligible"] == p["pool_eligible"] - p["pool_evaluated"] > 0
-    from ccfs_fast.runs.phase import survivor_rate
+    from ccfs_fast.runs.records import PhaseRecord
     from ccfs_fast.runs.report import metrics_frame, survivor_percent
 
-    assert all(0 <= survivor_rate(p) <= 1 for p in phases)
+    assert all(0 <= PhaseRecord.from_json(p).survivor_rate <= 1 for p in phases)
     assert (survivor_percent(metrics_frame({"phases": phases})) <= 100).all()

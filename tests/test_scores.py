@@ -9,8 +9,8 @@ import zipfile
 import numpy as np
 import pytest
 from conftest import PUBLISHED_SCORES
+from select_reference import reference_select
 
-from benchmarks.select_reference import reference_select
 from beton_builder.base.errors import ScoreError, UnknownNameError
 from ccfs_fast.selection.kernels import candidate_mask, curriculum_arrangement, order_key, select_per_class
 from ccfs_fast.selection.scores import base_names, easy_first_key, load_scores, score_kind

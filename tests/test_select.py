@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from select_reference import ReferenceShortfall, reference_select
 
-from benchmarks.select_reference import ReferenceShortfall, reference_select
 from beton_builder.base.errors import ConfigError, SelectionError, UnknownNameError
 from ccfs_fast.selection.kernels import candidate_mask, curriculum_arrangement, order_key, select_per_class
 from ccfs_fast.selection.scores import easy_first_key

@@ -18,14 +18,15 @@ from beton_builder.base.locks import LOCK_NAME, RunLock
 from beton_builder.manifest import recorded_names
 from ccfs_fast.runs.config import RunConfig
 from ccfs_fast.runs.curves import CurveLog
-from ccfs_fast.runs.phase import run_phase, survivor_rate, write_audit
+from ccfs_fast.runs.phase import run_phase, write_audit
+from ccfs_fast.runs.records import phase_records
 from ccfs_fast.runs.report import write_report
 from ccfs_fast.runs.run_dir import prepare_output_dir
 from ccfs_fast.runs.run_inputs import input_record
 from ccfs_fast.runs.run_log import _write_outputs, run_reach, shortfall_line, summary_table
 from ccfs_fast.runs.state import STATE_VERSION, _load_state, check_inputs_unchanged, input_digests, resume_line
 from ccfs_fast.runs.teacher_pass import teacher_correct
-from ccfs_fast.runs.workspace import open_workspace
+from ccfs_fast.runs.workspace import Workspace, open_workspace
 from ccfs_fast.selection.kernels import (
     curriculum_arrangement,
     warm_up_kernels,
@@ -87,6 +88,47 @@ def run_curves(out: Path, cfg: RunConfig, state: dict) -> CurveLog:
 
 def _run(cfg: RunConfig, dist_ctx: DistContext, device: str, resume: bool, overwrite: bool,
          ran_here: bool = True) -> dict:
+    """The CCFS loop (docs/design.md §1): teacher pass, K curricula of train -> coarse -> fine, each
+    written as it finishes, then the final evaluation and the run's outputs."""
+    out, main, sel = cfg.output_dir, dist_ctx.is_main, cfg.selection
+    state, ws, teacher_digest = _start(cfg, dist_ctx, device, resume, overwrite, ran_here)
+    file_key = _file_order_key(cfg, ws, state)
+    arrangement = curriculum_arrangement(sel.spc, sel.curriculum_num)
+    teacher_ok = _teacher_pass(ws, state, teacher_digest, out)
+    selected = np.asarray(state["selected"], np.int64)
+    for phase in tqdm(range(len(state["phases"]) + 1, sel.curriculum_num + 1), desc="curricula",
+                      initial=len(state["phases"]), total=sel.curriculum_num, dynamic_ncols=True, disable=not main):
+        rate = phase_records(state)[-1].survivor_rate if state["phases"] else None
+        outcome = run_phase(ws, cfg, phase, arrangement[phase - 1], selected, teacher_ok, file_key, rate)
+        selected = np.concatenate([selected, outcome.picked])
+        state["phases"].append(outcome.record.to_json())
+        state["selected"] = selected.tolist()
+        line = shortfall_line(outcome.record, ws.space.manifest.class_names)
+        if main:
+            if line:
+                tqdm.write(line)
+            write_audit(out / f"phase{phase}_candidates.npz", outcome.passed, ws.pool_labels, outcome.picked)
+            write_json(out / "state.json", state)
+            _write_outputs(out, cfg, state)
+    if state.get("final") is None:
+        ev = cfg.evaluation
+        state["final"] = evaluate_selection(ws, selected, ev.eval_model, cfg.recipe, ev.temperature, ev.num_eval,
+                                            cfg.machine.seed, ev.fuse_evals, "final evaluation (CCFS selection)")
+        if main:
+            write_json(out / "state.json", state)
+    if main:
+        _write_outputs(out, cfg, state)
+        write_report(out)
+        ws.curves.close()
+        print(summary_table(state, reach_text(run_reach(cfg, state["phases"]), sel.cpc)))
+    barrier(dist_ctx)
+    return state
+
+
+def _start(cfg: RunConfig, dist_ctx: DistContext, device: str, resume: bool, overwrite: bool,
+           ran_here: bool) -> tuple[dict, Workspace, str]:
+    """(the run's state: new, or resumed and checked; its workspace; the teacher's digest), the inputs'
+    digests and what the run resolved recorded in the state."""
     out = cfg.output_dir
     if dist_ctx.is_main:
         resuming = prepare_output_dir(out, resume, overwrite, ran_here)
@@ -108,63 +150,42 @@ def _run(cfg: RunConfig, dist_ctx: DistContext, device: str, resume: bool, overw
         check_inputs_unchanged(state.get("inputs"), digests, cfg)
     state["inputs"] = digests
     state.update(input_record(cfg.settings(), out))  # where later commands find the inputs from anywhere
-    state["fast_path"] = asdict(fast)
-    state["notes"] = list(cfg.notes)
+    state.update(fast_path=asdict(fast), notes=list(cfg.notes), normalize=ws.norm.to_json(),
+                 teacher_model=ws.teacher_arch, distilled_overlap=ws.distilled_overlap, dataset=ws.dataset,
+                 class_names=list(ws.space.manifest.class_names), world_size=dist_ctx.world_size)
     say(cfg.notes, dist_ctx.is_main)
-    state["normalize"] = ws.norm.to_json()
-    state["teacher_model"] = ws.teacher_arch
-    state["distilled_overlap"] = ws.distilled_overlap
-    state["dataset"] = ws.dataset
-    state["class_names"] = list(ws.space.manifest.class_names)
-    state["world_size"] = dist_ctx.world_size
-    file_key = None
-    if score_kind(cfg.selection.score).from_file:
+    return state, ws, teacher_digest
+
+
+def _file_order_key(cfg: RunConfig, ws: Workspace, state: dict) -> np.ndarray | None:
+    """The easy-first key of a score file (None for --score logits, which ranks by each phase's own
+    predictions: every eligible image is then predicted, and a note says so)."""
+    sel, main = cfg.selection, ws.dist.is_main
+    if score_kind(sel.score).from_file:
         said: list[str] = []
-        file_key = easy_first_key(load_scores(cfg.selection.score_path, ws.pool_labels, said,
-                                              lambda: recorded_names(ws.space.pool.path)), cfg.selection.score)
+        key = easy_first_key(load_scores(sel.score_path, ws.pool_labels, said,
+                                         lambda: recorded_names(ws.space.pool.path)), sel.score)
         state["notes"] += said
-        say(said, dist_ctx.is_main)
-    elif cfg.selection.coarse_pass == "lazy":
-        note = (f"note: --score {cfg.selection.score} ranks candidates by this phase's own predictions, so every "
-                "eligible image is predicted (--coarse-pass full)")
+        say(said, main)
+        return key
+    if sel.coarse_pass == "lazy":
+        note = (f"note: --score {sel.score} ranks candidates by this phase's own predictions, so every eligible "
+                "image is predicted (--coarse-pass full)")
         state["notes"].append(note)
-        say([note], dist_ctx.is_main)
-    arrangement = curriculum_arrangement(cfg.selection.spc, cfg.selection.curriculum_num)
+        say([note], main)
+    return None
+
+
+def _teacher_pass(ws: Workspace, state: dict, teacher_digest: str, out: Path) -> np.ndarray:
+    """teacher_correct bool [n] (teacher_pass.npz written, its seconds and accuracy recorded), then the
+    selection kernels compiled and the workspace warmed, so that no curriculum pays for either."""
     start = time.perf_counter()
     pred, teacher_ok, _ = teacher_correct(ws, teacher_digest)
     state["teacher_pass_s"] = time.perf_counter() - start
     state["teacher_acc"] = float(teacher_ok.mean() * 100)
-    main = dist_ctx.is_main
-    if main:
+    if ws.dist.is_main:
         write_npz(out / "teacher_pass.npz", index=np.arange(ws.space.n_pool), pred=pred)
     state["select_compile_s"] = warm_up_kernels()
     ws.warm()
-    selected = np.asarray(state["selected"], np.int64)
-    for phase in tqdm(range(len(state["phases"]) + 1, cfg.selection.curriculum_num + 1), desc="curricula",
-                      initial=len(state["phases"]), total=cfg.selection.curriculum_num, dynamic_ncols=True,
-                      disable=not main):
-        rate = survivor_rate(state["phases"][-1]) if state["phases"] else None
-        outcome = run_phase(ws, cfg, phase, arrangement[phase - 1], selected, teacher_ok, file_key, rate)
-        selected = np.concatenate([selected, outcome.picked])
-        state["phases"].append(outcome.record)
-        state["selected"] = selected.tolist()
-        line = shortfall_line(outcome.record, ws.space.manifest.class_names)
-        if main and line:
-            tqdm.write(line)
-        if main:
-            write_audit(out / f"phase{phase}_candidates.npz", outcome.passed, ws.pool_labels, outcome.picked)
-            write_json(out / "state.json", state)
-            _write_outputs(out, cfg, state)
-    if state.get("final") is None:
-        ev = cfg.evaluation
-        state["final"] = evaluate_selection(ws, selected, ev.eval_model, cfg.recipe, ev.temperature, ev.num_eval,
-                                            cfg.machine.seed, ev.fuse_evals, "final evaluation (CCFS selection)")
-        if main:
-            write_json(out / "state.json", state)
-    if main:
-        _write_outputs(out, cfg, state)
-        write_report(out)
-        ws.curves.close()
-        print(summary_table(state, reach_text(run_reach(cfg, state["phases"]), cfg.selection.cpc)))
-    barrier(dist_ctx)
-    return state
+    return teacher_ok
+

@@ -10,6 +10,7 @@ import numpy as np
 from beton_builder.base.errors import ModelError
 from beton_builder.base.files import write_npz
 from ccfs_fast.runs.config import RunConfig
+from ccfs_fast.runs.records import PhaseRecord, Shortfall
 from ccfs_fast.runs.workspace import Workspace
 from ccfs_fast.selection.coarse import PassResult, coarse_pass
 from ccfs_fast.selection.kernels import (
@@ -26,7 +27,7 @@ from ccfs_fast.train.students import filter_curve, phase_seed, train_model
 
 @dataclass
 class PhaseOutcome:
-    record: dict
+    record: PhaseRecord
     picked: np.ndarray
     passed: PassResult
 
@@ -76,21 +77,18 @@ def run_phase(ws: Workspace, cfg: RunConfig, phase: int, curpc: int, selected: n
     chosen = broadcast(chosen, ws.dist)
     select_s = time.perf_counter() - start
     short = short_classes(chosen, curpc, cfg.selection.balance)
-    record = {
-        "phase": phase, "curpc": curpc, "train_size": len(train_set), "batch_size": batch_size,
-        "train_s": trained.seconds, "train_loop_s": trained.loop_s, "train_eval_s": trained.eval_s,
-        "train_setup_s": trained.setup_s, "train_img_per_s": trained.img_per_s, "execution": step_run.record(),
-        "coarse_pass": passed.mode,
-        "pool_eligible": passed.eligible, "pool_evaluated": passed.predicted, "coarse_rounds": passed.rounds,
-        "eval_s": eval_s, "eval_img_per_s": passed.predicted / eval_s if eval_s else 0.0, "select_s": select_s,
-        "filter_acc": trained.best_acc, "filter_acc_rule": cfg.filter_acc, "filter_last_acc": trained.last_acc,
-        "unpredicted_eligible": passed.eligible - passed.predicted,
-        "candidates": int(candidates.sum()), "candidates_per_class": chosen.candidates_per_class.tolist(),
-        "selected": len(chosen.indices), "selected_per_class": chosen.selected_per_class.tolist(),
-        "shortfall": {"policy": cfg.selection.shortfall, "classes_short": len(short), "short_classes": short,
-                      "filled_per_class": chosen.filled_per_class.tolist(),
-                      "filled": int(chosen.filled_per_class.sum()), "unmet": chosen.unmet},
-    }
+    record = PhaseRecord(
+        phase=phase, curpc=curpc, train_size=len(train_set), selected=len(chosen.indices), batch_size=batch_size,
+        train_s=trained.seconds, train_loop_s=trained.loop_s, train_eval_s=trained.eval_s,
+        train_setup_s=trained.setup_s, train_img_per_s=trained.img_per_s, execution=step_run.record(),
+        coarse_pass=passed.mode, pool_eligible=passed.eligible, pool_evaluated=passed.predicted,
+        coarse_rounds=passed.rounds, eval_s=eval_s, eval_img_per_s=passed.predicted / eval_s if eval_s else 0.0,
+        select_s=select_s, filter_acc=trained.best_acc, filter_acc_rule=cfg.filter_acc,
+        filter_last_acc=trained.last_acc, unpredicted_eligible=passed.eligible - passed.predicted,
+        candidates=int(candidates.sum()), candidates_per_class=chosen.candidates_per_class.tolist(),
+        selected_per_class=chosen.selected_per_class.tolist(),
+        shortfall=Shortfall(cfg.selection.shortfall, len(short), short, chosen.filled_per_class.tolist(),
+                            int(chosen.filled_per_class.sum()), chosen.unmet))
     return PhaseOutcome(record, chosen.indices, passed)
 
 
@@ -111,12 +109,6 @@ def first_round_rate(previous: float | None, filter_test_acc: float | None, misc
     correct = filter_test_acc / 100.0
     return 1.0 - correct if misclassified else correct
 
-
-def survivor_rate(record: dict) -> float | None:
-    """A finished phase's share of predicted images that survived the coarse stage."""
-    if not record.get("pool_evaluated"):
-        return None
-    return min(1.0, record["candidates"] / record["pool_evaluated"])  # state.json of older runs overcounted
 
 
 def write_audit(path: Path, passed: PassResult, labels: np.ndarray, picked: np.ndarray) -> None:

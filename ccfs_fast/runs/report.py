@@ -18,6 +18,7 @@ import pandas as pd
 
 from beton_builder.base.digests import cache_dir
 from beton_builder.base.files import atomic_file, write_text
+from ccfs_fast.runs.records import phase_records
 from ccfs_fast.runs.run_inputs import InputMissing, RunInputs, read_run_json, resolve_run_inputs
 from ccfs_fast.selection.scores import pool_order_scores, score_kind
 
@@ -28,11 +29,12 @@ CSV_COLUMNS = ("phase", "curpc", "train_size", "batch_size", "train_s", "train_i
 
 
 def metrics_frame(metrics: dict) -> pd.DataFrame:
+    """metrics.csv: one row per curriculum, read back through its typed record (records.PhaseRecord)."""
     rows = []
-    for phase in metrics["phases"]:
-        row = {k: phase.get(k) for k in CSV_COLUMNS}
-        row.update(filled=phase["shortfall"]["filled"], unmet=phase["shortfall"]["unmet"],
-                   classes_short=phase["shortfall"]["classes_short"])
+    for phase in phase_records(metrics):
+        row = {k: getattr(phase, k) for k in CSV_COLUMNS}
+        row.update(filled=phase.shortfall.filled, unmet=phase.shortfall.unmet,
+                   classes_short=phase.shortfall.classes_short)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -51,20 +53,20 @@ def _phase_audits(run_dir: Path, metrics: dict, values: np.ndarray | None) -> li
     from_file = score_kind(settings["score"]).from_file
     selected = np.asarray(json.loads((run_dir / "selected_indices.json").read_text())["idx_selected"], np.int64)
     out, start = [], 0
-    for phase in metrics["phases"]:
-        path = run_dir / f"phase{phase['phase']}_candidates.npz"
+    for phase in phase_records(metrics):
+        path = run_dir / f"phase{phase.phase}_candidates.npz"
         if not path.is_file():
             return []
         with np.load(path) as audit:
             index, pred, logit, label = audit["index"], audit["pred"], audit["logit"], audit["label"]
-        picked = selected[start:start + phase["selected"]]
-        start += phase["selected"]
+        picked = selected[start:start + phase.selected]
+        start += phase.selected
         position = {i: k for k, i in enumerate(index.tolist())}
         # images `fill` added may not have been predicted: no audit row, so no logit of theirs
         rows = np.array([position[i] for i in picked.tolist() if i in position], np.int64)
         coarse = (pred != label) if settings["select_misclassified"] else (pred == label)
         scored = values is not None or not from_file
-        out.append({"selected_per_class": np.asarray(phase["selected_per_class"], np.int64),
+        out.append({"selected_per_class": np.asarray(phase.selected_per_class, np.int64),
                     "candidate_scores": (values[index[coarse]] if values is not None else logit[coarse]) if scored
                     else None,
                     "selected_scores": (values[picked] if values is not None else logit[rows]) if scored else None})

@@ -7,8 +7,9 @@ import numpy as np
 
 from beton_builder.base.files import write_json, write_text
 from beton_builder.base.tables import format_table
-from ccfs_fast.runs.config import RunConfig
+from ccfs_fast.runs.config import GPU_ONLY, RunConfig
 from ccfs_fast.runs.environment import environment, tf32_switches
+from ccfs_fast.runs.records import PhaseRecord, phase_records
 from ccfs_fast.runs.report import SMOKE_NOTE
 from ccfs_fast.selection.kernels import (
     curriculum_arrangement,
@@ -39,15 +40,12 @@ def _write_outputs(out: Path, cfg: RunConfig, state: dict) -> None:
     sel = cfg.selection
     lines += [f"cpc (distilled per class): {sel.cpc}", f"spc (selected per class): {sel.spc}",
               f"arrangement: {curriculum_arrangement(sel.spc, sel.curriculum_num)}", *state.get("notes", [])]
-    for p in phases:
-        lines.append(f"phase {p['phase']}/{sel.curriculum_num}: curpc {p['curpc']}, train set {p['train_size']}, "
-                     f"filter acc ({p['filter_acc_rule']}) {_fmt(p['filter_acc'])}%, "
-                     f"predicted {p['pool_evaluated']} of "
-                     f"{p.get('pool_eligible', p['pool_evaluated'])} eligible ({p.get('coarse_pass', 'full')} pass), "
-                     "candidates "
-                     f"{p['candidates']}, selected {p['selected']} (filled {p['shortfall']['filled']}, unmet "
-                     f"{p['shortfall']['unmet']}), train {p['train_s']:.1f}s eval {p['eval_s']:.1f}s "
-                     f"select {p['select_s'] * 1000:.1f}ms")
+    for p in phase_records(state):
+        lines.append(f"phase {p.phase}/{sel.curriculum_num}: curpc {p.curpc}, train set {p.train_size}, "
+                     f"filter acc ({p.filter_acc_rule}) {_fmt(p.filter_acc)}%, predicted {p.pool_evaluated} of "
+                     f"{p.pool_eligible} eligible ({p.coarse_pass} pass), candidates {p.candidates}, selected "
+                     f"{p.selected} (filled {p.shortfall.filled}, unmet {p.shortfall.unmet}), train {p.train_s:.1f}s "
+                     f"eval {p.eval_s:.1f}s select {p.select_s * 1000:.1f}ms")
     final = state.get("final")
     if final and final.get("accs"):
         lines.append(f"Acc@1(mean): {final['acc_mean']:.2f}%, std: {final['acc_std']:.2f} over {len(final['accs'])} "
@@ -58,8 +56,6 @@ def _write_outputs(out: Path, cfg: RunConfig, state: dict) -> None:
     if cfg.smoke:
         lines.append(f"note: {SMOKE_NOTE}")
     write_text(out / "exp_log.txt", "\n".join(lines) + "\n")
-
-GPU_ONLY = ("cudnn_benchmark", "fused_optimizer", "cuda_graphs")  # switches that do nothing on a CPU
 
 
 def log_settings(state: dict, device: str) -> list[str]:
@@ -96,41 +92,37 @@ def resolved(key: str, value: object, state: dict) -> object:
 
 def run_reach(cfg: RunConfig, phases: list[dict]) -> dict:
     """The real images per class the finished curricula reached against the target (reach.real_reach)."""
-    per_class = np.sum([p["selected_per_class"] for p in phases], axis=0) if phases else np.zeros(0, np.int64)
-    return real_reach(per_class, cfg.selection.spc, sum(p["curpc"] for p in phases),
-                      sum(p["shortfall"]["unmet"] for p in phases))
+    records = [PhaseRecord.from_json(p) for p in phases]
+    per_class = np.sum([p.selected_per_class for p in records], axis=0) if records else np.zeros(0, np.int64)
+    return real_reach(per_class, cfg.selection.spc, sum(p.curpc for p in records),
+                      sum(p.shortfall.unmet for p in records))
 
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
-def shortfall_line(record: dict, class_names: tuple[str, ...], shown: int = 8) -> str | None:
+def shortfall_line(record: PhaseRecord, class_names: tuple[str, ...], shown: int = 8) -> str | None:
     """One console line naming the classes of a phase that had fewer candidates than curpc, with
     their counts (candidates / curpc, and what `fill` added); None when no class was short."""
-    curpc = record["curpc"]
-    cands = record["candidates_per_class"]
-    short = record["shortfall"].get("short_classes", [c for c, n in enumerate(cands) if n < curpc])
+    curpc, cands, short = record.curpc, record.candidates_per_class, record.shortfall.short_classes
     if not short:
         return None
-    policy = record["shortfall"]["policy"]
-    filled = record["shortfall"]["filled_per_class"]
+    filled = record.shortfall.filled_per_class
     parts = [f"{class_names[c]!r} {cands[c]}/{curpc}" + (f" +{filled[c]} filled" if filled[c] else "")
              for c in short[:shown]]
     more = f", ... ({len(short) - shown} more)" if len(short) > shown else ""
-    unmet = record["shortfall"]["unmet"]
     noun = "class" if len(short) == 1 else "classes"
-    return (f"phase {record['phase']}: {len(short)} {noun} short of {curpc} candidates (shortfall {policy}, "
-            f"{unmet} images unmet): {', '.join(parts)}{more}")
+    return (f"phase {record.phase}: {len(short)} {noun} short of {curpc} candidates (shortfall "
+            f"{record.shortfall.policy}, {record.shortfall.unmet} images unmet): {', '.join(parts)}{more}")
 
 
 def summary_table(state: dict, reached: str | None = None) -> str:
     """The per-curriculum table; its last line the final accuracy and, when given, `reached` (what
     the selection holds per class against the target, reach.reach_text)."""
-    rows = [(p["phase"], p["curpc"], p["train_size"], p["train_s"],
-             f"{p['pool_evaluated']:,} / {p.get('pool_eligible', p['pool_evaluated']):,}", p["eval_s"],
-             p["select_s"] * 1000, _fmt(p["filter_acc"]), p["selected"], p["shortfall"]["filled"],
-             p["shortfall"]["unmet"]) for p in state["phases"]]
+    rows = [(p.phase, p.curpc, p.train_size, p.train_s, f"{p.pool_evaluated:,} / {p.pool_eligible:,}", p.eval_s,
+             p.select_s * 1000, _fmt(p.filter_acc), p.selected, p.shortfall.filled, p.shortfall.unmet)
+            for p in phase_records(state)]
     table = format_table(["phase", "curpc", "train set", "train s", "predicted / eligible", "predict s", "select ms",
                           "filter acc", "selected", "filled", "unmet"], rows)
     final = state.get("final") or {}

@@ -1,8 +1,8 @@
-"""A plain-Python reference of CCFS selection, the way the paper's code does it (the filter's
-misclassified indices from one vectorised comparison, Python sets for the intersections, a loop that
-buckets by class, per-class `sorted` with a key lambda), plus the documented tie rule (ascending
-pool index) and shortfall policies. The tests check the numba kernels against it and
-benchmarks/select_kernel.py times both."""
+"""CCFS selection the way the paper's code does it (the filter's misclassified indices from one
+vectorised comparison, Python sets for the intersections, a loop that buckets by class, per-class
+`sorted` with a key lambda), plus the documented tie rule (ascending pool index) and shortfall
+policies: the baseline the benchmarks time the numba kernels against (the tests hold the kernels
+against an independent reference of their own, tests/select_reference.py)."""
 from __future__ import annotations
 
 import numpy as np
