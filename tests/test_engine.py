@@ -145,6 +145,23 @@ def test_resume_refuses_changed_settings(finished_run, engine_data, capsys):
     assert "changed settings" in err and "epochs: 3 -> 4" in err
 
 
+def test_resume_of_a_run_that_predates_a_setting(finished_run, engine_data, tmp_path, capsys):
+    """A run written before a setting existed (state.json lacks it, inside a config part) resumes:
+    the missing setting had its default then."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(finished_run, old)
+    state = json.loads((old / "state.json").read_text())
+    for name in ("labels", "train_data", "train_side"):
+        assert name in state["settings"], name
+        del state["settings"][name]
+    (old / "state.json").write_text(json.dumps(state))
+    selected = (old / "selected_indices.json").read_bytes()
+    assert main([*run_args(engine_data, old), "--resume"]) == 0, capsys.readouterr().err
+    assert (old / "selected_indices.json").read_bytes() == selected
+
+
 def test_kill_during_phase_2_then_resume_matches(engine_data, tmp_path):
     """A real SIGKILL while phase 2 runs; --resume finishes with the uninterrupted run's selection."""
     longer = ["--epochs", "8", "--num-eval", "0"]

@@ -20,6 +20,8 @@ FILTER_ACC_LOGGING = ("end", "best_last_20")
 TRAIN_DATA = ("auto", "resident", "streamed")
 COARSE_PASSES = ("lazy", "full")
 EXPORT_FORMATS = ("folder", "beton", "both")
+LABEL_REGIMES = ("teacher", "hard", "soft")  # train.students.OBJECTIVE_OF
+BASELINES = ("random",)
 SCORE_HELP = " | ".join(f"{k.name} ({'high true-class logit' if k.name == 'logits' else k.easy_end} = easy)"
                         for k in SCORE_KINDS.values())
 METHOD_HELP = "simple (easiest first) | hard (hardest first) | random (seeded)"
@@ -119,12 +121,18 @@ class Evaluation:
     """How a set is evaluated: num_eval fresh models trained by KD from the teacher at temperature T."""
 
     temperature: float = setting(20.0, "KD temperature", flags=("-T", "--temperature"))
-    eval_model: str = setting("resnet18", "model of the final evaluation")
+    eval_model: str = setting("resnet18", "model of the final evaluation (eval: a,b,c evaluates on each, one row per "
+                              "architecture)")
     num_eval: int = setting(5, "final evaluation models")
     fuse_evals: bool = setting(True, "train the evaluation models as one fused network", resume_free=True)
+    labels: str = setting("teacher", "the evaluation's labels: teacher (KD from the live teacher, the paper's) | hard "
+                          "(cross-entropy on the dataset's labels; distilled images take their class) | soft (the "
+                          "teacher's softened outputs on each image, fixed once: no live teacher)",
+                          choices=LABEL_REGIMES)
 
     def __post_init__(self) -> None:
         finite_fields(self)
+        check_choice("label regime", self.labels, LABEL_REGIMES)
         if self.num_eval < 0 or self.temperature <= 0:
             raise ConfigError(f"need --num-eval >= 0 and -T > 0; got {self.num_eval}, {self.temperature}")
 
@@ -201,6 +209,10 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_choice("filter accuracy logging", self.filter_acc, FILTER_ACC_LOGGING)
+        if "," in self.evaluation.eval_model:
+            raise ConfigError(f"--eval-model {self.evaluation.eval_model}: a run's final evaluation trains one "
+                              "architecture; evaluate others afterwards with `ccfs-fast eval --run-dir RUN "
+                              "--eval-model a,b,c`")
         s = self.selection
         if score_kind(s.score).from_file and s.score_path is None:
             raise ConfigError(f"--score {s.score} needs --score-path FILE (.npy or .npz)")
@@ -249,6 +261,14 @@ class EvalConfig:
     recipe: TrainRecipe = setting(factory=TrainRecipe)
     fast: FastPath = setting(factory=FastPath)
     machine: Machine = setting(factory=Machine)
+    baseline: str | None = setting(None, "random: also train on the same distilled part plus, per class, as many real "
+                                   "images as the selection holds drawn uniformly from that class's pool (seeded, "
+                                   "recorded in random_indices.json), under the same labels, seeds and models",
+                                   choices=BASELINES)
+    baseline_seed: int | None = setting(None, "the random baseline's draw", shown="--seed")
+    full_data_acc: str | None = setting(None, "the full data's hard-label test accuracy (%%), one per --eval-model: "
+                                        "DD-Ranking's HLR and LRS", shown="the teacher checkpoint's recorded "
+                                        "accuracy, for the teacher's own architecture")
     allow_incomplete: bool = setting(False, "evaluate a selection whose run did not finish (refused otherwise)")
     output: Path | None = setting(None, "write the results as JSON here",
                                   shown="eval.json beside the selection file, i.e. in --run-dir")
@@ -260,6 +280,32 @@ class EvalConfig:
         finite_fields(self)
         if self.train_set is not None and self.train_set != self.inputs.distilled:
             raise ConfigError("--train-set trains on that .beton alone; it takes the place of --distilled")
+        if self.baseline is not None and self.train_set is not None:
+            raise ConfigError("--baseline random draws as many real images per class as a selection holds; it needs "
+                              "--selection (or --run-dir), not --train-set")
+        full = self.full_data_accs
+        if full and len(full) != len(self.eval_models):
+            raise ConfigError(f"--full-data-acc gives {len(full)} accuracies for {len(self.eval_models)} --eval-model "
+                              "architectures; give one per architecture, in the same order")
+
+    @property
+    def eval_models(self) -> list[str]:
+        """The architectures to evaluate on: --eval-model a,b,c (a cross-architecture matrix)."""
+        return [m.strip() for m in self.evaluation.eval_model.split(",") if m.strip()]
+
+    @property
+    def full_data_accs(self) -> list[float]:
+        """--full-data-acc as numbers (%), one per architecture; [] when not given."""
+        if self.full_data_acc is None:
+            return []
+        try:
+            values = [float(v) for v in str(self.full_data_acc).split(",")]
+        except ValueError:
+            raise ConfigError(f"--full-data-acc {self.full_data_acc}: expected accuracies in %, e.g. 95.1 or "
+                              "95.1,93.8") from None
+        if not all(0 <= v <= 100 for v in values):
+            raise ConfigError(f"--full-data-acc {self.full_data_acc}: accuracies lie in [0, 100] (%)")
+        return values
 
     def check_files(self) -> EvalConfig:
         """The explicit step that reads files (see RunConfig.check_files). Returns the config."""

@@ -113,7 +113,8 @@ def _run(cfg: RunConfig, dist_ctx: DistContext, device: str, resume: bool, overw
     if state.get("final") is None:
         ev = cfg.evaluation
         state["final"] = evaluate_selection(ws, selected, ev.eval_model, cfg.recipe, ev.temperature, ev.num_eval,
-                                            cfg.machine.seed, ev.fuse_evals, "final evaluation (CCFS selection)")
+                                            cfg.machine.seed, ev.fuse_evals, "final evaluation (CCFS selection)",
+                                            ev.labels)
         if main:
             write_json(out / "state.json", state)
     if main:

@@ -13,9 +13,11 @@ from beton_builder.base.files import ensure_writable, write_json
 from beton_builder.base.tables import format_table
 from ccfs_fast.data.readers import read_labels
 from ccfs_fast.runs.config import EvalConfig
+from ccfs_fast.runs.protocol import ddranking_scores, protocol_row, protocol_table, random_draw
 from ccfs_fast.runs.workspace import open_workspace
 from ccfs_fast.selection.reach import reach_text, real_reach
 from ccfs_fast.train.distributed import init_distributed
+from ccfs_fast.train.models import canonical_model_name
 from ccfs_fast.train.students import evaluate_selection, evaluate_train_set
 
 
@@ -62,8 +64,13 @@ def evaluate_train_set_file(cfg: EvalConfig) -> dict:
                         dist_ctx, fast, check_overlap=False)
     train_set = ws.space.distilled_indices()
     ev = cfg.evaluation
-    result = evaluate_train_set(ws, train_set, ev.eval_model, cfg.recipe, ev.temperature, ev.num_eval, cfg.machine.seed,
-                                ev.fuse_evals, f"evaluation of {cfg.train_set.name}")
+    results = [evaluate_train_set(ws, train_set, arch, cfg.recipe, ev.temperature, ev.num_eval, cfg.machine.seed,
+                                  ev.fuse_evals, f"evaluation of {cfg.train_set.name} ({arch})", ev.labels)
+               for arch in cfg.eval_models]
+    result = results[0]
+    result["protocol"] = {"labels": ev.labels, "baseline": "none",
+                          "rows": [protocol_row(arch, ev.labels, one, None, None)
+                                   for arch, one in zip(cfg.eval_models, results)]}
     per_class = np.bincount(read_labels(ws.space.distilled), minlength=ws.num_classes)
     result.update({"train_set": str(cfg.train_set), "images_per_class_min": int(per_class.min()),
                    "images_per_class_max": int(per_class.max()), "normalize": ws.norm.to_json(),
@@ -109,10 +116,8 @@ def evaluate_selection_file(cfg: EvalConfig) -> dict:
     if len(selected) and (selected.min() < 0 or selected.max() >= ws.space.n_pool):
         raise ConfigError(f"{cfg.selection_file}: indices must lie in [0, {ws.space.n_pool}) for this pool, got "
                           f"[{selected.min()}, {selected.max()}]")
-    ev = cfg.evaluation
-    result = evaluate_selection(ws, selected, ev.eval_model, cfg.recipe, ev.temperature, ev.num_eval, cfg.machine.seed,
-                                ev.fuse_evals)
     real_per_class = np.bincount(ws.pool_labels[selected], minlength=ws.num_classes)
+    result = run_protocol(cfg, ws, selected, real_per_class)
     per_class = real_per_class + cpc
     reach = real_reach(real_per_class, ipc - cpc)
     result.update({"selection": str(cfg.selection_file), "ipc": ipc, "alpha": alpha, "selected": len(selected),
@@ -124,4 +129,53 @@ def evaluate_selection_file(cfg: EvalConfig) -> dict:
         return result
     _print_result(cfg, result)
     print(f"trained on: {reach_text(reach, cpc)}")
+    print_protocol(result["protocol"])
     return result
+
+
+def run_protocol(cfg: EvalConfig, ws, selected: np.ndarray, real_per_class: np.ndarray) -> dict:
+    """The evaluation protocol: for each --eval-model architecture, the set (distilled ∪ selected) under
+    --labels; with --baseline random, the same distilled part plus a uniform draw of as many real images
+    per class (the draw written as random_indices.json in the selection file's format); where the full
+    data's hard-label accuracy is known (--full-data-acc, or the teacher's for its own architecture),
+    the set under hard labels too and DD-Ranking's scores. Returns the first architecture's set result
+    (eval.json's top level, as before) with `protocol`: every row, the draw and the regime."""
+    ev, seed = cfg.evaluation, cfg.machine.seed
+    draw = None
+    if cfg.baseline == "random":
+        draw_seed = seed if cfg.baseline_seed is None else cfg.baseline_seed
+        draw = random_draw(ws.pool_labels, real_per_class, draw_seed)
+        path = (cfg.output or cfg.selection_file).parent / "random_indices.json"
+        if ws.dist.is_main:
+            write_json(path, {"ipc": int(real_per_class.max(initial=0)) + ws.distilled_rows.size // ws.num_classes,
+                              "alpha": None, "idx_selected": draw.tolist(), "method": "random", "seed": draw_seed,
+                              "per_class": real_per_class.tolist(), "selection": str(cfg.selection_file)})
+        draw = (draw, draw_seed, str(path))
+    fulls = cfg.full_data_accs
+    rows, first = [], None
+
+    def train(arch: str, picked: np.ndarray, labels: str, what: str) -> dict:
+        return evaluate_selection(ws, picked, arch, cfg.recipe, ev.temperature, ev.num_eval, seed, ev.fuse_evals,
+                                  f"{what} ({arch}, {labels} labels)", labels)
+
+    for k, arch in enumerate(cfg.eval_models):
+        ccfs = train(arch, selected, ev.labels, "CCFS selection")
+        first = first or ccfs
+        random = train(arch, draw[0], ev.labels, "random baseline") if draw is not None else None
+        full = fulls[k] if fulls else (ws.teacher_test_acc if canonical_model_name(arch) ==
+                                       canonical_model_name(ws.teacher_arch) else None)
+        scores = None
+        if random is not None and full is not None:
+            hard = ccfs if ev.labels == "hard" else train(arch, selected, "hard", "CCFS selection")
+            scores = ddranking_scores(ccfs["accs"], random["accs"], hard["accs"], full)
+            scores["full_data_acc_source"] = "--full-data-acc" if fulls else f"the teacher checkpoint ({arch})"
+        rows.append(protocol_row(arch, ev.labels, ccfs, random, scores))
+    first["protocol"] = {"labels": ev.labels, "rows": rows, "baseline": cfg.baseline,
+                         **({"random_seed": draw[1], "random_indices": draw[2]} if draw is not None else {})}
+    return first
+
+
+def print_protocol(protocol: dict) -> None:
+    """The result table, last: CCFS and random per architecture, their difference, DD-Ranking's scores."""
+    header, rows = protocol_table(protocol["rows"])
+    print(format_table(header, rows))

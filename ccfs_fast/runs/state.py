@@ -12,6 +12,7 @@ from beton_builder.base.errors import ConfigError
 from ccfs_fast.runs.config import RESUME_FREE, RunConfig
 from ccfs_fast.runs.workspace import Workspace
 from ccfs_fast.selection.scores import score_kind
+from ccfs_fast.train.settings import leaves
 
 STATE_VERSION = 1
 
@@ -29,8 +30,8 @@ def _load_state(out: Path, cfg: RunConfig) -> dict:
         raise ConfigError(f"--resume: {path} {problem}; {fix}")
     before, now = state["settings"], cfg.settings()
     # a setting a run's version did not record yet had its default then
-    defaults = RunConfig.__dataclass_fields__
-    before = {**{k: defaults[k].default for k in set(now) - set(before) if k in defaults}, **before}
+    defaults = {leaf.name: leaf.default for leaf in leaves(RunConfig)}
+    before = {**{k: defaults[k] for k in set(now) - set(before) if k in defaults}, **before}
     differ = sorted(k for k in set(before) | set(now) if k not in RESUME_FREE and before.get(k) != now.get(k))
     if differ:
         detail = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in differ[:6])

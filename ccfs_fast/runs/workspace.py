@@ -53,6 +53,7 @@ class Workspace:
     distilled_overlap: dict | None = None  # distilled images with a pool image's pixels (overlap.distilled_overlap)
     train_data: str = "auto"  # auto | resident | streamed: how train sets are read (train_form)
     curves: CurveLog | None = None  # where trainings record their per-epoch curves (rank 0 of a run)
+    teacher_test_acc: float | None = None  # the test top-1 (%) the teacher's checkpoint records (its full data's)
     _test_loader: object = None
     _distilled: tuple | None = None
 
@@ -251,4 +252,9 @@ def open_workspace(inputs: Inputs, cpc: int, machine: Machine | None = None, dis
         if warning and (dist is None or dist.is_main):
             print(warning, file=sys.stderr)
     return Workspace(space, test_file, read_labels(pool_file, workers), rows + space.n_pool, model, dev, workers,
-                     machine.eval_batch_size, dist or DistContext(), fast, arch, overlap, inputs.train_data)
+                     machine.eval_batch_size, dist or DistContext(), fast, arch, overlap, inputs.train_data,
+                     teacher_test_acc=_recorded_acc(checkpoint.meta.get("test_acc")))
+
+
+def _recorded_acc(value: object) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and 0 <= value <= 100 else None

@@ -43,18 +43,22 @@ def ce_losses(student_logits: torch.Tensor, labels: torch.Tensor, label_smoothin
 @dataclass(frozen=True)
 class Objective:
     """What a step's loss is made of: whether it runs the teacher on the augmented batch, whether it
-    reads the images' labels, and loss(student logits [M, b, C], teacher logits or None, labels [M, b]
-    or None, the step's config) -> [M]."""
+    reads the images' labels, whether it reads fixed per-image targets (soft labels), and loss(student
+    logits [M, b, C], the teacher's logits or the images' targets or None, labels [M, b] or None, the
+    step's config) -> [M]."""
 
     name: str
     uses_teacher: bool
     uses_labels: bool
     loss: Callable[..., torch.Tensor]
+    uses_targets: bool = False
 
 
 OBJECTIVES: dict[str, Objective] = {
     # knowledge distillation from a live teacher (labels unused): the paper's filters and evaluations
     "kd": Objective("kd", True, False, lambda s, t, y, cfg: kd_losses(s, t, cfg.temperature)),
-    # cross-entropy on the images' labels: a teacher's training
+    # cross-entropy on the images' labels: a teacher's training, an evaluation with hard labels
     "hard": Objective("hard", False, True, lambda s, t, y, cfg: ce_losses(s, y, cfg.label_smoothing)),
+    # KD against each image's soft label fixed once (the teacher's logits of the unaugmented image): no live teacher
+    "soft": Objective("soft", False, False, lambda s, t, y, cfg: kd_losses(s, t, cfg.temperature), True),
 }

@@ -71,3 +71,18 @@ def predict(model: nn.Module, loader, fast: FastPath | None = None, column: str 
         pred = torch.where(torch.isfinite(out).all(1), out.argmax(1), -1)
         found.put(idx, pred, third(out, labels))
     return found.columns()
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, loader, fast: FastPath | None = None) -> tuple[np.ndarray, torch.Tensor]:
+    """(index int64 [m], logits float32 [m, C] on the loader's device) of `model` over every batch of
+    `loader`, unaugmented, in the loader's order: an image's soft label, fixed once."""
+    model.eval()
+    index, logits = [], []
+    for images, _, idx in loader:
+        with compute_autocast(images.device.type, bool(fast and fast.bf16)):
+            logits.append(model(images).float())
+        index.append(idx.cpu().numpy())
+    if not logits:
+        return np.zeros(0, np.int64), torch.zeros(0)
+    return np.concatenate(index), torch.cat(logits)

@@ -109,7 +109,8 @@ class TrainStep:
     on the device, seeded as the student's seed; inv_std255 / shift: the normalisation ([1, 3, 1, 1]);
     sizes: float [N, 2] the stored (height, width) of each image when `images` are whole images of
     varying size resized to S x S (augment.crop_boxes_sized), None when they are S x S themselves;
-    labels int64 [N] (the objective `hard` reads them) and index int64 [N] (each row's global index).
+    labels int64 [N] (the objective `hard` reads them), index int64 [N] (each row's global index) and
+    targets float [N, C] (each row's fixed soft label: the objective `soft` reads them).
     `watch(rows, student logits, labels)`, when set, sees every step's batch (a teacher's forgetting
     events). __call__(rows int64 [M, b]) -> loss per student [M] (a device tensor)."""
 
@@ -118,10 +119,13 @@ class TrainStep:
     def __init__(self, students: nn.Module, trained: nn.Module, teacher: nn.Module | None, images: torch.Tensor,
                  generators: list[torch.Generator], inv_std255: torch.Tensor, shift: torch.Tensor, cfg: StepConfig,
                  sizes: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                 index: torch.Tensor | None = None):
+                 index: torch.Tensor | None = None, targets: torch.Tensor | None = None):
         if cfg.objective not in OBJECTIVES:
             raise UnknownNameError("training objective", cfg.objective, list(OBJECTIVES))
         self.objective = OBJECTIVES[cfg.objective]
+        if self.objective.uses_targets and targets is None:
+            raise ValueError(f"objective {cfg.objective!r} needs the train set's targets")
+        self.targets = targets  # float [N, C]: each row's fixed soft label (objective `soft`)
         self.students, self.trained, self.teacher, self.images = students, trained, teacher, images
         self.generators, self.cfg, self.sizes, self.labels, self.index = generators, cfg, sizes, labels, index
         self.watch: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], None] | None = None
@@ -209,6 +213,10 @@ class TrainStep:
         [M, b]), in the compute dtype (bf16 under --bf16)."""
         images, labels = self.inputs(batch)
         count, size = images.shape[:2]
+        if self.objective.uses_targets:
+            with self.autocast():
+                student_logits = self.trained(images)
+            return student_logits, self.targets.index_select(0, batch.reshape(-1)).view(count, size, -1), labels
         if not self.objective.uses_teacher:
             with self.autocast():
                 return self.trained(images), None, labels
@@ -269,9 +277,9 @@ class StreamedTrainStep(TrainStep):
 
     def __init__(self, students: nn.Module, trained: nn.Module, teacher: nn.Module, space: IndexSpace,
                  index: np.ndarray, device: torch.device, generators: list[torch.Generator], inv_std255: torch.Tensor,
-                 shift: torch.Tensor, cfg: StepConfig, workers: int):
+                 shift: torch.Tensor, cfg: StepConfig, workers: int, targets: torch.Tensor | None = None):
         super().__init__(students, trained, teacher, torch.empty(0, dtype=torch.uint8, device=device), generators,
-                         inv_std255, shift, cfg)
+                         inv_std255, shift, cfg, targets=targets)
         self.space, self.rows_index, self.workers = space, np.asarray(index, np.int64), workers
 
     @property

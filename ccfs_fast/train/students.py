@@ -29,6 +29,7 @@ from ccfs_fast.train.distributed import DistContext
 from ccfs_fast.train.graphs import GraphedStep, StepRun, graph_plan
 from ccfs_fast.train.loop import TrainResult, last_fifth_epochs, sync, train_students
 from ccfs_fast.train.models import create_model
+from ccfs_fast.train.predict import predict_logits
 from ccfs_fast.train.recipe import FastPath, TrainRecipe
 from ccfs_fast.train.step import Separate, Single, StepConfig, StreamedTrainStep, TrainStep
 
@@ -70,6 +71,8 @@ class TrainContext(Protocol):
     def train_form(self, n: int) -> tuple[bool, str]: ...
 
     def test_loader(self) -> object: ...
+
+    def pool_loader(self, indices: np.ndarray) -> object: ...
 
 
 FINAL_CURVE = "final evaluation"  # the final evaluation's name in the run's curves
@@ -143,13 +146,15 @@ def _students(ws: TrainContext, model_name: str, seeds: list[int], layout: str |
 
 def train_together(ws: TrainContext, indices: np.ndarray, model_name: str, recipe: TrainRecipe, temperature: float,
                    seeds: list[int], eval_epoch: Callable[[int], bool], desc: str, resident: tuple | None = None,
-                   layout: str | None = None, curve: str | None = None) -> Trained:
+                   layout: str | None = None, curve: str | None = None, labels: str = "teacher",
+                   targets: torch.Tensor | None = None) -> Trained:
     """len(seeds) fresh `model_name` students (together in `layout`, one of BANK_LAYOUTS, else exactly
-    one seed) trained by KD
-    on the index subset `indices`; each starts from torch.manual_seed(seed) and draws its data order
-    and augmentation from a generator seeded with it. Seconds include reading the train set (pass
-    `resident` to reuse one read). `curve`: the training's name in the run's curves (ws.curves), one
-    row per epoch per model as it trains (default: `desc`)."""
+    one seed) trained on the index subset `indices` under the label regime `labels` (OBJECTIVE_OF:
+    teacher, KD from the live teacher; hard, cross-entropy on the labels; soft, KD against each image's
+    soft label fixed once, `targets` or computed here: soft_targets); each starts from
+    torch.manual_seed(seed) and draws its data order and augmentation from a generator seeded with it.
+    Seconds include reading the train set (pass `resident` to reuse one read). `curve`: the training's
+    name in the run's curves (ws.curves), one row per epoch per model as it trains (default: `desc`)."""
     start = time.perf_counter()
     batch_size = recipe.batch_size or auto_batch_size(len(indices), ws.num_classes, ws.dataset)
     students, models = _students(ws, model_name, seeds, layout)
@@ -163,7 +168,10 @@ def train_together(ws: TrainContext, indices: np.ndarray, model_name: str, recip
         tqdm.write(f"{desc}: train set {form}", file=sys.stderr)
     if not streamed:
         resident = resident if resident is not None else ws.resident(indices)
-    step = _make_step(ws, students, trained, None if streamed else resident, indices, seeds, recipe, temperature)
+    if labels == "soft" and targets is None:
+        targets = soft_targets(ws, indices)
+    step = _make_step(ws, students, trained, None if streamed else resident, indices, seeds, recipe, temperature,
+                      labels, targets)
     plan = graph_plan(step, bool(ws.fast.cuda_graphs), ws.dist.enabled, bool(ws.fast.compile))
     plan.train_data = form
     on_epoch = ws.curves.training(curve or desc, len(seeds)) if ws.curves is not None else None
@@ -178,19 +186,35 @@ def train_together(ws: TrainContext, indices: np.ndarray, model_name: str, recip
 
 
 def _make_step(ws: TrainContext, students: nn.Module, trained: nn.Module, resident: tuple | None, indices: np.ndarray,
-               seeds: list[int], recipe: TrainRecipe, temperature: float) -> TrainStep:
-    """The KD step of `students` over the train set `indices`, one generator per seed: over its
-    resident (images, labels, index) when given, else streamed (StreamedTrainStep)."""
+               seeds: list[int], recipe: TrainRecipe, temperature: float, labels: str = "teacher",
+               targets: torch.Tensor | None = None) -> TrainStep:
+    """The step of `students` over the train set `indices` under the label regime `labels`, one
+    generator per seed: over its resident (images, labels, index) when given, else streamed
+    (StreamedTrainStep)."""
     inv_std255, shift = norm_tensors(ws.norm, ws.device)
     generators = [torch.Generator(device=ws.device).manual_seed(s) for s in seeds]
-    cfg = StepConfig(recipe, temperature, fused_optimizer=bool(ws.fast.fused_optimizer),
+    cfg = StepConfig(recipe, temperature, objective=OBJECTIVE_OF[labels], fused_optimizer=bool(ws.fast.fused_optimizer),
                      channels_last=bool(ws.fast.channels_last), bf16=bool(ws.fast.bf16),
                      teacher_channels_last=bool(ws.fast.infer_channels_last))
     if resident is None:
         return StreamedTrainStep(students, trained, ws.teacher, ws.space, indices, ws.device, generators, inv_std255,
-                              shift, cfg, ws.workers)
-    sizes = ws.space.crop_sizes(resident[2])
-    return TrainStep(students, trained, ws.teacher, resident[0], generators, inv_std255, shift, cfg, sizes)
+                                 shift, cfg, ws.workers, targets)
+    return TrainStep(students, trained, ws.teacher, resident[0], generators, inv_std255, shift, cfg,
+                     ws.space.crop_sizes(resident[2]), resident[1], resident[2], targets)
+
+
+# A label regime (an evaluation's --labels) -> the step's objective (train.losses.OBJECTIVES).
+OBJECTIVE_OF = {"teacher": "kd", "hard": "hard", "soft": "soft"}
+
+
+def soft_targets(ws: TrainContext, indices: np.ndarray) -> torch.Tensor:
+    """float32 [len(indices), C] on the device: the teacher's logits of each image of `indices`,
+    unaugmented (its evaluation view), in `indices` order: each image's soft label, fixed once."""
+    wanted = np.asarray(indices, np.int64)
+    index, logits = predict_logits(ws.teacher, ws.pool_loader(wanted), ws.fast)  # pool rows first, then distilled
+    order = np.argsort(index)
+    position = order[np.searchsorted(index[order], wanted)]
+    return logits[torch.from_numpy(position).to(logits.device)].to(ws.device)
 
 
 def probe_layouts(ws: TrainContext, resident: tuple, model_name: str, recipe: TrainRecipe, temperature: float,
@@ -252,13 +276,15 @@ def train_model(ws: TrainContext, indices: np.ndarray, model_name: str, recipe: 
 
 def evaluate_train_set(ws: TrainContext, train_set: np.ndarray, eval_model: str, recipe: TrainRecipe,
                        temperature: float, num_eval: int, seed: int, fuse: bool = True,
-                       label: str = "final evaluation") -> dict:
-    """num_eval fresh models trained by KD on the index subset `train_set`; the paper's protocol:
-    each run's best test top-1 over the epochs after 80% of training (and its last). With `fuse` the
-    models train as one fused bank (the same numbers up to float rounding), falling back to one after
-    another, with a printed note, when the architecture cannot be fused. `label` names the progress
-    bars (what is being evaluated)."""
+                       label: str = "final evaluation", labels: str = "teacher") -> dict:
+    """num_eval fresh models trained on the index subset `train_set` under the label regime `labels`
+    (teacher: KD from the live teacher, the paper's; hard; soft: see train_together); the paper's
+    protocol: each run's best test top-1 over the epochs after 80% of training (and its last). With
+    `fuse` the models train as one fused bank (the same numbers up to float rounding), falling back to
+    one after another, with a printed note, when the architecture cannot be fused. `label` names the
+    progress bars (what is being evaluated)."""
     seeds = [eval_seed(seed, run) for run in range(num_eval)]
+    targets = soft_targets(ws, train_set) if labels == "soft" and num_eval else None  # once for every model
     streamed = ws.train_form(len(train_set))[0]
     resident = ws.resident(train_set) if num_eval and not streamed else None  # one read for every evaluation run
     epochs = last_fifth_epochs(recipe.epochs)
@@ -275,7 +301,7 @@ def evaluate_train_set(ws: TrainContext, train_set: np.ndarray, eval_model: str,
                                         max(1, batch_size // ws.dist.world_size))
             together = train_together(ws, train_set, eval_model, recipe, temperature, seeds, epochs,
                                       f"{label} ({num_eval} models, {layout})", resident, layout=layout,
-                                      curve=FINAL_CURVE)
+                                      curve=FINAL_CURVE, labels=labels, targets=targets)
             results, runs = together.results, [together.run]
         except ModelError as exc:
             bank_off = f"bank: {exc}; training the {num_eval} evaluation models one after another"
@@ -285,7 +311,7 @@ def evaluate_train_set(ws: TrainContext, train_set: np.ndarray, eval_model: str,
         for run in tqdm(range(num_eval), desc=label, dynamic_ncols=True, leave=False):
             alone = train_together(ws, train_set, eval_model, recipe, temperature, [seeds[run]], epochs,
                                    f"{label}: model {run + 1}/{num_eval}", resident,
-                                   curve=f"{FINAL_CURVE} model {run + 1}")
+                                   curve=f"{FINAL_CURVE} model {run + 1}", labels=labels, targets=targets)
             results += alone.results
             runs.append(alone.run)
     best = [r.best_acc for r in results]
@@ -298,12 +324,12 @@ def evaluate_train_set(ws: TrainContext, train_set: np.ndarray, eval_model: str,
             "loop_s": [r.loop_s for r in results], "eval_s": [r.eval_s for r in results],
             "setup_s": [r.setup_s for r in results], "fused": fused,
             "batch_size": recipe.batch_size or auto_batch_size(len(train_set), ws.num_classes, ws.dataset),
-            "execution": execution}
+            "labels": labels, "eval_model": eval_model, "execution": execution}
 
 
 def evaluate_selection(ws: TrainContext, selected: np.ndarray, eval_model: str, recipe: TrainRecipe,
                        temperature: float, num_eval: int, seed: int, fuse: bool = True,
-                       label: str = "final evaluation") -> dict:
+                       label: str = "final evaluation", labels: str = "teacher") -> dict:
     """The final evaluation of docs/design.md §1.1 step 5: train on distilled ∪ selected."""
     train_set = np.concatenate([ws.distilled_rows, np.asarray(selected, np.int64)])
-    return evaluate_train_set(ws, train_set, eval_model, recipe, temperature, num_eval, seed, fuse, label)
+    return evaluate_train_set(ws, train_set, eval_model, recipe, temperature, num_eval, seed, fuse, label, labels)
