@@ -14,6 +14,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from beton_builder.base.files import write_json
@@ -116,7 +117,7 @@ class Stages:
             # its own process group (stopped whole at its limit), and killed by the kernel if this
             # parent dies first (a check killed by its caller's time limit leaves no stage holding the GPU)
             child = subprocess.Popen(argv + ["--limit", f"{limit:.1f}"], stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True, preexec_fn=die_with_parent,
+                                     start_new_session=True, preexec_fn=partial(die_with_parent, os.getpid()),
                                      env={**os.environ, **dict(stage.env)})
             record["pid"] = child.pid
             try:

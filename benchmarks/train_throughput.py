@@ -227,15 +227,15 @@ def project(rows: list[dict], trainings: list[dict]) -> list[dict]:
     return out
 
 
-def _group(rows: list[dict], precision: str, batch: int, member: str) -> dict[str, dict]:
-    """The measured rows, by mode, of the group at `batch` that holds `member` (rows measured together)."""
-    found = [r for r in rows if r.get("precision") == precision and r["batch_size"] == batch and r["mode"] == member
-             and "img_per_s" in r]
-    if not found:
-        return {}
-    group = found[-1]["group"]
-    return {r["mode"]: r for r in rows if r.get("group") == group and r.get("precision") == precision
-            and "img_per_s" in r}
+def _group(rows: list[dict], precision: str, batch: int, member: str, *also: str) -> dict[str, dict]:
+    """The measured rows, by mode, of the last group at `batch` (rows measured together) that holds
+    `member` and every mode of `also` ({} when none does)."""
+    groups = {}
+    for r in rows:
+        if r.get("precision") == precision and r["batch_size"] == batch and "img_per_s" in r:
+            groups.setdefault(r.get("group"), {})[r["mode"]] = r
+    found = [g for g in groups.values() if member in g and all(m in g for m in also)]
+    return found[-1] if found else {}
 
 
 def targets(rows: list[dict], precision: str = "fp32") -> dict:
@@ -244,7 +244,7 @@ def targets(rows: list[dict], precision: str = "fp32") -> dict:
     batch 64 over the same BANK models trained one after another with the single-model step of their
     group (graphed where graphs ran, else eager: one after another trains at that step's img/s; target
     1.5x), the denominator named. None where not measured."""
-    pair = _group(rows, precision, 32, "graphs")
+    pair = _group(rows, precision, 32, "graphs", "eager")
     graphs = (pair["graphs"]["img_per_s"] / pair["eager"]["img_per_s"]
               if "eager" in pair and pair["graphs"].get("graphs") else None)
     bank = next((g for m in LAYOUT_MODES if (g := _group(rows, precision, 64, m))), {})

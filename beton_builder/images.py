@@ -74,7 +74,8 @@ def image_size(ref: ImageRef) -> tuple[int, int] | str:
 def image_sizes(refs: list[ImageRef], workers: int) -> list[tuple[int, int]]:
     """Every image's (width, height), read from the headers in parallel; BuildError on a bad file."""
     workers = max(1, min(workers, available_cpus()))
-    with get_context("fork").Pool(workers, initializer=die_with_parent) as pool:
+    with get_context("fork").Pool(workers, initializer=die_with_parent,
+                                     initargs=(os.getpid(),)) as pool:
         sizes = pool.map(image_size, refs, chunksize=256)
     bad = next((s for s in sizes if isinstance(s, str)), None)
     if bad is not None:
@@ -103,7 +104,8 @@ def decode_images(refs: list[ImageRef], side: int | None, workers: int, desc: st
         raise BuildError(f"{desc}: no image files found")
     jobs = [(ref, side) for ref in refs]
     workers = max(1, min(workers, available_cpus()))
-    with get_context("fork").Pool(workers, initializer=die_with_parent) as pool:
+    with get_context("fork").Pool(workers, initializer=die_with_parent,
+                                     initargs=(os.getpid(),)) as pool:
         decoded = list(tqdm(pool.imap(_decode, jobs, chunksize=64), total=len(jobs), desc=desc,
                             unit="img"))
     shapes: dict[tuple[int, ...], ImageRef] = {}

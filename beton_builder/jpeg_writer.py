@@ -277,7 +277,8 @@ def write_jpeg_beton(files: ImageSource, out: Path, settings: JpegSettings, work
                 fh.write(bytes(data_start))
             fh.seek(length if first else data_start)
             pool_size = max(1, min(workers, available_cpus()))
-            with get_context("fork").Pool(pool_size, initializer=die_with_parent) as pool:
+            with get_context("fork").Pool(pool_size, initializer=die_with_parent,
+                                     initargs=(os.getpid(),)) as pool:
                 results = bounded_imap(pool, _encode, _jobs(files, first, settings), 4 * pool_size)
                 _append(fh, rows, results, first, data_start, n, lambda r, at: rows.save(record, key, r, at),
                         f"build {out.name}", page_size, checkpoint_s)

@@ -12,7 +12,8 @@ A whole run from Python (the same as `ccfs-fast run`; see docs/library.md in the
     state["final"]["acc_mean"], state["selected"][:10]
 
 Entry points: run, evaluate, train_teacher, build, export, open_beton; configs: RunConfig (through
-make_run_config), EvalConfig, TeacherConfig, ExportConfig, TrainRecipe, FastPath; the selection
+make_run_config), EvalConfig, TeacherConfig, ExportConfig (through make_config(EvalConfig, **settings)),
+TrainRecipe, FastPath; the selection
 kernels (pure numpy): curriculum_arrangement, candidate_mask, order_key, select_per_class, with
 load_scores and easy_first_key; the loaders: BetonFile, IndexSpace, EvalLoader, ResidentTrainLoader.
 Names are imported on first use, so `import ccfs_fast` itself is instant.
@@ -26,7 +27,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "run": "api", "evaluate": "api", "train_teacher": "api", "build": "api", "export": "api", "open_beton": "api",
     "configure_threads": "data.threads", "run_curriculum": "runs.curriculum",
-    "make_run_config": "runs.presets", "RunConfig": "runs.config", "EvalConfig": "runs.config",
+    "make_run_config": "runs.presets", "make_config": "runs.presets", "RunConfig": "runs.config",
+    "EvalConfig": "runs.config",
     "TeacherConfig": "runs.config", "ExportConfig": "runs.config", "TrainRecipe": "train.recipe",
     "FastPath": "train.recipe",
     "curriculum_arrangement": "selection.kernels", "candidate_mask": "selection.kernels",

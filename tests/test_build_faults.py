@@ -121,3 +121,32 @@ def test_a_half_written_output_is_built_again(tmp_path, capsys):
     assert main(["build", "arrays", "--src", str(tmp_path / "a.npz"), "--out", str(out)]) == 2
     one_line_error(capsys.readouterr().err, "already exists", "--overwrite")
     assert out.is_file()
+
+
+PID_ONE = """
+import os, sys
+from multiprocessing import get_context
+from beton_builder.base.processes import children_die_with_parent, die_with_parent, run_isolated
+assert os.getpid() == 1, os.getpid()
+children_die_with_parent()
+print(run_isolated(print, "isolated child ran"), flush=True)
+with get_context("fork").Pool(2, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
+    print("pool", pool.map(abs, [-1, -2]), flush=True)
+pid = os.fork()
+if pid == 0:
+    print("forked child ran", flush=True)
+    os._exit(0)
+os.waitpid(pid, 0)
+"""
+
+
+def test_children_of_a_pid_one_parent_run():
+    """A command that is a container's entry point (pid 1, here a new pid namespace) forks workers
+    that run: a parent with pid 1 is alive, not a sign that the worker's parent died."""
+    probe = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no new pid namespace here (unshare: {probe.stderr.decode().strip()[:80]})")
+    done = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", PID_ONE],
+                          capture_output=True, text=True, timeout=120, env=cli_env())
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[:4] == ["isolated child ran", "None", "pool [1, 2]", "forked child ran"], done.stdout

@@ -188,3 +188,32 @@ def test_demo_console_has_no_traceback(tmp_path):
     again = subprocess.run([sys.executable, "-m", "ccfs_fast.cli", "demo", "--output-dir", str(out)],
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 2  # an existing demo is not overwritten silently
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["run", "--pool", "p.beton", "--distiled", "d.beton"], "unknown flag --distiled for `ccfs-fast run` (did you "
+                                                           "mean --distilled?)"),
+    (["build", "folder", "--srcc", "x"], "unknown flag --srcc for `ccfs-fast build folder` (did you mean --src?)"),
+    (["eval", "--lables", "hard"], "unknown flag --lables for `ccfs-fast eval` (did you mean --labels?)"),
+])
+def test_a_mistyped_flag_is_named_in_one_line(argv, needle, capsys):
+    """A typo gets one line naming it and the closest flag, not the whole usage."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"ccfs-fast: error: {err.split('error: ', 1)[1].strip()}"]
+    assert needle in err and "usage:" not in err
+
+
+def test_a_mistyped_preset_or_setting_gets_a_suggestion():
+    from beton_builder.base.errors import UnknownNameError
+    from ccfs_fast import EvalConfig, make_config, make_run_config
+
+    with pytest.raises(UnknownNameError, match=r"unknown preset 'cifar10-ipc5000' \(did you mean 'cifar10-ipc500'\?\)"):
+        make_run_config(preset="cifar10-ipc5000")
+    with pytest.raises(UnknownNameError, match=r"unknown EvalConfig setting 'pol' \(did you mean 'pool'\?\)"):
+        make_config(EvalConfig, pol="x.beton")
+    # an unambiguous prefix is argparse's to accept, not a typo
+    from ccfs_fast.cli import make_parser, unknown_flag
+
+    assert unknown_flag(make_parser(), ["run", "--distil", "d.beton"]) is None
+    assert unknown_flag(make_parser(), ["bench", "select", "--quick"]) is None

@@ -4,6 +4,7 @@ top-level API exports what it says, each name with a docstring."""
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shlex
 import shutil
@@ -117,17 +118,21 @@ def test_library_snippets_run_as_written(engine_data, tmp_path):
     name (a CIFAR-10-format pool, its test split, a distilled set and a teacher made by the CLI)."""
     (tmp_path / "data").mkdir()
     for name, target in (("pool", "data/cifar10_train.beton"), ("test", "data/cifar10_test.beton"),
-                         ("distilled", "data/distilled.beton"), ("teacher", "teacher.pt")):
+                         ("distilled", "data/distilled.beton"), ("teacher", "teacher.pt"),
+                         ("scores", "forgetting.npy")):
         for suffix in ("", ".json", ".rows.npz"):
             source = Path(f"{engine_data[name]}{suffix}")
             if source.is_file():
                 shutil.copy(source, tmp_path / f"{target}{suffix}")
     snippets = _snippets()
-    assert len(snippets) == 3
+    assert len(snippets) == 4
     script = "\n".join(snippets)
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "note: --smoke:" in done.stdout and (tmp_path / "runs" / "from-python" / "metrics.json").is_file()
+    assert done.stdout.count("note: --smoke: the distilled set's smallest class") == 1  # the notes, once
+    settings = json.loads((tmp_path / "runs" / "from-python" / "state.json").read_text())["settings"]
+    assert settings["score"] == "forgetting" and settings["score_path"].endswith("forgetting.npy")
+    assert (tmp_path / "runs" / "from-python" / "eval-hard.json").is_file() and "convnet_tiny" in done.stdout
     assert "torch.Size([8, 3, 32, 32])" in done.stdout
 
 

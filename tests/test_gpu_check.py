@@ -239,3 +239,24 @@ def test_after_a_failed_capture_nothing_draws_from_a_default_generator():
     assert watch.draws == []
     assert "made to fail" in figures["capture_failed"] and figures["held"]
     assert figures["after_graphs_off"].startswith("capture failed") and figures["after_step_ms"] > 0
+
+
+def test_targets_on_rows_shaped_like_the_cuda_groups():
+    """On CUDA, batch 32 is measured twice (eager + graphs; graphs + the bank layouts): the graphs
+    ratio comes from the group that holds both, the bank ratio from the bank's group."""
+    from benchmarks.train_throughput import default_groups, targets
+
+    rates = {"eager": 1000.0, "graphs": 4000.0, "bank_nchw": 5000.0, "bank_channels_last": 6500.0, "streams": 5500.0}
+    rows = []
+    for batch, modes in default_groups([32, 64], cuda=True):
+        group = f"fp32 b{batch}: {' + '.join(modes)}"
+        for mode in modes:
+            # a second measurement of graphs (inside the bank group) differs, as it would
+            rate = rates[mode] * (1.1 if mode == "graphs" and len(modes) > 2 else 1.0)
+            rows.append({"mode": mode, "precision": "fp32", "batch_size": batch, "group": group, "img_per_s": rate,
+                         "graphs": mode == "graphs"})
+    t = targets(rows)
+    assert t["graphs_over_eager_b32"] == pytest.approx(4.0)
+    assert t["bank_best_layout"] == "bank_channels_last"
+    assert t["bank_over_sequential_b64"] == pytest.approx(6500 / 4400)
+    assert "graphed" in t["bank_denominator"]

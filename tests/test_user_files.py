@@ -161,6 +161,14 @@ def test_export_overwrite_replaces_only_an_earlier_export(finished_run, tmp_path
     assert done.returncode == 0, done.stderr[-2000:]
     assert (export / "ccfs_set.beton").is_file() and not left.exists() and "interrupted export" in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".set")) == []
+    # a teacher kept inside an earlier export is an input of the run: that export is not replaced
+    state = json.loads((run / "state.json").read_text())
+    shutil.copy(state["settings"]["teacher"], export / "teacher.pt")
+    state["settings"]["teacher"] = str(export / "teacher.pt")
+    (run / "state.json").write_text(json.dumps(state))
+    done = cli(["export", str(run), "--out", str(export), "--overwrite"], tmp_path)
+    assert done.returncode == 2 and (export / "teacher.pt").is_file(), done.stderr[-2000:]
+    one_line_error(done.stderr, "an input of the run")
 
 
 class _Payload:

@@ -1,5 +1,8 @@
 """Typed errors. Every error a user can cause derives from CCFSError and says what was received,
 what was expected and how to fix it; the CLI prints its message on one line and exits non-zero."""
+from __future__ import annotations
+
+import difflib
 
 
 class CCFSError(Exception):
@@ -42,7 +45,9 @@ class UnknownNameError(ConfigError):
     """A registry lookup failed; the message lists the valid names."""
 
     def __init__(self, kind: str, name: str, valid: list[str]):
-        super().__init__(f"unknown {kind} {name!r}; valid {plural(kind)}: {', '.join(sorted(valid))}")
+        close = difflib.get_close_matches(str(name), [str(v) for v in valid], n=1, cutoff=0.6)
+        guess = f" (did you mean {close[0]!r}?)" if close else ""
+        super().__init__(f"unknown {kind} {name!r}{guess}; valid {plural(kind)}: {', '.join(sorted(valid))}")
         self.kind, self.name, self.valid = kind, name, valid
 
 

@@ -70,20 +70,29 @@ def reuse_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
-def die_with_parent() -> None:
-    """Asks the kernel to SIGKILL this process when its parent exits (set in forked children)."""
+def die_with_parent(parent: int | None = None) -> None:
+    """Asks the kernel to SIGKILL this process when its parent exits (set in forked children).
+    `parent`: the pid of the process that forked this one (pass os.getpid() from the parent, e.g. as a
+    pool's initargs), default the one recorded at the fork (children_die_with_parent); a child whose
+    parent is no longer that process (it died before the request was in place) exits at once. A parent
+    with pid 1 (a container's entry point) is a live parent, not a sign of one gone."""
     with suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() == 1:  # the parent died before the request was in place
+    expected = parent if parent is not None else _FORKED_BY.get("pid")
+    if expected is not None and os.getppid() != expected:
         os._exit(1)
+
+
+# the pid of the process about to fork, recorded in it by the at-fork hook and read in the child
+_FORKED_BY: dict[str, int] = {}
 
 
 @functools.cache  # once per process: fork handlers cannot be unregistered
 def children_die_with_parent() -> None:
     """Every process forked from now on (multiprocessing pools, FFCV's writer workers) dies with the
     process that forked it, so no worker outlives a killed command."""
-    os.register_at_fork(after_in_child=die_with_parent)
+    os.register_at_fork(before=lambda: _FORKED_BY.update(pid=os.getpid()), after_in_child=die_with_parent)
 
 
 def quiet_teardown() -> None:
@@ -99,11 +108,11 @@ def quiet_teardown() -> None:
     gc.collect()
 
 
-def _isolated(fn: Callable, args: tuple, errors: multiprocessing.queues.SimpleQueue) -> None:
+def _isolated(fn: Callable, args: tuple, errors: multiprocessing.queues.SimpleQueue, parent: int) -> None:
     os.setpgrp()  # its own process group: the parent can kill it and everything it forked at once
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the parent's to handle
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    die_with_parent()
+    die_with_parent(parent)
     children_die_with_parent()
     try:
         fn(*args)
@@ -120,7 +129,7 @@ def run_isolated(fn: Callable, *args: object) -> tuple[str, int | None, str] | N
     errno, message)."""
     ctx = multiprocessing.get_context("fork")
     errors = ctx.SimpleQueue()
-    proc = ctx.Process(target=_isolated, args=(fn, args, errors))
+    proc = ctx.Process(target=_isolated, args=(fn, args, errors, os.getpid()))
     proc.start()
     try:
         while proc.is_alive():

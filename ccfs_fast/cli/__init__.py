@@ -50,6 +50,36 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser | None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices.get(name)
+    return None
+
+
+def unknown_flag(parser: argparse.ArgumentParser, argv: Sequence[str]) -> str | None:
+    """One line naming the first flag that no (sub)command of `argv` knows, with the closest known one
+    (argparse's own answer is the whole usage, without the typo), or None when every flag is known or
+    an unambiguous prefix of one, as argparse accepts."""
+    import difflib
+
+    words, command = list(argv), []
+    while words and not words[0].startswith("-") and (inner := _subparser(parser, words[0])) is not None:
+        parser, command = inner, command + [words.pop(0)]
+    if any(action.nargs == argparse.REMAINDER for action in parser._actions):
+        return None  # the rest is another program's arguments (a benchmark's own flags)
+    known = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+    for word in words:
+        flag = word.split("=", 1)[0]
+        if word == "--" or not flag.startswith("--") or any(k.startswith(flag) for k in known):
+            continue
+        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+        where = " ".join(["ccfs-fast", *command])
+        guess = f" (did you mean {close[0]}?)" if close else ""
+        return f"unknown flag {flag} for `{where}`{guess}; `{where} --help` lists every flag"
+    return None
+
+
 def versions() -> str:
     """`ccfs-fast --version`: the package and the versions of what it runs on."""
     from importlib.metadata import PackageNotFoundError, version
@@ -88,6 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if list(argv[:1]) == ["bench"] and (len(argv) == 1 or argv[1] in ("-h", "--help")):
         parser.parse_args(["bench", "--help"])  # lists the benchmarks and exits 0
+    typo = unknown_flag(parser, argv)
+    if typo is not None:
+        print(f"ccfs-fast: error: {typo}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     from beton_builder.base.processes import Terminated
 

@@ -114,7 +114,10 @@ def add_eval(sub: argparse._SubParsersAction, handler: Callable) -> None:
     p = sub.add_parser("eval", help="train and evaluate models on distilled ∪ a saved selection",
                        description="Trains --num-eval models by KD on the distilled images and a selection, as "
                                    "`run`'s final evaluation does. --run-dir RUN takes the selection and every "
-                                   "setting from a run's outputs (reproducing its numbers); flags override.")
+                                   "setting from a run's outputs (reproducing its numbers); other flags override its "
+                                   "settings, while --pool, --test, --distilled and --teacher then only say where the "
+                                   "run's own inputs are now (checked against what it recorded): to evaluate with "
+                                   "other inputs, pass them and --selection without --run-dir.")
     p.add_argument("--run-dir", type=Path, default=S,
                    help="a `ccfs-fast run` output directory to reproduce (default: none; then --pool, --test, "
                         "--distilled, --teacher and --selection are needed)")

@@ -1,6 +1,7 @@
 """The paper's published settings per dataset and IPC, --smoke, and RunConfig as `run` makes it from them."""
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 from beton_builder.base.errors import ConfigError, UnknownNameError
@@ -108,6 +109,27 @@ def smoke_fit(values: dict, published: bool) -> tuple[dict, list[str]]:
     return values, notes
 
 RUN_PATHS = ("pool", "test", "distilled", "teacher", "output_dir", "score_path")
+
+
+def path_settings(config: type) -> frozenset[str]:
+    """The settings of `config` that are paths (given as str or Path)."""
+    return frozenset(leaf.name for leaf in leaves(config) if leaf.type in (Path, Path | None))
+
+
+def make_config(config: type, **settings: object) -> object:
+    """A command's config (EvalConfig, TeacherConfig, ExportConfig, RunConfig without a preset) from
+    flat settings: every setting of its parts by name, paths as str or Path, e.g.
+    make_config(EvalConfig, pool=..., test=..., distilled=..., teacher=..., selection_file=...,
+    labels="hard"). A name no part holds is refused, naming the valid ones. A warm-up longer than the
+    epochs is shortened as the CLI does (a note in the config's notes). Its files are checked."""
+    check_finite(settings)
+    paths = path_settings(config)
+    values = {k: Path(v) if k in paths and v is not None else v for k, v in settings.items()}
+    recipe = next((f.default_factory() for f in fields(config) if f.name == "recipe"), None)
+    notes: list[str] = []
+    if recipe is not None:
+        values, notes = fit_warmup(values, recipe)
+    return compose(config, {**values, "notes": tuple(notes)}).check_files()
 
 
 def make_run_config(preset: str | None = None, smoke: bool = False, **settings: object) -> RunConfig:

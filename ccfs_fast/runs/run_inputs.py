@@ -58,6 +58,16 @@ def candidates(state: dict, run_dir: Path, key: str) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
+def input_places(state: dict, run_dir: Path, given: dict[str, Path] | None = None) -> list[Path]:
+    """Every place where one of the run's inputs is or may be (each recorded input's candidates and
+    the paths `given` for them) that exists: what an export may never replace."""
+    places = [Path(v) for v in (given or {}).values() if v is not None]
+    for key in RUN_INPUTS:
+        if state["settings"].get(key) is not None:
+            places += candidates(state, run_dir, key)
+    return [p for p in dict.fromkeys(places) if p.exists()]
+
+
 def content_digest(key: str, path: Path) -> str:
     """The digest a run records for input `key` at `path`: a .beton's content digest (its manifest's,
     checked against the file), a teacher's or score file's sha256."""

@@ -14,7 +14,7 @@ from beton_builder.base.errors import DataError
 from beton_builder.beton import BetonFile
 from ccfs_fast.data.readers import iterate_rows, read_labels, stored_bytes
 from ccfs_fast.runs.config import distilled_shortage
-from ccfs_fast.runs.run_inputs import read_run_json, resolve_run_inputs
+from ccfs_fast.runs.run_inputs import input_places, read_run_json, resolve_run_inputs
 from ccfs_fast.selection.scores import pool_order_scores, score_kind
 
 READ_BATCH = 512
@@ -39,6 +39,7 @@ class RunSet:
     scores: np.ndarray
     complete: bool
     phases_done: int
+    input_places: tuple[Path, ...] = ()  # where the run's inputs are (run_inputs.input_places)
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -85,7 +86,8 @@ def open_run_set(run_dir: str | Path, given: dict[str, Path] | None = None) -> R
     return RunSet(run_dir, settings, pool, distilled, distilled_rows, labels[distilled_rows], selected,
                   read_labels(pool)[selected], curriculum,
                   _selected_scores(run_dir, settings, inputs.get("score_path"), pool, selected, curriculum),
-                  bool(selection.get("complete")), int(selection.get("phases_done", len(counts))))
+                  bool(selection.get("complete")), int(selection.get("phases_done", len(counts))),
+                  tuple(input_places(state, run_dir, given)))
 
 
 def _selected_scores(run_dir: Path, settings: dict, score_path: Path | None, pool: BetonFile, selected: np.ndarray,

@@ -180,7 +180,7 @@ def export_run(cfg: ExportConfig) -> dict:
     if not run.complete and not cfg.allow_incomplete:
         raise ConfigError(f"{cfg.run_dir} is an unfinished run ({run.phases_done} curricula done); finish it with "
                           "`ccfs-fast run --resume` or pass --allow-incomplete to export it as it is")
-    check_replaceable(cfg.out, cfg.overwrite, cfg.run_dir, [run.pool.path, run.distilled.path])
+    check_replaceable(cfg.out, cfg.overwrite, cfg.run_dir, [run.pool.path, run.distilled.path, *run.input_places])
     extension = {"distilled": "jpg" if run.distilled.manifest.variable_size else "png",
                  "pool": "jpg" if run.pool.manifest.variable_size else "png"}
     names = file_names(run, extension)

@@ -153,6 +153,9 @@ def graph_plan(step: TrainStep, want: bool, distributed: bool, compiled: bool) -
         return StepRun(False, "cuda graphs: off while the train set streams through FFCV's decoders; running eagerly")
     if not want:
         return StepRun(False, "cuda graphs: off (--no-cuda-graphs); running eagerly")
+    if step.watch is not None:  # a Python callback would run at capture only, never on replay
+        return StepRun(False, "cuda graphs: off while each step's predictions are recorded (forgetting events); "
+                              "running eagerly", True)
     if distributed:
         return StepRun(False, "cuda graphs: off under torchrun (gradients are all-reduced by DDP); running eagerly",
                        True)

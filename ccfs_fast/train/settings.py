@@ -116,7 +116,7 @@ def compose(config: type, values: dict, **parts: object) -> object:
             taken.add(f.name)
     unknown = sorted(set(values) - taken)
     if unknown:
-        raise UnknownNameError(f"setting of {config.__name__}", unknown[0], [leaf.name for leaf in leaves(config)])
+        raise UnknownNameError(f"{config.__name__} setting", unknown[0], [leaf.name for leaf in leaves(config)])
     return config(**own)
 
 
