@@ -42,6 +42,7 @@ class BuildConfig:
     overwrite: bool = False
     workers: int = 2
     class_order: str | None = None  # folder / parquet: sorted | numeric (needed when integer names sort otherwise)
+    classes_like: Path | None = None  # folder: a .beton whose class names (label order) the folders map to by name
     max_side: int | None = None  # JPEG storage: longer side stored (FFCV's ImageNet example: 500)
     jpeg_quality: int | None = None  # JPEG storage: quality (FFCV's ImageNet example: 90)
     labels: Path | None = None  # tensors: labels .pt (else in the images file)
@@ -93,7 +94,8 @@ BUILD_KINDS: dict[str, BuildKind] = {
     "cifar10": BuildKind(lambda c: read_cifar(c.src, "cifar10"), False),
     "cifar100": BuildKind(lambda c: read_cifar(c.src, "cifar100"), False),
     "tiny-imagenet": BuildKind(lambda c: read_tiny_imagenet(c.src, c.workers), False),
-    "folder": BuildKind(lambda c: {"": read_image_folder(c.src, c.per_class, c.side, c.workers, c.class_order)}, True),
+    "folder": BuildKind(lambda c: {"": read_image_folder(c.src, c.per_class, c.side, c.workers, c.class_order,
+                                                         *reference_classes(c.classes_like))}, True),
     "arrays": BuildKind(lambda c: {"": read_arrays(c.src)}, True),
     "tensors": BuildKind(lambda c: {"": read_tensors(c.src, c.labels, c.normalized_with, c.classes)}, True),
     "parquet": BuildKind(lambda c: {"": read_parquet((c.src, *c.sources), c.image_column, c.label_column,
@@ -103,9 +105,18 @@ BUILD_KINDS: dict[str, BuildKind] = {
 JPEG_KINDS = ("folder", "parquet", "imagenet")  # may store JPEG (images of varying size)
 # Flags that apply to some kinds only: a value other than the default for another kind is refused.
 KIND_FLAGS = {"per_class": ("folder",), "side": ("folder",), "class_order": ("folder", "parquet"),
+              "classes_like": ("folder",),
               "max_side": JPEG_KINDS, "jpeg_quality": JPEG_KINDS, "labels": ("tensors",),
               "normalized_with": ("tensors",), "classes": ("tensors",), "image_column": ("parquet",),
               "label_column": ("parquet",), "split": ("parquet",), "sources": ("parquet",)}
+
+
+def reference_classes(beton: Path | None) -> tuple[tuple[str, ...] | None, str]:
+    """(the class names of the .beton `beton` in label order, how to name it), from its manifest; (None,
+    "") without one."""
+    if beton is None:
+        return None, ""
+    return tuple(read_manifest(Path(beton)).class_names), f"--classes-like {beton}"  # DataError names the file
 
 
 def output_paths(config: BuildConfig) -> dict[str, Path]:

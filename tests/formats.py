@@ -28,7 +28,7 @@ def class_images(n: int, num_classes: int, side: int, seed: int, separation: int
     return images, labels.astype(np.int64)
 
 
-def write_cifar10(root: Path, train: tuple, test: tuple) -> Path:
+def write_cifar10(root: Path, train: tuple, test: tuple, names: list[str] | None = None) -> Path:
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     x, y = train
@@ -38,7 +38,8 @@ def write_cifar10(root: Path, train: tuple, test: tuple) -> Path:
                                            b"filenames": [b"f%d.png" % i for i in idx]})
     _dump(folder / "test_batch", {b"batch_label": b"testing batch 1 of 1", b"labels": [int(v) for v in test[1]],
                                   b"data": _flat(test[0]), b"filenames": [b"t.png"] * len(test[0])})
-    _dump(folder / "batches.meta", {b"label_names": [f"class{i}".encode() for i in range(10)],
+    names = names or [f"class{i}" for i in range(10)]
+    _dump(folder / "batches.meta", {b"label_names": [n.encode() for n in names],
                                     b"num_cases_per_batch": 10000, b"num_vis": 3072})
     return folder
 

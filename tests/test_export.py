@@ -41,7 +41,10 @@ def test_export_round_trips_a_raw_run(finished_run, tmp_path, capsys):
     pool_names = BetonFile.open(json.loads((finished_run / "state.json").read_text())["settings"]["pool"]) \
         .manifest.class_names
     assert BetonFile.open(out / "ccfs_set.beton").manifest.class_names == pool_names
-    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(pool_names)  # named as the dataset does
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [f"{c:03d}" for c in range(len(pool_names))]
+    with open(out / "classes.csv", newline="") as fh:  # the folders by label index, their names beside
+        assert [(r["folder"], int(r["label"]), r["class_name"]) for r in csv.DictReader(fh)] == \
+            [(f"{c:03d}", c, name) for c, name in enumerate(pool_names)]
     assert main(["build", "folder", "--src", str(out), "--out", str(tmp_path / "folder.beton")]) == 0
     by_class = np.argsort(labels, kind="stable")  # ImageFolder order: class, then file name (= the set's order)
     folder_pixels, folder_labels, _ = read_all(tmp_path / "folder.beton")

@@ -319,7 +319,8 @@ def test_jpeg_pool_export_keeps_the_stored_jpeg_bytes(ilsvrc, imagenet_run_input
     pool = BetonFile.open(ilsvrc["pool"])
     stored = list(stored_bytes(pool, [int(r["pool_index"]) for r in real]))
     assert [(tmp_path / "e" / r["file"]).read_bytes() for r in real] == stored
-    assert all(r["file"].endswith(".jpg") and r["file"].split("/")[0].startswith("n0") for r in real)
+    assert all(r["file"].endswith(".jpg") and r["file"].split("/")[0] == f"{int(r['label']):03d}" for r in real)
+    assert all(r["class_name"].startswith("n0") for r in real)
     exported = BetonFile.open(tmp_path / "e" / "ccfs_set.beton")
     assert list(stored_bytes(exported, np.arange(len(rows) - len(real), len(rows)))) == stored
     assert read_labels(exported).tolist() == [int(r["label"]) for r in rows]

@@ -27,6 +27,10 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     folder.add_argument("--class-order", choices=("sorted", "numeric"), default=None,
                         help="label order of the class folders: sorted (torchvision's and the paper's) or numeric; "
                              "required when integer folder names sort otherwise (0, 1, 10, 2, ...) (default: sorted)")
+    folder.add_argument("--classes-like", type=Path, default=None, metavar="POOL.beton",
+                        help="take the class names and their label order from this .beton (the pool): each folder "
+                             "named as one of its classes, in any order, or with its label index (default: the "
+                             "folders' sorted order; an export's classes.csv when the folder holds one)")
     imagenet = kinds.add_parser("imagenet", help="ILSVRC-2012 train + val folders: writes imagenet_train.beton and "
                                 "imagenet_test.beton (JPEG, images of varying size; resumes after an interruption)")
     imagenet.add_argument("--src", type=Path, required=True,

@@ -190,13 +190,17 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("export", help="a run's final set (distilled + selected) as an image folder and a .beton",
                        description="Writes the run's final synthetic set, the distilled images it used and then the "
-                                   "real images it selected, as an image folder (one sub-folder per class; PNG, or "
+                                   "real images it selected, as an image folder (one sub-folder per class, named "
+                                   "by label index; PNG, or "
                                    "the stored JPEG bytes of a JPEG pool), a .beton in the run's order "
                                    "(ccfs_set.beton, for `run`, `eval --train-set` and FFCV) and manifest.csv (file, "
                                    "label, class, source, pool index, curriculum, score).")
     p.add_argument("run_dir", type=Path, help="a `ccfs-fast run` output directory")
     p.add_argument("--out", type=Path, required=True, help="the folder to write (created; refused if it exists)")
-    p.add_argument("--format", choices=EXPORT_FORMATS, default="both", help="(default: both)")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="both",
+                   help="folder (class folders 000, 001, ... in label order, classes.csv naming them), beton, both "
+                        "(folder + beton), tensors (images.pt float [N, 3, H, W] normalised as the run evaluates, "
+                        "labels.pt int64 [N], class-major: DD-Ranking's form) or all (default: both)")
     p.add_argument("--allow-incomplete", action="store_true",
                    help="export an unfinished run's set as it is (refused otherwise)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (default: refuse)")

@@ -124,7 +124,8 @@ class EvalLoader:
         for beton, rows, _, offset in self.space.parts(self.indices):
             for images, labels, index in self.space.reader(beton, chunk, self.workers, rows).read(rows):
                 images = images.to(self.device, non_blocking=True)
-                labels, index = labels.to(self.device), (index + offset).to(self.device)
+                labels = self.space.as_pool_labels(beton, labels).to(self.device)
+                index = (index + offset).to(self.device)
                 for start in range(0, len(labels), self.batch_size):
                     stop = start + self.batch_size
                     yield (normalise_nhwc(images[start:stop], self.mean255, self.std255, self.channels_last),

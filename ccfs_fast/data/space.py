@@ -11,7 +11,15 @@ from beton_builder.base.errors import DataError
 from beton_builder.beton import BetonFile
 from beton_builder.manifest import Manifest
 from ccfs_fast.data.normalization import Normalization
-from ccfs_fast.data.readers import READ_CHUNK, RowReader, eval_chunk, may_scatter, row_reader, scattered_rows
+from ccfs_fast.data.readers import (
+    READ_CHUNK,
+    RowReader,
+    eval_chunk,
+    may_scatter,
+    read_labels,
+    row_reader,
+    scattered_rows,
+)
 
 DEFAULT_TRAIN_SIDE = 224  # images of varying size are trained and evaluated at this side unless --train-side
 
@@ -28,21 +36,31 @@ def positional(names: tuple[str, ...]) -> bool:
     return numbers == list(range(numbers[0], numbers[0] + len(numbers)))
 
 
-def check_class_names(pool: BetonFile, distilled: BetonFile) -> None:
-    """A distilled set names the pool's classes (wnids, CIFAR names) in the pool's order, or only counts
-    them (positional names, mapped by order). Names that differ would give classes another class's
-    label silently: refused, naming the first differences."""
+def class_map(pool: BetonFile, distilled: BetonFile) -> np.ndarray | None:
+    """How a distilled set's labels map to the pool's: None when they are the pool's already (the same
+    names in the same order, or names that only count classes: positional, mapped by order); an
+    int64 [C] array, distilled label -> pool label, when it names the pool's classes in another order
+    (folders built from names that sort differently from the pool's label order). Names that are not
+    the pool's would give classes another class's label silently: refused, naming the differences."""
     theirs, ours = distilled.manifest.class_names, pool.manifest.class_names
     if theirs == ours or positional(theirs) or positional(ours):
-        return
+        return None
+    if sorted(theirs) == sorted(ours) and len(set(ours)) == len(ours):
+        where = {name: label for label, name in enumerate(ours)}
+        return np.array([where[name] for name in theirs], np.int64)
     differ = [c for c, (a, b) in enumerate(zip(theirs, ours)) if a != b]
     missing = sorted(set(ours) - set(theirs))
     shown = "; ".join(f"label {c}: {theirs[c]!r} in the distilled set, {ours[c]!r} in the pool" for c in differ[:3])
     hint = f" (the pool's {', '.join(map(repr, missing[:3]))} {'has' if len(missing) == 1 else 'have'} no folder)" \
-        if missing else " (the same names in another order)"
+        if missing else ""
     raise DataError(f"the distilled set {distilled.path} names its classes differently from the pool at "
-                    f"{len(differ)} of {len(ours)} labels{hint}: {shown}; rename its class folders to the pool's class "
-                    "names (or to numbers in class order) and rebuild it")
+                    f"{len(differ)} of {len(ours)} labels{hint}: {shown}; name its class folders with the pool's class "
+                    "names (in any order) or with numbers in class order, and rebuild it")
+
+
+def pool_labels_of(mapping: np.ndarray | None, labels: np.ndarray) -> np.ndarray:
+    """Distilled labels as the pool's labels (class_map's mapping; None: the same)."""
+    return labels if mapping is None else mapping[np.asarray(labels, np.int64)]
 
 
 class IndexSpace:
@@ -70,7 +88,8 @@ class IndexSpace:
             if dm.num_classes != pm.num_classes:
                 raise DataError(f"distilled set has {dm.num_classes} classes ({distilled.path}), the pool "
                                 f"{pm.num_classes} ({pool.path}); every class needs a distilled folder")
-            check_class_names(pool, distilled)
+        # distilled label -> pool label where the distilled set names the pool's classes in another order
+        self.distilled_map = class_map(pool, distilled) if distilled is not None else None
         self._sizes: torch.Tensor | None = None
 
     def decode(self, purpose: str) -> str:
@@ -122,6 +141,16 @@ class IndexSpace:
                         np.arange(1)):
                     pass
 
+    def as_pool_labels(self, beton: BetonFile, labels: torch.Tensor) -> torch.Tensor:
+        """Labels read from `beton` as the pool's labels (the distilled set's mapped by class name)."""
+        if beton is not self.distilled or self.distilled_map is None:
+            return labels
+        return torch.from_numpy(self.distilled_map).to(labels.device)[labels.long()]
+
+    def distilled_labels(self, workers: int = 2) -> np.ndarray:
+        """int64 [n_distilled]: each distilled image's label as the pool's label."""
+        return pool_labels_of(self.distilled_map, read_labels(self.distilled, workers))
+
     def distilled_indices(self) -> np.ndarray:
         return np.arange(self.n_pool, self.n_total, dtype=np.int64)
 
@@ -149,6 +178,6 @@ class IndexSpace:
             for batch, batch_labels, batch_index in self.reader(beton, READ_CHUNK, workers, rows, purpose).read(rows):
                 pos = torch.from_numpy(positions[start:start + len(batch_index)])
                 images[pos.to(device)] = batch.permute(0, 3, 1, 2).to(device)
-                labels[pos] = batch_labels
+                labels[pos] = self.as_pool_labels(beton, batch_labels)
                 start += len(batch_index)
         return images, labels.to(device), torch.from_numpy(indices).to(device)

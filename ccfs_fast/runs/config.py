@@ -19,7 +19,7 @@ from ccfs_fast.train.settings import check_choice, finite_fields, flat_settings,
 FILTER_ACC_LOGGING = ("end", "best_last_20")
 TRAIN_DATA = ("auto", "resident", "streamed")
 COARSE_PASSES = ("lazy", "full")
-EXPORT_FORMATS = ("folder", "beton", "both")
+EXPORT_FORMATS = ("folder", "beton", "both", "tensors", "all")  # both: folder + beton; all: + tensors
 LABEL_REGIMES = ("teacher", "hard", "soft")  # train.students.OBJECTIVE_OF
 BASELINES = ("random",)
 SCORE_HELP = " | ".join(f"{k.name} ({'high true-class logit' if k.name == 'logits' else k.easy_end} = easy)"

@@ -11,7 +11,6 @@ import torch
 from beton_builder.base.errors import ConfigError
 from beton_builder.base.files import ensure_writable, write_json
 from beton_builder.base.tables import format_table
-from ccfs_fast.data.readers import read_labels
 from ccfs_fast.runs.config import EvalConfig
 from ccfs_fast.runs.protocol import ddranking_scores, protocol_row, protocol_table, random_draw
 from ccfs_fast.runs.workspace import open_workspace
@@ -71,7 +70,7 @@ def evaluate_train_set_file(cfg: EvalConfig) -> dict:
     result["protocol"] = {"labels": ev.labels, "baseline": "none",
                           "rows": [protocol_row(arch, ev.labels, one, None, None)
                                    for arch, one in zip(cfg.eval_models, results)]}
-    per_class = np.bincount(read_labels(ws.space.distilled), minlength=ws.num_classes)
+    per_class = np.bincount(ws.space.distilled_labels(ws.workers), minlength=ws.num_classes)
     result.update({"train_set": str(cfg.train_set), "images_per_class_min": int(per_class.min()),
                    "images_per_class_max": int(per_class.max()), "normalize": ws.norm.to_json(),
                    "teacher_model": ws.teacher_arch, "notes": list(cfg.notes)})

@@ -13,6 +13,7 @@ import numpy as np
 from beton_builder.base.errors import DataError
 from beton_builder.beton import BetonFile
 from ccfs_fast.data.readers import iterate_rows, read_labels, stored_bytes
+from ccfs_fast.data.space import class_map, pool_labels_of
 from ccfs_fast.runs.config import distilled_shortage
 from ccfs_fast.runs.run_inputs import input_places, read_run_json, resolve_run_inputs
 from ccfs_fast.selection.scores import pool_order_scores, score_kind
@@ -72,9 +73,9 @@ def open_run_set(run_dir: str | Path, given: dict[str, Path] | None = None) -> R
     inputs = resolve_run_inputs(state, run_dir, SET_INPUTS, given)
     pool, distilled = BetonFile.open(inputs["pool"]), BetonFile.open(inputs["distilled"])
     cpc = int(settings["image_per_class"] * settings["alpha"] + 1e-9)
-    labels = read_labels(distilled)
+    labels = pool_labels_of(class_map(pool, distilled), read_labels(distilled))  # as the pool's labels
     rows = []
-    for c, name in enumerate(distilled.manifest.class_names):
+    for c, name in enumerate(pool.manifest.class_names):
         members = np.flatnonzero(labels == c)
         if len(members) < cpc:
             raise DataError(distilled_shortage(distilled.path, name, c, len(members), cpc))

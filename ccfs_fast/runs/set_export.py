@@ -1,6 +1,8 @@
 """`ccfs-fast export`: a run's final synthetic set (the distilled images it used, then the real images it
-selected) as the field hands sets around: an image folder (one sub-folder per class, named as the
-dataset names its classes), a `.beton` that `run`, `eval` and FFCV read directly, and manifest.csv.
+selected) as the field hands sets around: an image folder (one sub-folder per class, named by its
+zero-padded label index so that every reader sorts them in label order, the class names in
+classes.csv), a `.beton` that `run`, `eval` and FFCV read directly, the tensors of set_tensors, and
+manifest.csv.
 
 Raw images are written as PNG (lossless), a JPEG .beton's images as their stored JPEG bytes (never
 re-encoded). File names keep the set's order and say the source: `000042_pool_0012345.png`,
@@ -28,33 +30,54 @@ from tqdm import tqdm
 from beton_builder.base.errors import ConfigError, OutputError
 from beton_builder.base.files import output_error, pid_alive
 from beton_builder.base.tables import format_table
+from beton_builder.image_folder import CLASS_INDEX
 from ccfs_fast.runs.config import ExportConfig
+from ccfs_fast.runs.run_inputs import read_run_json
 from ccfs_fast.runs.runset import RunSet, images, open_run_set
+from ccfs_fast.runs.set_tensors import check_tensor_export, tensor_rows, write_tensors
 
 BETON_NAME = "ccfs_set.beton"
 MANIFEST_COLUMNS = ("position", "file", "label", "class_name", "source", "pool_index", "distilled_row", "curriculum",
-                    "score")
+                    "score", "tensor_row")
 
 
-def class_folder(name: str) -> str:
-    """A class name as a folder name (path separators and control characters replaced)."""
-    return re.sub(r"[/\\\x00-\x1f]", "_", name) or "_"
+def class_folder(label: int, num_classes: int) -> str:
+    """Class `label`'s folder: its label index zero-padded (`000`, `001`, ...), so that the folders
+    sort in label order whatever the dataset calls its classes (torchvision's ImageFolder and
+    DD-Ranking label folders by their sorted names); the names are in classes.csv and manifest.csv."""
+    return f"{label:0{max(3, len(str(num_classes - 1)))}d}"
 
 
 def file_names(run: RunSet, extension: dict[str, str]) -> list[str]:
-    """Each image's path in the folder, in the set's order: <class>/<position>_<source>_<id>.<ext>."""
+    """Each image's path in the folder, in the set's order: <label>/<position>_<source>_<id>.<ext>."""
     names, labels = [], run.labels
     width = max(6, len(str(run.size)))
     ids = [("distilled", int(r)) for r in run.distilled_rows] + [("pool", int(i)) for i in run.selected]
+    classes = len(run.class_names)
     for position, ((source, ident), label) in enumerate(zip(ids, labels)):
-        names.append(f"{class_folder(run.class_names[label])}/{position:0{width}d}_{source}_{ident:07d}."
+        names.append(f"{class_folder(int(label), classes)}/{position:0{width}d}_{source}_{ident:07d}."
                      f"{extension[source]}")
     return names
 
 
-def manifest_rows(run: RunSet, names: list[str]) -> list[dict]:
+def write_class_index(run: RunSet, folder: Path) -> None:
+    """A folder for every class (an empty class too: no label shifts) and classes.csv (folder, label,
+    class_name), which `build folder` of the export reads to keep the names."""
+    classes = len(run.class_names)
+    with open(folder / CLASS_INDEX, "w", newline="") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(["folder", "label", "class_name"])
+        for label, name in enumerate(run.class_names):
+            (folder / class_folder(label, classes)).mkdir(exist_ok=True)
+            writer.writerow([class_folder(label, classes), label, name])
+
+
+def manifest_rows(run: RunSet, names: list[str], tensors: bool = False) -> list[dict]:
+    """One row per image, in the set's order (`file`: its path in the folder; `tensor_row`: its row in
+    images.pt / labels.pt when written)."""
     rows = []
     distilled = len(run.distilled_rows)
+    in_tensors = tensor_rows(run.labels)
     for position, (name, label) in enumerate(zip(names, run.labels)):
         real = position - distilled
         rows.append({"position": position, "file": name, "label": int(label), "class_name": run.class_names[label],
@@ -62,7 +85,8 @@ def manifest_rows(run: RunSet, names: list[str]) -> list[dict]:
                      "pool_index": "" if real < 0 else int(run.selected[real]),
                      "distilled_row": int(run.distilled_rows[position]) if real < 0 else "",
                      "curriculum": 0 if real < 0 else int(run.curriculum[real]),
-                     "score": "" if real < 0 or np.isnan(run.scores[real]) else float(run.scores[real])})
+                     "score": "" if real < 0 or np.isnan(run.scores[real]) else float(run.scores[real]),
+                     "tensor_row": int(in_tensors[position]) if tensors else ""})
     return rows
 
 
@@ -89,6 +113,8 @@ def _write_files(run: RunSet, folder: Path, names: list[str], want_folder: bool)
     """Writes the image files (when `want_folder`) and returns (pixels of a raw set or None per image,
     encoded bytes per image), what the .beton is made from."""
     pixels, encoded = [], []
+    if want_folder:
+        write_class_index(run, folder)
     for name, (_, image) in tqdm(zip(names, _sources(run)), total=run.size, desc="export", unit="img",
                                  disable=run.size < 2000):
         data = _encoded(image)
@@ -181,6 +207,10 @@ def export_run(cfg: ExportConfig) -> dict:
         raise ConfigError(f"{cfg.run_dir} is an unfinished run ({run.phases_done} curricula done); finish it with "
                           "`ccfs-fast run --resume` or pass --allow-incomplete to export it as it is")
     check_replaceable(cfg.out, cfg.overwrite, cfg.run_dir, [run.pool.path, run.distilled.path, *run.input_places])
+    normalize = read_run_json(cfg.run_dir, "state.json").get("normalize")
+    variable = run.distilled.manifest.variable_size or run.pool.manifest.variable_size
+    if cfg.format in ("tensors", "all"):
+        check_tensor_export(variable, normalize, cfg.run_dir)
     extension = {"distilled": "jpg" if run.distilled.manifest.variable_size else "png",
                  "pool": "jpg" if run.pool.manifest.variable_size else "png"}
     names = file_names(run, extension)
@@ -193,21 +223,24 @@ def export_run(cfg: ExportConfig) -> dict:
         tmp.mkdir()
         marker = {"tool": "ccfs-fast export", "run_dir": str(cfg.run_dir.resolve()), "format": cfg.format}
         (tmp / EXPORT_MARKER).write_text(json.dumps(marker) + "\n")
-        pixels, encoded = _write_files(run, tmp, names, cfg.format in ("folder", "both"))
-        if cfg.format in ("beton", "both"):
+        pixels, encoded = _write_files(run, tmp, names, cfg.format in ("folder", "both", "all"))
+        if cfg.format in ("beton", "both", "all"):
             _write_beton(run, tmp, names, pixels, encoded, cfg.workers)
-        _write_manifest(tmp / "manifest.csv", manifest_rows(run, names))
+        if cfg.format in ("tensors", "all"):
+            write_tensors(tmp, pixels, run.labels, normalize)
+        _write_manifest(tmp / "manifest.csv", manifest_rows(run, names, cfg.format in ("tensors", "all")))
         _put_in_place(tmp, out, cfg.overwrite)
     except (OSError, OutputError) as exc:  # named as --out, never as the temporary folder inside it
         raise output_error(cfg.out, exc) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     summary = {"images": run.size, "distilled": len(run.distilled_rows), "real": len(run.selected),
-               "classes": len(run.class_names), "folder": cfg.format != "beton", "beton": cfg.format != "folder",
+               "classes": len(run.class_names), "folder": cfg.format in ("folder", "both", "all"),
+               "beton": cfg.format in ("beton", "both", "all"), "tensors": cfg.format in ("tensors", "all"),
                "out": str(cfg.out)}
     print(format_table(["images", "distilled", "real", "classes", "out"],
                        [(run.size, len(run.distilled_rows), len(run.selected), len(run.class_names), str(cfg.out))]))
-    if cfg.format != "folder":
+    if summary["beton"]:
         print(f"train on it: ccfs-fast eval --run-dir {cfg.run_dir} --train-set {cfg.out / BETON_NAME}",
               file=sys.stderr)
     return summary

@@ -238,8 +238,7 @@ def open_workspace(inputs: Inputs, cpc: int, machine: Machine | None = None, dis
     norm = resolve_normalization(parse_normalize(inputs.normalize), pm.dataset, tuple(pm.mean), tuple(pm.std),
                                  str(pool_file.path), recorded, str(teacher))
     space = IndexSpace(pool_file, distilled_file, norm, inputs.train_side)
-    distilled_labels = read_labels(distilled_file, workers)
-    rows = first_per_class(distilled_labels, cpc, distilled_file.manifest.class_names, distilled_file.path)
+    rows = first_per_class(space.distilled_labels(workers), cpc, pm.class_names, distilled_file.path)
     # an exported set (eval --train-set) holds pool images by design: no overlap to warn of
     overlap = distilled_overlap(pool_file, distilled_file, rows, workers) if check_overlap else None
     dev = resolve_device(device)
