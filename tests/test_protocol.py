@@ -150,3 +150,34 @@ def test_eval_protocol_matrix_random_baseline_and_scores(finished_run, engine_da
                           "--eval-model", "convnet_small", "--num-eval", "1", "--epochs", "1",
                           "--baseline-seed", "11")) == 0
     assert json.loads((again.parent / "random_indices.json").read_text())["idx_selected"] == draw["idx_selected"]
+
+
+def test_report_draws_and_tables_every_evaluation(finished_run, engine_data, tmp_path, capsys):
+    """After `eval --baseline random` in a run directory, `report` writes evaluation.csv (the run's own
+    final evaluation and the eval's rows), evaluation.png and report.png, and ends with the table."""
+    import shutil
+
+    import pandas as pd
+    from PIL import Image
+
+    from ccfs_fast.runs.report import curricula_text
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    assert main(["eval", "--run-dir", str(run), "--labels", "hard", "--baseline", "random", "--num-eval", "1",
+                 "--epochs", "1"]) == 0
+    capsys.readouterr()
+    assert main(["report", str(run)]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    frame = pd.read_csv(run / "evaluation.csv")
+    assert frame["source"].tolist() == ["run", "eval.json"] and frame["labels"].tolist() == ["teacher", "hard"]
+    final = json.loads((run / "metrics.json").read_text())["final"]
+    assert frame["ccfs_mean"][0] == pytest.approx(final["acc_mean"]) and np.isnan(frame["random_mean"][0])
+    result = json.loads((run / "eval.json").read_text())["protocol"]["rows"][0]
+    assert frame["random_mean"][1] == pytest.approx(result["random_mean"])
+    assert frame["lrs_mean"][1] == pytest.approx(result["ddranking"]["lrs_mean"])  # the teacher's accuracy as full
+    assert printed[-1].startswith("eval.json") and "hard" in printed[-1] and printed[-2].startswith("run ")
+    for name in ("evaluation.png", "report.png"):
+        with Image.open(run / name) as png:
+            assert png.format == "PNG" and png.size[0] > 500
+    assert curricula_text(1, 3, {}) == "unfinished, 1 of 3 curricula" and curricula_text(3, 3, {}) == "3 curricula"

@@ -165,7 +165,8 @@ def _run_demo(args: argparse.Namespace) -> Runner:
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="rebuild metrics.csv, report.png and selection.png of a run directory")
+    p = sub.add_parser("report", help="rebuild metrics.csv, report.png, evaluation.csv / .png and selection.png of a "
+                                      "run directory")
     p.add_argument("run_dir", type=Path, help="a `ccfs-fast run` output directory")
     p.add_argument("--classes", nargs="+", default=None, metavar="CLASS",
                    help="selection.png: the classes to show, by name or label (default: the first 10)")
@@ -178,10 +179,18 @@ def _run_report(args: argparse.Namespace) -> Runner:
         raise ConfigError(f"{args.run_dir} has no metrics.json; pass the --output-dir of a `ccfs-fast run`")
 
     def run() -> None:
+        import pandas as pd
+
+        from beton_builder.base.tables import format_table
+        from ccfs_fast.runs.evaluation_report import evaluation_table
         from ccfs_fast.runs.report import write_report
 
         for path in write_report(args.run_dir, args.classes, relocated(args)):
             print(path)
+        rows = pd.read_csv(args.run_dir / "evaluation.csv").astype(object)
+        rows = rows.where(rows.notna(), None).to_dict("records")
+        if rows:  # the result table last, as `eval` prints its own
+            print(format_table(*evaluation_table(rows)))
     return run
 
 

@@ -75,7 +75,7 @@ def protocol_row(architecture: str, labels: str, ccfs: dict, random: dict | None
     return row
 
 
-def _pm(mean: float | None, std: float | None, digits: int = 2) -> str:
+def plus_minus(mean: float | None, std: float | None, digits: int = 2) -> str:
     return "-" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
@@ -86,9 +86,7 @@ def protocol_table(rows: list[dict]) -> tuple[list[str], list[tuple]]:
     out = []
     for r in rows:
         d = r.get("ddranking") or {}
-        out.append((r["architecture"], r["labels"], _pm(r["ccfs_mean"], r["ccfs_std"]),
-                    _pm(r.get("random_mean"), r.get("random_std")), _pm(r.get("difference_mean"),
-                                                                         r.get("difference_std")),
-                    _pm(d.get("hlr_mean"), d.get("hlr_std"), 4), _pm(d.get("ior_mean"), d.get("ior_std"), 4),
-                    _pm(d.get("lrs_mean"), d.get("lrs_std"), 4)))
+        cells = [plus_minus(r.get(f"{k}_mean"), r.get(f"{k}_std")) for k in ("ccfs", "random", "difference")]
+        cells += [plus_minus(d.get(f"{k}_mean"), d.get(f"{k}_std"), 4) for k in ("hlr", "ior", "lrs")]
+        out.append((r["architecture"], r["labels"], *cells))
     return header, out

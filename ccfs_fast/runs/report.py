@@ -1,7 +1,8 @@
 """Run reports: metrics.csv (one row per curriculum), report.png (time per curriculum, the coarse pass,
-accuracies and survivors, the score distribution of selected vs candidate images, every training's
-per-epoch curve, images selected per class by name) and selection.png (selection_figure), rebuilt from
-a run directory by `ccfs-fast report RUN_DIR`."""
+accuracies and survivors, the evaluations (CCFS and the random baseline, evaluation_report), the score
+distribution of selected vs candidate images, every training's per-epoch loss and test accuracy,
+images selected per class by name), evaluation.csv / evaluation.png and selection.png
+(selection_figure), rebuilt from a run directory by `ccfs-fast report RUN_DIR`."""
 from __future__ import annotations
 
 import json
@@ -18,6 +19,12 @@ import pandas as pd
 
 from beton_builder.base.digests import cache_dir
 from beton_builder.base.files import atomic_file, write_text
+from ccfs_fast.runs.evaluation_report import (
+    evaluation_panel,
+    evaluation_rows,
+    write_evaluation_csv,
+    write_evaluation_figure,
+)
 from ccfs_fast.runs.records import phase_records
 from ccfs_fast.runs.run_inputs import InputMissing, RunInputs, read_run_json, resolve_run_inputs
 from ccfs_fast.selection.scores import pool_order_scores, score_kind
@@ -149,19 +156,23 @@ def _score_panel(ax, audits: list[dict], score: str, missing: str | None) -> Non
     ax.set(title=title, xlabel=xlabel, ylabel="density")
 
 
-def _curves_panel(ax, run_dir: Path) -> None:
-    """Per-epoch KD loss of every training (curves.csv; the final evaluation's models averaged)."""
+def _curves_panel(ax, run_dir: Path, column: str = "loss") -> None:
+    """Per-epoch `column` (loss, or test_acc where measured) of every training (curves.csv; the final
+    evaluation's models averaged)."""
     path = run_dir / "curves.csv"
     frame = pd.read_csv(path) if path.is_file() else pd.DataFrame()
+    if not frame.empty and column in frame:
+        frame = frame.dropna(subset=[column])
     if frame.empty:
-        ax.text(0.5, 0.5, "no curves.csv", ha="center", va="center", transform=ax.transAxes)
+        ax.text(0.5, 0.5, f"no {column} in curves.csv", ha="center", va="center", transform=ax.transAxes)
     else:
         frame["training"] = frame["training"].str.replace(r" model \d+$", "", regex=True)
         for name, part in frame.groupby("training", sort=False):
-            mean = part.groupby("epoch")["loss"].mean()
-            ax.plot(mean.index, mean.to_numpy(), label=name)
+            mean = part.groupby("epoch")[column].mean()
+            ax.plot(mean.index, mean.to_numpy(), marker="." if len(mean) < 4 else None, label=name)
         _legend_below(ax)
-    ax.set(title="training curves: KD loss per epoch", xlabel="epoch", ylabel="loss")
+    title = "training curves: loss per epoch" if column == "loss" else "training curves: test top-1 per epoch"
+    ax.set(title=title, xlabel="epoch", ylabel="loss" if column == "loss" else "%")
     ax.xaxis.get_major_locator().set_params(integer=True)
 
 
@@ -182,26 +193,35 @@ def _per_class_panel(ax, audits: list[dict], frame: pd.DataFrame, names: list[st
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.005, 1.0), frameon=False)
 
 
+def curricula_text(done: int, planned: int | None, metrics: dict) -> str:
+    """'3 curricula', or 'unfinished, 1 of 3 curricula' for a run that stopped before its end."""
+    if planned is not None and (done < planned or (metrics.get("final") is None and metrics.get("complete") is False)):
+        return f"unfinished, {done} of {planned} curricula"
+    return f"{done} curricul{'um' if done == 1 else 'a'}"
+
+
 def _plot(run_dir: Path, metrics: dict, frame: pd.DataFrame, out: Path, values: np.ndarray | None,
-          missing: str | None) -> None:
+          missing: str | None, evaluations: list[dict]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = [str(n) for n in class_names(metrics)]
-    fig = plt.figure(figsize=(17, 11), layout="constrained")
-    grid = fig.add_gridspec(3, 3, height_ratios=[1, 1, 0.9])
+    fig = plt.figure(figsize=(22, 11), layout="constrained")
+    grid = fig.add_gridspec(3, 4, height_ratios=[1, 1, 0.9])
     audits = _phase_audits(run_dir, metrics, values)
     _time_panel(fig.add_subplot(grid[0, 0]), frame)
     _coarse_panel(fig.add_subplot(grid[0, 1]), frame)
     _accuracy_panel(fig.add_subplot(grid[0, 2]), frame, metrics)
+    evaluation_panel(fig.add_subplot(grid[0, 3]), evaluations)
     _score_panel(fig.add_subplot(grid[1, 0]), audits, metrics["settings"]["score"], missing)
-    _curves_panel(fig.add_subplot(grid[1, 1:]), run_dir)
+    _curves_panel(fig.add_subplot(grid[1, 1]), run_dir)
+    _curves_panel(fig.add_subplot(grid[1, 2:]), run_dir, "test_acc")
     _per_class_panel(fig.add_subplot(grid[2, :]), audits, frame, names)
     settings = metrics["settings"]
     title = (f"CCFS run {run_dir.name}: ipc {settings['image_per_class']}, alpha {settings['alpha']}, "
-             f"{len(frame)} curricula, {settings['score']} score")
+             f"{curricula_text(len(frame), settings.get('curriculum_num'), metrics)}, {settings['score']} score")
     fig.suptitle(title + (f"\n{SMOKE_NOTE}" if settings.get("smoke") else ""), fontsize=13,
                  color="firebrick" if settings.get("smoke") else "black")
     with atomic_file(out, ".png") as tmp:
@@ -263,12 +283,16 @@ def write_report(run_dir: str | Path, classes: list[str] | None = None, given: d
     values = None
     if inputs is not None and score_kind(metrics["settings"]["score"]).from_file:
         values = pool_order_scores(inputs["score_path"], inputs["pool"])
+    evaluations = evaluation_rows(run_dir, metrics)
+    written = [run_dir / "metrics.csv", write_evaluation_csv(run_dir, evaluations), run_dir / "report.png"]
     with matplotlib_home():
-        _plot(run_dir, metrics, frame, run_dir / "report.png", values, missing)
+        _plot(run_dir, metrics, frame, run_dir / "report.png", values, missing, evaluations)
+        figure = write_evaluation_figure(run_dir, evaluations)
+        written += [figure] if figure is not None else []
         if inputs is None:  # its pictures come from the run's .beton files
             print(f"note: selection.png and the score panel not drawn: {missing}", file=sys.stderr)
-            return run_dir / "metrics.csv", run_dir / "report.png"
+            return tuple(written)
         from ccfs_fast.runs.selection_figure import write_selection_figure
 
         write_selection_figure(run_dir, run_dir / "selection.png", classes, inputs.paths)
-    return run_dir / "metrics.csv", run_dir / "report.png", run_dir / "selection.png"
+    return (*written, run_dir / "selection.png")
