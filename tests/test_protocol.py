@@ -109,6 +109,9 @@ def test_ddranking_formulas():
         assert s["hlr"][i] == pytest.approx(hlr) and s["ior"][i] == pytest.approx(ior)
         assert s["lrs"][i] == pytest.approx((math.exp(a) - math.exp(-1)) / (math.e - math.exp(-1)))
     assert s["lrs_mean"] == pytest.approx(np.mean(s["lrs"])) and s["lrs_std"] == pytest.approx(np.std(s["lrs"]))
+    # ddranking 0.2.0's own code feeds percent accuracies to the same formula
+    a = 0.5 * (set_accs[0] - random_accs[0]) - 0.5 * (full - hard_accs[0])
+    assert s["lrs_as_ddranking_0_2_0"][0] == pytest.approx((math.exp(a) - math.exp(-1)) / (math.e - math.exp(-1)))
     # a set no better than random that recovers the full data's accuracy scores (1 - e^-1) / (e - e^-1)
     same = ddranking_scores([50.0], [50.0], [90.0], 90.0)
     assert same["lrs"][0] == pytest.approx((1 - math.exp(-1)) / (math.e - math.exp(-1)))

@@ -238,3 +238,21 @@ def test_a_score_file_of_another_kind_is_refused(tmp_path):
         check_score_kind(kind, tmp_path / "plain.npz")
     check_score_kind("cscore", tmp_path / "c.npz")
     check_score_kind("forgetting", PUBLISHED_SCORES / "forgetting_CIFAR10.npy")
+
+
+def test_a_run_is_warned_when_most_scores_tie(tmp_path):
+    """55% zeros (a short teacher's forgetting scores): one warning that the fine stage then picks by
+    pool index; 45% zeros and the published files say nothing."""
+    rng = np.random.default_rng(0)
+    for zeros, warned in ((55, True), (45, False)):
+        values = np.concatenate([np.zeros(zeros), rng.integers(1, 9, 100 - zeros)]).astype(np.float32)
+        np.save(tmp_path / "s.npy", rng.permutation(values))
+        notes: list[str] = []
+        load_scores(tmp_path / "s.npy", np.zeros(100, int), notes)
+        assert (notes != []) == warned, notes
+        if warned:
+            assert "55% of the scores (55 of 100) are 0" in notes[0] and "picks by pool index" in notes[0]
+    labels = np.repeat(np.arange(10), 5000)
+    published: list[str] = []
+    load_scores(PUBLISHED_SCORES / "forgetting_CIFAR10.npy", labels, published)
+    assert published == []

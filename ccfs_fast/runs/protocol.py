@@ -9,7 +9,12 @@ seed i, accuracies as fractions:
     a_i   = lambda * IOR_i - (1 - lambda) * HLR_i, lambda = 0.5
     LRS_i = (exp(a_i) - exp(-1)) / (e - exp(-1))
 
-then the mean and the (population) standard deviation over the seeds, as its code reports them."""
+then the mean and the (population) standard deviation over the seeds, as its code reports them.
+
+ddranking 0.2.0's code itself feeds the formula accuracies in percent (its `validate` returns top-1 in
+%), which puts a in percent points and LRS outside [0, 1] (-0.157 in the limit once HLR exceeds IOR by
+more than a few points); eval.json keeps that figure too (`lrs_as_ddranking_0_2_0`), to compare with a number
+printed by that version."""
 from __future__ import annotations
 
 import math
@@ -54,8 +59,10 @@ def ddranking_scores(set_accs: list[float], random_accs: list[float], set_hard_a
     hlr = [full_data_acc / 100 - set_hard_accs[i] / 100 for i in range(seeds)]
     ior = [set_accs[i] / 100 - random_accs[i] / 100 for i in range(seeds)]
     scores = [lrs(ior[i], hlr[i], lam) for i in range(seeds)]
-    out = {"lambda": lam, "full_data_acc": full_data_acc, "hlr": hlr, "ior": ior, "lrs": scores}
-    for name, values in (("hlr", hlr), ("ior", ior), ("lrs", scores)):
+    as_printed = [lrs(100 * ior[i], 100 * hlr[i], lam) for i in range(seeds)]  # ddranking 0.2.0: percent inputs
+    out = {"lambda": lam, "full_data_acc": full_data_acc, "hlr": hlr, "ior": ior, "lrs": scores,
+           "lrs_as_ddranking_0_2_0": as_printed}
+    for name, values in (("hlr", hlr), ("ior", ior), ("lrs", scores), ("lrs_as_ddranking_0_2_0", as_printed)):
         out[f"{name}_mean"], out[f"{name}_std"] = mean_std(values)
     return out
 

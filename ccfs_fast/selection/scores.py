@@ -297,7 +297,28 @@ def load_scores(path: str | Path, pool_labels: np.ndarray, notes: list[str] | No
             raise ScoreError(f"score file {path}: labels differ from the pool's at {len(differ)} indices, first "
                              f"at index {i} (file {labels[i]}, pool {pool_labels[i]}); the file is for another "
                              "dataset or another image order")
+    tie = tie_note(scores, path)
+    if tie:
+        said.append(tie)
     return scores
+
+
+TIE_SHARE = 0.5  # more scores than this share one value: the fine stage mostly picks by pool index
+
+
+def tie_note(scores: np.ndarray, path: str | Path) -> str | None:
+    """A warning when most scores (> TIE_SHARE) share one value: among tied candidates the fine stage
+    picks by ascending pool index, so the selection then says little about difficulty."""
+    if not len(scores):
+        return None
+    values, counts = np.unique(scores, return_counts=True)
+    top = int(counts.argmax())
+    share = counts[top] / len(scores)
+    if share <= TIE_SHARE:
+        return None
+    return (f"warning: score file {path}: {share:.0%} of the scores ({counts[top]:,} of {len(scores):,}) are "
+            f"{values[top]:g}; among tied candidates the fine stage picks by pool index, not by difficulty "
+            "(forgetting scores from a teacher trained for more epochs spread further)")
 
 
 def pool_order_scores(path: Path, pool: Path) -> np.ndarray:
