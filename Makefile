@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ccfs-installed
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo bench bench-check clean
 
 install: $(STAMP)
 
@@ -32,6 +32,12 @@ bench: install
 	$(BIN)/ccfs-fast bench loader --json benchmarks/results/loader_throughput.json
 	$(BIN)/ccfs-fast bench select --json benchmarks/results/select_kernel.json
 	$(BIN)/ccfs-fast bench phase --json benchmarks/results/curriculum_wallclock.json
+
+# the quick form of every CPU benchmark against the committed figures: exit 1 when a ratio fell by > 15%
+bench-check: install
+	$(BIN)/ccfs-fast bench select --quick --against benchmarks/results/select_kernel.json
+	$(BIN)/ccfs-fast bench loader --quick --against benchmarks/results/loader_throughput_quick.json
+	$(BIN)/ccfs-fast bench phase --quick --rows cifar10 --against benchmarks/results/curriculum_wallclock_quick.json
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -49,3 +49,34 @@ def test_imagenet_scale_repeats_give_median_times_and_the_largest_peak(capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench_imagenet_scale(["--ccfs-repeats", "0"])
     assert exit_info.value.code == 2 and "--ccfs-repeats must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_bench_against_passes_on_its_own_figures_and_fails_on_a_slowed_kernel(tmp_path, monkeypatch, capsys):
+    """`bench select --quick --against FILE`: exit 0 against the figures it just wrote (same machine,
+    same code); exit 1, naming the rows, once the kernel is made 5x slower; no ratio-less benchmark."""
+    import time
+
+    from benchmarks import select_kernel
+    from ccfs_fast.cli import main
+
+    stored = tmp_path / "select.json"
+    assert main(["bench", "select", "--quick", "--repeats", "3", "--json", str(stored)]) == 0
+    assert main(["bench", "select", "--quick", "--repeats", "3", "--against", str(stored), "--tolerance",
+                 "0.6"]) == 0
+    out = capsys.readouterr().out
+    assert "stored ratio" in out and out.count(" ok") >= 2 and "REGRESSED" not in out
+    fast = select_kernel.kernel_path
+
+    def slowed(p):
+        start = time.perf_counter()
+        picked = fast(p)
+        time.sleep(4 * (time.perf_counter() - start))  # the engine, 5x slower
+        return picked
+
+    monkeypatch.setattr(select_kernel, "kernel_path", slowed)
+    assert main(["bench", "select", "--quick", "--repeats", "3", "--against", str(stored), "--tolerance",
+                 "0.6"]) == 1
+    captured = capsys.readouterr()
+    assert "REGRESSED" in captured.out and "fell by more than 60%" in captured.err
+    assert main(["bench", "train", "--against", str(stored)]) == 2
+    assert "carry no ratio" in capsys.readouterr().err

@@ -173,7 +173,7 @@ def test_selection_figure_and_report_on_a_cifar_format_run(finished_run, tmp_pat
     with Image.open(run / "selection.png") as png:
         assert png.size[0] > 500 and 150 < png.size[1] < 400  # two rows of thumbnails
     with Image.open(run / "report.png") as png:
-        assert png.size == (1700, 1100)
+        assert png.size == (2200, 1100)
     capsys.readouterr()
     assert main(["report", str(run), "--classes", "zebra"]) == 2
     one_line_error(capsys.readouterr().err, "--classes zebra: no such class", "class0")

@@ -62,3 +62,10 @@ def one_line(exc: BaseException, limit: int = 160) -> str:
     """An exception's message on one line (whitespace runs folded), at most `limit` characters; its
     type's name when it has no message."""
     return " ".join(str(exc).split())[:limit] or type(exc).__name__
+
+
+class RegressionError(CCFSError):
+    """A benchmark measured a ratio below the committed one by more than the tolerance (exit 1, not 2:
+    the command ran as asked, the engine got slower)."""
+
+    exit_code = 1

@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # a run that could not write (a full disk) continues where it stopped once there is room
         resume = after if after and isinstance(exc, OutputError) and (args.output_dir / "state.json").is_file() else ""
         print(f"ccfs-fast: error: {' '.join(str(exc).split())}{resume}", file=sys.stderr)  # always one line
-        return 2
+        return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
         stopped = ("interrupted", 130)
     except Terminated:

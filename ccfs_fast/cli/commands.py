@@ -246,8 +246,16 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     listing = "\n".join(f"  {name:16s}{what}" for name, (_, what) in BENCHMARKS.items())
     bench = sub.add_parser("bench", help=f"run a benchmark: {' | '.join(BENCHMARKS)}",
                            description=f"benchmarks (each prints a table; --json FILE writes the rows):\n{listing}\n\n"
-                                       "`ccfs-fast bench NAME --help` lists a benchmark's own flags.",
+                                       "`ccfs-fast bench NAME --help` lists a benchmark's own flags. "
+                                       "`ccfs-fast bench NAME ... --against FILE.json [--tolerance 0.15]` compares "
+                                       "each row's ratio with the committed figures and exits 1 when one fell by "
+                                       "more than the tolerance (loader, select, phase).",
                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_argument("--against", type=Path, default=None, metavar="FILE.json",
+                       help="compare each row's ratio with this committed JSON; exit 1 when one fell by more than "
+                            "--tolerance (may also follow NAME)")
+    bench.add_argument("--tolerance", type=float, default=None,
+                       help="the share of a committed ratio it may fall by (default: 0.15)")
     bench.add_argument("name", choices=list(BENCHMARKS), metavar="NAME", help=" | ".join(BENCHMARKS))
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags")
     bench.set_defaults(handler=_run_bench)
@@ -257,4 +265,24 @@ def _run_bench(args: argparse.Namespace) -> Runner:
     import importlib
 
     module = BENCHMARKS[args.name][0]
-    return lambda: importlib.import_module(module).main(list(args.rest))
+    checking = argparse.ArgumentParser(add_help=False)
+    checking.add_argument("--against", type=Path, default=None)
+    checking.add_argument("--tolerance", type=float, default=None)
+    against, rest = checking.parse_known_args(list(args.rest))
+    against.against = against.against or args.against
+    against.tolerance = against.tolerance if against.tolerance is not None else args.tolerance
+    if against.tolerance is not None and against.against is None:
+        raise ConfigError("--tolerance needs --against FILE.json (the committed figures to compare with)")
+    if against.against is not None and not against.against.is_file():
+        raise ConfigError(f"--against {against.against}: no such file; pass a benchmark's committed JSON, e.g. one in "
+                          "benchmarks/results/")
+    if against.against is not None:  # before measuring: a benchmark without ratios is refused at once
+        importlib.import_module("benchmarks.regression").spec_of(args.name)
+
+    def run() -> None:
+        rows = importlib.import_module(module).main(rest)
+        if against.against is not None:
+            regression = importlib.import_module("benchmarks.regression")
+            tolerance = regression.DEFAULT_TOLERANCE if against.tolerance is None else against.tolerance
+            regression.check(args.name, rows, against.against, tolerance)
+    return run

@@ -40,13 +40,17 @@ def read_selection(cfg: EvalConfig) -> tuple[np.ndarray, int, float]:
     return selected, int(ipc), float(alpha)
 
 
-def run_accuracies(run_dir) -> list[float] | None:
-    """The final evaluation accuracies a run recorded (metrics.json), or None without a run."""
+def run_accuracies(run_dir, result: dict) -> list[float] | None:
+    """The final evaluation accuracies a run recorded (metrics.json) when they are comparable with
+    `result` (the same architecture and label regime), else None (None too without a run)."""
     if run_dir is None:
         return None
     try:
         final = json.loads((run_dir / "metrics.json").read_text()).get("final") or {}
     except (OSError, ValueError):
+        return None
+    if final.get("labels", "teacher") != result.get("labels") or \
+            final.get("eval_model", result.get("eval_model")) != result.get("eval_model"):
         return None
     return list(final.get("accs") or [])
 
@@ -82,7 +86,7 @@ def evaluate_train_set_file(cfg: EvalConfig) -> dict:
 def _print_result(cfg: EvalConfig, result: dict) -> None:
     if cfg.output is not None:
         write_json(cfg.output, result)
-    before = run_accuracies(cfg.run_dir)
+    before = run_accuracies(cfg.run_dir, result)
     rows = [(i + 1, b, last, s) + ((before[i] if i < len(before) else "-",) if before is not None else ())
             for i, (b, last, s) in enumerate(zip(result["accs"], result["last_accs"], result["seconds"]))]
     print(format_table(["run", "best acc", "last acc", "seconds"] + (["the run's best acc"] if before is not None

@@ -49,7 +49,7 @@ def _write_outputs(out: Path, cfg: RunConfig, state: dict) -> None:
     final = state.get("final")
     if final and final.get("accs"):
         lines.append(f"Acc@1(mean): {final['acc_mean']:.2f}%, std: {final['acc_std']:.2f} over {len(final['accs'])} "
-                     f"evaluations {[round(a, 2) for a in final['accs']]}")
+                     f"evaluations {[round(a, 2) for a in final['accs']]}, labels: {final.get('labels', 'teacher')}")
     if phases:
         done = "" if len(phases) == sel.curriculum_num else f" (after {len(phases)} of {sel.curriculum_num} curricula)"
         lines.append(f"trained on: {reach_text(reach, sel.cpc)}{done}")
@@ -128,7 +128,9 @@ def summary_table(state: dict, reached: str | None = None) -> str:
     final = state.get("final") or {}
     last = []
     if final.get("accs"):
-        last.append(f"{_fmt(final['acc_mean'])} ± {_fmt(final['acc_std'])} % top-1 over {len(final['accs'])} runs")
+        how = ", ".join(v for v in (final.get("eval_model"), final.get("labels") and f"{final['labels']} labels") if v)
+        last.append(f"{_fmt(final['acc_mean'])} ± {_fmt(final['acc_std'])} % top-1 over {len(final['accs'])} runs"
+                    + (f" ({how})" if how else ""))
     if reached:
         last.append(f"trained on {reached}" if last else reached)
     text = table + (f"\nfinal: {', '.join(last)}" if last else "")
