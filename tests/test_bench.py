@@ -80,3 +80,38 @@ def test_bench_against_passes_on_its_own_figures_and_fails_on_a_slowed_kernel(tm
     assert "REGRESSED" in captured.out and "fell by more than 60%" in captured.err
     assert main(["bench", "train", "--against", str(stored)]) == 2
     assert "carry no ratio" in capsys.readouterr().err
+
+
+def test_against_prefers_this_cpu_models_figures_and_record_replaces_only_them(tmp_path, capsys):
+    """A stored file holding rows of two CPU models: each row is judged against its own model's figure
+    (a ratio fine on one model fails against the other's), and --record's refresh replaces only this
+    model's rows, keeping the other machine's."""
+    import json
+
+    import pytest
+
+    from beton_builder.base.errors import RegressionError
+    from benchmarks import regression
+
+    here = regression.environment()["cpu"]
+
+    def row(cpu: str, speedup: float) -> dict:
+        return {"scale": "CIFAR-10", "n": 50000, "classes": 10, "speedup": speedup, "kernel_s": 0.001,
+                "environment": {"cpu": cpu}}
+
+    stored = tmp_path / "select.json"
+    stored.write_text(json.dumps([row("Other CPU", 50.0), row(here, 30.0)]))
+    measured = [{k: v for k, v in row(here, 29.0).items() if k != "environment"}]
+    compared = regression.check("select", measured, stored, 0.15)
+    assert compared[0]["stored_ratio"] == 30.0 and compared[0]["same_cpu"]
+    stored.write_text(json.dumps([row("Other CPU", 50.0)]))
+    with pytest.raises(RegressionError, match="50.00x -> 29.00x"):
+        regression.check("select", measured, stored, 0.15)
+    assert "ratios shift between CPU models" in capsys.readouterr().out
+    regression.check("select", measured, stored, 0.15, record_rows=True)
+    kept = json.loads(stored.read_text())
+    assert sorted((r["environment"]["cpu"], r["speedup"]) for r in kept) == sorted([("Other CPU", 50.0), (here, 29.0)])
+    regression.check("select", measured, stored, 0.15)  # now judged against its own figure
+    regression.check("select", [dict(measured[0], speedup=31.0)], stored, 0.15, record_rows=True)
+    assert [r["speedup"] for r in json.loads(stored.read_text()) if r["environment"]["cpu"] == here] == [31.0]
+    assert len(json.loads(stored.read_text())) == 2 and not list(tmp_path.glob("*.tmp"))

@@ -256,6 +256,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                             "--tolerance (may also follow NAME)")
     bench.add_argument("--tolerance", type=float, default=None,
                        help="the share of a committed ratio it may fall by (default: 0.15)")
+    bench.add_argument("--record", action="store_true",
+                       help="with --against: write this machine's rows into the file (replacing its earlier "
+                            "ones) instead of judging them: the deliberate refresh")
     bench.add_argument("name", choices=list(BENCHMARKS), metavar="NAME", help=" | ".join(BENCHMARKS))
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own flags")
     bench.set_defaults(handler=_run_bench)
@@ -268,9 +271,13 @@ def _run_bench(args: argparse.Namespace) -> Runner:
     checking = argparse.ArgumentParser(add_help=False)
     checking.add_argument("--against", type=Path, default=None)
     checking.add_argument("--tolerance", type=float, default=None)
+    checking.add_argument("--record", action="store_true")
     against, rest = checking.parse_known_args(list(args.rest))
     against.against = against.against or args.against
     against.tolerance = against.tolerance if against.tolerance is not None else args.tolerance
+    against.record = against.record or args.record
+    if against.record and against.against is None:
+        raise ConfigError("--record needs --against FILE.json (the file to store this machine's figures in)")
     if against.tolerance is not None and against.against is None:
         raise ConfigError("--tolerance needs --against FILE.json (the committed figures to compare with)")
     if against.against is not None and not against.against.is_file():
@@ -284,5 +291,5 @@ def _run_bench(args: argparse.Namespace) -> Runner:
         if against.against is not None:
             regression = importlib.import_module("benchmarks.regression")
             tolerance = regression.DEFAULT_TOLERANCE if against.tolerance is None else against.tolerance
-            regression.check(args.name, rows, against.against, tolerance)
+            regression.check(args.name, rows, against.against, tolerance, record_rows=against.record)
     return run
