@@ -5,6 +5,10 @@ CIFAR-10 shape (50,000 pool / 10,000 test, 32x32, 10 classes) and Tiny-ImageNet 
 (convnet_tiny, so input handling dominates) and CIFAR shape with resnet18, the paper's model. The
 baseline predicts the whole pool every curriculum, as the paper's code does; ccfs-fast runs its
 default lazy coarse pass (ccfs_fast.selection.coarse) and reports how many images it predicted.
+Its teacher pass is lazy too (the teacher predicts a pool image when a coarse pass first reaches it),
+so its curricula include those predictions; a third side, ccfs-fast with `--teacher-pass full`, is
+measured in the same call for the teacher rows (predictions and seconds, lazy against full), and the
+`run` row compares whole runs (set-up, teacher pass, every curriculum) with the baseline's.
 
 Each side runs in its own process (clean memory figures): a one-time setup (baseline: decode the
 pool into a float32 tensor; ccfs-fast: open the .beton files, built once beforehand and timed
@@ -72,7 +76,7 @@ def _phase_budget(spec: BenchSpec) -> tuple[int, list[int]]:
     return cpc, curriculum_arrangement(shape.ipc - cpc, spec.curricula)
 
 
-def worker_ccfs(spec: BenchSpec) -> dict:
+def worker_ccfs(spec: BenchSpec, teacher_pass: str = "lazy") -> dict:
     from dataclasses import replace
 
     import torch
@@ -80,7 +84,7 @@ def worker_ccfs(spec: BenchSpec) -> dict:
     from beton_builder.base.digests import file_sha256
     from ccfs_fast.runs.config import Machine, RunConfig
     from ccfs_fast.runs.phase import run_phase
-    from ccfs_fast.runs.teacher_pass import teacher_correct
+    from ccfs_fast.runs.teacher_pass import open_teacher_pass
     from ccfs_fast.runs.workspace import open_workspace
     from ccfs_fast.selection.kernels import warm_up_kernels
     from ccfs_fast.selection.scores import easy_first_key, load_scores
@@ -105,21 +109,22 @@ def worker_ccfs(spec: BenchSpec) -> dict:
     ws.warm()
     setup_s = time.perf_counter() - start
     start = time.perf_counter()
-    _, ok, _ = teacher_correct(ws, file_sha256(cfg.inputs.teacher))
+    teacher = open_teacher_pass(ws, file_sha256(cfg.inputs.teacher), teacher_pass)
     teacher_s = time.perf_counter() - start
     selected = np.zeros(0, np.int64)
     phases = []
     rate = None
     for phase, curpc in enumerate(arrangement, 1):
         start = time.perf_counter()
-        outcome = run_phase(ws, cfg, phase, curpc, selected, ok, key, rate)
+        outcome = run_phase(ws, cfg, phase, curpc, selected, teacher, key, rate)
         r = outcome.record
         rate = r.survivor_rate
         phases.append({"train_s": r.train_s, "eval_s": r.eval_s, "select_s": r.select_s,
                        "curriculum_s": time.perf_counter() - start, "pool_evaluated": r.pool_evaluated,
                        "pool_eligible": r.pool_eligible, "coarse_pass": r.coarse_pass,
                        "filter_acc": r.filter_acc, "selection": outcome.picked.tolist(),
-                       "train_size": r.train_size})
+                       "train_size": r.train_size, "teacher_s": r.teacher_s,
+                       "teacher_predicted": r.teacher_predicted})
         selected = np.concatenate([selected, outcome.picked])
     process_peak = peak_rss_mb()
     if spec.model in SMALL_MODELS:  # a large model's extra whole-pool pass would cost minutes: its run's peak
@@ -127,8 +132,10 @@ def worker_ccfs(spec: BenchSpec) -> dict:
         torch.manual_seed(0)
         from ccfs_fast.train.models import create_model
         predict(create_model(spec.model, shape.classes, shape.side), ws.pool_loader(np.arange(ws.space.n_pool)))
-    return {"setup_s": setup_s, "teacher_pass_s": teacher_s, "phases": phases, "process_peak_rss_mb": process_peak,
-            "pool_eval_peak_rss_mb": peak_rss_mb(), "teacher_correct": int(ok.sum())}
+    return {"setup_s": setup_s, "teacher_pass_s": teacher_s + sum(p["teacher_s"] for p in phases),
+            "teacher_upfront_s": teacher_s, "teacher_predicted": teacher.made, "teacher_pass": teacher_pass,
+            "phases": phases, "process_peak_rss_mb": process_peak,
+            "pool_eval_peak_rss_mb": peak_rss_mb(), "teacher_correct": int(teacher.correct_mask().sum())}
 
 
 def worker_baseline(spec: BenchSpec) -> dict:
@@ -166,10 +173,11 @@ def worker_baseline(spec: BenchSpec) -> dict:
         torch.manual_seed(0)
         run.coarse_filtering(create_model(spec.model, shape.classes, shape.side))
     return {"setup_s": setup_s, "teacher_pass_s": teacher_s, "phases": phases, "process_peak_rss_mb": process_peak,
-            "pool_eval_peak_rss_mb": peak_rss_mb(), "teacher_correct": len(teacher_ok)}
+            "pool_eval_peak_rss_mb": peak_rss_mb(), "teacher_correct": len(teacher_ok),
+            "teacher_predicted": shape.pool}
 
 
-WORKERS = {"ccfs": worker_ccfs, "baseline": worker_baseline}
+WORKERS = {"ccfs": worker_ccfs, "ccfs-full": lambda spec: worker_ccfs(spec, "full"), "baseline": worker_baseline}
 
 
 def run_worker(kind: str, spec_path: Path, root: Path, repeat: int = 0) -> dict:
@@ -198,7 +206,7 @@ def main_worker(kind: str, spec_path: str, out_path: str) -> None:
     from ccfs_fast.train.models import create_model
 
     spec = BenchSpec(**json.loads(Path(spec_path).read_text()))
-    if kind == "ccfs":  # the process settings `ccfs-fast run` makes (threads, allocator, signals)
+    if kind.startswith("ccfs"):  # the process settings `ccfs-fast run` makes (threads, allocator, signals)
         from ccfs_fast.data.threads import process_settings
 
         process_settings(spec.workers)
@@ -218,16 +226,16 @@ def _mean(phases: list[dict], key: str) -> float:
     return float(np.mean([p[key] for p in phases]))
 
 
-def run_sides(spec_path: Path, root: Path, repeats: int,
-              run: Callable[[str, Path, Path, int], dict] = run_worker) -> tuple[list[dict], list[dict]]:
+def run_sides(spec_path: Path, root: Path, repeats: int, run: Callable[[str, Path, Path, int], dict] = run_worker,
+              sides: tuple[str, ...] = ("ccfs", "baseline")) -> tuple[list[dict], ...]:
     """`repeats` runs of each side's worker (`run(kind, spec_path, root, repeat)`), interleaved and in
     alternating order (ccfs-fast first, then the baseline first, ...), so drift in the machine's
-    speed falls on both sides alike. Returns (ccfs-fast runs, baseline runs)."""
-    runs: dict[str, list[dict]] = {"ccfs": [], "baseline": []}
+    speed falls on both sides alike. Returns each side's runs, in the order of `sides`."""
+    runs: dict[str, list[dict]] = {kind: [] for kind in sides}
     for repeat in range(repeats):
-        for kind in (("ccfs", "baseline") if repeat % 2 == 0 else ("baseline", "ccfs")):
+        for kind in (sides if repeat % 2 == 0 else sides[::-1]):
             runs[kind].append(run(kind, spec_path, root, repeat))
-    return runs["ccfs"], runs["baseline"]
+    return tuple(runs[kind] for kind in sides)
 
 
 def median_run(runs: list[dict], key: str) -> tuple[float, list[float]]:
@@ -245,7 +253,7 @@ def compare(row: Row, shape: Shape, args: argparse.Namespace, tmp: Path) -> list
     spec_path = root / "spec.json"
     spec_path.write_text(json.dumps(asdict(spec)))
     prepared = prepare(spec)
-    ccfs_runs, base_runs = run_sides(spec_path, root, args.repeats)
+    ccfs_runs, base_runs, full_runs = run_sides(spec_path, root, args.repeats, sides=("ccfs", "baseline", "ccfs-full"))
     ccfs, base = ccfs_runs[0], base_runs[0]  # counts, accuracies and one-time costs: each side's first run
 
     def peak(runs: list[dict], key: str) -> float:
@@ -281,8 +289,41 @@ def compare(row: Row, shape: Shape, args: argparse.Namespace, tmp: Path) -> list
                        baseline_filter_acc=[p["filter_acc"] for p in base["phases"]],
                        ccfs_filter_acc=[p["filter_acc"] for p in ccfs["phases"]])
         rows.append(out)
+    rows += teacher_and_run_rows(rows[-1], ccfs_runs, base_runs, full_runs)
     if args.under_load:
-        rows.append(under_load(rows[-1], spec_path, root, args.repeats))
+        rows.append(under_load(rows[3], spec_path, root, args.repeats))
+    return rows
+
+
+def whole_run_s(run: dict) -> float:
+    """A run's wall clock: set-up, the teacher pass made before the curricula, every curriculum."""
+    return run["setup_s"] + run.get("teacher_upfront_s", run["teacher_pass_s"]) + sum(p["curriculum_s"]
+                                                                                       for p in run["phases"])
+
+
+def teacher_and_run_rows(curriculum: dict, ccfs_runs: list[dict], base_runs: list[dict],
+                         full_runs: list[dict]) -> list[dict]:
+    """The teacher rows (the baseline's full pass against ccfs-fast's lazy and full ones: seconds and
+    pool images predicted, each side's median over its runs) and the whole-run row."""
+    shared = {k: curriculum[k] for k in ("dataset", "model", "epochs", "pool", "side", "classes", "curricula")}
+    base_teacher = float(np.median([r["teacher_pass_s"] for r in base_runs]))
+    rows = []
+    for stage, runs in (("teacher", ccfs_runs), ("teacher, full pass", full_runs)):
+        seconds = float(np.median([r["teacher_pass_s"] for r in runs]))
+        rows.append({**shared, "stage": stage, "baseline_s": base_teacher, "ccfs_s": seconds,
+                     "speedup": base_teacher / seconds, "repeats": len(runs),
+                     "ccfs_teacher_predicted": runs[0]["teacher_predicted"],
+                     "baseline_teacher_predicted": base_runs[0]["teacher_predicted"],
+                     "ccfs_runs_s": [r["teacher_pass_s"] for r in runs],
+                     "baseline_runs_s": [r["teacher_pass_s"] for r in base_runs]})
+    ccfs_s = float(np.median([whole_run_s(r) for r in ccfs_runs]))
+    base_s = float(np.median([whole_run_s(r) for r in base_runs]))
+    rows.append({**shared, "stage": "run", "baseline_s": base_s, "ccfs_s": ccfs_s, "speedup": base_s / ccfs_s,
+                 "repeats": len(ccfs_runs), "ccfs_runs_s": [whole_run_s(r) for r in ccfs_runs],
+                 "baseline_runs_s": [whole_run_s(r) for r in base_runs],
+                 "ccfs_full_teacher_run_s": float(np.median([whole_run_s(r) for r in full_runs])),
+                 "same_selection_as_full_teacher": [p["selection"] for p in ccfs_runs[0]["phases"]]
+                 == [p["selection"] for p in full_runs[0]["phases"]]})
     return rows
 
 
@@ -297,6 +338,18 @@ def under_load(idle: dict, spec_path: Path, root: Path, repeats: int) -> dict:
             "stage": f"curriculum, {jobs} busy jobs", "baseline_s": base_s, "ccfs_s": ccfs_s, "repeats": repeats,
             "baseline_runs_s": base_each, "ccfs_runs_s": ccfs_each, "speedup": base_s / ccfs_s,
             "speedup_kept": (base_s / ccfs_s) / idle["speedup"]}
+
+
+def predicted_text(row: dict) -> str:
+    """The table's 'predicted / full pass' cell: the filter's pool predictions (pool_eval) or the
+    teacher's (teacher rows), ccfs-fast's against the baseline's."""
+    if row["stage"] == "pool_eval":
+        return f"{sum(row['ccfs_predicted']):,} / {sum(row['baseline_predicted']):,}"
+    if row["stage"].startswith("teacher"):
+        return f"{row['ccfs_teacher_predicted']:,} / {row['baseline_teacher_predicted']:,}"
+    if row["stage"] == "run" and not row["same_selection_as_full_teacher"]:
+        return "selection differs from --teacher-pass full!"
+    return ""
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -335,9 +388,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(format_table(["dataset", "model", "stage", "baseline s", "ccfs-fast s", "speedup", "predicted / full pass",
                         "baseline peak MiB", "ccfs peak MiB"],
                        [(r["dataset"], r["model"], r["stage"], r["baseline_s"], r["ccfs_s"], f"{r['speedup']:.1f}x",
-                         (f"{sum(r['ccfs_predicted']):,} / {sum(r['baseline_predicted']):,}"
-                          if r["stage"] == "pool_eval" else ""),
-                         r.get("baseline_peak_rss_mb", ""), r.get("ccfs_peak_rss_mb", "")) for r in rows]))
+                         predicted_text(r), r.get("baseline_peak_rss_mb", ""), r.get("ccfs_peak_rss_mb", ""))
+                        for r in rows]))
     return rows
 
 

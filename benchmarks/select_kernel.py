@@ -94,7 +94,8 @@ def measure(scale: Scale, repeats: int, compile_s: float) -> dict:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="ccfs-fast bench select", description=__doc__,
                                      formatter_class=HelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds, each the kernel (median of 10 calls) and the reference once; the median")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed rounds (each: the kernel, median of 10 calls; the reference once)")
     parser.add_argument("--quick", action="store_true", help="CIFAR and Tiny-ImageNet scales only")
     parser.add_argument("--json", type=Path, default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)

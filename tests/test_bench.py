@@ -90,8 +90,8 @@ def test_against_prefers_this_cpu_models_figures_and_record_replaces_only_them(t
 
     import pytest
 
-    from beton_builder.base.errors import RegressionError
     from benchmarks import regression
+    from beton_builder.base.errors import RegressionError
 
     here = regression.environment()["cpu"]
 

@@ -446,6 +446,10 @@ def test_bad_statistics_and_non_finite_teacher(engine_data, tmp_path, capsys):
     ckpt["model"] = {k: v * float("nan") if v.is_floating_point() else v for k, v in ckpt["model"].items()}
     torch.save(ckpt, tmp_path / "nan.pt")
     assert main(run_args({**engine_data, "teacher": tmp_path / "nan.pt"}, tmp_path / "o2")) == 2
+    one_line_error(capsys.readouterr().err, "non-finite logits on 64 of 64")  # the lazy pass's first probe
+    assert not (tmp_path / "o2" / "phase1_candidates.npz").exists()  # before any curriculum
+    assert main(run_args({**engine_data, "teacher": tmp_path / "nan.pt"}, tmp_path / "o3", "--teacher-pass",
+                         "full")) == 2
     one_line_error(capsys.readouterr().err, "non-finite logits on 800 of 800")
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
 

@@ -289,11 +289,14 @@ def test_a_whole_imagenet_run_on_cpu(ilsvrc, imagenet_run_inputs, tmp_path, caps
     selected = json.loads((out / "selected_indices.json").read_text())
     assert len(selected["idx_selected"]) > 0
     check_snapshot("imagenet_run", out)  # bit for bit what it selected before the engine's restructuring
-    in_order = tmp_path / "in_order"
+    in_order = tmp_path / "in_order"  # and the teacher predicting every pool image first: the same selection
     assert main(_imagenet_run(ilsvrc, imagenet_run_inputs, in_order, "--score-path",
-                              str(imagenet_run_inputs["scores_in_order"]), "--num-eval", "0")) == 0
+                              str(imagenet_run_inputs["scores_in_order"]), "--num-eval", "0",
+                              "--teacher-pass", "full")) == 0
     again = json.loads((in_order / "selected_indices.json").read_text())
     assert again["idx_selected"] == selected["idx_selected"]
+    assert metrics["totals"]["teacher_pass"] == "lazy"
+    assert json.loads((in_order / "metrics.json").read_text())["totals"]["teacher_predicted"] == 64
     streamed = tmp_path / "streamed"
     assert main(_imagenet_run(ilsvrc, imagenet_run_inputs, streamed, "--score-path",
                               str(imagenet_run_inputs["scores"]), "--train-data", "streamed",

@@ -137,6 +137,9 @@ class Evaluation:
             raise ConfigError(f"need --num-eval >= 0 and -T > 0; got {self.num_eval}, {self.temperature}")
 
 
+TEACHER_PASSES = ("lazy", "full")  # when the teacher predicts a pool image: when first reached, or all first
+
+
 @dataclass(frozen=True)
 class Selection:
     """What a run selects and how (docs/design.md §1)."""
@@ -154,6 +157,10 @@ class Selection:
     shortfall: str = setting("fill", SHORTFALL_HELP, shown="fill; presets: short")
     coarse_pass: str = setting("lazy", "lazy (predict candidates in selection order, stop a class once full; exact) | "
                                "full (predict every candidate; --score logits always does)", resume_free=True)
+    teacher_pass: str = setting("lazy", "lazy (the teacher predicts a pool image when a coarse pass first reaches it, "
+                                "kept for later curricula and runs; exact) | full (every pool image before the "
+                                "first curriculum; --coarse-pass full and --score logits always do)",
+                                resume_free=True)
 
     def __post_init__(self) -> None:
         finite_fields(self)
@@ -174,6 +181,7 @@ class Selection:
         check_choice("selection method", self.select_method, tuple(SELECTION_METHODS))
         check_choice("shortfall policy", self.shortfall, SHORTFALL_POLICIES)
         check_choice("coarse pass", self.coarse_pass, COARSE_PASSES)
+        check_choice("teacher pass", self.teacher_pass, TEACHER_PASSES)
 
     @property
     def cpc(self) -> int:

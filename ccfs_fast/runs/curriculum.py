@@ -3,7 +3,6 @@ evaluation; resumable after the last finished curriculum."""
 from __future__ import annotations
 
 import shutil
-import time
 from contextlib import nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -13,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from beton_builder.base.digests import file_sha256
-from beton_builder.base.files import missing_top, output_error, write_json, write_npz
+from beton_builder.base.files import missing_top, output_error, write_json
 from beton_builder.base.locks import LOCK_NAME, RunLock
 from beton_builder.manifest import recorded_names
 from ccfs_fast.runs.config import RunConfig
@@ -25,7 +24,7 @@ from ccfs_fast.runs.run_dir import prepare_output_dir
 from ccfs_fast.runs.run_inputs import input_record
 from ccfs_fast.runs.run_log import _write_outputs, run_reach, shortfall_line, summary_table
 from ccfs_fast.runs.state import STATE_VERSION, _load_state, check_inputs_unchanged, input_digests, resume_line
-from ccfs_fast.runs.teacher_pass import teacher_correct
+from ccfs_fast.runs.teacher_pass import TeacherMemo, open_teacher_pass, write_run_pass
 from ccfs_fast.runs.workspace import Workspace, open_workspace
 from ccfs_fast.selection.kernels import (
     curriculum_arrangement,
@@ -94,19 +93,22 @@ def _run(cfg: RunConfig, dist_ctx: DistContext, device: str, resume: bool, overw
     state, ws, teacher_digest = _start(cfg, dist_ctx, device, resume, overwrite, ran_here)
     file_key = _file_order_key(cfg, ws, state)
     arrangement = curriculum_arrangement(sel.spc, sel.curriculum_num)
-    teacher_ok = _teacher_pass(ws, state, teacher_digest, out)
+    teacher = _teacher_pass(ws, cfg, state, teacher_digest, file_key is not None, resume)
     selected = np.asarray(state["selected"], np.int64)
     for phase in tqdm(range(len(state["phases"]) + 1, sel.curriculum_num + 1), desc="curricula",
                       initial=len(state["phases"]), total=sel.curriculum_num, dynamic_ncols=True, disable=not main):
         rate = phase_records(state)[-1].survivor_rate if state["phases"] else None
-        outcome = run_phase(ws, cfg, phase, arrangement[phase - 1], selected, teacher_ok, file_key, rate)
+        outcome = run_phase(ws, cfg, phase, arrangement[phase - 1], selected, teacher, file_key, rate)
         selected = np.concatenate([selected, outcome.picked])
         state["phases"].append(outcome.record.to_json())
         state["selected"] = selected.tolist()
+        _record_teacher(state, teacher)
         line = shortfall_line(outcome.record, ws.space.manifest.class_names)
         if main:
             if line:
                 tqdm.write(line)
+            teacher.save()
+            write_run_pass(out / "teacher_pass.npz", teacher)
             write_audit(out / f"phase{phase}_candidates.npz", outcome.passed, ws.pool_labels, outcome.picked)
             write_json(out / "state.json", state)
             _write_outputs(out, cfg, state)
@@ -177,16 +179,49 @@ def _file_order_key(cfg: RunConfig, ws: Workspace, state: dict) -> np.ndarray | 
     return None
 
 
-def _teacher_pass(ws: Workspace, state: dict, teacher_digest: str, out: Path) -> np.ndarray:
-    """teacher_correct bool [n] (teacher_pass.npz written, its seconds and accuracy recorded), then the
-    selection kernels compiled and the workspace warmed, so that no curriculum pays for either."""
-    start = time.perf_counter()
-    pred, teacher_ok, _ = teacher_correct(ws, teacher_digest)
-    state["teacher_pass_s"] = time.perf_counter() - start
-    state["teacher_acc"] = float(teacher_ok.mean() * 100)
+def teacher_pass_mode(cfg: RunConfig, key_known: bool) -> tuple[str, str | None]:
+    """(the teacher pass this run makes, why it is `full` when lazy was asked for). A lazy teacher
+    pass needs a lazy coarse pass (which reaches images in an order known before prediction); a full
+    coarse pass, or --score logits (which ranks by each phase's own predictions), reads every
+    eligible image, so the teacher predicts every pool image first."""
+    sel = cfg.selection
+    if sel.teacher_pass == "full":
+        return "full", None
+    if sel.coarse_pass == "full":
+        return "full", "--coarse-pass full predicts every eligible image"
+    if not key_known:
+        return "full", f"--score {sel.score} ranks by each phase's own predictions of every eligible image"
+    return "lazy", None
+
+
+def _teacher_pass(ws: Workspace, cfg: RunConfig, state: dict, teacher_digest: str, key_known: bool,
+                  resume: bool) -> TeacherMemo:
+    """The run's teacher memo (open_teacher_pass: full predicts every pool image now, lazy as the
+    coarse passes reach them; teacher_pass.npz written, the mode and why, seconds and accuracy
+    recorded), then the selection kernels compiled and the workspace warmed, so that no curriculum
+    pays for either."""
+    out = cfg.output_dir
+    mode, why = teacher_pass_mode(cfg, key_known)
+    if why is not None:
+        note = f"note: the teacher predicts every pool image before the first curriculum (--teacher-pass full): {why}"
+        state["notes"].append(note)
+        say([note], ws.dist.is_main)
+    teacher = open_teacher_pass(ws, teacher_digest, mode, out / "teacher_pass.npz" if resume else None)
+    state["teacher_pass"] = mode
+    state["teacher_pass_s"] = teacher.seconds
+    state["teacher_from_cache"] = teacher.from_cache
+    _record_teacher(state, teacher)
     if ws.dist.is_main:
-        write_npz(out / "teacher_pass.npz", index=np.arange(ws.space.n_pool), pred=pred)
+        write_run_pass(out / "teacher_pass.npz", teacher)
     state["select_compile_s"] = warm_up_kernels()
     ws.warm()
-    return teacher_ok
+    return teacher
 
+
+def _record_teacher(state: dict, teacher: TeacherMemo) -> None:
+    """The teacher's figures so far: images predicted (this run and all told) and its accuracy among them."""
+    known = teacher.known
+    state["teacher_predicted"] = known
+    state["pool_size"] = len(teacher.pred)
+    state["teacher_predicted_here"] = teacher.made
+    state["teacher_acc"] = float(teacher.correct_mask().sum() / known * 100) if known else None

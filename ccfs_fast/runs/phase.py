@@ -11,6 +11,7 @@ from beton_builder.base.errors import ModelError
 from beton_builder.base.files import write_npz
 from ccfs_fast.runs.config import RunConfig
 from ccfs_fast.runs.records import PhaseRecord, Shortfall
+from ccfs_fast.runs.teacher_pass import TeacherMemo
 from ccfs_fast.runs.workspace import Workspace
 from ccfs_fast.selection.coarse import PassResult, coarse_pass
 from ccfs_fast.selection.kernels import (
@@ -33,11 +34,12 @@ class PhaseOutcome:
 
 
 def run_phase(ws: Workspace, cfg: RunConfig, phase: int, curpc: int, selected: np.ndarray,
-              teacher_ok: np.ndarray, file_key: np.ndarray | None, rate: float | None = None) -> PhaseOutcome:
+              teacher: TeacherMemo, file_key: np.ndarray | None, rate: float | None = None) -> PhaseOutcome:
     """One curriculum: train a fresh filter on distilled ∪ selected, predict the not-yet-selected
     teacher-correct pool images (lazily, in selection order, when the order key is known; `rate`: the
-    previous phase's survivor rate, to size the first chunk), keep the coarse candidates, select the
-    fine curpc per class."""
+    previous phase's survivor rate, to size the first chunk; with a lazy teacher pass the teacher
+    predicts each image the pass reaches first, the filter only those it classifies correctly), keep
+    the coarse candidates, select the fine curpc per class."""
     seed = phase_seed(cfg.machine.seed, phase)
     train_set = np.concatenate([ws.distilled_rows, selected])
     acc_epochs = (last_fifth_epochs(cfg.recipe.epochs) if cfg.filter_acc == "best_last_20"
@@ -48,16 +50,19 @@ def run_phase(ws: Workspace, cfg: RunConfig, phase: int, curpc: int, selected: n
     n = ws.space.n_pool
     is_selected = np.zeros(n, bool)
     is_selected[selected] = True
-    eligible = teacher_ok & ~is_selected
+    lazy_teacher = teacher.mode == "lazy"
     known_key = None if file_key is None else order_key(cfg.selection.select_method, file_key, seed)
-    start = time.perf_counter()
+    start, teacher_before = time.perf_counter(), (teacher.made, teacher.seconds)
     sel = cfg.selection
-    passed = coarse_pass(sel.coarse_pass if known_key is not None else "full", eligible, ws.pool_labels, known_key,
-                         ws.num_classes, curpc, sel.balance, sel.select_misclassified,
+    passed = coarse_pass(sel.coarse_pass if known_key is not None else "full",
+                         ~is_selected if lazy_teacher else teacher.correct_mask() & ~is_selected, ws.pool_labels,
+                         known_key, ws.num_classes, curpc, sel.balance, sel.select_misclassified,
                          lambda indices: ws.predict_pool(filt, indices),
                          first_round_rate(rate, trained.last_acc, sel.select_misclassified),
-                         min_chunk=ws.coarse_min_chunk)
+                         min_chunk=ws.coarse_min_chunk, gate=teacher.correct if lazy_teacher else None)
     eval_s = time.perf_counter() - start
+    teacher_ok = teacher.correct_mask()  # lazy: known only where the teacher predicted
+    eligible = teacher_ok & ~is_selected
     broken = np.flatnonzero(passed.pred < 0)
     if len(broken):
         raise ModelError(f"the phase {phase} filter gives non-finite logits on {len(broken)} pool images (first: "
@@ -81,10 +86,12 @@ def run_phase(ws: Workspace, cfg: RunConfig, phase: int, curpc: int, selected: n
         phase=phase, curpc=curpc, train_size=len(train_set), selected=len(chosen.indices), batch_size=batch_size,
         train_s=trained.seconds, train_loop_s=trained.loop_s, train_eval_s=trained.eval_s,
         train_setup_s=trained.setup_s, train_img_per_s=trained.img_per_s, execution=step_run.record(),
-        coarse_pass=passed.mode, pool_eligible=passed.eligible, pool_evaluated=passed.predicted,
+        coarse_pass=passed.mode, pool_eligible=int(eligible.sum()), pool_evaluated=passed.predicted,
         coarse_rounds=passed.rounds, eval_s=eval_s, eval_img_per_s=passed.predicted / eval_s if eval_s else 0.0,
         select_s=select_s, filter_acc=trained.best_acc, filter_acc_rule=cfg.filter_acc,
-        filter_last_acc=trained.last_acc, unpredicted_eligible=passed.eligible - passed.predicted,
+        filter_last_acc=trained.last_acc, unpredicted_eligible=int(eligible.sum()) - passed.predicted,
+        teacher_pass=teacher.mode, teacher_predicted=teacher.made - teacher_before[0],
+        teacher_s=teacher.seconds - teacher_before[1], teacher_known=teacher.known,
         candidates=int(candidates.sum()), candidates_per_class=chosen.candidates_per_class.tolist(),
         selected_per_class=chosen.selected_per_class.tolist(),
         shortfall=Shortfall(cfg.selection.shortfall, len(short), short, chosen.filled_per_class.tolist(),

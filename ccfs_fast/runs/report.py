@@ -32,7 +32,7 @@ from ccfs_fast.selection.scores import pool_order_scores, score_kind
 CSV_COLUMNS = ("phase", "curpc", "train_size", "batch_size", "train_s", "train_img_per_s", "coarse_pass",
                "pool_eligible", "pool_evaluated", "coarse_rounds",
                "eval_s", "eval_img_per_s", "select_s", "filter_acc", "filter_acc_rule", "filter_last_acc", "candidates",
-               "unpredicted_eligible", "selected")
+               "unpredicted_eligible", "teacher_pass", "teacher_predicted", "teacher_s", "teacher_known", "selected")
 
 
 def metrics_frame(metrics: dict) -> pd.DataFrame:
@@ -124,8 +124,12 @@ def _time_panel(ax, frame: pd.DataFrame) -> None:
 def _coarse_panel(ax, frame: pd.DataFrame) -> None:
     eligible = frame["pool_eligible"].fillna(frame["pool_evaluated"]) if "pool_eligible" in frame else \
         frame["pool_evaluated"]
-    ax.bar(frame["phase"] - 0.2, eligible, width=0.4, label="eligible (teacher-correct, not selected)")
-    ax.bar(frame["phase"] + 0.2, frame["pool_evaluated"], width=0.4, label="predicted by the filter")
+    lazy = "teacher_pass" in frame and (frame["teacher_pass"] == "lazy").any()
+    among = " among the teacher's predictions" if lazy else ""
+    ax.bar(frame["phase"] - 0.3, eligible, width=0.3, label=f"eligible (teacher-correct, not selected){among}")
+    ax.bar(frame["phase"], frame["pool_evaluated"], width=0.3, label="predicted by the filter")
+    if lazy:  # the lazy teacher pass: what the teacher predicted in each curriculum
+        ax.bar(frame["phase"] + 0.3, frame["teacher_predicted"], width=0.3, label="predicted by the teacher")
     ax.set(title="coarse pass: pool images predicted", xlabel="curriculum", ylabel="images", xticks=frame["phase"])
     _legend_below(ax, 1)
 

@@ -20,8 +20,12 @@ from ccfs_fast.selection.reach import reach_text, real_reach
 def _write_outputs(out: Path, cfg: RunConfig, state: dict) -> None:
     phases = state["phases"]
     totals = {k: float(sum(p[k] for p in phases)) for k in ("train_s", "eval_s", "select_s")}
-    totals.update({"teacher_pass_s": state["teacher_pass_s"], "phases_done": len(phases),
-                   "selected": len(state["selected"])})
+    totals.update({"teacher_pass_s": state["teacher_pass_s"] + sum(p.get("teacher_s", 0.0) for p in phases),
+                   "teacher_pass": state.get("teacher_pass", "full"),
+                   "teacher_predicted": state.get("teacher_predicted"),
+                   "teacher_predicted_this_run": state.get("teacher_predicted_here"),
+                   "teacher_acc": state.get("teacher_acc"), "pool_size": state.get("pool_size"),
+                   "phases_done": len(phases), "selected": len(state["selected"])})
     reach = run_reach(cfg, phases)
     write_json(out / "selected_indices.json", {"ipc": cfg.selection.image_per_class, "alpha": cfg.selection.alpha,
                                                "idx_selected": state["selected"], "phases_done": len(phases),
@@ -40,10 +44,13 @@ def _write_outputs(out: Path, cfg: RunConfig, state: dict) -> None:
     sel = cfg.selection
     lines += [f"cpc (distilled per class): {sel.cpc}", f"spc (selected per class): {sel.spc}",
               f"arrangement: {curriculum_arrangement(sel.spc, sel.curriculum_num)}", *state.get("notes", [])]
+    lines.append(teacher_line(state))
     for p in phase_records(state):
+        among = " among the teacher's predictions" if p.teacher_pass == "lazy" else ""
         lines.append(f"phase {p.phase}/{sel.curriculum_num}: curpc {p.curpc}, train set {p.train_size}, "
                      f"filter acc ({p.filter_acc_rule}) {_fmt(p.filter_acc)}%, predicted {p.pool_evaluated} of "
-                     f"{p.pool_eligible} eligible ({p.coarse_pass} pass), candidates {p.candidates}, selected "
+                     f"{p.pool_eligible} eligible{among} ({p.coarse_pass} pass), teacher predicted "
+                     f"{p.teacher_predicted}, candidates {p.candidates}, selected "
                      f"{p.selected} (filled {p.shortfall.filled}, unmet {p.shortfall.unmet}), train {p.train_s:.1f}s "
                      f"eval {p.eval_s:.1f}s select {p.select_s * 1000:.1f}ms")
     final = state.get("final")
@@ -56,6 +63,21 @@ def _write_outputs(out: Path, cfg: RunConfig, state: dict) -> None:
     if cfg.smoke:
         lines.append(f"note: {SMOKE_NOTE}")
     write_text(out / "exp_log.txt", "\n".join(lines) + "\n")
+
+
+def teacher_line(state: dict) -> str:
+    """One line: the teacher pass, the pool images the teacher predicted and its accuracy among them."""
+    known, acc = state.get("teacher_predicted"), state.get("teacher_acc")
+    mode = state.get("teacher_pass", "full")
+    cached = state.get("teacher_from_cache") or 0
+    text = f"teacher pass: {mode}"
+    if known is not None:
+        pool = state.get("pool_size")
+        of_pool = f" of {pool:,}" if pool else ""
+        text += f", {known:,}{of_pool} pool images predicted ({cached:,} from the cache)"
+    if acc is not None:
+        text += f", teacher-correct {acc:.2f}%" + (" among predicted" if mode == "lazy" else "")
+    return text
 
 
 def log_settings(state: dict, device: str) -> list[str]:
@@ -120,11 +142,13 @@ def shortfall_line(record: PhaseRecord, class_names: tuple[str, ...], shown: int
 def summary_table(state: dict, reached: str | None = None) -> str:
     """The per-curriculum table; its last line the final accuracy and, when given, `reached` (what
     the selection holds per class against the target, reach.reach_text)."""
-    rows = [(p.phase, p.curpc, p.train_size, p.train_s, f"{p.pool_evaluated:,} / {p.pool_eligible:,}", p.eval_s,
-             p.select_s * 1000, _fmt(p.filter_acc), p.selected, p.shortfall.filled, p.shortfall.unmet)
+    rows = [(p.phase, p.curpc, p.train_size, p.train_s, f"{p.teacher_predicted:,}",
+             f"{p.pool_evaluated:,} / {p.pool_eligible:,}", p.eval_s, p.select_s * 1000, _fmt(p.filter_acc), p.selected,
+             p.shortfall.filled, p.shortfall.unmet)
             for p in phase_records(state)]
-    table = format_table(["phase", "curpc", "train set", "train s", "predicted / eligible", "predict s", "select ms",
-                          "filter acc", "selected", "filled", "unmet"], rows)
+    table = format_table(["phase", "curpc", "train set", "train s", "teacher predicted", "predicted / eligible",
+                          "predict s", "select ms", "filter acc", "selected", "filled", "unmet"], rows)
+    table += "\n" + teacher_line(state)
     final = state.get("final") or {}
     last = []
     if final.get("accs"):

@@ -7,6 +7,12 @@ its seeded key): the selection is then the first curpc coarse survivors of each 
 chunk, and a class stops once it has curpc survivors. A class that runs out has had every image
 predicted, so the shortfall policies see what `full` would show them.
 
+A `gate` decides eligibility only when the pass reaches an image (the lazy teacher pass: the teacher
+predicts an image the first time a phase walks past it). The pass then walks every not-yet-selected
+image in the same order, asks the gate about each round's images, and lets the filter predict only
+those it passes; a bucket's survivors are counted exactly as when ineligible images were never in
+its order, so the selection is that of a pass over the eligible images alone.
+
 Pure functions of numpy arrays; the prediction itself is a callable the caller passes in.
 """
 from __future__ import annotations
@@ -119,15 +125,23 @@ class PassResult:
 
 
 Predict = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
+Gate = Callable[[np.ndarray], np.ndarray]
 
 
 def coarse_pass(mode: str, eligible: np.ndarray, labels: np.ndarray, key: np.ndarray | None, num_classes: int,
                 curpc: int, balance: bool, misclassified: bool, predict: Predict, rate: float | None = None,
-                min_chunk: int = 1024) -> PassResult:
+                min_chunk: int = 1024, gate: Gate | None = None) -> PassResult:
     """Predicts the phase's eligible pool images, all of them (`full`) or lazily in key order (`lazy`,
     needs `key`). predict(indices) -> (index, pred, logit) for those indices (any order). `rate`: the
-    survivor rate to plan the first round with (e.g. the previous phase's)."""
+    survivor rate to plan the first round with (e.g. the previous phase's). gate(indices) -> bool
+    [len(indices)]: which of the images `eligible` marks are eligible indeed, asked only for the images
+    the pass reaches (None: all of them are)."""
     check_pass(mode)
+    if gate is not None and (mode == "full" or key is None):  # every image is reached: ask about all at once
+        reached = np.flatnonzero(eligible)
+        eligible = np.zeros_like(eligible)
+        eligible[reached[np.asarray(gate(reached), bool)]] = True
+        gate = None
     if mode == "full" or key is None:
         index, pred, logit = predict(np.flatnonzero(eligible))
         full_key = np.full(len(labels), np.nan) if key is None else key  # logits: no key before prediction
@@ -136,18 +150,25 @@ def coarse_pass(mode: str, eligible: np.ndarray, labels: np.ndarray, key: np.nda
     buckets = ordered_buckets(eligible, labels, key, num_classes, balance)
     state = PassState(buckets, curpc if balance else curpc * num_classes)
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    reached = np.zeros(len(labels), bool)  # images the pass walked past: predicted, or refused by the gate
+    passed_gate = eligible.copy() if gate is None else np.zeros(len(labels), bool)
     seen = survived_total = 0
     while True:
         measured = survived_total / seen if seen >= 200 else None
         chunk, chunk_buckets = plan_chunk(state, measured or rate or DEFAULT_RATE, min_chunk)
         if not len(chunk):
             break
-        got_index, got_pred, got_logit = predict(np.sort(chunk))
-        by_index = np.argsort(got_index)
-        chunk_pred = got_pred[by_index][np.searchsorted(got_index[by_index], chunk)]
-        survived = (chunk_pred != labels[chunk]) == misclassified
+        reached[chunk] = True
+        ok = np.ones(len(chunk), bool) if gate is None else np.asarray(gate(chunk), bool)
+        passed_gate[chunk[ok]] = True
+        survived = np.zeros(len(chunk), bool)
+        if ok.any():
+            got_index, got_pred, got_logit = predict(np.sort(chunk[ok]))
+            by_index = np.argsort(got_index)
+            chunk_pred = got_pred[by_index][np.searchsorted(got_index[by_index], chunk[ok])]
+            survived[ok] = (chunk_pred != labels[chunk[ok]]) == misclassified
+            parts.append((got_index, got_pred, got_logit))
         record_chunk(state, chunk_buckets, survived)
-        parts.append((got_index, got_pred, got_logit))
         seen += len(chunk)
         survived_total += int(survived.sum())
     index, pred, logit = (np.concatenate([p[k] for p in parts]) if parts else np.zeros(0, d)
@@ -155,11 +176,9 @@ def coarse_pass(mode: str, eligible: np.ndarray, labels: np.ndarray, key: np.nda
     class_orders = state.buckets if balance else ordered_buckets(eligible, labels, key, num_classes, True)
     if balance:
         done = list(state.predicted)
-    else:  # per class: how far its own key order was predicted (a prefix, since the global order is)
-        was_predicted = np.zeros(len(labels), bool)
-        was_predicted[index] = True
-        done = [int(was_predicted[order].sum()) for order in class_orders]
-    return _result("lazy", index, pred, logit, eligible, class_orders, done, key, state.rounds)
+    else:  # per class: how far its own key order was reached (a prefix, since the global order is)
+        done = [int(reached[order].sum()) for order in class_orders]
+    return _result("lazy", index, pred, logit, passed_gate, class_orders, done, key, state.rounds)
 
 
 def _result(mode: str, index, pred, logit, eligible: np.ndarray, class_orders: list[np.ndarray], done: list[int],
