@@ -218,3 +218,31 @@ def test_a_mistyped_preset_or_setting_gets_a_suggestion():
 
     assert unknown_flag(make_parser(), ["run", "--distil", "d.beton"]) is None
     assert unknown_flag(make_parser(), ["bench", "select", "--quick"]) is None
+
+
+def test_the_console_script_sets_openmp_waits_before_anything_loads_torch(monkeypatch):
+    """entry() sets GOMP_SPINCOUNT before main() runs (libgomp reads it once, when torch loads it), and
+    leaves a user's own GOMP_SPINCOUNT or OMP_WAIT_POLICY alone."""
+    import os
+
+    import ccfs_fast.cli as cli
+    from ccfs_fast.data.threads import openmp_defaults
+
+    for name in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY"):
+        monkeypatch.setenv(name, "placeholder")  # restored afterwards, whatever entry() sets
+        monkeypatch.delenv(name)
+    seen = {}
+
+    def fake_main():
+        seen["spin"] = os.environ.get("GOMP_SPINCOUNT")
+        return 3
+
+    monkeypatch.setattr(cli, "main", fake_main)
+    monkeypatch.setattr(cli.os, "_exit", lambda code: seen.setdefault("code", code))
+    cli.entry()
+    assert seen == {"spin": "10000", "code": 3}
+    assert openmp_defaults({"GOMP_SPINCOUNT": "5"}) == {}
+    env = {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert openmp_defaults(env) == {} and env == {"OMP_WAIT_POLICY": "ACTIVE"}
+    env = {}
+    assert openmp_defaults(env) == {"GOMP_SPINCOUNT": "10000"} == env

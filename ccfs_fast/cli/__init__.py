@@ -15,7 +15,7 @@ from beton_builder.base.errors import CCFSError, OutputError
 from ccfs_fast.cli.args import add_eval, add_run, add_teacher
 from ccfs_fast.cli.build_args import _add_build
 from ccfs_fast.cli.commands import _add_bench, _add_demo, _add_export, _add_report, _run_eval, _run_run, _run_teacher
-from ccfs_fast.data.threads import process_settings
+from ccfs_fast.data.threads import openmp_defaults, process_settings
 
 EPILOG = """a whole run, step by step (README: "Run CCFS on CIFAR-10 / CIFAR-100 / Tiny-ImageNet"):
   ccfs-fast build cifar10 --src cifar-10-python.tar.gz --out data/
@@ -156,7 +156,9 @@ def entry() -> None:
     """The console script (and `python -m ccfs_fast.cli`): main(), then the process ends at once. On a
     machine or cgroup of one CPU, numba's TBB threading layer hangs the interpreter's shutdown once its
     threads have started (a build printed its table and never exited); every output is written and
-    closed when main() returns, so nothing of that shutdown is needed."""
+    closed when main() returns, so nothing of that shutdown is needed. OpenMP's wait policy is set
+    first, before anything loads torch (data.threads.openmp_defaults)."""
+    openmp_defaults()
     code = main()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()

@@ -29,6 +29,27 @@ def configure_threads(threads: int | None = None) -> int:
     return count
 
 
+# OpenMP's wait at the end of each parallel region, set before torch loads its libgomp (which reads it
+# once, at load). libgomp's default spins up to 300,000 times before sleeping: on cores shared with
+# other jobs a spinning thread competes with the thread it waits for, and a convnet_tiny filter's
+# training swung from 1 s to 39 s beside two busy jobs on 2 cores (bench phase --under-load); at
+# 10,000 spins it took 2.3-4.1 s there and 0.86-0.94 s idle (default: 0.75-0.98 s). Sleeping at once
+# (OMP_WAIT_POLICY=PASSIVE) held under load too but cost 30-80% idle.
+OPENMP_DEFAULTS = {"GOMP_SPINCOUNT": "10000"}
+
+
+def openmp_defaults(env: dict | None = None) -> dict[str, str]:
+    """Sets OPENMP_DEFAULTS in `env` (default: this process's environment) where the user set neither
+    that variable nor OMP_WAIT_POLICY; returns what it set. Acts only before torch is imported (the
+    console script calls it first; a notebook sets the variable itself before `import torch`)."""
+    env = os.environ if env is None else env
+    if "OMP_WAIT_POLICY" in env:
+        return {}
+    added = {k: v for k, v in OPENMP_DEFAULTS.items() if k not in env}
+    env.update(added)
+    return added
+
+
 def _busy_ticks() -> tuple[int, int] | None:
     """(ticks all CPUs spent busy, ticks this process spent), from /proc; None where unreadable."""
     try:
