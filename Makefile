@@ -37,7 +37,7 @@ bench: install
 bench-check: install
 	$(BIN)/ccfs-fast bench select --quick --against benchmarks/results/select_kernel.json
 	$(BIN)/ccfs-fast bench loader --quick --against benchmarks/results/loader_throughput_quick.json
-	$(BIN)/ccfs-fast bench phase --quick --rows cifar10 --against benchmarks/results/curriculum_wallclock_quick.json
+	$(BIN)/ccfs-fast bench phase --quick --rows cifar10 --repeats 3 --against benchmarks/results/curriculum_wallclock_quick.json
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.phase_data import SMALL_MODELS, BenchSpec, Shape, prepare
+from benchmarks.phase_rows import check_same_selection, predicted_text, teacher_and_run_rows
 from beton_builder.base.processes import available_cpus
 from beton_builder.base.tables import format_table
 
@@ -189,10 +190,12 @@ def run_worker(kind: str, spec_path: Path, root: Path, repeat: int = 0) -> dict:
     repeat computes its teacher pass (which also reads the pool file) as the first did."""
     out = root / f"{kind}.json"
     env = {**os.environ, "XDG_CACHE_HOME": str(root / f"cache-{kind}-{repeat}"), "PYTHONUNBUFFERED": "1"}
-    if kind.startswith("ccfs"):  # the environment the console script gives itself before torch loads
-        from ccfs_fast.data.threads import openmp_defaults
+    from ccfs_fast.data.threads import openmp_defaults, without_openmp_defaults
 
+    if kind.startswith("ccfs"):  # the environment the console script gives itself before torch loads
         openmp_defaults(env)
+    else:  # the paper's code as a user starts it, whether this benchmark came from the console script or not
+        env = without_openmp_defaults(env)
     code = ("import sys, json, torch, numba; from benchmarks.curriculum_wallclock import main_worker; "
             f"main_worker({kind!r}, {str(spec_path)!r}, {str(out)!r})")
     subprocess.run([sys.executable, "-c", code], check=True, env=env, stdout=subprocess.DEVNULL)
@@ -299,38 +302,7 @@ def compare(row: Row, shape: Shape, args: argparse.Namespace, tmp: Path) -> list
         rows.append(out)
     rows += teacher_and_run_rows(rows[-1], ccfs_runs, base_runs, full_runs)
     if args.under_load:
-        rows.append(under_load(rows[3], spec_path, root, args.repeats))
-    return rows
-
-
-def whole_run_s(run: dict) -> float:
-    """A run's wall clock: set-up, the teacher pass (before and inside the curricula), every curriculum."""
-    return run["setup_s"] + run["teacher_pass_s"] + sum(p["curriculum_s"] for p in run["phases"])
-
-
-def teacher_and_run_rows(curriculum: dict, ccfs_runs: list[dict], base_runs: list[dict],
-                         full_runs: list[dict]) -> list[dict]:
-    """The teacher rows (the baseline's full pass against ccfs-fast's lazy and full ones: seconds and
-    pool images predicted, each side's median over its runs) and the whole-run row."""
-    shared = {k: curriculum[k] for k in ("dataset", "model", "epochs", "pool", "side", "classes", "curricula")}
-    base_teacher = float(np.median([r["teacher_pass_s"] for r in base_runs]))
-    rows = []
-    for stage, runs in (("teacher", ccfs_runs), ("teacher, full pass", full_runs)):
-        seconds = float(np.median([r["teacher_pass_s"] for r in runs]))
-        rows.append({**shared, "stage": stage, "baseline_s": base_teacher, "ccfs_s": seconds,
-                     "speedup": base_teacher / seconds, "repeats": len(runs),
-                     "ccfs_teacher_predicted": runs[0]["teacher_predicted"],
-                     "baseline_teacher_predicted": base_runs[0]["teacher_predicted"],
-                     "ccfs_runs_s": [r["teacher_pass_s"] for r in runs],
-                     "baseline_runs_s": [r["teacher_pass_s"] for r in base_runs]})
-    ccfs_s = float(np.median([whole_run_s(r) for r in ccfs_runs]))
-    base_s = float(np.median([whole_run_s(r) for r in base_runs]))
-    rows.append({**shared, "stage": "run", "baseline_s": base_s, "ccfs_s": ccfs_s, "speedup": base_s / ccfs_s,
-                 "repeats": len(ccfs_runs), "ccfs_runs_s": [whole_run_s(r) for r in ccfs_runs],
-                 "baseline_runs_s": [whole_run_s(r) for r in base_runs],
-                 "ccfs_full_teacher_run_s": float(np.median([whole_run_s(r) for r in full_runs])),
-                 "same_selection_as_full_teacher": [p["selection"] for p in ccfs_runs[0]["phases"]]
-                 == [p["selection"] for p in full_runs[0]["phases"]]})
+        rows.append(under_load(next(r for r in rows if r["stage"] == "curriculum"), spec_path, root, args.repeats))
     return rows
 
 
@@ -345,18 +317,6 @@ def under_load(idle: dict, spec_path: Path, root: Path, repeats: int) -> dict:
             "stage": f"curriculum, {jobs} busy jobs", "baseline_s": base_s, "ccfs_s": ccfs_s, "repeats": repeats,
             "baseline_runs_s": base_each, "ccfs_runs_s": ccfs_each, "speedup": base_s / ccfs_s,
             "speedup_kept": (base_s / ccfs_s) / idle["speedup"]}
-
-
-def predicted_text(row: dict) -> str:
-    """The table's 'predicted / full pass' cell: the filter's pool predictions (pool_eval) or the
-    teacher's (teacher rows), ccfs-fast's against the baseline's."""
-    if row["stage"] == "pool_eval":
-        return f"{sum(row['ccfs_predicted']):,} / {sum(row['baseline_predicted']):,}"
-    if row["stage"].startswith("teacher"):
-        return f"{row['ccfs_teacher_predicted']:,} / {row['baseline_teacher_predicted']:,}"
-    if row["stage"] == "run" and not row["same_selection_as_full_teacher"]:
-        return "selection differs from --teacher-pass full!"
-    return ""
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -397,6 +357,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                        [(r["dataset"], r["model"], r["stage"], r["baseline_s"], r["ccfs_s"], f"{r['speedup']:.1f}x",
                          predicted_text(r), r.get("baseline_peak_rss_mb", ""), r.get("ccfs_peak_rss_mb", ""))
                         for r in rows]))
+    check_same_selection(rows)
     return rows
 
 

@@ -170,7 +170,7 @@ def stage_ccfs(spec: ScaleSpec) -> dict:
     from beton_builder.manifest import recorded_names
     from ccfs_fast.runs.config import Machine, RunConfig
     from ccfs_fast.runs.phase import run_phase
-    from ccfs_fast.runs.teacher_pass import teacher_correct
+    from ccfs_fast.runs.teacher_pass import open_teacher_pass
     from ccfs_fast.runs.workspace import open_workspace
     from ccfs_fast.selection.kernels import curriculum_arrangement, warm_up_kernels
     from ccfs_fast.selection.scores import easy_first_key, load_scores
@@ -193,11 +193,13 @@ def stage_ccfs(spec: ScaleSpec) -> dict:
         ws.warm()
         setup_s = time.perf_counter() - start
         start = time.perf_counter()
-        _, ok, cached = teacher_correct(ws, file_sha256(cfg.inputs.teacher))
+        # the full pass: this stage measures the teacher over the whole pool against the paper's pass
+        teacher = open_teacher_pass(ws, file_sha256(cfg.inputs.teacher), "full")
+        ok, cached = teacher.correct_mask(), teacher.made == 0
         teacher_s = time.perf_counter() - start
         curpc = curriculum_arrangement(cfg.selection.spc, cfg.selection.curriculum_num)[0]
         start = time.perf_counter()
-        outcome = run_phase(ws, cfg, 1, curpc, np.zeros(0, np.int64), ok, key)
+        outcome = run_phase(ws, cfg, 1, curpc, np.zeros(0, np.int64), teacher, key)
         curriculum_s = time.perf_counter() - start
     r = outcome.record
     return {"setup_s": setup_s, "teacher_pass_s": teacher_s, "teacher_pass_cached": cached,

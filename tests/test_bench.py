@@ -115,3 +115,61 @@ def test_against_prefers_this_cpu_models_figures_and_record_replaces_only_them(t
     regression.check("select", [dict(measured[0], speedup=31.0)], stored, 0.15, record_rows=True)
     assert [r["speedup"] for r in json.loads(stored.read_text()) if r["environment"]["cpu"] == here] == [31.0]
     assert len(json.loads(stored.read_text())) == 2 and not list(tmp_path.glob("*.tmp"))
+
+
+def test_teacher_and_whole_run_rows_from_the_sides_runs():
+    """The teacher rows compare each side's median teacher seconds and name the predictions; the run
+    row adds set-up, the whole teacher pass and every curriculum; lazy and full must select alike."""
+    from benchmarks.phase_rows import check_same_selection, predicted_text, teacher_and_run_rows, whole_run_s
+
+    def run(setup, teacher, curricula, predicted, picks):
+        return {"setup_s": setup, "teacher_pass_s": teacher, "teacher_predicted": predicted,
+                "phases": [{"curriculum_s": c, "selection": picks} for c in curricula]}
+
+    lazy = [run(1.0, 2.0, [3.0, 4.0], 300, [1, 2]), run(1.0, 4.0, [3.0, 4.0], 300, [1, 2])]
+    base = [run(0.5, 10.0, [20.0, 20.0], 1000, [1, 2]), run(0.5, 12.0, [20.0, 20.0], 1000, [1, 2])]
+    full = [run(1.0, 8.0, [3.0, 4.0], 1000, [1, 2]), run(1.0, 8.0, [3.0, 4.0], 1000, [1, 2])]
+    shared = {"dataset": "cifar10", "model": "m", "epochs": 2, "pool": 1000, "side": 32, "classes": 10,
+              "curricula": 2}
+    teacher, teacher_full, whole = teacher_and_run_rows(shared, lazy, base, full)
+    assert whole_run_s(lazy[0]) == 10.0
+    assert teacher["ccfs_s"] == 3.0 and teacher["baseline_s"] == 11.0 and teacher["speedup"] == 11.0 / 3.0
+    assert predicted_text(teacher) == "300 / 1,000" and predicted_text(teacher_full) == "1,000 / 1,000"
+    assert whole["ccfs_s"] == 11.0 and whole["baseline_s"] == 51.5 and whole["same_selection_as_full_teacher"]
+    check_same_selection([whole])
+    full[0]["phases"][1]["selection"] = [1, 3]
+    wrong = teacher_and_run_rows(shared, lazy, base, full)[2]
+    assert predicted_text(wrong) == "selection differs from --teacher-pass full!"
+    with pytest.raises(RuntimeError, match="selected different images on cifar10 m"):
+        check_same_selection([wrong])
+
+
+def test_the_baseline_worker_runs_without_ccfs_fasts_openmp_setting(tmp_path, monkeypatch):
+    """Started from the console script (GOMP_SPINCOUNT set by ccfs-fast), bench phase's baseline worker
+    gets the environment a user's shell would give the paper's code; a user's own setting is kept."""
+    import json
+
+    from benchmarks import curriculum_wallclock
+    from ccfs_fast.data.threads import openmp_defaults
+
+    envs = {}
+
+    def fake_run(cmd, check, env, stdout):
+        kind = "ccfs" if "'ccfs'" in cmd[-1] else "baseline"
+        envs[kind] = env
+        (tmp_path / f"{kind}.json").write_text(json.dumps({"kind": kind}))
+
+    monkeypatch.setattr(curriculum_wallclock.subprocess, "run", fake_run)
+    monkeypatch.setenv("GOMP_SPINCOUNT", "placeholder")
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(curriculum_wallclock.os, "environ", dict(curriculum_wallclock.os.environ))
+    openmp_defaults(curriculum_wallclock.os.environ)  # as the console script does at start
+    for kind in ("ccfs", "baseline"):
+        curriculum_wallclock.run_worker(kind, tmp_path / "spec.json", tmp_path)
+    assert envs["ccfs"]["GOMP_SPINCOUNT"] == "10000" and "GOMP_SPINCOUNT" not in envs["baseline"]
+    curriculum_wallclock.os.environ.clear()
+    curriculum_wallclock.os.environ["GOMP_SPINCOUNT"] = "7"  # the user's own: both sides keep it
+    for kind in ("ccfs", "baseline"):
+        curriculum_wallclock.run_worker(kind, tmp_path / "spec.json", tmp_path)
+    assert envs["ccfs"]["GOMP_SPINCOUNT"] == envs["baseline"]["GOMP_SPINCOUNT"] == "7"

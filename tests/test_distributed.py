@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,8 +68,8 @@ def test_sharded_prediction_equals_one_process(engine_data, tmp_path):
         np.testing.assert_allclose(sharded["logit"], logit, rtol=1e-5, atol=1e-5)
 
 
-def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def _torchrun(args: list[str], cache: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **({"XDG_CACHE_HOME": str(cache)} if cache else {})}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
                            str(_free_port()), "-m", "ccfs_fast.cli", *args], env=env, capture_output=True, text=True,
                           timeout=600)
@@ -79,10 +80,13 @@ def test_two_rank_torchrun_run(engine_data, tmp_path):
     """A 2-rank run (lazy coarse pass, the default) is valid and written once; a 2-rank run that
     differs only by --coarse-pass full selects the same images in the same order."""
     out = tmp_path / "ddp"
-    proc = _torchrun(run_args(engine_data, out, "--workers", "1", "--num-eval", "1"))
+    proc = _torchrun(run_args(engine_data, out, "--workers", "1", "--num-eval", "1"), tmp_path / "cache")
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and len(metrics["phases"]) == 3
+    # a cache of its own: the two ranks' lazy teacher pass predicted in the curricula (not all of the pool)
+    assert metrics["totals"]["teacher_pass"] == "lazy" and metrics["phases"][0]["teacher_predicted"] > 0
+    assert 64 < metrics["totals"]["teacher_predicted_this_run"] < 800
     assert all(p["coarse_pass"] == "lazy" and p["pool_evaluated"] <= p["pool_eligible"] for p in metrics["phases"])
     picked = np.array(json.loads((out / "selected_indices.json").read_text())["idx_selected"])
     labels = read_labels(BetonFile.open(engine_data["pool"]))
@@ -94,6 +98,7 @@ def test_two_rank_torchrun_run(engine_data, tmp_path):
     assert proc.stdout.count("final:") == 1
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
     full = tmp_path / "ddp-full"
-    proc = _torchrun(run_args(engine_data, full, "--workers", "1", "--num-eval", "0", "--coarse-pass", "full"))
+    proc = _torchrun(run_args(engine_data, full, "--workers", "1", "--num-eval", "0", "--coarse-pass", "full"),
+                     tmp_path / "cache-full")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((full / "selected_indices.json").read_text())["idx_selected"] == picked.tolist()

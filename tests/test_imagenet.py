@@ -272,11 +272,15 @@ def _imagenet_run(ilsvrc, inputs, out, *extra: str) -> list[str]:
             "--output-dir", str(out), *extra]
 
 
-def test_a_whole_imagenet_run_on_cpu(ilsvrc, imagenet_run_inputs, tmp_path, capsys):
+def test_a_whole_imagenet_run_on_cpu(ilsvrc, imagenet_run_inputs, tmp_path, capsys, monkeypatch):
     """`run --preset imagenet-ipc10 --smoke` on the JPEG pool with a torchvision weights file and a
     shuffled c-score file keyed by file name: it finishes, its train sets were resident (recorded per
     phase), and it selects exactly what the same scores in pool order select; a streamed run records
     that its train sets streamed."""
+    from ccfs_fast.runs import teacher_pass
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(teacher_pass, "PROBE", 8)  # of the 64-image pool: the curricula's gate does the rest
     out = tmp_path / "run"
     assert main(_imagenet_run(ilsvrc, imagenet_run_inputs, out, "--score-path",
                               str(imagenet_run_inputs["scores"]))) == 0
@@ -295,7 +299,7 @@ def test_a_whole_imagenet_run_on_cpu(ilsvrc, imagenet_run_inputs, tmp_path, caps
                               "--teacher-pass", "full")) == 0
     again = json.loads((in_order / "selected_indices.json").read_text())
     assert again["idx_selected"] == selected["idx_selected"]
-    assert metrics["totals"]["teacher_pass"] == "lazy"
+    assert metrics["totals"]["teacher_pass"] == "lazy" and metrics["phases"][0]["teacher_predicted"] > 0
     assert json.loads((in_order / "metrics.json").read_text())["totals"]["teacher_predicted"] == 64
     streamed = tmp_path / "streamed"
     assert main(_imagenet_run(ilsvrc, imagenet_run_inputs, streamed, "--score-path",

@@ -38,16 +38,29 @@ def configure_threads(threads: int | None = None) -> int:
 OPENMP_DEFAULTS = {"GOMP_SPINCOUNT": "10000"}
 
 
+OPENMP_SET_BY_US = "CCFS_FAST_OPENMP_DEFAULTS"  # names the variables openmp_defaults set (not the user)
+
+
 def openmp_defaults(env: dict | None = None) -> dict[str, str]:
     """Sets OPENMP_DEFAULTS in `env` (default: this process's environment) where the user set neither
-    that variable nor OMP_WAIT_POLICY; returns what it set. Acts only before torch is imported (the
-    console script calls it first; a notebook sets the variable itself before `import torch`)."""
+    that variable nor OMP_WAIT_POLICY, and names them in OPENMP_SET_BY_US; returns what it set. Acts
+    only before torch is imported (the console script calls it first; a notebook sets the variable
+    itself before `import torch`)."""
     env = os.environ if env is None else env
     if "OMP_WAIT_POLICY" in env:
         return {}
     added = {k: v for k, v in OPENMP_DEFAULTS.items() if k not in env}
     env.update(added)
+    if added:
+        env[OPENMP_SET_BY_US] = ",".join(sorted(set(env.get(OPENMP_SET_BY_US, "").split(",") + list(added)) - {""}))
     return added
+
+
+def without_openmp_defaults(env: dict) -> dict:
+    """`env` less what openmp_defaults set there (a child process that must run as if ccfs-fast had
+    not started it: the benchmarks' baseline, the paper's code)."""
+    ours = set(env.get(OPENMP_SET_BY_US, "").split(",")) - {""}
+    return {k: v for k, v in env.items() if k not in ours and k != OPENMP_SET_BY_US}
 
 
 def _busy_ticks() -> tuple[int, int] | None:

@@ -209,7 +209,8 @@ def _teacher_pass(ws: Workspace, cfg: RunConfig, state: dict, teacher_digest: st
     teacher = open_teacher_pass(ws, teacher_digest, mode, out / "teacher_pass.npz" if resume else None)
     state["teacher_pass"] = mode
     state["teacher_pass_s"] = teacher.seconds
-    state["teacher_from_cache"] = teacher.from_cache
+    state["teacher_from_cache"], state["teacher_from_run_file"] = teacher.from_cache, teacher.from_run
+    state["teacher_made_before"] = state.get("teacher_predicted_here", 0) if resume else 0  # earlier processes
     _record_teacher(state, teacher)
     if ws.dist.is_main:
         write_run_pass(out / "teacher_pass.npz", teacher)
@@ -219,9 +220,12 @@ def _teacher_pass(ws: Workspace, cfg: RunConfig, state: dict, teacher_digest: st
 
 
 def _record_teacher(state: dict, teacher: TeacherMemo) -> None:
-    """The teacher's figures so far: images predicted (this run and all told) and its accuracy among them."""
+    """The teacher's figures so far: images predicted (by this run, and all told) and its accuracy
+    among them; a lazy pass's accuracy is over the images it reached (easy-first, so not the pool's)."""
     known = teacher.known
     state["teacher_predicted"] = known
     state["pool_size"] = len(teacher.pred)
-    state["teacher_predicted_here"] = teacher.made
-    state["teacher_acc"] = float(teacher.correct_mask().sum() / known * 100) if known else None
+    state["teacher_predicted_here"] = state.get("teacher_made_before", 0) + teacher.made
+    acc = float(teacher.correct_mask().sum() / known * 100) if known else None
+    state["teacher_acc"] = acc if teacher.mode == "full" else None
+    state["teacher_acc_among_predicted"] = acc

@@ -86,10 +86,10 @@ def run_phase(ws: Workspace, cfg: RunConfig, phase: int, curpc: int, selected: n
         phase=phase, curpc=curpc, train_size=len(train_set), selected=len(chosen.indices), batch_size=batch_size,
         train_s=trained.seconds, train_loop_s=trained.loop_s, train_eval_s=trained.eval_s,
         train_setup_s=trained.setup_s, train_img_per_s=trained.img_per_s, execution=step_run.record(),
-        coarse_pass=passed.mode, pool_eligible=int(eligible.sum()), pool_evaluated=passed.predicted,
+        coarse_pass=passed.mode, pool_eligible=passed.eligible, pool_evaluated=passed.predicted,
         coarse_rounds=passed.rounds, eval_s=eval_s, eval_img_per_s=passed.predicted / eval_s if eval_s else 0.0,
         select_s=select_s, filter_acc=trained.best_acc, filter_acc_rule=cfg.filter_acc,
-        filter_last_acc=trained.last_acc, unpredicted_eligible=int(eligible.sum()) - passed.predicted,
+        filter_last_acc=trained.last_acc, unpredicted_eligible=passed.eligible - passed.predicted,
         teacher_pass=teacher.mode, teacher_predicted=teacher.made - teacher_before[0],
         teacher_s=teacher.seconds - teacher_before[1], teacher_known=teacher.known,
         candidates=int(candidates.sum()), candidates_per_class=chosen.candidates_per_class.tolist(),
@@ -120,8 +120,9 @@ def first_round_rate(previous: float | None, filter_test_acc: float | None, misc
 
 def write_audit(path: Path, passed: PassResult, labels: np.ndarray, picked: np.ndarray) -> None:
     """phase{k}_candidates.npz: every predicted image (index, pred, logit, label), how the pass ran
-    (pass_mode; per class stop_key / stop_index, the last predicted image in key order, and
-    exhausted, every eligible image predicted) and the curriculum's selection (`selected`, in order:
+    (pass_mode; per class stop_key / stop_index, the last image the pass reached in key order, and
+    exhausted, every image it could reach reached: each eligible one, or under the lazy teacher pass
+    each unselected one) and the curriculum's selection (`selected`, in order:
     what --resume checks state.json against)."""
     write_npz(path, index=passed.index, pred=passed.pred, logit=passed.logit, label=labels[passed.index],
               pass_mode=np.array(passed.mode), stop_key=passed.stop_key, stop_index=passed.stop_index,

@@ -47,7 +47,7 @@ class PhaseRecord:
     filter_acc_rule: str = "end"
     filter_last_acc: float | None = None
     unpredicted_eligible: int | None = None
-    teacher_pass: str = "full"  # lazy: pool_eligible counts the teacher-correct among the images it predicted
+    teacher_pass: str = "full"  # lazy: pool_eligible counts the teacher-correct among the images the pass reached
     teacher_predicted: int = 0  # pool images the teacher predicted in this curriculum (lazy pass)
     teacher_s: float = 0.0      # seconds those predictions took (part of eval_s)
     teacher_known: int | None = None  # pool images the teacher has predicted by the end of this curriculum

@@ -125,7 +125,7 @@ def _coarse_panel(ax, frame: pd.DataFrame) -> None:
     eligible = frame["pool_eligible"].fillna(frame["pool_evaluated"]) if "pool_eligible" in frame else \
         frame["pool_evaluated"]
     lazy = "teacher_pass" in frame and (frame["teacher_pass"] == "lazy").any()
-    among = " among the teacher's predictions" if lazy else ""
+    among = " among the images reached" if lazy else ""
     ax.bar(frame["phase"] - 0.3, eligible, width=0.3, label=f"eligible (teacher-correct, not selected){among}")
     ax.bar(frame["phase"], frame["pool_evaluated"], width=0.3, label="predicted by the filter")
     if lazy:  # the lazy teacher pass: what the teacher predicted in each curriculum

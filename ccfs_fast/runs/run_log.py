@@ -25,6 +25,7 @@ def _write_outputs(out: Path, cfg: RunConfig, state: dict) -> None:
                    "teacher_predicted": state.get("teacher_predicted"),
                    "teacher_predicted_this_run": state.get("teacher_predicted_here"),
                    "teacher_acc": state.get("teacher_acc"), "pool_size": state.get("pool_size"),
+                   "teacher_acc_among_predicted": state.get("teacher_acc_among_predicted"),
                    "phases_done": len(phases), "selected": len(state["selected"])})
     reach = run_reach(cfg, phases)
     write_json(out / "selected_indices.json", {"ipc": cfg.selection.image_per_class, "alpha": cfg.selection.alpha,
@@ -46,7 +47,7 @@ def _write_outputs(out: Path, cfg: RunConfig, state: dict) -> None:
               f"arrangement: {curriculum_arrangement(sel.spc, sel.curriculum_num)}", *state.get("notes", [])]
     lines.append(teacher_line(state))
     for p in phase_records(state):
-        among = " among the teacher's predictions" if p.teacher_pass == "lazy" else ""
+        among = " among the images the pass reached" if p.teacher_pass == "lazy" else ""
         lines.append(f"phase {p.phase}/{sel.curriculum_num}: curpc {p.curpc}, train set {p.train_size}, "
                      f"filter acc ({p.filter_acc_rule}) {_fmt(p.filter_acc)}%, predicted {p.pool_evaluated} of "
                      f"{p.pool_eligible} eligible{among} ({p.coarse_pass} pass), teacher predicted "
@@ -67,7 +68,8 @@ def _write_outputs(out: Path, cfg: RunConfig, state: dict) -> None:
 
 def teacher_line(state: dict) -> str:
     """One line: the teacher pass, the pool images the teacher predicted and its accuracy among them."""
-    known, acc = state.get("teacher_predicted"), state.get("teacher_acc")
+    known = state.get("teacher_predicted")
+    acc = state.get("teacher_acc_among_predicted", state.get("teacher_acc"))
     mode = state.get("teacher_pass", "full")
     cached = state.get("teacher_from_cache") or 0
     text = f"teacher pass: {mode}"

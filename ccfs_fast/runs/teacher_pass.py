@@ -40,7 +40,8 @@ def teacher_pass_origin(ws: Workspace, teacher_digest: str) -> dict:
             "pool_content_hash": ws.space.manifest.content_hash, "pool_beton_sha256": ws.space.pool.digest(),
             "pool_n": ws.space.n_pool, "side": ws.side, "normalize": [round(v, 8) for v in ws.norm.mean + ws.norm.std],
             "precision": "bf16" if ws.fast.bf16 else "fp32",
-            "layout": "channels_last" if ws.fast.infer_channels_last else "nchw"}  # float rounding differs
+            "layout": "channels_last" if ws.fast.infer_channels_last else "nchw",  # float rounding differs
+            "entry_format": 2}  # 2: partial entries (UNKNOWN); versions before it would call them damaged
 
 
 def teacher_pass_path(origin: dict) -> Path:
@@ -69,13 +70,29 @@ def read_cached_pass(path: Path, origin: dict, num_classes: int) -> tuple[np.nda
         return None, "made from other inputs"
     if pred.shape != (origin["pool_n"],) or not np.issubdtype(pred.dtype, np.integer):
         return None, "its predictions have the wrong shape or type"
-    known = pred != UNKNOWN
     expected = pred_checksum(pred, origin)
     if expected is None or not hmac.compare_digest(expected.encode(), checksum.encode("utf-8", "replace")):
         return None, "its contents do not match their signature (edited, or signed with another cache key)"
+    return _checked(pred, origin, num_classes)
+
+
+def _checked(pred: np.ndarray, origin: dict, num_classes: int) -> tuple[np.ndarray | None, str | None]:
+    """(pred as int64, None) when it has the pool's shape and every known prediction is a class."""
+    if pred.shape != (origin["pool_n"],) or not np.issubdtype(pred.dtype, np.integer):
+        return None, "its predictions have the wrong shape or type"
+    known = pred != UNKNOWN
     if known.any() and (pred[known].min() < 0 or pred[known].max() >= num_classes):
         return None, "predictions outside the classes"
     return pred.astype(np.int64), None
+
+
+def joined(pred: np.ndarray, other: np.ndarray | None) -> np.ndarray:
+    """`pred` with its UNKNOWN entries taken from `other` where it knows them (a copy)."""
+    pred = pred.copy()
+    if other is not None:
+        fill = (pred == UNKNOWN) & (other != UNKNOWN)
+        pred[fill] = other[fill]
+    return pred
 
 PROBE = 64  # pool images a lazy teacher pass predicts before the first curriculum (spread over the pool)
 VERIFY_SAMPLE = 256  # pool images the teacher predicts to check a cached teacher pass (about 1.6 s on a 2-core CPU)
@@ -119,13 +136,15 @@ def check_pool_unchanged(ws: Workspace) -> None:
 class TeacherMemo:
     """The teacher's argmax per pool image, predicted once, when first asked for. pred int64 [n]:
     UNKNOWN where not predicted yet. `made` / `seconds`: the predictions this process made and the
-    seconds they took; `from_cache`: the predictions it started with."""
+    seconds they took; `from_cache` / `from_run`: the predictions it started with from the cross-run
+    cache and (on resume) from the run's own teacher_pass.npz."""
 
     ws: Workspace
     origin: dict
     pred: np.ndarray
     mode: str = "full"
     from_cache: int = 0
+    from_run: int = 0
     made: int = 0
     seconds: float = 0.0
     _saved: int = field(default=0, repr=False)
@@ -170,11 +189,7 @@ class TeacherMemo:
         if not self.ws.dist.is_main or self.made == self._saved:
             return
         path = teacher_pass_path(self.origin)
-        on_disk, _ = read_cached_pass(path, self.origin, self.ws.num_classes)
-        pred = self.pred.copy()
-        if on_disk is not None:
-            fill = (pred == UNKNOWN) & (on_disk != UNKNOWN)
-            pred[fill] = on_disk[fill]
+        pred = joined(self.pred, read_cached_pass(path, self.origin, self.ws.num_classes)[0])
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             signature = pred_checksum(pred, self.origin)
@@ -198,7 +213,9 @@ def open_teacher_pass(ws: Workspace, teacher_digest: str, mode: str = "full",
     origin = teacher_pass_origin(ws, teacher_digest)
     path = teacher_pass_path(origin)
     sweep_cache(path.parent)
-    pred, damage = read_cached_pass(path, origin, ws.num_classes)
+    # rank 0 reads for all: a run beside this one may rewrite the entry between two ranks' reads, and
+    # every rank must then ask the teacher for the same images (collective predictions)
+    pred, damage = broadcast(read_cached_pass(path, origin, ws.num_classes) if ws.dist.is_main else None, ws.dist)
     if pred is not None and (pred != UNKNOWN).any():
         damage = disagreement(ws, pred)
         if damage is not None:
@@ -209,12 +226,11 @@ def open_teacher_pass(ws: Workspace, teacher_digest: str, mode: str = "full",
         with suppress(OSError):
             path.unlink()
     pred = np.full(ws.space.n_pool, UNKNOWN, np.int64) if pred is None else pred
-    own = read_run_pass(run_file, origin, ws.num_classes)
-    if own is not None:
-        fill = (pred == UNKNOWN) & (own != UNKNOWN)
-        pred[fill] = own[fill]
-    memo = TeacherMemo(ws, origin, pred, mode)
-    memo.from_cache = memo.known
+    from_cache = int((pred != UNKNOWN).sum())
+    own = broadcast(read_run_pass(run_file, origin, ws.num_classes) if ws.dist.is_main else None, ws.dist)
+    memo = TeacherMemo(ws, origin, joined(pred, own), mode)
+    memo.from_cache = from_cache
+    memo.from_run = memo.known - from_cache
     if mode == "full":
         memo.ensure(np.arange(ws.space.n_pool))
         memo.save()
@@ -238,11 +254,7 @@ def read_run_pass(path: Path | None, origin: dict, num_classes: int) -> np.ndarr
             pred, made_from = saved["pred"], json.loads(str(saved["made_from"]))
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None
-    known = pred != UNKNOWN
-    if (made_from != origin or pred.shape != (origin["pool_n"],) or not np.issubdtype(pred.dtype, np.integer)
-            or (known.any() and (pred[known].min() < 0 or pred[known].max() >= num_classes))):
-        return None
-    return pred.astype(np.int64)
+    return _checked(pred, origin, num_classes)[0] if made_from == origin else None
 
 
 def teacher_correct(ws: Workspace, teacher_digest: str) -> tuple[np.ndarray, np.ndarray, bool]:

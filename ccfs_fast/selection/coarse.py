@@ -106,8 +106,9 @@ def record_chunk(state: PassState, chunk_buckets: np.ndarray, survived: np.ndarr
 @dataclass(frozen=True)
 class PassResult:
     """What a pass predicted: index / pred / logit of every predicted image (in prediction order),
-    per class the (key, index) at which prediction stopped (NaN / -1: no eligible image) and whether
-    every eligible image was predicted, the survivor rate, and the rounds it took."""
+    `eligible` the eligible images it reached (with a gate: those the gate passed; else all of them),
+    per class the (key, index) at which it stopped (NaN / -1: nothing to reach) and whether it
+    reached every image it could (exhausted), and the rounds it took."""
 
     mode: str
     index: np.ndarray
