@@ -160,10 +160,9 @@ def test_the_baseline_worker_runs_without_ccfs_fasts_openmp_setting(tmp_path, mo
         (tmp_path / f"{kind}.json").write_text(json.dumps({"kind": kind}))
 
     monkeypatch.setattr(curriculum_wallclock.subprocess, "run", fake_run)
-    monkeypatch.setenv("GOMP_SPINCOUNT", "placeholder")
-    monkeypatch.delenv("GOMP_SPINCOUNT")
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    monkeypatch.setattr(curriculum_wallclock.os, "environ", dict(curriculum_wallclock.os.environ))
+    environ = {k: v for k, v in curriculum_wallclock.os.environ.items()
+               if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "CCFS_FAST_OPENMP_DEFAULTS")}
+    monkeypatch.setattr(curriculum_wallclock.os, "environ", environ)  # this test's own, restored after
     openmp_defaults(curriculum_wallclock.os.environ)  # as the console script does at start
     for kind in ("ccfs", "baseline"):
         curriculum_wallclock.run_worker(kind, tmp_path / "spec.json", tmp_path)

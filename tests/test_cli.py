@@ -228,7 +228,7 @@ def test_the_console_script_sets_openmp_waits_before_anything_loads_torch(monkey
     import ccfs_fast.cli as cli
     from ccfs_fast.data.threads import openmp_defaults
 
-    for name in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY"):
+    for name in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "CCFS_FAST_OPENMP_DEFAULTS"):
         monkeypatch.setenv(name, "placeholder")  # restored afterwards, whatever entry() sets
         monkeypatch.delenv(name)
     seen = {}
@@ -245,4 +245,5 @@ def test_the_console_script_sets_openmp_waits_before_anything_loads_torch(monkey
     env = {"OMP_WAIT_POLICY": "ACTIVE"}
     assert openmp_defaults(env) == {} and env == {"OMP_WAIT_POLICY": "ACTIVE"}
     env = {}
-    assert openmp_defaults(env) == {"GOMP_SPINCOUNT": "10000"} == env
+    assert openmp_defaults(env) == {"GOMP_SPINCOUNT": "10000"}
+    assert env == {"GOMP_SPINCOUNT": "10000", "CCFS_FAST_OPENMP_DEFAULTS": "GOMP_SPINCOUNT"}  # named as ours
