@@ -9,7 +9,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import run_args
+from conftest import run_args, set_flag
 
 from beton_builder.beton import BetonFile
 from ccfs_fast.cli import main
@@ -24,19 +24,19 @@ def fresh_cache(tmp_path, monkeypatch):
     return folder / "ccfs-fast"
 
 
-def _run(data, out, *extra):
-    assert main(run_args(data, out, "--num-eval", "0", *extra)) == 0
+def _run(data, out, *extra, epochs="2"):
+    assert main(set_flag(run_args(data, out, "--num-eval", "0", *extra), "--epochs", epochs)) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     return json.loads((out / "selected_indices.json").read_text())["idx_selected"], metrics
 
 
-def _same_as_full(data, tmp_path, monkeypatch, *extra):
+def _same_as_full(data, tmp_path, monkeypatch, *extra, epochs="2"):
     """Runs lazy (default) then full, each into a cache of its own; returns (lazy metrics, full metrics)
     after checking the selections are identical, in order."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache-lazy"))
-    lazy_sel, lazy = _run(data, tmp_path / "lazy", *extra)
+    lazy_sel, lazy = _run(data, tmp_path / "lazy", *extra, epochs=epochs)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache-full"))
-    full_sel, full = _run(data, tmp_path / "full", *extra, "--teacher-pass", "full")
+    full_sel, full = _run(data, tmp_path / "full", *extra, "--teacher-pass", "full", epochs=epochs)
     assert lazy_sel == full_sel and len(lazy_sel) > 0
     assert lazy["totals"]["teacher_pass"] == "lazy" and full["totals"]["teacher_pass"] == "full"
     return lazy, full
@@ -47,7 +47,7 @@ def test_lazy_predicts_less_than_half_the_pool_and_selects_what_full_selects(eng
     """The default run: identical selection; the teacher predicted under half of the 800-image pool
     (the full pass all of it); the counts are in metrics.json, exp_log.txt and the console table, and
     teacher_pass.npz marks the images the teacher never predicted."""
-    lazy, full = _same_as_full(engine_data, tmp_path, monkeypatch)
+    lazy, full = _same_as_full(engine_data, tmp_path, monkeypatch, epochs="3")  # the run fixture's filters
     pool = 800
     assert full["totals"]["teacher_predicted"] == pool
     assert lazy["totals"]["teacher_predicted"] < pool / 2
@@ -145,7 +145,7 @@ def test_resume_keeps_the_runs_own_teacher_predictions(engine_data, tmp_path, fr
     arrays["pred"] = np.where(keep, arrays["pred"], -2)
     np.savez(out / "teacher_pass.npz", **arrays)
     shutil.rmtree(fresh_cache)
-    assert main(run_args(engine_data, out, "--num-eval", "0", "--resume")) == 0
+    assert main(set_flag(run_args(engine_data, out, "--num-eval", "0", "--resume"), "--epochs", "2")) == 0
     state = json.loads((out / "state.json").read_text())
     assert state["teacher_from_cache"] == 0 and state["teacher_from_run_file"] == int(keep.sum())
     assert state["teacher_predicted_here"] > state["teacher_made_before"] > 0  # curricula 2-3 predicted more
