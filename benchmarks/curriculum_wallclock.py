@@ -190,12 +190,9 @@ def run_worker(kind: str, spec_path: Path, root: Path, repeat: int = 0) -> dict:
     repeat computes its teacher pass (which also reads the pool file) as the first did."""
     out = root / f"{kind}.json"
     env = {**os.environ, "XDG_CACHE_HOME": str(root / f"cache-{kind}-{repeat}"), "PYTHONUNBUFFERED": "1"}
-    from ccfs_fast.data.threads import openmp_defaults, without_openmp_defaults
+    from ccfs_fast.data.threads import child_env
 
-    if kind.startswith("ccfs"):  # the environment the console script gives itself before torch loads
-        openmp_defaults(env)
-    else:  # the paper's code as a user starts it, whether this benchmark came from the console script or not
-        env = without_openmp_defaults(env)
+    env = child_env(env, kind.startswith("ccfs"))
     code = ("import sys, json, torch, numba; from benchmarks.curriculum_wallclock import main_worker; "
             f"main_worker({kind!r}, {str(spec_path)!r}, {str(out)!r})")
     subprocess.run([sys.executable, "-c", code], check=True, env=env, stdout=subprocess.DEVNULL)

@@ -200,7 +200,6 @@ def stage_ccfs(spec: ScaleSpec, teacher_pass: str = "full") -> dict:
         setup_s = time.perf_counter() - start
         start = time.perf_counter()
         teacher = open_teacher_pass(ws, file_sha256(cfg.inputs.teacher), teacher_pass)
-        ok, cached = teacher.correct_mask(), teacher.made == 0
         teacher_s = time.perf_counter() - start
         curpc = curriculum_arrangement(cfg.selection.spc, cfg.selection.curriculum_num)[0]
         start = time.perf_counter()
@@ -208,10 +207,11 @@ def stage_ccfs(spec: ScaleSpec, teacher_pass: str = "full") -> dict:
         curriculum_s = time.perf_counter() - start
     r = outcome.record
     teacher_s += r.teacher_s  # a lazy pass's predictions inside the curriculum are the teacher pass's
+    ok, cached = teacher.correct_mask(), teacher.made == 0
     return {"setup_s": setup_s, "teacher_pass_s": teacher_s, "teacher_pass_cached": cached,
             "teacher_pass": teacher_pass, "teacher_predicted": teacher.known,
             "curriculum_without_teacher_s": curriculum_s - r.teacher_s,
-            "teacher_pass_img_per_s": ws.space.n_pool / teacher_s, "teacher_correct": int(ok.sum()),
+            "teacher_pass_img_per_s": teacher.known / teacher_s, "teacher_correct": int(ok.sum()),
             "curriculum_s": curriculum_s, "train_s": r.train_s, "eval_s": r.eval_s, "select_s": r.select_s,
             "pool_evaluated": r.pool_evaluated, "pool_eligible": r.pool_eligible,
             "selected": len(outcome.picked), "train_data": r.execution["train_data"],
@@ -299,7 +299,9 @@ def run_stage(name: str, spec: ScaleSpec) -> dict:
     """One stage in a fresh process (its own memory figures; the ccfs stage its own empty cache)."""
     out = Path(spec.root) / f"stage-{name}.json"
     out.unlink(missing_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    from ccfs_fast.data.threads import child_env
+
+    env = child_env({**os.environ, "PYTHONUNBUFFERED": "1"}, name != "paper")
     if name.startswith("ccfs"):
         env["XDG_CACHE_HOME"] = str(Path(spec.root) / f"cache-{time.time_ns()}")
     code = ("import json, sys; from benchmarks.imagenet_scale import STAGES, ScaleSpec; "

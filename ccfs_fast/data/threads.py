@@ -52,8 +52,18 @@ def openmp_defaults(env: dict | None = None) -> dict[str, str]:
     added = {k: v for k, v in OPENMP_DEFAULTS.items() if k not in env}
     env.update(added)
     if added:
-        env[OPENMP_SET_BY_US] = ",".join(sorted(set(env.get(OPENMP_SET_BY_US, "").split(",") + list(added)) - {""}))
+        env[OPENMP_SET_BY_US] = ",".join(sorted(added))  # a later call finds them set and adds nothing
     return added
+
+
+def child_env(env: dict, ccfs_fast: bool) -> dict:
+    """The environment of a benchmark's child process: with ccfs-fast's OpenMP defaults (as its console
+    script gives itself), or without what they set (the paper's code, as a user's shell starts it)."""
+    env = dict(env)
+    if ccfs_fast:
+        openmp_defaults(env)
+        return env
+    return without_openmp_defaults(env)
 
 
 def without_openmp_defaults(env: dict) -> dict:

@@ -3,6 +3,7 @@ evaluation; resumable after the last finished curriculum."""
 from __future__ import annotations
 
 import shutil
+import time
 from contextlib import nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -107,8 +108,9 @@ def _run(cfg: RunConfig, dist_ctx: DistContext, device: str, resume: bool, overw
         if main:
             if line:
                 tqdm.write(line)
-            teacher.save()
-            write_run_pass(out / "teacher_pass.npz", teacher)
+            if outcome.record.teacher_predicted:  # else both already hold what the teacher knows
+                teacher.save()
+                write_run_pass(out / "teacher_pass.npz", teacher)
             write_audit(out / f"phase{phase}_candidates.npz", outcome.passed, ws.pool_labels, outcome.picked)
             write_json(out / "state.json", state)
             _write_outputs(out, cfg, state)
@@ -206,9 +208,10 @@ def _teacher_pass(ws: Workspace, cfg: RunConfig, state: dict, teacher_digest: st
         note = f"note: the teacher predicts every pool image before the first curriculum (--teacher-pass full): {why}"
         state["notes"].append(note)
         say([note], ws.dist.is_main)
+    start = time.perf_counter()
     teacher = open_teacher_pass(ws, teacher_digest, mode, out / "teacher_pass.npz" if resume else None)
     state["teacher_pass"] = mode
-    state["teacher_pass_s"] = teacher.seconds
+    state["teacher_pass_s"] = time.perf_counter() - start  # wall time: cache read and check, predictions
     state["teacher_from_cache"], state["teacher_from_run_file"] = teacher.from_cache, teacher.from_run
     state["teacher_made_before"] = state.get("teacher_predicted_here", 0) if resume else 0  # earlier processes
     _record_teacher(state, teacher)

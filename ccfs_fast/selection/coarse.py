@@ -138,11 +138,9 @@ def coarse_pass(mode: str, eligible: np.ndarray, labels: np.ndarray, key: np.nda
     [len(indices)]: which of the images `eligible` marks are eligible indeed, asked only for the images
     the pass reaches (None: all of them are)."""
     check_pass(mode)
-    if gate is not None and (mode == "full" or key is None):  # every image is reached: ask about all at once
-        reached = np.flatnonzero(eligible)
-        eligible = np.zeros_like(eligible)
-        eligible[reached[np.asarray(gate(reached), bool)]] = True
-        gate = None
+    if gate is not None and (mode == "full" or key is None):
+        raise ValueError("a gate needs the lazy pass and a known key (a full pass reads every eligible image: "
+                         "decide eligibility first)")
     if mode == "full" or key is None:
         index, pred, logit = predict(np.flatnonzero(eligible))
         full_key = np.full(len(labels), np.nan) if key is None else key  # logits: no key before prediction
